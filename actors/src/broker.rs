@@ -1,0 +1,657 @@
+//! The embedded broker: [`EmbeddedBroker`] implements the `Broker` seam with
+//! actix actors over the sled store.
+//!
+//! # Threads
+//!
+//! * the **persistence arbiter** runs the `PersistenceActor` (the store's
+//!   only writer, group commit);
+//! * the **broker arbiter** runs every topic, queue and group actor;
+//! * the publisher's own thread validates and stamps messages, then sends one
+//!   message per publish to the topic actor, and is answered once per publish
+//!   from the persistence thread.
+//!
+//! # Backpressure
+//!
+//! At most `max_pending_messages` published messages wait for their commit at
+//! once; further publishes wait (asynchronously) for room. The delivery side
+//! is bounded by each subscription's `max_in_flight`; the backlog stays in
+//! sled.
+//!
+//! # Shutdown
+//!
+//! [`Broker::shutdown`] stops every group (writing its positions), then the
+//! persistence actor commits what is pending, syncs and closes the store, and
+//! both arbiters are stopped and joined, so the data directory can be opened
+//! again at once.
+
+mod group;
+mod topic;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use actix::prelude::*;
+use async_trait::async_trait;
+use dashmap::DashMap;
+use futures::FutureExt;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tracing::{debug, info};
+use weirmq_bus::{
+    validate_group_name, validate_topic_name, Broker, BrokerSubscription, Capabilities, Durability,
+    Error, GroupStats, Limits, Message as BusMessage, OutgoingMessage, QueuePosition, SendReceipt,
+    SettleToken, Settlement, Settler, StartFrom, StorageError, SubscriptionSpec, TopicConfig,
+};
+use weirmq_persistence::{
+    CreateTopic, OffsetState, PersistenceActor, QueueKey, ShutdownStore, Store, StoreConfig,
+    StoreReader,
+};
+
+pub use group::DLQ_PROPERTIES;
+use group::{DeadLetterSink, GroupActor, GroupSetup, Inspect, Settle, StopGroup};
+use topic::{Collector, Listen, QueueActor, TopicActor, TopicPublish, Unlisten};
+
+/// How to open the embedded broker.
+#[derive(Debug, Clone)]
+pub struct EmbeddedConfig {
+    /// Where and how the store opens.
+    pub store: StoreConfig,
+    /// Message limits checked at publish.
+    pub limits: Limits,
+    /// The most published messages waiting for their commit at once.
+    pub max_pending_messages: usize,
+}
+
+impl Default for EmbeddedConfig {
+    fn default() -> Self {
+        EmbeddedConfig {
+            store: StoreConfig::default(),
+            limits: Limits::default(),
+            max_pending_messages: 65_536,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct TopicHandle {
+    name: Arc<str>,
+    id: u32,
+    queues: u32,
+    addr: Addr<TopicActor>,
+    queue_addrs: Vec<Addr<QueueActor>>,
+    ends: Arc<Vec<Arc<AtomicU64>>>,
+}
+
+#[derive(Debug)]
+struct GroupHandle {
+    addr: Addr<GroupActor>,
+    listen_id: u64,
+}
+
+struct Inner {
+    durable: bool,
+    limits: Limits,
+    closed: AtomicBool,
+    topics: DashMap<String, TopicHandle>,
+    groups: DashMap<(String, String), GroupHandle>,
+    create_lock: tokio::sync::Mutex<()>,
+    persistence: Addr<PersistenceActor>,
+    broker_arbiter: ArbiterHandle,
+    reader: Mutex<Option<StoreReader>>,
+    arbiters: Mutex<Vec<Arbiter>>,
+    pending: Semaphore,
+    max_pending: usize,
+    next_listen_id: AtomicU64,
+}
+
+/// The embedded broker. Cheap to clone; every clone is the same broker.
+#[derive(Clone)]
+pub struct EmbeddedBroker {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for EmbeddedBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedBroker")
+            .field("durable", &self.inner.durable)
+            .field("topics", &self.inner.topics.len())
+            .finish()
+    }
+}
+
+fn spawn_topic(
+    arbiter: &ArbiterHandle,
+    persistence: &Addr<PersistenceActor>,
+    name: &str,
+    id: u32,
+    ends: Vec<u64>,
+) -> TopicHandle {
+    let ends: Vec<Arc<AtomicU64>> = ends
+        .into_iter()
+        .map(|e| Arc::new(AtomicU64::new(e)))
+        .collect();
+    let queue_addrs: Vec<Addr<QueueActor>> = ends
+        .iter()
+        .enumerate()
+        .map(|(q, end)| {
+            let key = QueueKey {
+                topic_id: id,
+                queue: q as u32,
+            };
+            let end = end.clone();
+            let p = persistence.clone();
+            QueueActor::start_in_arbiter(arbiter, move |_| QueueActor::new(key, end, p))
+        })
+        .collect();
+    let qa = queue_addrs.clone();
+    let addr = TopicActor::start_in_arbiter(arbiter, move |_| TopicActor::new(qa));
+    TopicHandle {
+        name: Arc::from(name),
+        id,
+        queues: ends.len() as u32,
+        addr,
+        queue_addrs,
+        ends: Arc::new(ends),
+    }
+}
+
+impl EmbeddedBroker {
+    /// Opens the store and starts the broker's arbiters.
+    ///
+    /// Must be called inside a running actix `System` (`#[actix::main]`,
+    /// `#[actix_web::main]`, `#[actix::test]`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::DataDir`] for a corrupt, foreign or locked directory;
+    /// [`Error::InvalidConfig`] outside an actix `System`.
+    pub async fn open(config: EmbeddedConfig) -> Result<EmbeddedBroker, Error> {
+        if System::try_current().is_none() {
+            return Err(Error::InvalidConfig {
+                reason: "the bus must be opened inside a running actix System \
+                         (#[actix::main], #[actix_web::main] or #[actix::test])"
+                    .into(),
+            });
+        }
+        let durable = config.store.path.is_some();
+        let store_cfg = config.store.clone();
+        let (store, recovery) = tokio::task::spawn_blocking(move || Store::open(store_cfg))
+            .await
+            .map_err(|e| Error::Storage(StorageError::msg(format!("opening the store: {e}"))))??;
+        let reader = store.reader();
+        let persistence_arbiter = Arbiter::new();
+        let broker_arbiter = Arbiter::new();
+        let persistence =
+            PersistenceActor::start_in_arbiter(&persistence_arbiter.handle(), move |_| {
+                PersistenceActor::new(store, durable)
+            });
+        let topics = DashMap::new();
+        for t in recovery.topics {
+            let h = spawn_topic(
+                &broker_arbiter.handle(),
+                &persistence,
+                &t.name,
+                t.id,
+                t.ends,
+            );
+            debug!(topic = %t.name, queues = t.queues, "topic recovered");
+            topics.insert(t.name, h);
+        }
+        info!(
+            data_dir = ?config.store.path,
+            topics = topics.len(),
+            "weirmq embedded broker open"
+        );
+        let max_pending = config.max_pending_messages.max(1);
+        Ok(EmbeddedBroker {
+            inner: Arc::new(Inner {
+                durable,
+                limits: config.limits,
+                closed: AtomicBool::new(false),
+                topics,
+                groups: DashMap::new(),
+                create_lock: tokio::sync::Mutex::new(()),
+                persistence,
+                broker_arbiter: broker_arbiter.handle(),
+                reader: Mutex::new(Some(reader)),
+                arbiters: Mutex::new(vec![broker_arbiter, persistence_arbiter]),
+                pending: Semaphore::new(max_pending),
+                max_pending,
+                next_listen_id: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    fn check_open(&self) -> Result<(), Error> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            Err(Error::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn reader(&self) -> Result<StoreReader, Error> {
+        self.inner
+            .reader
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(Error::Closed)
+    }
+
+    async fn topic(&self, config: TopicConfig, system: bool) -> Result<TopicHandle, Error> {
+        if let Some(h) = self.inner.topics.get(config.name()) {
+            let h = h.clone();
+            if h.queues != config.queue_count() {
+                return Err(Error::TopicConflict {
+                    topic: config.name().to_string(),
+                    reason: format!(
+                        "it has {} queues, {} were asked for",
+                        h.queues,
+                        config.queue_count()
+                    ),
+                });
+            }
+            return Ok(h);
+        }
+        if system {
+            config.validate_system()?;
+        } else {
+            config.validate()?;
+        }
+        self.check_open()?;
+        let _guard = self.inner.create_lock.lock().await;
+        if let Some(h) = self.inner.topics.get(config.name()) {
+            return Ok(h.clone());
+        }
+        let id = self
+            .inner
+            .persistence
+            .send(CreateTopic {
+                name: config.name().to_string(),
+                queues: config.queue_count(),
+            })
+            .await
+            .map_err(|_| Error::Closed)??;
+        let h = spawn_topic(
+            &self.inner.broker_arbiter,
+            &self.inner.persistence,
+            config.name(),
+            id,
+            vec![0; config.queue_count() as usize],
+        );
+        info!(
+            topic = config.name(),
+            queues = config.queue_count(),
+            "topic created"
+        );
+        self.inner
+            .topics
+            .insert(config.name().to_string(), h.clone());
+        Ok(h)
+    }
+
+    async fn existing_or_default(&self, name: &str, system: bool) -> Result<TopicHandle, Error> {
+        if let Some(h) = self.inner.topics.get(name) {
+            return Ok(h.clone());
+        }
+        // Dead-letter topics have one queue: their order is the order of death.
+        let queues = if system {
+            1
+        } else {
+            weirmq_bus::DEFAULT_QUEUES
+        };
+        self.topic(TopicConfig::new(name).queues(queues), system)
+            .await
+    }
+
+    /// Publishes messages that were already validated, to one topic.
+    async fn publish_to(
+        &self,
+        topic: &str,
+        messages: Vec<(usize, OutgoingMessage)>,
+        durability: Durability,
+        system: bool,
+    ) -> Result<Vec<(usize, SendReceipt)>, Error> {
+        self.check_open()?;
+        let h = self.existing_or_default(topic, system).await?;
+        let n = messages.len();
+        let permits = n.min(self.inner.max_pending) as u32;
+        let _permit = self
+            .inner
+            .pending
+            .acquire_many(permits)
+            .await
+            .map_err(|_| Error::Closed)?;
+        let idx: Vec<usize> = messages.iter().map(|(i, _)| *i).collect();
+        let stamped: Vec<(usize, BusMessage)> = messages
+            .into_iter()
+            .enumerate()
+            .map(|(j, (_, m))| (j, BusMessage::prepare(m, h.name.clone())))
+            .collect();
+        let (tx, rx) = oneshot::channel();
+        h.addr.do_send(TopicPublish {
+            messages: stamped,
+            durability,
+            collector: Collector::new(n, tx),
+        });
+        let receipts = rx.await.map_err(|_| Error::Closed)??;
+        Ok(idx.into_iter().zip(receipts).collect())
+    }
+
+    fn dead_letter_sink(&self) -> DeadLetterSink {
+        let me = self.clone();
+        Arc::new(move |m: OutgoingMessage| {
+            let me = me.clone();
+            async move {
+                let topic = m.topic.clone();
+                let mut r = me
+                    .publish_to(&topic, vec![(0, m)], Durability::Flushed, true)
+                    .await?;
+                r.pop().map(|(_, r)| r).ok_or_else(|| {
+                    Error::Storage(StorageError::msg("no receipt for a dead letter"))
+                })
+            }
+            .boxed()
+        })
+    }
+
+    /// Reads up to `max` stored messages of `topic`'s `queue` from `from`.
+    /// System topics (`%DLQ%<group>`) can be read too.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] for an unknown topic or queue, or a storage
+    /// error.
+    pub async fn read_queue(
+        &self,
+        topic: &str,
+        queue: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<Arc<BusMessage>>, Error> {
+        let h = self
+            .inner
+            .topics
+            .get(topic)
+            .map(|h| h.clone())
+            .ok_or_else(|| Error::InvalidConfig {
+                reason: format!("topic `{topic}` does not exist"),
+            })?;
+        if queue >= h.queues {
+            return Err(Error::InvalidConfig {
+                reason: format!("topic `{topic}` has {} queues, not {}", h.queues, queue + 1),
+            });
+        }
+        let reader = self.reader()?;
+        let end = h.ends[queue as usize].load(Ordering::Acquire);
+        let key = QueueKey {
+            topic_id: h.id,
+            queue,
+        };
+        let name = h.name.clone();
+        tokio::task::spawn_blocking(move || reader.read_range(&name, key, from, end, max))
+            .await
+            .map_err(|e| Error::Storage(StorageError::msg(e.to_string())))?
+            .map_err(Error::Storage)
+    }
+
+    /// The topics that exist, with their queue counts.
+    pub fn topics(&self) -> Vec<TopicConfig> {
+        let mut v: Vec<TopicConfig> = self
+            .inner
+            .topics
+            .iter()
+            .map(|h| TopicConfig::new(h.name.to_string()).queues(h.queues))
+            .collect();
+        v.sort_by(|a, b| a.name().cmp(b.name()));
+        v
+    }
+}
+
+#[derive(Debug)]
+struct GroupSettler {
+    addr: Addr<GroupActor>,
+}
+
+impl Settler for GroupSettler {
+    fn settle(&self, batch: Vec<(SettleToken, Settlement)>) {
+        // A control message bounded by the subscription's in-flight window.
+        self.addr.do_send(Settle(batch));
+    }
+}
+
+#[async_trait]
+impl Broker for EmbeddedBroker {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(self.inner.durable, self.inner.durable, true)
+    }
+
+    async fn ensure_topic(&self, config: TopicConfig) -> Result<TopicConfig, Error> {
+        config.validate()?;
+        let h = self.topic(config, false).await?;
+        Ok(TopicConfig::new(h.name.to_string()).queues(h.queues))
+    }
+
+    async fn publish(
+        &self,
+        messages: Vec<OutgoingMessage>,
+        durability: Durability,
+    ) -> Result<Vec<SendReceipt>, Error> {
+        self.check_open()?;
+        for m in &messages {
+            self.inner.limits.check(m)?;
+        }
+        let n = messages.len();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let single_topic = messages.iter().all(|m| m.topic == messages[0].topic);
+        if single_topic {
+            let topic = messages[0].topic.clone();
+            let r = self
+                .publish_to(
+                    &topic,
+                    messages.into_iter().enumerate().collect(),
+                    durability,
+                    false,
+                )
+                .await?;
+            return Ok(r.into_iter().map(|(_, r)| r).collect());
+        }
+        let mut by_topic: HashMap<String, Vec<(usize, OutgoingMessage)>> = HashMap::new();
+        for (i, m) in messages.into_iter().enumerate() {
+            by_topic.entry(m.topic.clone()).or_default().push((i, m));
+        }
+        let parts = futures::future::try_join_all(
+            by_topic
+                .into_iter()
+                .map(|(t, ms)| async move { self.publish_to(&t, ms, durability, false).await }),
+        )
+        .await?;
+        let mut out: Vec<Option<SendReceipt>> = vec![None; n];
+        for (i, r) in parts.into_iter().flatten() {
+            out[i] = Some(r);
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    async fn subscribe(&self, spec: SubscriptionSpec) -> Result<BrokerSubscription, Error> {
+        self.check_open()?;
+        validate_group_name(&spec.group)?;
+        validate_topic_name(&spec.topic)?;
+        let h = self.existing_or_default(&spec.topic, false).await?;
+        let key = (spec.group.clone(), spec.topic.clone());
+        let _guard = self.inner.create_lock.lock().await;
+        if self.inner.groups.contains_key(&key) {
+            return Err(Error::AlreadySubscribed {
+                group: spec.group,
+                topic: spec.topic,
+            });
+        }
+        let reader = self.reader()?;
+        let stored = reader.load_offsets(&spec.group, h.id)?;
+        let mut starts = Vec::with_capacity(h.queues as usize);
+        for q in 0..h.queues {
+            let s = match stored.get(&q) {
+                Some(s) => s.clone(),
+                None => OffsetState {
+                    committed: match spec.start {
+                        StartFrom::Latest => h.ends[q as usize].load(Ordering::Acquire),
+                        StartFrom::Earliest => reader.queue_start(QueueKey {
+                            topic_id: h.id,
+                            queue: q,
+                        })?,
+                    },
+                    acked_above: Vec::new(),
+                },
+            };
+            starts.push(s);
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let setup = GroupSetup {
+            group: spec.group.clone(),
+            topic: h.name.clone(),
+            topic_id: h.id,
+            starts,
+            max_in_flight: spec.max_in_flight,
+            reader,
+            persistence: self.inner.persistence.clone(),
+            deliveries: tx,
+            dead_letters: self.dead_letter_sink(),
+        };
+        let addr = GroupActor::start_in_arbiter(&self.inner.broker_arbiter, move |_| {
+            GroupActor::new(setup)
+        });
+        let listen_id = self.inner.next_listen_id.fetch_add(1, Ordering::Relaxed);
+        for q in &h.queue_addrs {
+            q.do_send(Listen {
+                id: listen_id,
+                group: addr.clone(),
+            });
+        }
+        info!(group = %spec.group, topic = %spec.topic, "subscribed");
+        self.inner.groups.insert(
+            key,
+            GroupHandle {
+                addr: addr.clone(),
+                listen_id,
+            },
+        );
+        Ok(BrokerSubscription {
+            deliveries: rx,
+            settler: Arc::new(GroupSettler { addr }),
+        })
+    }
+
+    async fn unsubscribe(&self, group: &str, topic: &str) -> Result<(), Error> {
+        let Some((_, g)) = self
+            .inner
+            .groups
+            .remove(&(group.to_string(), topic.to_string()))
+        else {
+            return Ok(());
+        };
+        if let Some(h) = self.inner.topics.get(topic) {
+            for q in &h.queue_addrs {
+                q.do_send(Unlisten { id: g.listen_id });
+            }
+        }
+        let _ = g.addr.send(StopGroup).await;
+        info!(group, topic, "unsubscribed");
+        Ok(())
+    }
+
+    async fn positions(&self, group: &str, topic: &str) -> Result<Vec<QueuePosition>, Error> {
+        let running = self
+            .inner
+            .groups
+            .get(&(group.to_string(), topic.to_string()))
+            .map(|g| g.addr.clone());
+        if let Some(addr) = running {
+            if let Ok((p, _)) = addr.send(Inspect).await {
+                return Ok(p);
+            }
+        }
+        let h = self
+            .inner
+            .topics
+            .get(topic)
+            .map(|h| h.clone())
+            .ok_or_else(|| Error::InvalidConfig {
+                reason: format!("topic `{topic}` does not exist"),
+            })?;
+        let stored = self.reader()?.load_offsets(group, h.id)?;
+        Ok((0..h.queues)
+            .map(|q| {
+                let max = h.ends[q as usize].load(Ordering::Acquire);
+                let s = stored.get(&q).cloned().unwrap_or_default();
+                QueuePosition {
+                    queue: q,
+                    committed: s.committed,
+                    max,
+                    lag: max
+                        .saturating_sub(s.committed)
+                        .saturating_sub(s.acked_above.len() as u64),
+                }
+            })
+            .collect())
+    }
+
+    async fn group_stats(&self, group: &str, topic: &str) -> GroupStats {
+        let running = self
+            .inner
+            .groups
+            .get(&(group.to_string(), topic.to_string()))
+            .map(|g| g.addr.clone());
+        match running {
+            Some(addr) => addr.send(Inspect).await.map(|(_, s)| s).unwrap_or_default(),
+            None => GroupStats::default(),
+        }
+    }
+
+    async fn shutdown(&self) -> Result<(), Error> {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let groups: Vec<(String, String)> =
+            self.inner.groups.iter().map(|e| e.key().clone()).collect();
+        for (g, t) in groups {
+            self.unsubscribe(&g, &t).await?;
+        }
+        // Publishes still waiting for a commit are answered before the store closes.
+        let _drained = self
+            .inner
+            .pending
+            .acquire_many(self.inner.max_pending as u32)
+            .await;
+        let result = self.inner.persistence.send(ShutdownStore).await;
+        self.inner
+            .reader
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        self.inner.topics.clear();
+        let arbiters: Vec<Arbiter> = std::mem::take(
+            &mut *self
+                .inner
+                .arbiters
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        tokio::task::spawn_blocking(move || {
+            for a in arbiters {
+                a.stop();
+                let _ = a.join();
+            }
+        })
+        .await
+        .map_err(|e| Error::Storage(StorageError::msg(format!("stopping the broker: {e}"))))?;
+        self.inner.pending.close();
+        info!("weirmq embedded broker shut down");
+        match result {
+            Ok(r) => r.map_err(Error::Storage),
+            Err(_) => Ok(()),
+        }
+    }
+}

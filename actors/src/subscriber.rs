@@ -1,0 +1,536 @@
+//! The subscriber side: [`Delivery`], [`HandlerError`], and the supervisor
+//! that owns a consumer group's handler actors in this process.
+//!
+//! The supervisor lives on the arbiter where the subscription was started,
+//! beside its members. It receives delivery batches from any
+//! [`Broker`](weirmq_bus::Broker), decodes each body once into the event
+//! type, and hands each delivery to the least busy member with `send()` — so
+//! a handler's panic is seen as a failed delivery — at most
+//! `max_in_flight_per_member` at a time per member. Outcomes go back to the
+//! broker in batches (one message per mailbox drain, not per delivery).
+//!
+//! # Failure
+//!
+//! * `Ok(())` acks.
+//! * `Err(HandlerError)` retries after `redelivery_delay` (the retry
+//!   schedule and dead-lettering after max attempts come with the retry
+//!   policy); `HandlerError::dead_letter` dead-letters at once.
+//! * A panic in the handler: the delivery is retried, and a member that died
+//!   is replaced by a fresh one from the factory.
+//! * A body that does not decode into the event type is dead-lettered with
+//!   reason `decode: ...` (retrying cannot fix it) and logged; it is never
+//!   acked silently.
+//!
+//! # Shutdown
+//!
+//! `drain` stops handing out deliveries, waits for those in members' hands,
+//! returns their outcomes, then ends the subscription. Deliveries received
+//! but not yet handed to a member are not settled: the group's next
+//! subscription gets them again.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use actix::prelude::*;
+use tokio::sync::oneshot;
+use tracing::{error, warn};
+use weirmq_bus::{
+    Broker, DeliveryBatch, Error, Event, Message as BusMessage, MessageId, RawDelivery,
+    SettleToken, Settlement, Settler, SubscriptionSpec,
+};
+
+/// One message delivered to a handler actor, decoded into its event type.
+///
+/// Implement `Handler<Delivery<E>>` for your actor; return `Ok(())` to ack.
+pub struct Delivery<E> {
+    event: E,
+    message: Arc<BusMessage>,
+    attempt: u32,
+}
+
+impl<E: fmt::Debug> fmt::Debug for Delivery<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("event", &self.event)
+            .field("message_id", &self.message.id())
+            .field("queue", &self.message.queue())
+            .field("offset", &self.message.offset())
+            .field("attempt", &self.attempt)
+            .finish()
+    }
+}
+
+impl<E: Event> actix::Message for Delivery<E> {
+    type Result = Result<(), HandlerError>;
+}
+
+impl<E> Delivery<E> {
+    /// The event.
+    pub fn event(&self) -> &E {
+        &self.event
+    }
+    /// Takes the event out.
+    pub fn into_event(self) -> E {
+        self.event
+    }
+    /// The stored message (id, tag, keys, properties, raw body, position).
+    pub fn message(&self) -> &BusMessage {
+        &self.message
+    }
+    /// The message id: stable across redeliveries, for idempotent handlers.
+    pub fn message_id(&self) -> MessageId {
+        self.message.id()
+    }
+    /// 1 for the first delivery, 2 for the first redelivery, ...
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+    /// The tag, if any.
+    pub fn tag(&self) -> Option<&str> {
+        self.message.tag()
+    }
+    /// The business keys.
+    pub fn keys(&self) -> &[String] {
+        self.message.keys()
+    }
+    /// The user properties.
+    pub fn properties(&self) -> &std::collections::BTreeMap<String, String> {
+        self.message.properties()
+    }
+    /// The queue of the topic the message is in.
+    pub fn queue(&self) -> u32 {
+        self.message.queue()
+    }
+    /// Its offset in that queue.
+    pub fn offset(&self) -> u64 {
+        self.message.offset()
+    }
+    /// When it was published.
+    pub fn born_at(&self) -> SystemTime {
+        self.message.born_at()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ErrorKind {
+    Retry,
+    DeadLetter,
+}
+
+/// A handler's failure: retry later (the default, and what `?` on any error
+/// gives), or dead-letter now.
+///
+/// # Examples
+///
+/// ```
+/// use weirmq_actors::HandlerError;
+/// fn parse(s: &str) -> Result<u32, HandlerError> {
+///     let n: u32 = s.parse()?; // any std error: retry
+///     if n == 0 {
+///         return Err(HandlerError::dead_letter("zero is never valid")); // no retry
+///     }
+///     Ok(n)
+/// }
+/// assert!(parse("x").unwrap_err().is_retry());
+/// assert!(!parse("0").unwrap_err().is_retry());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerError {
+    kind: ErrorKind,
+    message: String,
+}
+
+impl HandlerError {
+    /// A transient failure: the message is delivered again later.
+    pub fn retry(message: impl Into<String>) -> Self {
+        HandlerError {
+            kind: ErrorKind::Retry,
+            message: message.into(),
+        }
+    }
+
+    /// A permanent failure: the message goes to the group's dead-letter
+    /// queue at once, with this reason.
+    pub fn dead_letter(reason: impl Into<String>) -> Self {
+        HandlerError {
+            kind: ErrorKind::DeadLetter,
+            message: reason.into(),
+        }
+    }
+
+    /// Whether the message will be retried.
+    pub fn is_retry(&self) -> bool {
+        self.kind == ErrorKind::Retry
+    }
+
+    /// The message or reason.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            ErrorKind::Retry => write!(f, "handler failed (will retry): {}", self.message),
+            ErrorKind::DeadLetter => write!(f, "handler dead-lettered: {}", self.message),
+        }
+    }
+}
+
+impl<E: std::error::Error + Send + Sync + 'static> From<E> for HandlerError {
+    fn from(e: E) -> Self {
+        HandlerError::retry(e.to_string())
+    }
+}
+
+/// How the supervisor treats its members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubscriberConfig {
+    /// How long a failed delivery waits before it is delivered again.
+    pub redelivery_delay: Duration,
+    /// The most deliveries in one member's hands at once.
+    pub max_in_flight_per_member: usize,
+}
+
+impl Default for SubscriberConfig {
+    fn default() -> Self {
+        SubscriberConfig {
+            redelivery_delay: Duration::from_secs(1),
+            max_in_flight_per_member: 8,
+        }
+    }
+}
+
+/// A running subscription's supervisor, seen from outside.
+pub struct SubscriberHandle {
+    drain: Recipient<Drain>,
+    group: String,
+    topic: String,
+    broker: Arc<dyn Broker>,
+}
+
+impl fmt::Debug for SubscriberHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SubscriberHandle")
+            .field("group", &self.group)
+            .field("topic", &self.topic)
+            .finish()
+    }
+}
+
+impl SubscriberHandle {
+    /// The consumer group.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+    /// The topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+    /// Whether the supervisor is still running.
+    pub fn is_running(&self) -> bool {
+        self.drain.connected()
+    }
+
+    /// Finishes the deliveries in members' hands, settles them, and ends the
+    /// subscription (positions are written).
+    ///
+    /// # Errors
+    ///
+    /// A storage error while ending the subscription.
+    pub async fn drain(self) -> Result<(), Error> {
+        if let Ok(rx) = self.drain.send(Drain).await {
+            let _ = rx.await;
+        }
+        self.broker.unsubscribe(&self.group, &self.topic).await
+    }
+}
+
+/// Starts a supervised consumer group on the current arbiter: `members`
+/// handler actors made by `factory`, fed by `broker`.
+///
+/// # Errors
+///
+/// What [`Broker::subscribe`] returns.
+pub async fn start_subscriber<E, A, F>(
+    broker: Arc<dyn Broker>,
+    spec: SubscriptionSpec,
+    members: usize,
+    factory: F,
+    config: SubscriberConfig,
+) -> Result<SubscriberHandle, Error>
+where
+    E: Event,
+    A: Actor<Context = Context<A>> + Handler<Delivery<E>>,
+    F: Fn() -> A + 'static,
+{
+    if members == 0 {
+        return Err(Error::InvalidConfig {
+            reason: "a subscription needs at least one member".into(),
+        });
+    }
+    let group = spec.group.clone();
+    let topic = spec.topic.clone();
+    let sub = broker.subscribe(spec).await?;
+    let rx = sub.deliveries;
+    let members: Vec<Member<A>> = (0..members)
+        .map(|_| Member {
+            addr: factory().start(),
+            in_flight: 0,
+            generation: 0,
+        })
+        .collect();
+    let sup = Supervisor::<E, A> {
+        members,
+        factory: Box::new(factory),
+        settler: sub.settler,
+        pending: VecDeque::new(),
+        settlements: Vec::new(),
+        flush_queued: false,
+        in_flight: 0,
+        config,
+        drained: None,
+        draining: false,
+        stream_done: false,
+        next: 0,
+        group: group.clone(),
+        topic: topic.clone(),
+        _event: PhantomData,
+    };
+    let addr = Supervisor::create(move |ctx| {
+        let stream = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|batch| (batch, rx))
+        });
+        ctx.add_stream(stream);
+        sup
+    });
+    Ok(SubscriberHandle {
+        drain: addr.recipient(),
+        group,
+        topic,
+        broker,
+    })
+}
+
+/// Asks the supervisor to drain; answered with a receiver that resolves when
+/// members' deliveries are settled.
+#[derive(Debug)]
+pub(crate) struct Drain;
+
+impl actix::Message for Drain {
+    type Result = oneshot::Receiver<()>;
+}
+
+struct Member<A: Actor> {
+    addr: Addr<A>,
+    in_flight: usize,
+    generation: u64,
+}
+
+struct Supervisor<E, A: Actor> {
+    members: Vec<Member<A>>,
+    factory: Box<dyn Fn() -> A>,
+    settler: Arc<dyn Settler>,
+    pending: VecDeque<RawDelivery>,
+    settlements: Vec<(SettleToken, Settlement)>,
+    flush_queued: bool,
+    in_flight: usize,
+    config: SubscriberConfig,
+    drained: Option<oneshot::Sender<()>>,
+    draining: bool,
+    stream_done: bool,
+    next: usize,
+    group: String,
+    topic: String,
+    _event: PhantomData<fn() -> E>,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct FlushSettlements;
+
+impl<E, A> Supervisor<E, A>
+where
+    E: Event,
+    A: Actor<Context = Context<A>> + Handler<Delivery<E>>,
+{
+    fn settle(&mut self, token: SettleToken, s: Settlement, ctx: &mut Context<Self>) {
+        self.settlements.push((token, s));
+        if !self.flush_queued {
+            self.flush_queued = true;
+            ctx.notify(FlushSettlements);
+        }
+    }
+
+    fn flush(&mut self) {
+        self.flush_queued = false;
+        if !self.settlements.is_empty() {
+            self.settler.settle(std::mem::take(&mut self.settlements));
+        }
+    }
+
+    fn dispatch(&mut self, ctx: &mut Context<Self>) {
+        if self.draining {
+            return;
+        }
+        let max = self.config.max_in_flight_per_member.max(1);
+        while !self.pending.is_empty() {
+            let n = self.members.len();
+            let Some(j) = (0..n)
+                .map(|i| (self.next + i) % n)
+                .find(|&j| self.members[j].in_flight < max)
+            else {
+                break;
+            };
+            self.next = j + 1;
+            let Some(d) = self.pending.pop_front() else {
+                break;
+            };
+            let event = match E::decode(d.message.body()) {
+                Ok(e) => e,
+                Err(e) => {
+                    error!(group = %self.group, topic = %self.topic, msg_id = %d.message.id(),
+                        error = %e, "body does not decode into the event type; dead-lettering");
+                    self.settle(
+                        d.token,
+                        Settlement::DeadLetter {
+                            reason: format!("decode: {e}"),
+                        },
+                        ctx,
+                    );
+                    continue;
+                }
+            };
+            let member = &mut self.members[j];
+            member.in_flight += 1;
+            self.in_flight += 1;
+            let generation = member.generation;
+            let fut = member.addr.send(Delivery {
+                event,
+                message: d.message.clone(),
+                attempt: d.attempt,
+            });
+            let token = d.token;
+            let msg = d.message;
+            ctx.spawn(
+                fut.into_actor(self)
+                    .map(move |res, act, ctx| act.completed(j, generation, token, &msg, res, ctx)),
+            );
+        }
+    }
+
+    fn completed(
+        &mut self,
+        j: usize,
+        generation: u64,
+        token: SettleToken,
+        msg: &BusMessage,
+        res: Result<Result<(), HandlerError>, MailboxError>,
+        ctx: &mut Context<Self>,
+    ) {
+        self.in_flight -= 1;
+        if self.members[j].generation == generation {
+            self.members[j].in_flight = self.members[j].in_flight.saturating_sub(1);
+        }
+        let retry = Settlement::Nack {
+            delay: self.config.redelivery_delay,
+        };
+        let settlement = match res {
+            Ok(Ok(())) => Settlement::Ack,
+            Ok(Err(e)) if e.is_retry() => {
+                warn!(group = %self.group, topic = %self.topic, msg_id = %msg.id(),
+                    error = %e.message(), "handler failed; will retry");
+                retry
+            }
+            Ok(Err(e)) => Settlement::DeadLetter {
+                reason: e.message().to_string(),
+            },
+            Err(_) => {
+                warn!(group = %self.group, topic = %self.topic, msg_id = %msg.id(),
+                    "handler panicked or stopped; will retry");
+                let m = &mut self.members[j];
+                if m.generation == generation && !m.addr.connected() && !self.draining {
+                    warn!(group = %self.group, member = j, "restarting handler actor");
+                    m.addr = (self.factory)().start();
+                    m.in_flight = 0;
+                    m.generation += 1;
+                }
+                retry
+            }
+        };
+        self.settle(token, settlement, ctx);
+        self.dispatch(ctx);
+        self.maybe_finish(ctx);
+    }
+
+    fn maybe_finish(&mut self, ctx: &mut Context<Self>) {
+        if self.in_flight == 0 && (self.draining || self.stream_done) {
+            self.flush();
+            if let Some(tx) = self.drained.take() {
+                let _ = tx.send(());
+            }
+            ctx.stop();
+        }
+    }
+}
+
+impl<E, A> Actor for Supervisor<E, A>
+where
+    E: Event,
+    A: Actor<Context = Context<A>> + Handler<Delivery<E>>,
+{
+    type Context = Context<Self>;
+}
+
+impl<E, A> StreamHandler<DeliveryBatch> for Supervisor<E, A>
+where
+    E: Event,
+    A: Actor<Context = Context<A>> + Handler<Delivery<E>>,
+{
+    fn handle(&mut self, batch: DeliveryBatch, ctx: &mut Context<Self>) {
+        if self.draining {
+            return;
+        }
+        self.pending.extend(batch);
+        self.dispatch(ctx);
+    }
+
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        self.stream_done = true;
+        self.pending.clear();
+        self.maybe_finish(ctx);
+    }
+}
+
+impl<E, A> Handler<FlushSettlements> for Supervisor<E, A>
+where
+    E: Event,
+    A: Actor<Context = Context<A>> + Handler<Delivery<E>>,
+{
+    type Result = ();
+
+    fn handle(&mut self, _: FlushSettlements, _: &mut Context<Self>) {
+        self.flush();
+    }
+}
+
+impl<E, A> Handler<Drain> for Supervisor<E, A>
+where
+    E: Event,
+    A: Actor<Context = Context<A>> + Handler<Delivery<E>>,
+{
+    type Result = MessageResult<Drain>;
+
+    fn handle(&mut self, _: Drain, ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        self.draining = true;
+        self.pending.clear();
+        self.drained = Some(tx);
+        self.maybe_finish(ctx);
+        MessageResult(rx)
+    }
+}

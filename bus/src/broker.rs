@@ -1,0 +1,236 @@
+//! The `Broker` seam: what a storage/transport backend must offer.
+//!
+//! Everything above the seam — typed events, handler actors, the subscriber
+//! supervisor, the retry policy — is written once against this trait. Below
+//! it sit the embedded broker (actix actors over sled) and, later, NATS
+//! JetStream.
+//!
+//! # Contract
+//!
+//! * `publish` resolves only once every message of the batch is stored with
+//!   the asked [`Durability`]; the receipts are in the order of the input.
+//!   On error none of the batch is acknowledged (some may be stored: at-least-once).
+//! * A subscription delivers [`DeliveryBatch`]es; each [`RawDelivery`] must be
+//!   settled exactly once through the subscription's [`Settler`]. A delivery
+//!   that is never settled stays in flight (and is delivered again after a
+//!   restart).
+//! * The backend never decides the retry policy: it redelivers a `Nack` after
+//!   the delay it is given, and counts attempts.
+//! * Positions are opaque outside their backend ([`SettleToken`]).
+//!
+//! # Backpressure
+//!
+//! A backend keeps at most `max_in_flight` unsettled deliveries per
+//! subscription; the backlog stays in the store.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+use crate::error::Error;
+use crate::message::{Durability, Message, OutgoingMessage, SendReceipt};
+use crate::topic::TopicConfig;
+
+/// What a backend does natively.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// Messages survive a process restart.
+    pub durable: bool,
+    /// `Durability::Flushed` is honoured with a real sync to stable storage.
+    pub fsync: bool,
+    /// Offsets are dense per queue and positions can be read back.
+    pub dense_offsets: bool,
+}
+
+impl Capabilities {
+    /// A capability set (for backend authors; fields are non-exhaustive).
+    pub fn new(durable: bool, fsync: bool, dense_offsets: bool) -> Self {
+        Capabilities {
+            durable,
+            fsync,
+            dense_offsets,
+        }
+    }
+}
+
+/// Where a consumer group with no committed offset starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartFrom {
+    /// At the end of each queue: only messages published after the
+    /// subscription (RocketMQ's default for a new group).
+    #[default]
+    Latest,
+    /// At the first stored message of each queue.
+    Earliest,
+}
+
+/// What a subscriber asks of the backend.
+#[derive(Debug, Clone)]
+pub struct SubscriptionSpec {
+    /// The consumer group.
+    pub group: String,
+    /// The topic.
+    pub topic: String,
+    /// Where a group with no committed offset starts.
+    pub start: StartFrom,
+    /// The most unsettled deliveries at once for this subscription.
+    pub max_in_flight: usize,
+}
+
+/// An opaque handle naming one delivery, returned with its [`Settlement`].
+///
+/// Backends put what they need in the two words; nothing above the seam
+/// looks inside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SettleToken([u64; 2]);
+
+impl SettleToken {
+    /// A token from a backend's two words.
+    pub fn new(a: u64, b: u64) -> Self {
+        SettleToken([a, b])
+    }
+    /// The backend's two words.
+    pub fn parts(self) -> (u64, u64) {
+        (self.0[0], self.0[1])
+    }
+}
+
+/// One delivery of a stored message to a subscription.
+#[derive(Debug, Clone)]
+pub struct RawDelivery {
+    /// The stored message (shared, never copied).
+    pub message: Arc<Message>,
+    /// 1 for the first delivery, 2 for the first redelivery, ...
+    pub attempt: u32,
+    /// Settle with this.
+    pub token: SettleToken,
+}
+
+/// Deliveries travel in batches: one cross-thread message per batch.
+pub type DeliveryBatch = Vec<RawDelivery>;
+
+/// The outcome of one delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settlement {
+    /// Processed: never deliver again to this group.
+    Ack,
+    /// Failed: deliver again after `delay`, as the next attempt.
+    Nack {
+        /// How long the message stays invisible.
+        delay: Duration,
+    },
+    /// Give up now: move the message to the group's dead-letter queue.
+    DeadLetter {
+        /// Why (kept with the dead letter).
+        reason: String,
+    },
+}
+
+/// Takes settlements back to the backend, in batches. Cheap to call; never
+/// blocks.
+pub trait Settler: Send + Sync + fmt::Debug {
+    /// Settles each delivery named by its token.
+    fn settle(&self, batch: Vec<(SettleToken, Settlement)>);
+}
+
+/// A running subscription as the backend hands it over.
+#[derive(Debug)]
+pub struct BrokerSubscription {
+    /// Delivery batches; closed when the subscription ends.
+    pub deliveries: mpsc::UnboundedReceiver<DeliveryBatch>,
+    /// Where settlements go.
+    pub settler: Arc<dyn Settler>,
+}
+
+/// A consumer group's position in one queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueuePosition {
+    /// The queue.
+    pub queue: u32,
+    /// The committed offset: every message below it is acked.
+    pub committed: u64,
+    /// The end of the queue (the next offset to be written).
+    pub max: u64,
+    /// Messages not yet acked (`max - committed`, less those acked out of order).
+    pub lag: u64,
+}
+
+/// Counters of one subscription since it started (in this process).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GroupStats {
+    /// Deliveries handed out (including redeliveries).
+    pub delivered: u64,
+    /// Deliveries acked.
+    pub acked: u64,
+    /// Deliveries nacked (to be retried).
+    pub retried: u64,
+    /// Messages moved to the dead-letter queue.
+    pub dead_lettered: u64,
+    /// Deliveries currently unsettled.
+    pub in_flight: u64,
+}
+
+/// A storage/transport backend. See the [module docs](self) for the contract.
+#[async_trait]
+pub trait Broker: Send + Sync + fmt::Debug + 'static {
+    /// What this backend does natively.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Creates the topic if it does not exist; returns its configuration.
+    ///
+    /// # Errors
+    ///
+    /// Invalid configuration, [`Error::TopicConflict`] if it exists with
+    /// another queue count, or a storage error.
+    async fn ensure_topic(&self, config: TopicConfig) -> Result<TopicConfig, Error>;
+
+    /// Stores a batch (auto-creating unknown user topics with defaults) and
+    /// returns one receipt per message, in order, once `durability` holds.
+    ///
+    /// # Errors
+    ///
+    /// Validation errors (nothing stored), [`Error::Closed`], or a storage
+    /// error.
+    async fn publish(
+        &self,
+        messages: Vec<OutgoingMessage>,
+        durability: Durability,
+    ) -> Result<Vec<SendReceipt>, Error>;
+
+    /// Starts delivering to a consumer group.
+    ///
+    /// # Errors
+    ///
+    /// Invalid names, [`Error::AlreadySubscribed`], or a storage error.
+    async fn subscribe(&self, spec: SubscriptionSpec) -> Result<BrokerSubscription, Error>;
+
+    /// Stops a subscription, persisting its offsets. Deliveries not settled
+    /// by then are delivered again to the next subscription of the group.
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    async fn unsubscribe(&self, group: &str, topic: &str) -> Result<(), Error>;
+
+    /// The group's committed position and lag in each queue of the topic.
+    ///
+    /// # Errors
+    ///
+    /// A storage error, or an unknown topic as [`Error::InvalidConfig`].
+    async fn positions(&self, group: &str, topic: &str) -> Result<Vec<QueuePosition>, Error>;
+
+    /// Counters of the running subscription of `group` to `topic` (zero if
+    /// none runs in this process).
+    async fn group_stats(&self, group: &str, topic: &str) -> GroupStats;
+
+    /// Stops every subscription, persists offsets, syncs and closes the store.
+    ///
+    /// # Errors
+    ///
+    /// A storage error during the final sync.
+    async fn shutdown(&self) -> Result<(), Error>;
+}

@@ -1,0 +1,36 @@
+//! # weirmq-bus: the vocabulary and contracts of weirmq
+//!
+//! This crate owns everything the rest of weirmq agrees on and nothing that
+//! runs: message and topic types, the [`Event`] trait and its [`Codec`]s,
+//! validation [`Limits`], the [`Error`] types, and the [`Broker`] trait — the
+//! seam between the subscriber side (typed events, handler actors, retry
+//! policy) and a storage/transport backend (the embedded sled broker, later
+//! NATS JetStream).
+//!
+//! It knows neither actix nor sled: it is plain Rust, cheap to test, and the
+//! one place a backend author reads to learn what is expected of them.
+#![warn(
+    unreachable_pub,
+    missing_docs,
+    missing_debug_implementations,
+    rust_2018_idioms
+)]
+#![forbid(unsafe_code)]
+
+mod broker;
+mod error;
+mod event;
+mod message;
+mod topic;
+
+pub use broker::{
+    Broker, BrokerSubscription, Capabilities, DeliveryBatch, GroupStats, QueuePosition,
+    RawDelivery, SettleToken, Settlement, Settler, StartFrom, SubscriptionSpec,
+};
+pub use error::{CodecError, Error, NameKind, PublishError, StorageError};
+pub use event::{Codec, Event, Json};
+pub use message::{Durability, Message, MessageId, OutgoingMessage, Publish, SendReceipt};
+pub use topic::{
+    validate_group_name, validate_topic_name, Limits, TopicConfig, DEFAULT_QUEUES,
+    MAX_GROUP_NAME_LEN, MAX_QUEUES, MAX_TOPIC_NAME_LEN, SYSTEM_TOPIC_PREFIX,
+};

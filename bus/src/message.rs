@@ -1,0 +1,516 @@
+//! Messages: what a publisher hands in ([`OutgoingMessage`], [`Publish`]),
+//! what is stored and delivered ([`Message`]), and what comes back
+//! ([`SendReceipt`]).
+//!
+//! A [`Message`] is immutable once the queue has given it an offset; the
+//! broker shares it by `Arc` from the commit to every consumer group, so a
+//! message is encoded once (at the store) and never copied on the way to its
+//! subscribers. The stored envelope format (`encode_envelope` /
+//! `decode_envelope`) lives here so every backend writes the same bytes.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::hash::{BuildHasher, Hasher};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::error::StorageError;
+
+/// A message id: unique and time-ordered.
+///
+/// 128 bits: 48 bits of Unix milliseconds, 32 random bits chosen once per
+/// process, and a 48-bit per-process counter. Ids from one process sort in
+/// publish order; ids from different processes sort by millisecond. Shown as
+/// 32 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MessageId(u128);
+
+static ID_COUNTER: AtomicU64 = AtomicU64::new(0);
+static ID_PROCESS: OnceLock<u32> = OnceLock::new();
+
+impl MessageId {
+    /// A fresh id.
+    pub fn generate() -> MessageId {
+        let process = *ID_PROCESS.get_or_init(|| {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u128(now_ms() as u128);
+            h.write_u32(std::process::id());
+            h.finish() as u32
+        });
+        let seq = ID_COUNTER.fetch_add(1, Ordering::Relaxed) & ((1 << 48) - 1);
+        let ms = now_ms() & ((1 << 48) - 1);
+        MessageId(((ms as u128) << 80) | ((process as u128) << 48) | seq as u128)
+    }
+
+    /// The id as a number.
+    pub fn as_u128(self) -> u128 {
+        self.0
+    }
+
+    /// An id from its numeric form.
+    pub fn from_u128(v: u128) -> MessageId {
+        MessageId(v)
+    }
+
+    /// The millisecond (Unix time) the id was generated in.
+    pub fn timestamp_ms(self) -> u64 {
+        (self.0 >> 80) as u64
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MessageId({self})")
+    }
+}
+
+impl FromStr for MessageId {
+    type Err = std::num::ParseIntError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        u128::from_str_radix(s, 16).map(MessageId)
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// How far a publish must have got before its receipt is returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// The message is in the store's cache (sled), not yet on disk: a process
+    /// crash keeps it, a power loss within ~0.5 s may not. Faster.
+    Buffered,
+    /// The message is on stable storage: the store was flushed *and*
+    /// fdatasync'd (group commit: one sync covers every publish waiting).
+    /// The default: a receipt means the message survives a power loss.
+    #[default]
+    Flushed,
+}
+
+/// A message as a publisher hands it to the bus, before it has an id or a
+/// place in a queue. The raw form of a publish; typed events become one of
+/// these through their codec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutgoingMessage {
+    /// The topic to publish to.
+    pub topic: String,
+    /// At most one tag (used by tag filters).
+    pub tag: Option<String>,
+    /// Business keys (used by query by key).
+    pub keys: Vec<String>,
+    /// User properties (used by SQL filters).
+    pub properties: BTreeMap<String, String>,
+    /// The payload.
+    pub body: Vec<u8>,
+}
+
+impl OutgoingMessage {
+    /// A message for `topic` with `body` and nothing else.
+    pub fn new(topic: impl Into<String>, body: impl Into<Vec<u8>>) -> Self {
+        OutgoingMessage {
+            topic: topic.into(),
+            tag: None,
+            keys: Vec::new(),
+            properties: BTreeMap::new(),
+            body: body.into(),
+        }
+    }
+
+    /// Sets the tag.
+    pub fn tag(mut self, tag: impl Into<String>) -> Self {
+        self.tag = Some(tag.into());
+        self
+    }
+
+    /// Adds a key.
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.keys.push(key.into());
+        self
+    }
+
+    /// Sets a property.
+    pub fn property(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.properties.insert(name.into(), value.into());
+        self
+    }
+}
+
+/// Options of a typed publish: tag, keys, properties, durability.
+///
+/// # Examples
+///
+/// ```
+/// use weirmq_bus::{Durability, Publish};
+/// let opts = Publish::new()
+///     .tag("vip")
+///     .key("user-42")
+///     .property("region", "eu")
+///     .durability(Durability::Buffered);
+/// assert_eq!(opts.get_durability(), Some(Durability::Buffered));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Publish {
+    tag: Option<String>,
+    keys: Vec<String>,
+    properties: BTreeMap<String, String>,
+    durability: Option<Durability>,
+}
+
+impl Publish {
+    /// No tag, keys or properties; the bus's default durability.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the tag (at most one per message).
+    pub fn tag(mut self, tag: impl Into<String>) -> Self {
+        self.tag = Some(tag.into());
+        self
+    }
+
+    /// Adds a business key (several allowed).
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.keys.push(key.into());
+        self
+    }
+
+    /// Sets a user property.
+    pub fn property(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.properties.insert(name.into(), value.into());
+        self
+    }
+
+    /// Sets the durability of this publish (default: the bus's default,
+    /// itself [`Durability::Flushed`] unless configured).
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = Some(durability);
+        self
+    }
+
+    /// The durability asked for, if any.
+    pub fn get_durability(&self) -> Option<Durability> {
+        self.durability
+    }
+
+    /// Builds the raw message for `topic` and `body` with these options.
+    pub fn into_message(self, topic: impl Into<String>, body: Vec<u8>) -> OutgoingMessage {
+        OutgoingMessage {
+            topic: topic.into(),
+            tag: self.tag,
+            keys: self.keys,
+            properties: self.properties,
+            body,
+        }
+    }
+}
+
+/// Proof that a message was stored: its id and its place in the topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SendReceipt {
+    /// The message id.
+    pub message_id: MessageId,
+    /// The queue (0-based) of the topic the message went to.
+    pub queue: u32,
+    /// Its offset in that queue (dense, from 0).
+    pub offset: u64,
+}
+
+/// A stored message: what consumers receive.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Message {
+    id: MessageId,
+    topic: Arc<str>,
+    queue: u32,
+    offset: u64,
+    born_at_ms: u64,
+    tag: Option<String>,
+    keys: Vec<String>,
+    properties: BTreeMap<String, String>,
+    body: Vec<u8>,
+}
+
+impl fmt::Debug for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Message")
+            .field("id", &self.id)
+            .field("topic", &self.topic)
+            .field("queue", &self.queue)
+            .field("offset", &self.offset)
+            .field("tag", &self.tag)
+            .field("keys", &self.keys)
+            .field("properties", &self.properties)
+            .field("body_len", &self.body.len())
+            .finish()
+    }
+}
+
+const ENVELOPE_V1: u8 = 1;
+const NONE_LEN: u32 = u32::MAX;
+
+impl Message {
+    /// Gives an outgoing message a fresh id and birth time; its queue and
+    /// offset are set by the broker with [`Message::with_position`].
+    pub fn prepare(out: OutgoingMessage, topic: Arc<str>) -> Message {
+        Message {
+            id: MessageId::generate(),
+            topic,
+            queue: 0,
+            offset: 0,
+            born_at_ms: now_ms(),
+            tag: out.tag,
+            keys: out.keys,
+            properties: out.properties,
+            body: out.body,
+        }
+    }
+
+    /// Places the message at `offset` of `queue` (done once, by the broker).
+    pub fn with_position(mut self, queue: u32, offset: u64) -> Message {
+        self.queue = queue;
+        self.offset = offset;
+        self
+    }
+
+    /// The message id.
+    pub fn id(&self) -> MessageId {
+        self.id
+    }
+    /// The topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+    /// The topic, shared.
+    pub fn topic_arc(&self) -> &Arc<str> {
+        &self.topic
+    }
+    /// The queue of the topic.
+    pub fn queue(&self) -> u32 {
+        self.queue
+    }
+    /// The offset in the queue.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+    /// When the message was published.
+    pub fn born_at(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(self.born_at_ms)
+    }
+    /// The tag, if any.
+    pub fn tag(&self) -> Option<&str> {
+        self.tag.as_deref()
+    }
+    /// The business keys.
+    pub fn keys(&self) -> &[String] {
+        &self.keys
+    }
+    /// The user properties.
+    pub fn properties(&self) -> &BTreeMap<String, String> {
+        &self.properties
+    }
+    /// The payload.
+    pub fn body(&self) -> &[u8] {
+        &self.body
+    }
+    /// An estimate of the bytes the message takes in memory and on disk.
+    pub fn size_hint(&self) -> usize {
+        64 + self.body.len()
+            + self.tag.as_ref().map_or(0, String::len)
+            + self.keys.iter().map(|k| k.len() + 4).sum::<usize>()
+            + self
+                .properties
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 8)
+                .sum::<usize>()
+    }
+
+    /// Appends the stored envelope (everything but topic, queue and offset,
+    /// which the store keeps in its key) to `out`.
+    pub fn encode_envelope(&self, out: &mut Vec<u8>) {
+        out.reserve(self.size_hint());
+        out.push(ENVELOPE_V1);
+        out.extend_from_slice(&self.id.0.to_be_bytes());
+        out.extend_from_slice(&self.born_at_ms.to_be_bytes());
+        match &self.tag {
+            Some(t) => put_bytes(out, t.as_bytes()),
+            None => out.extend_from_slice(&NONE_LEN.to_be_bytes()),
+        }
+        out.extend_from_slice(&(self.keys.len() as u32).to_be_bytes());
+        for k in &self.keys {
+            put_bytes(out, k.as_bytes());
+        }
+        out.extend_from_slice(&(self.properties.len() as u32).to_be_bytes());
+        for (k, v) in &self.properties {
+            put_bytes(out, k.as_bytes());
+            put_bytes(out, v.as_bytes());
+        }
+        put_bytes(out, &self.body);
+    }
+
+    /// Decodes an envelope written by [`Message::encode_envelope`]; returns
+    /// the message and the number of bytes read.
+    ///
+    /// # Errors
+    ///
+    /// A [`StorageError`] naming the position if the bytes are truncated,
+    /// carry an unknown version, or hold invalid UTF-8.
+    pub fn decode_envelope(
+        topic: Arc<str>,
+        queue: u32,
+        offset: u64,
+        bytes: &[u8],
+    ) -> Result<(Message, usize), StorageError> {
+        let mut r = Reader { bytes, pos: 0 };
+        let version = r.u8()?;
+        if version != ENVELOPE_V1 {
+            return Err(StorageError::msg(format!(
+                "message envelope has unknown version {version} (this build reads version {ENVELOPE_V1})"
+            )));
+        }
+        let id = MessageId(u128::from_be_bytes(r.array::<16>()?));
+        let born_at_ms = u64::from_be_bytes(r.array::<8>()?);
+        let tag = r.opt_string()?;
+        let nkeys = r.u32()? as usize;
+        let mut keys = Vec::with_capacity(nkeys.min(1024));
+        for _ in 0..nkeys {
+            keys.push(r.string()?);
+        }
+        let nprops = r.u32()? as usize;
+        let mut properties = BTreeMap::new();
+        for _ in 0..nprops {
+            let k = r.string()?;
+            let v = r.string()?;
+            properties.insert(k, v);
+        }
+        let body = r.bytes()?.to_vec();
+        Ok((
+            Message {
+                id,
+                topic,
+                queue,
+                offset,
+                born_at_ms,
+                tag,
+                keys,
+                properties,
+                body,
+            },
+            r.pos,
+        ))
+    }
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_be_bytes());
+    out.extend_from_slice(b);
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], StorageError> {
+        let end = self.pos.checked_add(n).filter(|e| *e <= self.bytes.len());
+        match end {
+            Some(end) => {
+                let s = &self.bytes[self.pos..end];
+                self.pos = end;
+                Ok(s)
+            }
+            None => Err(StorageError::msg(format!(
+                "message envelope truncated: need {n} bytes at position {} of {}",
+                self.pos,
+                self.bytes.len()
+            ))),
+        }
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], StorageError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, StorageError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, StorageError> {
+        Ok(u32::from_be_bytes(self.array::<4>()?))
+    }
+    fn bytes(&mut self) -> Result<&'a [u8], StorageError> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+    fn string(&mut self) -> Result<String, StorageError> {
+        let at = self.pos;
+        let b = self.bytes()?;
+        String::from_utf8(b.to_vec()).map_err(|_| {
+            StorageError::msg(format!(
+                "message envelope holds invalid UTF-8 at position {at}"
+            ))
+        })
+    }
+    fn opt_string(&mut self) -> Result<Option<String>, StorageError> {
+        let save = self.pos;
+        if self.u32()? == NONE_LEN {
+            return Ok(None);
+        }
+        self.pos = save;
+        self.string().map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_round_trip() {
+        let out = OutgoingMessage::new("t", b"hello".to_vec())
+            .tag("vip")
+            .key("k1")
+            .key("k2")
+            .property("region", "eu");
+        let m = Message::prepare(out, Arc::from("t")).with_position(3, 42);
+        let mut buf = Vec::new();
+        m.encode_envelope(&mut buf);
+        let (d, n) = Message::decode_envelope(Arc::from("t"), 3, 42, &buf).unwrap();
+        assert_eq!(n, buf.len());
+        assert_eq!(d, m);
+    }
+
+    #[test]
+    fn truncated_envelope_is_an_error_not_a_panic() {
+        let m = Message::prepare(
+            OutgoingMessage::new("t", vec![7; 100]).tag("a"),
+            Arc::from("t"),
+        );
+        let mut buf = Vec::new();
+        m.encode_envelope(&mut buf);
+        for cut in 0..buf.len() {
+            assert!(Message::decode_envelope(Arc::from("t"), 0, 0, &buf[..cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn ids_are_unique_and_ordered_within_a_process() {
+        let ids: Vec<MessageId> = (0..10_000).map(|_| MessageId::generate()).collect();
+        for w in ids.windows(2) {
+            assert!(w[0] < w[1], "{} !< {}", w[0], w[1]);
+        }
+        let s = ids[0].to_string();
+        assert_eq!(s.len(), 32);
+        assert_eq!(s.parse::<MessageId>().unwrap(), ids[0]);
+    }
+}

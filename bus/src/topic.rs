@@ -1,0 +1,293 @@
+//! Topics, names and message limits, with their validation.
+//!
+//! Validation happens before anything is stored: a message that breaks a
+//! limit is rejected whole with a typed [`Error`], and the store never sees
+//! it.
+
+use crate::error::{Error, NameKind};
+use crate::message::OutgoingMessage;
+
+/// Queues per topic unless configured.
+pub const DEFAULT_QUEUES: u32 = 4;
+/// The longest topic name accepted (RocketMQ's limit).
+pub const MAX_TOPIC_NAME_LEN: usize = 127;
+/// The longest consumer group name accepted (RocketMQ's limit).
+pub const MAX_GROUP_NAME_LEN: usize = 255;
+/// Topic names starting with this belong to the system (dead-letter queues).
+pub const SYSTEM_TOPIC_PREFIX: &str = "%";
+/// The most queues a topic may have.
+pub const MAX_QUEUES: u32 = 1024;
+
+/// A topic's configuration.
+///
+/// # Examples
+///
+/// ```
+/// use weirmq_bus::TopicConfig;
+/// let cfg = TopicConfig::new("orders").queues(8);
+/// assert_eq!(cfg.queue_count(), 8);
+/// assert!(cfg.validate().is_ok());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicConfig {
+    name: String,
+    queues: u32,
+}
+
+impl TopicConfig {
+    /// A topic named `name` with [`DEFAULT_QUEUES`] queues.
+    pub fn new(name: impl Into<String>) -> Self {
+        TopicConfig {
+            name: name.into(),
+            queues: DEFAULT_QUEUES,
+        }
+    }
+
+    /// Sets the number of queues (1..=1024). Queues are the unit of
+    /// parallelism and ordering: more queues, more consumers in parallel.
+    pub fn queues(mut self, queues: u32) -> Self {
+        self.queues = queues;
+        self
+    }
+
+    /// The topic name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The number of queues.
+    pub fn queue_count(&self) -> u32 {
+        self.queues
+    }
+
+    /// Checks the name (a user topic: no `%` prefix) and the queue count.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidName`], [`Error::ReservedTopic`] or
+    /// [`Error::InvalidConfig`].
+    pub fn validate(&self) -> Result<(), Error> {
+        validate_topic_name(&self.name)?;
+        self.validate_queues()
+    }
+
+    /// Checks a system topic's configuration (the `%` prefix allowed).
+    ///
+    /// # Errors
+    ///
+    /// As [`TopicConfig::validate`], without the reserved-prefix check.
+    pub fn validate_system(&self) -> Result<(), Error> {
+        check_name(NameKind::Topic, &self.name, MAX_TOPIC_NAME_LEN)?;
+        self.validate_queues()
+    }
+
+    fn validate_queues(&self) -> Result<(), Error> {
+        if self.queues == 0 || self.queues > MAX_QUEUES {
+            return Err(Error::InvalidConfig {
+                reason: format!(
+                    "topic `{}` asks for {} queues; a topic has 1 to {MAX_QUEUES} queues",
+                    self.name, self.queues
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn check_name(kind: NameKind, name: &str, max: usize) -> Result<(), Error> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '%' | '|' | '-');
+    if name.is_empty() || name.len() > max || !name.chars().all(ok_char) {
+        return Err(Error::InvalidName {
+            kind,
+            name: name.to_string(),
+            reason: format!("only [A-Za-z0-9_%|-] allowed, 1 to {max} chars"),
+        });
+    }
+    Ok(())
+}
+
+/// Checks a user topic name: 1 to 127 chars of `[A-Za-z0-9_%|-]`, not
+/// starting with `%` (reserved for system topics).
+///
+/// # Errors
+///
+/// [`Error::InvalidName`] or [`Error::ReservedTopic`].
+pub fn validate_topic_name(name: &str) -> Result<(), Error> {
+    check_name(NameKind::Topic, name, MAX_TOPIC_NAME_LEN)?;
+    if name.starts_with(SYSTEM_TOPIC_PREFIX) {
+        return Err(Error::ReservedTopic {
+            name: name.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Checks a consumer group name: 1 to 255 chars of `[A-Za-z0-9_%|-]`, not
+/// starting with `%`.
+///
+/// # Errors
+///
+/// [`Error::InvalidName`].
+pub fn validate_group_name(name: &str) -> Result<(), Error> {
+    check_name(NameKind::Group, name, MAX_GROUP_NAME_LEN)?;
+    if name.starts_with(SYSTEM_TOPIC_PREFIX) {
+        return Err(Error::InvalidName {
+            kind: NameKind::Group,
+            name: name.to_string(),
+            reason: "names starting with `%` are reserved for the system".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Size limits on messages, checked at publish. Defaults are RocketMQ's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest body in bytes (default 4 MiB; 4 MiB + 1 is rejected).
+    pub max_body_bytes: usize,
+    /// Most user properties on one message (default 128).
+    pub max_properties: usize,
+    /// Most bytes of property names and values together (default 16 KiB).
+    pub max_properties_bytes: usize,
+    /// Longest tag, key, or property name in bytes (default 1024).
+    pub max_name_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 4 * 1024 * 1024,
+            max_properties: 128,
+            max_properties_bytes: 16 * 1024,
+            max_name_bytes: 1024,
+        }
+    }
+}
+
+impl Limits {
+    /// Checks everything about a message but its topic's existence: topic
+    /// name (user topics only), tag, keys, properties and body size.
+    ///
+    /// # Errors
+    ///
+    /// The first limit broken, as a typed [`Error`].
+    pub fn check(&self, m: &OutgoingMessage) -> Result<(), Error> {
+        validate_topic_name(&m.topic)?;
+        self.check_contents(m)
+    }
+
+    /// As [`Limits::check`] without the topic-name check (for system topics).
+    ///
+    /// # Errors
+    ///
+    /// The first limit broken, as a typed [`Error`].
+    pub fn check_contents(&self, m: &OutgoingMessage) -> Result<(), Error> {
+        if let Some(tag) = &m.tag {
+            if tag.is_empty() || tag.contains('|') || tag.len() > self.max_name_bytes {
+                return Err(Error::InvalidName {
+                    kind: NameKind::Tag,
+                    name: tag.clone(),
+                    reason: format!(
+                        "a tag is 1 to {} bytes and may not contain `|` (it separates tags in filters)",
+                        self.max_name_bytes
+                    ),
+                });
+            }
+        }
+        for key in &m.keys {
+            if key.is_empty() || key.len() > self.max_name_bytes {
+                return Err(Error::InvalidName {
+                    kind: NameKind::Key,
+                    name: key.clone(),
+                    reason: format!("a key is 1 to {} bytes", self.max_name_bytes),
+                });
+            }
+        }
+        if m.properties.len() > self.max_properties {
+            return Err(Error::TooManyProperties {
+                count: m.properties.len(),
+                max: self.max_properties,
+            });
+        }
+        let mut size = 0;
+        for (k, v) in &m.properties {
+            if k.is_empty() || k.len() > self.max_name_bytes {
+                return Err(Error::InvalidName {
+                    kind: NameKind::Property,
+                    name: k.clone(),
+                    reason: format!("a property name is 1 to {} bytes", self.max_name_bytes),
+                });
+            }
+            size += k.len() + v.len();
+        }
+        if size > self.max_properties_bytes {
+            return Err(Error::PropertiesTooLarge {
+                size,
+                max: self.max_properties_bytes,
+            });
+        }
+        if m.body.len() > self.max_body_bytes {
+            return Err(Error::BodyTooLarge {
+                size: m.body.len(),
+                max: self.max_body_bytes,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_names() {
+        assert!(validate_topic_name("orders-v2_x|y%z").is_ok());
+        assert!(validate_topic_name(&"a".repeat(127)).is_ok());
+        for bad in ["", "a b", "é", "a/b", "a.b"] {
+            assert!(
+                matches!(validate_topic_name(bad), Err(Error::InvalidName { .. })),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            validate_topic_name(&"a".repeat(128)),
+            Err(Error::InvalidName { .. })
+        ));
+        assert!(matches!(
+            validate_topic_name("%DLQ%g"),
+            Err(Error::ReservedTopic { .. })
+        ));
+        assert!(TopicConfig::new("%DLQ%g").validate_system().is_ok());
+    }
+
+    #[test]
+    fn limits() {
+        let l = Limits::default();
+        let ok = OutgoingMessage::new("t", vec![0; 4 * 1024 * 1024]);
+        assert!(l.check(&ok).is_ok());
+        let big = OutgoingMessage::new("t", vec![0; 4 * 1024 * 1024 + 1]);
+        assert!(matches!(l.check(&big), Err(Error::BodyTooLarge { .. })));
+        let tag = OutgoingMessage::new("t", vec![]).tag("a||b");
+        assert!(matches!(
+            l.check(&tag),
+            Err(Error::InvalidName {
+                kind: NameKind::Tag,
+                ..
+            })
+        ));
+        let mut many = OutgoingMessage::new("t", vec![]);
+        for i in 0..129 {
+            many = many.property(format!("p{i}"), "v");
+        }
+        assert!(matches!(
+            l.check(&many),
+            Err(Error::TooManyProperties { .. })
+        ));
+        let fat = OutgoingMessage::new("t", vec![]).property("p", "x".repeat(16 * 1024));
+        assert!(matches!(
+            l.check(&fat),
+            Err(Error::PropertiesTooLarge { .. })
+        ));
+    }
+}

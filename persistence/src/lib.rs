@@ -1,0 +1,48 @@
+//! # weirmq-persistence: the embedded store
+//!
+//! The sled-backed store of the embedded broker: queue logs, consumer offsets
+//! and topic metadata, written by one [`PersistenceActor`] with group commit,
+//! read concurrently through [`StoreReader`]s.
+//!
+//! It knows messages, queues and offsets, and nothing of consumer-group
+//! logic, filters or retry: those live in `weirmq-actors`.
+//!
+//! # Layout (one sled database)
+//!
+//! | tree | key | value |
+//! |---|---|---|
+//! | `meta` | `format` | `weirmq-store-v1` |
+//! | `meta` | `topic/<name>` | topic id (u32) + queue count (u32) |
+//! | `log` | topic id (u32) · queue (u32) · first offset (u64), big-endian | a *record*: the envelopes of consecutive messages of one commit batch |
+//! | `offsets` | group · `0` · topic id (u32) · queue (u32) | committed offset (u64) + offsets acked above it |
+//!
+//! One record per queue per commit batch (capped at 512 messages / 64 KiB,
+//! a larger message alone) keeps sled at a few keys per commit instead of
+//! one per message; a read finds an offset with a range lookup to the record
+//! at or before it.
+//!
+//! # Durability
+//!
+//! sled 0.34's `flush()` is only `sync_file_range` on Linux and sled never
+//! syncs its blob files (`blobs/`, where items over ~128 KiB go). So a
+//! [`Durability::Flushed`](weirmq_bus::Durability) commit is
+//! `flush()` + `fdatasync(db)` + `fdatasync` of every blob file not synced
+//! before + `fsync(blobs/)` when there are new ones, and only then are the
+//! waiting publishers answered. [`SyncEvent`]s report each step to an
+//! optional hook.
+#![warn(
+    unreachable_pub,
+    missing_docs,
+    missing_debug_implementations,
+    rust_2018_idioms
+)]
+#![forbid(unsafe_code)]
+
+mod actor;
+mod store;
+
+pub use actor::{Append, AppendDone, CommitOffsets, CreateTopic, PersistenceActor, ShutdownStore};
+pub use store::{
+    OffsetState, QueueKey, RecoveredTopic, Recovery, Store, StoreConfig, StoreReader, SyncEvent,
+    SyncHook,
+};

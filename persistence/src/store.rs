@@ -1,0 +1,740 @@
+//! The sled store: layout, open and recovery, record encoding, the real sync.
+//!
+//! [`Store`] is owned by the [`PersistenceActor`](crate::PersistenceActor),
+//! the only writer. [`StoreReader`]s share the same trees for range reads
+//! from other threads (sled is safe for concurrent readers); a reader only
+//! reads offsets that a commit has already reported, so it never sees a
+//! half-written batch.
+//!
+//! A corrupt, foreign or locked directory is refused at [`Store::open`] with
+//! [`Error::DataDir`]; nothing in it is modified in that case.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::OsString;
+use std::fmt;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use weirmq_bus::{Error, Message, StorageError};
+
+const FORMAT_KEY: &[u8] = b"format";
+const FORMAT: &[u8] = b"weirmq-store-v1";
+const TOPIC_PREFIX: &[u8] = b"topic/";
+
+/// A step of a sync, reported to the [`SyncHook`] as it completes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncEvent {
+    /// sled's `flush()` returned (its buffers are written, not yet synced).
+    Flush,
+    /// The main data file was fdatasync'd.
+    DataSync(PathBuf),
+    /// A blob file (an item too large for sled's log) was fdatasync'd.
+    BlobSync(PathBuf),
+    /// A directory was fsync'd (new blob files are durable by name).
+    DirSync(PathBuf),
+}
+
+/// Called on the persistence thread after each sync step, before any
+/// publisher waiting on the commit is answered. For tests and audits; keep it
+/// cheap.
+pub type SyncHook = Arc<dyn Fn(&SyncEvent) + Send + Sync>;
+
+/// How to open the store.
+#[derive(Clone, Default)]
+pub struct StoreConfig {
+    /// The data directory; `None` for a temporary in-memory store (same
+    /// semantics, no durability).
+    pub path: Option<PathBuf>,
+    /// sled's page cache size in bytes (0 = sled's default).
+    pub cache_capacity: u64,
+    /// Observes every sync step.
+    pub sync_hook: Option<SyncHook>,
+}
+
+impl fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("path", &self.path)
+            .field("cache_capacity", &self.cache_capacity)
+            .field("sync_hook", &self.sync_hook.is_some())
+            .finish()
+    }
+}
+
+/// One queue of one topic, as the store names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueKey {
+    /// The topic's id in this store.
+    pub topic_id: u32,
+    /// The queue.
+    pub queue: u32,
+}
+
+impl QueueKey {
+    fn log_key(self, offset: u64) -> [u8; 16] {
+        let mut k = [0u8; 16];
+        k[..4].copy_from_slice(&self.topic_id.to_be_bytes());
+        k[4..8].copy_from_slice(&self.queue.to_be_bytes());
+        k[8..].copy_from_slice(&offset.to_be_bytes());
+        k
+    }
+}
+
+/// A consumer group's committed position in one queue: every offset below
+/// `committed` is acked, and so are those in `acked_above` (acks out of
+/// order, kept so a restart does not redeliver them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OffsetState {
+    /// Every offset below this is acked.
+    pub committed: u64,
+    /// Acked offsets above `committed`, ascending.
+    pub acked_above: Vec<u64>,
+}
+
+impl OffsetState {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(12 + 8 * self.acked_above.len());
+        v.extend_from_slice(&self.committed.to_be_bytes());
+        v.extend_from_slice(&(self.acked_above.len() as u32).to_be_bytes());
+        for o in &self.acked_above {
+            v.extend_from_slice(&o.to_be_bytes());
+        }
+        v
+    }
+
+    fn decode(b: &[u8]) -> Result<OffsetState, StorageError> {
+        let bad = || StorageError::msg(format!("offset record of {} bytes is corrupt", b.len()));
+        if b.len() < 12 {
+            return Err(bad());
+        }
+        let committed = u64::from_be_bytes(b[..8].try_into().map_err(|_| bad())?);
+        let n = u32::from_be_bytes(b[8..12].try_into().map_err(|_| bad())?) as usize;
+        if b.len() != 12 + 8 * n {
+            return Err(bad());
+        }
+        let acked_above = b[12..]
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
+        Ok(OffsetState {
+            committed,
+            acked_above,
+        })
+    }
+}
+
+fn offsets_key(group: &str, key: QueueKey) -> Vec<u8> {
+    let mut k = Vec::with_capacity(group.len() + 9);
+    k.extend_from_slice(group.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&key.topic_id.to_be_bytes());
+    k.extend_from_slice(&key.queue.to_be_bytes());
+    k
+}
+
+/// A topic found in the store at open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveredTopic {
+    /// Its name.
+    pub name: String,
+    /// Its id in this store.
+    pub id: u32,
+    /// Its queue count.
+    pub queues: u32,
+    /// For each queue, the next offset to write.
+    pub ends: Vec<u64>,
+}
+
+/// What the store holds at open.
+#[derive(Debug, Clone, Default)]
+pub struct Recovery {
+    /// The topics, by id.
+    pub topics: Vec<RecoveredTopic>,
+}
+
+/// The store. Owned by the persistence actor; see the module docs.
+pub struct Store {
+    db: sled::Db,
+    log: sled::Tree,
+    offsets: sled::Tree,
+    meta: sled::Tree,
+    dir: Option<PathBuf>,
+    data_file: Option<File>,
+    synced_blobs: HashSet<OsString>,
+    hook: Option<SyncHook>,
+    next_topic_id: u32,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store").field("dir", &self.dir).finish()
+    }
+}
+
+fn data_dir_err(path: &Path, reason: impl Into<String>) -> Error {
+    Error::DataDir {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+fn storage(context: &str) -> impl FnOnce(sled::Error) -> StorageError + '_ {
+    move |e| StorageError::new(context.to_string(), e)
+}
+
+impl Store {
+    /// Opens (or creates) the store and reads what it holds.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::DataDir`] if the directory is a file, not empty and not a
+    /// weirmq directory, locked by another process, or corrupt; nothing in
+    /// it is changed then.
+    pub fn open(config: StoreConfig) -> Result<(Store, Recovery), Error> {
+        let mut sled_cfg = sled::Config::new();
+        if config.cache_capacity > 0 {
+            sled_cfg = sled_cfg.cache_capacity(config.cache_capacity);
+        }
+        let dir = match &config.path {
+            None => {
+                sled_cfg = sled_cfg.temporary(true);
+                None
+            }
+            Some(path) => {
+                check_dir(path)?;
+                sled_cfg = sled_cfg.path(path);
+                Some(path.clone())
+            }
+        };
+        let shown = dir.clone().unwrap_or_else(|| PathBuf::from("<in-memory>"));
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sled_cfg.open()));
+        let db =
+            match opened {
+                Ok(Ok(db)) => db,
+                Ok(Err(e)) => return Err(map_open_error(&shown, e)),
+                Err(_) => return Err(data_dir_err(
+                    &shown,
+                    "the store is corrupt (sled could not read it); restore it from a backup or \
+                     move it aside to start empty",
+                )),
+            };
+        let tree = |name: &str| {
+            db.open_tree(name)
+                .map_err(|e| data_dir_err(&shown, format!("cannot open tree `{name}`: {e}")))
+        };
+        let log = tree("log")?;
+        let offsets = tree("offsets")?;
+        let meta = tree("meta")?;
+        match meta
+            .get(FORMAT_KEY)
+            .map_err(|e| data_dir_err(&shown, e.to_string()))?
+        {
+            Some(v) if v.as_ref() == FORMAT => {}
+            Some(v) => {
+                return Err(data_dir_err(
+                    &shown,
+                    format!(
+                        "it holds store format `{}`, this build reads `{}`",
+                        String::from_utf8_lossy(&v),
+                        String::from_utf8_lossy(FORMAT)
+                    ),
+                ))
+            }
+            None => {
+                if !log.is_empty() || !offsets.is_empty() || !meta.is_empty() {
+                    return Err(data_dir_err(
+                        &shown,
+                        "it is a sled database but not a weirmq store",
+                    ));
+                }
+                meta.insert(FORMAT_KEY, FORMAT)
+                    .map_err(|e| data_dir_err(&shown, e.to_string()))?;
+            }
+        }
+        let data_file = match &dir {
+            Some(d) => {
+                let f = File::open(d.join("db"))
+                    .map_err(|e| data_dir_err(d, format!("cannot open its data file: {e}")))?;
+                // Make the files sled created durable by name.
+                File::open(d)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| data_dir_err(d, format!("cannot sync the directory: {e}")))?;
+                Some(f)
+            }
+            None => None,
+        };
+        let mut store = Store {
+            db,
+            log,
+            offsets,
+            meta,
+            dir,
+            data_file,
+            synced_blobs: HashSet::new(),
+            hook: config.sync_hook,
+            next_topic_id: 0,
+        };
+        let recovery = store
+            .recover()
+            .map_err(|e| data_dir_err(&shown, format!("the store is corrupt: {e}")))?;
+        Ok((store, recovery))
+    }
+
+    fn recover(&mut self) -> Result<Recovery, StorageError> {
+        let mut topics = Vec::new();
+        for item in self.meta.scan_prefix(TOPIC_PREFIX) {
+            let (k, v) = item.map_err(storage("reading topic metadata"))?;
+            let name = String::from_utf8(k[TOPIC_PREFIX.len()..].to_vec())
+                .map_err(|_| StorageError::msg("topic name in metadata is not UTF-8"))?;
+            if v.len() != 8 {
+                return Err(StorageError::msg(format!(
+                    "metadata of topic `{name}` is corrupt"
+                )));
+            }
+            let id = u32::from_be_bytes([v[0], v[1], v[2], v[3]]);
+            let queues = u32::from_be_bytes([v[4], v[5], v[6], v[7]]);
+            let mut ends = Vec::with_capacity(queues as usize);
+            for queue in 0..queues {
+                ends.push(self.queue_end(QueueKey {
+                    topic_id: id,
+                    queue,
+                })?);
+            }
+            self.next_topic_id = self.next_topic_id.max(id + 1);
+            topics.push(RecoveredTopic {
+                name,
+                id,
+                queues,
+                ends,
+            });
+        }
+        topics.sort_by_key(|t| t.id);
+        Ok(Recovery { topics })
+    }
+
+    fn queue_end(&self, key: QueueKey) -> Result<u64, StorageError> {
+        let last = self
+            .log
+            .range(key.log_key(0)..=key.log_key(u64::MAX))
+            .next_back();
+        match last {
+            None => Ok(0),
+            Some(item) => {
+                let (k, v) = item.map_err(storage("reading the queue log"))?;
+                let first = offset_of(&k)?;
+                let count = record_count(&v)?;
+                // Decode the whole record: a torn or corrupt tail is found at open.
+                let topic: Arc<str> = Arc::from("");
+                decode_record(&topic, key.queue, first, &v, |_| true)?;
+                Ok(first + count as u64)
+            }
+        }
+    }
+
+    /// A reader sharing this store's trees.
+    pub fn reader(&self) -> StoreReader {
+        StoreReader {
+            log: self.log.clone(),
+            offsets: self.offsets.clone(),
+        }
+    }
+
+    /// Registers a topic; returns its id.
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    pub(crate) fn create_topic(&mut self, name: &str, queues: u32) -> Result<u32, StorageError> {
+        let id = self.next_topic_id;
+        let mut key = TOPIC_PREFIX.to_vec();
+        key.extend_from_slice(name.as_bytes());
+        let mut v = id.to_be_bytes().to_vec();
+        v.extend_from_slice(&queues.to_be_bytes());
+        self.meta
+            .insert(key, v)
+            .map_err(storage("writing topic metadata"))?;
+        self.next_topic_id += 1;
+        Ok(id)
+    }
+
+    /// Applies one commit's log records and offsets.
+    pub(crate) fn write(
+        &mut self,
+        log: sled::Batch,
+        offsets: Option<sled::Batch>,
+    ) -> Result<(), StorageError> {
+        self.log
+            .apply_batch(log)
+            .map_err(storage("writing the queue log"))?;
+        if let Some(o) = offsets {
+            self.offsets
+                .apply_batch(o)
+                .map_err(storage("writing consumer offsets"))?;
+        }
+        Ok(())
+    }
+
+    /// Makes everything written so far durable: sled `flush()`, then
+    /// `fdatasync` of the data file and of new blob files, then `fsync` of
+    /// the blob directory if it gained files.
+    pub(crate) fn sync(&mut self) -> Result<(), StorageError> {
+        self.db.flush().map_err(storage("flushing sled"))?;
+        self.report(SyncEvent::Flush);
+        let Some(dir) = self.dir.clone() else {
+            return Ok(());
+        };
+        if let Some(f) = &self.data_file {
+            f.sync_data()
+                .map_err(|e| StorageError::new("fdatasync of the data file", e))?;
+            self.report(SyncEvent::DataSync(dir.join("db")));
+        }
+        let blobs = dir.join("blobs");
+        let entries = match std::fs::read_dir(&blobs) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(StorageError::new("listing sled's blob directory", e)),
+        };
+        let mut present = HashSet::new();
+        let mut new_files = false;
+        for entry in entries {
+            let entry = entry.map_err(|e| StorageError::new("listing sled's blob directory", e))?;
+            let name = entry.file_name();
+            if !self.synced_blobs.contains(&name) {
+                let path = entry.path();
+                match File::open(&path) {
+                    Ok(f) => {
+                        f.sync_data()
+                            .map_err(|e| StorageError::new("fdatasync of a blob file", e))?;
+                        self.report(SyncEvent::BlobSync(path));
+                        new_files = true;
+                    }
+                    // sled removed it (garbage-collected) meanwhile.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(StorageError::new("opening a blob file to sync it", e)),
+                }
+            }
+            present.insert(name);
+        }
+        self.synced_blobs = present;
+        if new_files {
+            File::open(&blobs)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| StorageError::new("fsync of the blob directory", e))?;
+            self.report(SyncEvent::DirSync(blobs));
+        }
+        Ok(())
+    }
+
+    fn report(&self, event: SyncEvent) {
+        if let Some(h) = &self.hook {
+            h(&event);
+        }
+    }
+}
+
+fn check_dir(path: &Path) -> Result<(), Error> {
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_dir() => Err(data_dir_err(path, "it is a file, not a directory")),
+        Ok(_) => {
+            let mut entries = std::fs::read_dir(path)
+                .map_err(|e| data_dir_err(path, format!("cannot list it: {e}")))?;
+            let empty = entries.next().is_none();
+            if !empty && !path.join("db").exists() {
+                return Err(data_dir_err(
+                    path,
+                    "it is not empty and holds no weirmq store; point the bus at an empty or \
+                     new directory",
+                ));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(path)
+            .map_err(|e| data_dir_err(path, format!("cannot create it: {e}"))),
+        Err(e) => Err(data_dir_err(path, format!("cannot read it: {e}"))),
+    }
+}
+
+fn map_open_error(path: &Path, e: sled::Error) -> Error {
+    let text = e.to_string();
+    let reason = match e {
+        sled::Error::Io(_) if text.contains("lock") => {
+            "it is locked: another process (or another open Bus in this process) is using it; \
+             shut that one down first"
+                .to_string()
+        }
+        sled::Error::Corruption { .. } => format!(
+            "the store is corrupt ({text}); restore it from a backup or move it aside to start empty"
+        ),
+        _ => format!("sled could not open it: {text}"),
+    };
+    data_dir_err(path, reason)
+}
+
+fn offset_of(key: &[u8]) -> Result<u64, StorageError> {
+    key.get(8..16)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| StorageError::msg("queue log key is corrupt"))
+}
+
+fn record_count(v: &[u8]) -> Result<u32, StorageError> {
+    v.get(..4)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_be_bytes)
+        .ok_or_else(|| StorageError::msg("queue log record is corrupt (no header)"))
+}
+
+/// Decodes the messages of a record for which `want(offset)` holds.
+fn decode_record(
+    topic: &Arc<str>,
+    queue: u32,
+    first: u64,
+    v: &[u8],
+    mut want: impl FnMut(u64) -> bool,
+) -> Result<Vec<Arc<Message>>, StorageError> {
+    let count = record_count(v)?;
+    let mut pos = 4usize;
+    let mut out = Vec::new();
+    for i in 0..count as u64 {
+        let len = v
+            .get(pos..pos + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_be_bytes)
+            .ok_or_else(|| {
+                StorageError::msg(format!(
+                    "queue log record at offset {first} is truncated at message {i}"
+                ))
+            })? as usize;
+        pos += 4;
+        let body = v.get(pos..pos + len).ok_or_else(|| {
+            StorageError::msg(format!(
+                "queue log record at offset {first} is truncated at message {i}"
+            ))
+        })?;
+        pos += len;
+        if want(first + i) {
+            let (m, _) = Message::decode_envelope(topic.clone(), queue, first + i, body)?;
+            out.push(Arc::new(m));
+        }
+    }
+    Ok(out)
+}
+
+/// Builds the records of one commit: consecutive messages of a queue go into
+/// one record up to [`RecordBuilder::MAX_MESSAGES`] messages or
+/// [`RecordBuilder::MAX_BYTES`] bytes.
+#[derive(Debug, Default)]
+pub(crate) struct RecordBuilder {
+    open: BTreeMap<QueueKey, (u64, u32, Vec<u8>)>,
+    batch: sled::Batch,
+    records: usize,
+}
+
+impl RecordBuilder {
+    pub(crate) const MAX_MESSAGES: u32 = 512;
+    pub(crate) const MAX_BYTES: usize = 64 * 1024;
+
+    pub(crate) fn push(&mut self, key: QueueKey, offset: u64, m: &Message) {
+        if let Some((first, count, buf)) = self.open.get(&key) {
+            let contiguous = first + *count as u64 == offset;
+            if !contiguous
+                || *count >= Self::MAX_MESSAGES
+                || buf.len() + m.size_hint() > Self::MAX_BYTES
+            {
+                self.close(key);
+            }
+        }
+        let (_, count, buf) = self
+            .open
+            .entry(key)
+            .or_insert_with(|| (offset, 0, 0u32.to_be_bytes().to_vec()));
+        let at = buf.len();
+        buf.extend_from_slice(&[0; 4]);
+        m.encode_envelope(buf);
+        let len = (buf.len() - at - 4) as u32;
+        buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
+        *count += 1;
+    }
+
+    fn close(&mut self, key: QueueKey) {
+        if let Some((first, count, mut buf)) = self.open.remove(&key) {
+            buf[..4].copy_from_slice(&count.to_be_bytes());
+            self.batch.insert(&key.log_key(first), buf);
+            self.records += 1;
+        }
+    }
+
+    pub(crate) fn finish(mut self) -> (sled::Batch, usize) {
+        let keys: Vec<QueueKey> = self.open.keys().copied().collect();
+        for k in keys {
+            self.close(k);
+        }
+        (self.batch, self.records)
+    }
+}
+
+pub(crate) fn offsets_batch(entries: &HashMap<(String, QueueKey), OffsetState>) -> sled::Batch {
+    let mut b = sled::Batch::default();
+    for ((group, key), state) in entries {
+        b.insert(offsets_key(group, *key), state.encode());
+    }
+    b
+}
+
+/// Reads the store from any thread. Cheap to clone.
+#[derive(Clone)]
+pub struct StoreReader {
+    log: sled::Tree,
+    offsets: sled::Tree,
+}
+
+impl fmt::Debug for StoreReader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("StoreReader")
+    }
+}
+
+impl StoreReader {
+    /// Reads up to `max` messages of a queue from offset `from` (inclusive)
+    /// to `end` (exclusive).
+    ///
+    /// # Errors
+    ///
+    /// A storage error if sled fails or a record does not decode.
+    pub fn read_range(
+        &self,
+        topic: &Arc<str>,
+        key: QueueKey,
+        from: u64,
+        end: u64,
+        max: usize,
+    ) -> Result<Vec<Arc<Message>>, StorageError> {
+        let mut out = Vec::new();
+        if from >= end || max == 0 {
+            return Ok(out);
+        }
+        let lo = key.log_key(0);
+        let hi = key.log_key(u64::MAX);
+        let start = match self.log.range(lo..=key.log_key(from)).next_back() {
+            Some(item) => item.map_err(storage("reading the queue log"))?.0.to_vec(),
+            None => lo.to_vec(),
+        };
+        for item in self.log.range(start..=hi.to_vec()) {
+            let (k, v) = item.map_err(storage("reading the queue log"))?;
+            let first = offset_of(&k)?;
+            if first >= end || out.len() >= max {
+                break;
+            }
+            let room = max - out.len();
+            let mut taken = 0usize;
+            let msgs = decode_record(topic, key.queue, first, &v, |o| {
+                let ok = o >= from && o < end && taken < room;
+                taken += ok as usize;
+                ok
+            })?;
+            out.extend(msgs);
+        }
+        Ok(out)
+    }
+
+    /// The first stored offset of a queue (0 when empty).
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    pub fn queue_start(&self, key: QueueKey) -> Result<u64, StorageError> {
+        match self
+            .log
+            .range(key.log_key(0)..=key.log_key(u64::MAX))
+            .next()
+        {
+            None => Ok(0),
+            Some(item) => offset_of(&item.map_err(storage("reading the queue log"))?.0),
+        }
+    }
+
+    /// The committed positions of `group` in the queues of topic `topic_id`.
+    ///
+    /// # Errors
+    ///
+    /// A storage error if sled fails or an offset record does not decode.
+    pub fn load_offsets(
+        &self,
+        group: &str,
+        topic_id: u32,
+    ) -> Result<HashMap<u32, OffsetState>, StorageError> {
+        let mut prefix = group.as_bytes().to_vec();
+        prefix.push(0);
+        prefix.extend_from_slice(&topic_id.to_be_bytes());
+        let mut out = HashMap::new();
+        for item in self.offsets.scan_prefix(&prefix) {
+            let (k, v) = item.map_err(storage("reading consumer offsets"))?;
+            let queue = k
+                .get(prefix.len()..prefix.len() + 4)
+                .and_then(|b| b.try_into().ok())
+                .map(u32::from_be_bytes)
+                .ok_or_else(|| StorageError::msg("consumer offset key is corrupt"))?;
+            out.insert(queue, OffsetState::decode(&v)?);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weirmq_bus::OutgoingMessage;
+
+    fn msg(i: usize) -> Message {
+        Message::prepare(
+            OutgoingMessage::new("t", format!("m{i}").into_bytes()),
+            Arc::from("t"),
+        )
+    }
+
+    #[test]
+    fn records_round_trip_through_range_reads() {
+        let (mut store, rec) = Store::open(StoreConfig::default()).unwrap();
+        assert!(rec.topics.is_empty());
+        let id = store.create_topic("t", 2).unwrap();
+        let key = QueueKey {
+            topic_id: id,
+            queue: 1,
+        };
+        let mut b = RecordBuilder::default();
+        let msgs: Vec<Message> = (0..1500).map(msg).collect();
+        for (i, m) in msgs.iter().enumerate() {
+            b.push(key, i as u64, m);
+        }
+        let (batch, records) = b.finish();
+        assert_eq!(records, 3, "512-message records");
+        store.write(batch, None).unwrap();
+        let r = store.reader();
+        let t: Arc<str> = Arc::from("t");
+        for (from, end, max) in [
+            (0, 1500, 2000),
+            (511, 514, 10),
+            (700, 1500, 5),
+            (1499, 1500, 1),
+        ] {
+            let got = r.read_range(&t, key, from, end, max).unwrap();
+            let want: Vec<u64> = (from..end).take(max).collect();
+            assert_eq!(got.iter().map(|m| m.offset()).collect::<Vec<_>>(), want);
+            for m in &got {
+                assert_eq!(m.body(), msgs[m.offset() as usize].body());
+            }
+        }
+        assert_eq!(store.queue_end(key).unwrap(), 1500);
+    }
+
+    #[test]
+    fn offsets_round_trip() {
+        let s = OffsetState {
+            committed: 7,
+            acked_above: vec![9, 12],
+        };
+        assert_eq!(OffsetState::decode(&s.encode()).unwrap(), s);
+        assert!(OffsetState::decode(&[1, 2, 3]).is_err());
+    }
+}

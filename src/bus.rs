@@ -1,0 +1,331 @@
+//! `Bus`: the handle applications hold, and its builder.
+//!
+//! A `Bus` is cheap to clone (an `Arc`); every clone is the same bus. It
+//! encodes events with their codec on the caller's thread, and talks to the
+//! backend through the `Broker` seam only, so the same application code runs
+//! on every backend.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use weirmq_actors::{EmbeddedBroker, EmbeddedConfig};
+use weirmq_bus::{
+    Broker, Durability, Error, Event, GroupStats, Limits, Message, OutgoingMessage, Publish,
+    PublishError, QueuePosition, SendReceipt, TopicConfig,
+};
+use weirmq_persistence::{StoreConfig, SyncEvent, SyncHook};
+
+use crate::subscribe::SubscribeBuilder;
+
+/// The default data directory of the embedded store.
+const DEFAULT_DATA_DIR: &str = "./weirmq-data";
+
+/// Configures and opens a [`Bus`].
+///
+/// # Examples
+///
+/// ```
+/// # #[actix::main] async fn main() -> Result<(), weirmq::Error> {
+/// use weirmq::{Bus, Durability, Limits};
+/// let bus = Bus::builder()
+///     .in_memory()
+///     .durability(Durability::Buffered)
+///     .limits(Limits { max_body_bytes: 1 << 20, ..Limits::default() })
+///     .open()
+///     .await?;
+/// bus.shutdown().await
+/// # }
+/// ```
+#[derive(Default)]
+pub struct BusBuilder {
+    data_dir: Option<PathBuf>,
+    in_memory: bool,
+    durability: Durability,
+    limits: Limits,
+    cache_capacity: u64,
+    sync_hook: Option<SyncHook>,
+    max_pending_messages: Option<usize>,
+}
+
+impl std::fmt::Debug for BusBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BusBuilder")
+            .field("data_dir", &self.data_dir)
+            .field("in_memory", &self.in_memory)
+            .field("durability", &self.durability)
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+impl BusBuilder {
+    /// Stores data in `dir` (created if missing). Default: `./weirmq-data`.
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.data_dir = Some(dir.into());
+        self.in_memory = false;
+        self
+    }
+
+    /// Keeps everything in memory: the same semantics, no durability. For
+    /// tests, and for events that need not survive the process.
+    pub fn in_memory(mut self) -> Self {
+        self.in_memory = true;
+        self
+    }
+
+    /// The durability of publishes that do not choose one
+    /// (default [`Durability::Flushed`]).
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// Message size limits (default: RocketMQ's, 4 MiB bodies).
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The store's page cache in bytes (default: sled's, 1 GiB).
+    pub fn cache_capacity(mut self, bytes: u64) -> Self {
+        self.cache_capacity = bytes;
+        self
+    }
+
+    /// The most published messages waiting for their commit at once
+    /// (default 65,536); further publishes wait for room.
+    pub fn max_pending_messages(mut self, n: usize) -> Self {
+        self.max_pending_messages = Some(n);
+        self
+    }
+
+    /// Observes every step of every sync of the store (flush, fdatasync of
+    /// the data file and of blob files, directory fsync), on the persistence
+    /// thread, before the publishes waiting on it are answered. For tests and
+    /// audits; keep it cheap.
+    pub fn on_sync(mut self, hook: impl Fn(&SyncEvent) + Send + Sync + 'static) -> Self {
+        self.sync_hook = Some(Arc::new(hook));
+        self
+    }
+
+    /// Opens the bus. Must run inside an actix `System`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::DataDir`] if the data directory is corrupt, not a weirmq
+    /// directory, or in use; [`Error::InvalidConfig`] outside an actix
+    /// `System`.
+    pub async fn open(self) -> Result<Bus, Error> {
+        let path = if self.in_memory {
+            None
+        } else {
+            Some(
+                self.data_dir
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            )
+        };
+        let mut config = EmbeddedConfig {
+            store: StoreConfig {
+                path,
+                cache_capacity: self.cache_capacity,
+                sync_hook: self.sync_hook,
+            },
+            limits: self.limits,
+            ..EmbeddedConfig::default()
+        };
+        if let Some(n) = self.max_pending_messages {
+            config.max_pending_messages = n;
+        }
+        let embedded = EmbeddedBroker::open(config).await?;
+        Ok(Bus {
+            inner: Arc::new(BusInner {
+                broker: Arc::new(embedded.clone()),
+                embedded,
+                durability: self.durability,
+            }),
+        })
+    }
+}
+
+#[derive(Debug)]
+struct BusInner {
+    broker: Arc<dyn Broker>,
+    embedded: EmbeddedBroker,
+    durability: Durability,
+}
+
+/// The event bus. Cheap to clone; share it freely (e.g. as actix-web
+/// `web::Data<Bus>`).
+#[derive(Debug, Clone)]
+pub struct Bus {
+    inner: Arc<BusInner>,
+}
+
+impl Bus {
+    /// A builder; `Bus::builder().open().await` opens `./weirmq-data`.
+    pub fn builder() -> BusBuilder {
+        BusBuilder::default()
+    }
+
+    pub(crate) fn broker(&self) -> &Arc<dyn Broker> {
+        &self.inner.broker
+    }
+
+    /// Creates a topic with this configuration, or checks that the existing
+    /// one matches. Topics are also created with defaults on first use.
+    ///
+    /// # Errors
+    ///
+    /// Invalid name or queue count, [`Error::TopicConflict`], or a storage
+    /// error.
+    pub async fn create_topic(&self, config: TopicConfig) -> Result<(), Error> {
+        self.inner.broker.ensure_topic(config).await.map(|_| ())
+    }
+
+    /// Publishes an event to its topic with the bus's default durability.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Codec`] if the event does not encode, a limit error (body
+    /// over 4 MiB, ...), [`Error::Closed`], or a storage error. Nothing is
+    /// acknowledged on error.
+    ///
+    /// # Delivery
+    ///
+    /// The receipt is returned once the message is stored with the bus's
+    /// durability (default: fsync'd). It is then delivered to every consumer
+    /// group subscribed to the topic, at least once each.
+    pub async fn publish<E: Event>(&self, event: &E) -> Result<SendReceipt, Error> {
+        self.publish_with(event, Publish::new()).await
+    }
+
+    /// Publishes an event with a tag, keys, properties or a durability.
+    ///
+    /// # Errors
+    ///
+    /// As [`Bus::publish`], plus invalid tag, key or property names.
+    pub async fn publish_with<E: Event>(
+        &self,
+        event: &E,
+        options: Publish,
+    ) -> Result<SendReceipt, Error> {
+        let durability = options.get_durability().unwrap_or(self.inner.durability);
+        let message = options.into_message(E::TOPIC, event.encode()?);
+        let mut r = self.inner.broker.publish(vec![message], durability).await?;
+        r.pop().ok_or(Error::Closed)
+    }
+
+    /// Publishes many events in one call: one trip through the broker and,
+    /// usually, one commit. Receipts are in the order of `events`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Bus::publish`]; on error no receipt is returned (some events may
+    /// still have been stored: at-least-once).
+    pub async fn publish_batch<E: Event>(&self, events: &[E]) -> Result<Vec<SendReceipt>, Error> {
+        let messages = events
+            .iter()
+            .map(|e| Ok(OutgoingMessage::new(E::TOPIC, e.encode()?)))
+            .collect::<Result<Vec<_>, Error>>()?;
+        self.inner
+            .broker
+            .publish(messages, self.inner.durability)
+            .await
+    }
+
+    /// Publishes a raw message (any body, any user topic). On error the
+    /// message is handed back.
+    ///
+    /// # Errors
+    ///
+    /// A [`PublishError`] holding the message and the reason.
+    pub async fn publish_raw(
+        &self,
+        message: OutgoingMessage,
+        durability: Durability,
+    ) -> Result<SendReceipt, PublishError> {
+        let copy = message.clone();
+        match self.inner.broker.publish(vec![message], durability).await {
+            Ok(mut r) => r.pop().ok_or(PublishError {
+                message: Box::new(copy),
+                error: Error::Closed,
+            }),
+            Err(error) => Err(PublishError {
+                message: Box::new(copy),
+                error,
+            }),
+        }
+    }
+
+    /// Starts building a subscription of consumer group `group` to `E`'s
+    /// topic.
+    pub fn subscribe<E: Event>(&self, group: impl Into<String>) -> SubscribeBuilder<E> {
+        SubscribeBuilder::new(self.clone(), group.into())
+    }
+
+    /// The group's committed position and lag in each queue of `topic`.
+    ///
+    /// # Errors
+    ///
+    /// An unknown topic, or a storage error.
+    pub async fn positions(&self, group: &str, topic: &str) -> Result<Vec<QueuePosition>, Error> {
+        self.inner.broker.positions(group, topic).await
+    }
+
+    /// Counters of the running subscription of `group` to `topic` in this
+    /// process (zeros if none).
+    pub async fn group_stats(&self, group: &str, topic: &str) -> GroupStats {
+        self.inner.broker.group_stats(group, topic).await
+    }
+
+    /// Reads up to `max` stored messages of one queue from offset `from`.
+    /// Works for system topics too (`%DLQ%<group>`).
+    ///
+    /// # Errors
+    ///
+    /// An unknown topic or queue, or a storage error.
+    pub async fn read_queue(
+        &self,
+        topic: &str,
+        queue: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<Arc<Message>>, Error> {
+        self.inner
+            .embedded
+            .read_queue(topic, queue, from, max)
+            .await
+    }
+
+    /// The dead letters of `group` (at most `max`, oldest first): the original
+    /// messages with [`DLQ_PROPERTIES`](crate::DLQ_PROPERTIES) added (origin
+    /// topic, queue, offset, message id, reason, attempts).
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    pub async fn dead_letters(&self, group: &str, max: usize) -> Result<Vec<Arc<Message>>, Error> {
+        let topic = format!("%DLQ%{group}");
+        match self.inner.embedded.read_queue(&topic, 0, 0, max).await {
+            Err(Error::InvalidConfig { .. }) => Ok(Vec::new()),
+            r => r,
+        }
+    }
+
+    /// The topics that exist, with their queue counts.
+    pub fn topics(&self) -> Vec<TopicConfig> {
+        self.inner.embedded.topics()
+    }
+
+    /// Stops every subscription (writing positions), answers publishes in
+    /// flight, syncs and closes the store. The data directory can be opened
+    /// again once this returns. Further calls on any clone return
+    /// [`Error::Closed`].
+    ///
+    /// # Errors
+    ///
+    /// A storage error during the final sync.
+    pub async fn shutdown(&self) -> Result<(), Error> {
+        self.inner.broker.shutdown().await
+    }
+}

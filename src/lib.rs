@@ -1,0 +1,73 @@
+//! # weirmq
+//!
+//! An embeddable, actor-model event bus for Rust services: Apache RocketMQ's
+//! messaging model (topics split into queues, consumer groups, at-least-once
+//! delivery, offsets, dead letters) inside your process, on actix, durable on
+//! an embedded sled store.
+//!
+//! ```no_run
+//! use weirmq::prelude::*;
+//!
+//! #[derive(Serialize, Deserialize, Debug, Clone)]
+//! struct UserRegistered { user_id: u64, email: String }
+//! impl Event for UserRegistered { const TOPIC: &'static str = "user-registered"; }
+//!
+//! struct Coupons;
+//! impl Actor for Coupons { type Context = Context<Self>; }
+//! impl Handler<Delivery<UserRegistered>> for Coupons {
+//!     type Result = ResponseFuture<Result<(), HandlerError>>; // Ok = ack, Err = retry
+//!     fn handle(&mut self, d: Delivery<UserRegistered>, _: &mut Context<Self>) -> Self::Result {
+//!         let user = d.event().user_id;
+//!         Box::pin(async move { println!("coupon for user {user}"); Ok(()) })
+//!     }
+//! }
+//!
+//! #[actix::main]
+//! async fn main() -> Result<(), weirmq::Error> {
+//!     let bus = Bus::builder().data_dir("./weirmq-data").open().await?;
+//!     let sub = bus.subscribe::<UserRegistered>("coupon-service")
+//!         .members(2, || Coupons)
+//!         .start().await?;
+//!     let receipt = bus.publish(&UserRegistered { user_id: 42, email: "a@b.c".into() }).await?;
+//!     println!("stored at queue {} offset {}", receipt.queue, receipt.offset);
+//!     sub.drain().await?;
+//!     bus.shutdown().await
+//! }
+//! ```
+//!
+//! # Delivery
+//!
+//! * **At least once** per consumer group: a message is delivered to one
+//!   member of every group subscribed to its topic until a member acks it.
+//!   Duplicates happen only for messages in flight (or acked in the last
+//!   ~50 ms) when the process crashed; use [`Delivery::message_id`] to make
+//!   handlers idempotent.
+//! * **Durability**: a publish with [`Durability::Flushed`] (the default)
+//!   returns its receipt only after the message is fsync'd; with
+//!   [`Durability::Buffered`] once it is in the store's cache.
+//! * A handler error retries the message later; a panic retries it and
+//!   restarts the member; a body that does not decode goes to the group's
+//!   dead-letter topic `%DLQ%<group>`.
+//!
+//! See `docs/delivery.md` and `ARCHITECTURE.md` in the repository.
+#![warn(
+    unreachable_pub,
+    missing_docs,
+    missing_debug_implementations,
+    rust_2018_idioms
+)]
+#![forbid(unsafe_code)]
+
+mod bus;
+pub mod prelude;
+mod subscribe;
+
+pub use bus::{Bus, BusBuilder};
+pub use subscribe::{SubscribeBuilder, Subscription};
+pub use weirmq_actors::{Delivery, HandlerError, DLQ_PROPERTIES};
+pub use weirmq_bus::{
+    Broker, Capabilities, Codec, CodecError, Durability, Error, Event, GroupStats, Json, Limits,
+    Message, MessageId, NameKind, OutgoingMessage, Publish, PublishError, QueuePosition,
+    SendReceipt, StartFrom, StorageError, TopicConfig,
+};
+pub use weirmq_persistence::{SyncEvent, SyncHook};

@@ -1,0 +1,218 @@
+//! Subscribing: [`SubscribeBuilder`] and the running [`Subscription`].
+
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use actix::{Actor, Context, Handler};
+use weirmq_actors::{start_subscriber, Delivery, SubscriberConfig, SubscriberHandle};
+use weirmq_bus::{Error, Event, GroupStats, QueuePosition, StartFrom, SubscriptionSpec};
+
+use crate::bus::Bus;
+
+/// Builds a consumer group's subscription. See [`Bus::subscribe`].
+///
+/// # Examples
+///
+/// ```
+/// use weirmq::prelude::*;
+/// # #[derive(Serialize, Deserialize, Debug)] struct Ping(u32);
+/// # impl Event for Ping { const TOPIC: &'static str = "ping"; }
+/// struct Pong;
+/// impl Actor for Pong { type Context = Context<Self>; }
+/// impl Handler<Delivery<Ping>> for Pong {
+///     type Result = Result<(), HandlerError>;
+///     fn handle(&mut self, d: Delivery<Ping>, _: &mut Context<Self>) -> Self::Result {
+///         println!("ping {}", d.event().0);
+///         Ok(())
+///     }
+/// }
+/// # #[actix::main] async fn main() -> Result<(), weirmq::Error> {
+/// let bus = Bus::builder().in_memory().open().await?;
+/// let sub = bus.subscribe::<Ping>("pong-service")
+///     .start_from(StartFrom::Earliest)
+///     .max_in_flight(512)
+///     .members(3, || Pong)
+///     .start()
+///     .await?;
+/// bus.publish(&Ping(1)).await?;
+/// sub.drain().await?;
+/// bus.shutdown().await
+/// # }
+/// ```
+pub struct SubscribeBuilder<E, A = ()> {
+    bus: Bus,
+    group: String,
+    start: StartFrom,
+    max_in_flight: usize,
+    config: SubscriberConfig,
+    members: usize,
+    factory: Option<Box<dyn Fn() -> A>>,
+    _event: PhantomData<fn() -> E>,
+}
+
+impl<E, A> std::fmt::Debug for SubscribeBuilder<E, A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubscribeBuilder")
+            .field("group", &self.group)
+            .field("start", &self.start)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("members", &self.members)
+            .finish()
+    }
+}
+
+impl<E: Event> SubscribeBuilder<E, ()> {
+    pub(crate) fn new(bus: Bus, group: String) -> Self {
+        SubscribeBuilder {
+            bus,
+            group,
+            start: StartFrom::Latest,
+            max_in_flight: 1024,
+            config: SubscriberConfig::default(),
+            members: 1,
+            factory: None,
+            _event: PhantomData,
+        }
+    }
+}
+
+impl<E: Event, A> SubscribeBuilder<E, A> {
+    /// The handler actors: `n` members made by `factory`, started on the
+    /// current arbiter. A member that panics is replaced by a fresh one from
+    /// the factory.
+    pub fn members<B, F>(self, n: usize, factory: F) -> SubscribeBuilder<E, B>
+    where
+        F: Fn() -> B + 'static,
+    {
+        SubscribeBuilder {
+            bus: self.bus,
+            group: self.group,
+            start: self.start,
+            max_in_flight: self.max_in_flight,
+            config: self.config,
+            members: n,
+            factory: Some(Box::new(factory)),
+            _event: PhantomData,
+        }
+    }
+
+    /// Where a group with no committed position starts (default
+    /// [`StartFrom::Latest`]). A group that has one resumes there.
+    pub fn start_from(mut self, start: StartFrom) -> Self {
+        self.start = start;
+        self
+    }
+
+    /// The most unsettled deliveries of this subscription at once (default
+    /// 1024). Bounds memory whatever the backlog.
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n.max(1);
+        self
+    }
+
+    /// The most deliveries in one member's hands at once (default 8).
+    pub fn max_in_flight_per_member(mut self, n: usize) -> Self {
+        self.config.max_in_flight_per_member = n.max(1);
+        self
+    }
+
+    /// How long a failed delivery waits before it is delivered again
+    /// (default 1 s).
+    pub fn redelivery_delay(mut self, delay: Duration) -> Self {
+        self.config.redelivery_delay = delay;
+        self
+    }
+}
+
+impl<E, A> SubscribeBuilder<E, A>
+where
+    E: Event,
+    A: Actor<Context = Context<A>> + Handler<Delivery<E>>,
+{
+    /// Starts the subscription: the members and their supervisor run on the
+    /// current arbiter.
+    ///
+    /// # Errors
+    ///
+    /// An invalid group name, [`Error::AlreadySubscribed`], no members, or
+    /// a storage error.
+    ///
+    /// # Delivery
+    ///
+    /// Every message of the topic published after the group's start point is
+    /// delivered to one member at least once; messages of one queue are
+    /// handed out in offset order but processed concurrently.
+    pub async fn start(self) -> Result<Subscription, Error> {
+        let factory = self.factory.ok_or_else(|| Error::InvalidConfig {
+            reason: "call .members(n, factory) before .start()".into(),
+        })?;
+        let spec = SubscriptionSpec {
+            group: self.group,
+            topic: E::TOPIC.to_string(),
+            start: self.start,
+            max_in_flight: self.max_in_flight,
+        };
+        let handle = start_subscriber::<E, A, _>(
+            self.bus.broker().clone(),
+            spec,
+            self.members,
+            factory,
+            self.config,
+        )
+        .await?;
+        Ok(Subscription {
+            bus: self.bus,
+            handle,
+        })
+    }
+}
+
+/// A running subscription. Dropping it leaves it running; call
+/// [`Subscription::drain`] to stop it gracefully.
+#[derive(Debug)]
+pub struct Subscription {
+    bus: Bus,
+    handle: SubscriberHandle,
+}
+
+impl Subscription {
+    /// The consumer group.
+    pub fn group(&self) -> &str {
+        self.handle.group()
+    }
+
+    /// The topic.
+    pub fn topic(&self) -> &str {
+        self.handle.topic()
+    }
+
+    /// Whether the subscription's supervisor is still running.
+    pub fn is_running(&self) -> bool {
+        self.handle.is_running()
+    }
+
+    /// The group's position and lag in each queue.
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    pub async fn positions(&self) -> Result<Vec<QueuePosition>, Error> {
+        self.bus.positions(self.group(), self.topic()).await
+    }
+
+    /// Counters since the subscription started.
+    pub async fn stats(&self) -> GroupStats {
+        self.bus.group_stats(self.group(), self.topic()).await
+    }
+
+    /// Finishes the deliveries in members' hands, settles them, writes the
+    /// group's positions and stops. Messages not yet handed to a member are
+    /// delivered to the group's next subscription.
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    pub async fn drain(self) -> Result<(), Error> {
+        self.handle.drain().await
+    }
+}
