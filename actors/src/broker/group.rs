@@ -45,6 +45,10 @@ use weirmq_persistence::{CommitOffsets, OffsetState, PersistenceActor, QueueKey,
 pub(crate) type DeadLetterSink =
     Arc<dyn Fn(OutgoingMessage) -> BoxFuture<'static, Result<SendReceipt, Error>> + Send + Sync>;
 
+/// How far past its committed offset a queue may hand out messages, as a
+/// multiple of `max_in_flight`: bounds the acked-out-of-order set (and so the
+/// position record) while one message is slow or being retried.
+const SPAN_FACTOR: u64 = 4;
 const OFFSETS_EVERY: Duration = Duration::from_millis(50);
 const DLQ_RETRY: Duration = Duration::from_secs(5);
 const MAX_REASON: usize = 1024;
@@ -126,6 +130,7 @@ pub(crate) struct GroupActor {
     topic_id: u32,
     queues: Vec<QueueState>,
     max_in_flight: usize,
+    max_span: u64,
     in_flight: usize,
     rotate: usize,
     reader: StoreReader,
@@ -146,6 +151,7 @@ impl GroupActor {
             topic_id: s.topic_id,
             queues: s.starts.into_iter().map(QueueState::from_stored).collect(),
             max_in_flight: s.max_in_flight.max(1),
+            max_span: (s.max_in_flight.max(1) as u64 * SPAN_FACTOR).max(1024),
             in_flight: 0,
             rotate: 0,
             reader: s.reader,
@@ -209,10 +215,11 @@ impl GroupActor {
                 while q.next < q.end && q.acked_above.contains(&q.next) {
                     q.next += 1;
                 }
-                if q.next >= q.end {
+                let end = q.end.min(q.committed + self.max_span);
+                if q.next >= end {
                     continue;
                 }
-                let (from, end) = (q.next, q.end);
+                let from = q.next;
                 let chunk = room.min(256);
                 match self
                     .reader
@@ -419,8 +426,9 @@ impl Handler<Appended> for GroupActor {
         let first = msg.messages[0].offset();
         if q.next >= first {
             let skip = (q.next - first) as usize;
+            let span_end = q.committed + self.max_span;
             for m in msg.messages.iter().skip(skip) {
-                if self.in_flight >= self.max_in_flight {
+                if self.in_flight >= self.max_in_flight || m.offset() >= span_end {
                     break;
                 }
                 self.take_first(m.clone());

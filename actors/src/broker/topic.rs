@@ -219,12 +219,17 @@ impl Handler<QueueAppend> for QueueActor {
         let committed: Arc<[Arc<BusMessage>]> = stored.clone().into();
         let me = ctx.address();
         let collector = msg.collector;
+        let end = self.end.clone();
+        let new_end = self.next_offset;
         self.persistence.do_send(Append {
             key: self.key,
             messages: stored,
             durability: msg.durability,
             done: Box::new(move |result| match result {
                 Ok(()) => {
+                    // Before the publisher hears of it: a group subscribing
+                    // "from latest" after this publish must start past it.
+                    end.fetch_max(new_end, Ordering::AcqRel);
                     collector.fill(receipts);
                     me.do_send(Committed {
                         messages: committed,

@@ -1,0 +1,130 @@
+//! Shared helpers for the integration tests: events, recording handlers,
+//! temp dirs, and waiting for a condition with a deadline (never a bare sleep).
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use weirmq::prelude::*;
+
+/// A numbered test event.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Num {
+    pub n: u64,
+}
+
+impl Event for Num {
+    const TOPIC: &'static str = "numbers";
+}
+
+/// Logs to the test writer when RUST_LOG is set.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+pub fn temp_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("weirmq-test-")
+        .tempdir()
+        .expect("temp dir")
+}
+
+/// Polls `cond` until it holds or `deadline` passes; panics with `what` then.
+pub async fn wait_until<F, Fut>(what: &str, deadline: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let end = Instant::now() + deadline;
+    loop {
+        if cond().await {
+            return;
+        }
+        if Instant::now() > end {
+            panic!("timed out after {deadline:?} waiting until {what}");
+        }
+        actix::clock::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// What a recording handler saw: (member, n, attempt) per delivery.
+#[derive(Clone, Default)]
+pub struct Log(pub Arc<Mutex<Vec<(usize, u64, u32)>>>);
+
+impl Log {
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+    pub fn entries(&self) -> Vec<(usize, u64, u32)> {
+        self.0.lock().unwrap().clone()
+    }
+    /// How many times each n was seen.
+    pub fn counts(&self) -> HashMap<u64, usize> {
+        let mut m = HashMap::new();
+        for (_, n, _) in self.0.lock().unwrap().iter() {
+            *m.entry(*n).or_default() += 1;
+        }
+        m
+    }
+}
+
+/// What a recording handler does with a delivery.
+pub type Behaviour = Arc<dyn Fn(&Delivery<Num>) -> Result<(), HandlerError> + Send + Sync>;
+
+/// Records every delivery it handles, then applies `behaviour`.
+pub struct Recorder {
+    pub member: usize,
+    pub log: Log,
+    pub behaviour: Behaviour,
+}
+
+impl Actor for Recorder {
+    type Context = Context<Self>;
+}
+
+impl Handler<Delivery<Num>> for Recorder {
+    type Result = Result<(), HandlerError>;
+
+    fn handle(&mut self, d: Delivery<Num>, _: &mut Context<Self>) -> Self::Result {
+        self.log
+            .0
+            .lock()
+            .unwrap()
+            .push((self.member, d.event().n, d.attempt()));
+        (self.behaviour)(&d)
+    }
+}
+
+/// A factory of recorders numbered 0, 1, 2, ... (restarted members get new numbers).
+pub fn recorders(log: &Log, behaviour: Behaviour) -> impl Fn() -> Recorder + 'static {
+    let log = log.clone();
+    let next = Arc::new(Mutex::new(0usize));
+    move || {
+        let mut n = next.lock().unwrap();
+        *n += 1;
+        Recorder {
+            member: *n - 1,
+            log: log.clone(),
+            behaviour: behaviour.clone(),
+        }
+    }
+}
+
+pub fn ack_all() -> Behaviour {
+    Arc::new(|_| Ok(()))
+}
+
+/// Sum of lag over all queues of the group.
+pub async fn lag(bus: &Bus, group: &str, topic: &str) -> u64 {
+    bus.positions(group, topic)
+        .await
+        .expect("positions")
+        .iter()
+        .map(|p| p.lag)
+        .sum()
+}
