@@ -21,6 +21,10 @@ use weirmq_bus::{Error, Message, StorageError};
 const FORMAT_KEY: &[u8] = b"format";
 const FORMAT: &[u8] = b"weirmq-store-v1";
 const TOPIC_PREFIX: &[u8] = b"topic/";
+/// A file beside sled's, written once the store is initialised: if it is
+/// there but sled comes up without our format key, sled lost the data (a
+/// corrupt or truncated data file) and the store is refused, not re-created.
+const MARKER_FILE: &str = "weirmq.store";
 
 /// A step of a sync, reported to the [`SyncHook`] as it completes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -208,6 +212,8 @@ impl Store {
             }
         };
         let shown = dir.clone().unwrap_or_else(|| PathBuf::from("<in-memory>"));
+        let marker = dir.as_ref().map(|d| d.join(MARKER_FILE));
+        let initialised = marker.as_ref().is_some_and(|m| m.exists());
         let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sled_cfg.open()));
         let db =
             match opened {
@@ -242,6 +248,14 @@ impl Store {
                 ))
             }
             None => {
+                if initialised {
+                    return Err(data_dir_err(
+                        &shown,
+                        "the store is corrupt: sled recovered none of its data (the data file \
+                         `db` is damaged or was replaced); restore the directory from a backup \
+                         or move it aside to start empty",
+                    ));
+                }
                 if !log.is_empty() || !offsets.is_empty() || !meta.is_empty() {
                     return Err(data_dir_err(
                         &shown,
@@ -250,6 +264,15 @@ impl Store {
                 }
                 meta.insert(FORMAT_KEY, FORMAT)
                     .map_err(|e| data_dir_err(&shown, e.to_string()))?;
+                if let Some(m) = &marker {
+                    db.flush()
+                        .map_err(|e| data_dir_err(&shown, e.to_string()))?;
+                    std::fs::write(m, FORMAT)
+                        .and_then(|()| File::open(m)?.sync_all())
+                        .map_err(|e| {
+                            data_dir_err(&shown, format!("cannot write `{MARKER_FILE}`: {e}"))
+                        })?;
+                }
             }
         }
         let data_file = match &dir {

@@ -1,0 +1,122 @@
+//! Restart: reopening a data directory restores topics, queue logs and
+//! committed positions; unacked messages are delivered again, acked ones
+//! never.
+
+mod support;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::*;
+use weirmq::prelude::*;
+
+const N: u64 = 10_000;
+
+fn fails_every_tenth() -> Behaviour {
+    Arc::new(|d: &Delivery<Num>| {
+        if d.event().n % 10 == 0 {
+            Err(HandlerError::retry("not now"))
+        } else {
+            Ok(())
+        }
+    })
+}
+
+#[actix::test]
+async fn unacked_messages_come_back_after_a_restart_and_acked_ones_do_not() {
+    init_tracing();
+    let dir = temp_dir();
+    {
+        let bus = Bus::builder().data_dir(dir.path()).open().await.unwrap();
+        let events: Vec<Num> = (0..N).map(|n| Num { n }).collect();
+        bus.publish_batch(&events).await.unwrap();
+
+        let log = Log::default();
+        let sub = bus
+            .subscribe::<Num>("worker")
+            .start_from(StartFrom::Earliest)
+            .max_in_flight(4096)
+            // Long enough that no failed message is retried before the restart.
+            .redelivery_delay(Duration::from_secs(3600))
+            .members(2, recorders(&log, fails_every_tenth()))
+            .start()
+            .await
+            .unwrap();
+        wait_until(
+            "every message was tried once",
+            Duration::from_secs(60),
+            || {
+                let n = log.len();
+                async move { n == N as usize }
+            },
+        )
+        .await;
+        wait_until("all acks are settled", Duration::from_secs(10), || {
+            let sub = &sub;
+            async move { sub.stats().await.acked == N - N / 10 }
+        })
+        .await;
+        sub.drain().await.unwrap();
+        let lag = lag(&bus, "worker", Num::TOPIC).await;
+        assert_eq!(lag, N / 10, "lag after drain counts only unacked messages");
+        bus.shutdown().await.unwrap();
+    }
+
+    let bus = Bus::builder().data_dir(dir.path()).open().await.unwrap();
+    assert_eq!(bus.topics(), vec![TopicConfig::new(Num::TOPIC)]);
+    let log = Log::default();
+    let sub = bus
+        .subscribe::<Num>("worker")
+        .members(2, recorders(&log, ack_all()))
+        .start()
+        .await
+        .unwrap();
+    wait_until(
+        "the unacked tenth is delivered",
+        Duration::from_secs(30),
+        || {
+            let n = log.len();
+            async move { n >= (N / 10) as usize }
+        },
+    )
+    .await;
+    wait_until("the group has no lag", Duration::from_secs(30), || {
+        let bus = bus.clone();
+        async move { lag(&bus, "worker", Num::TOPIC).await == 0 }
+    })
+    .await;
+    let seen: Vec<u64> = log.entries().iter().map(|e| e.1).collect();
+    let distinct: HashSet<u64> = seen.iter().copied().collect();
+    let expected: HashSet<u64> = (0..N).filter(|n| n % 10 == 0).collect();
+    assert_eq!(seen.len(), expected.len(), "a message came back twice");
+    assert_eq!(distinct, expected, "redelivered exactly the unacked ones");
+    sub.drain().await.unwrap();
+
+    // New publishes continue the queues' offsets.
+    let r = bus.publish(&Num { n: N }).await.unwrap();
+    assert_eq!(r.offset, N / 4);
+    bus.shutdown().await.unwrap();
+}
+
+#[actix::test]
+async fn a_bus_can_be_reopened_many_times_and_keeps_every_message() {
+    let dir = temp_dir();
+    let mut all = Vec::new();
+    for round in 0..5u64 {
+        let bus = Bus::builder().data_dir(dir.path()).open().await.unwrap();
+        for n in 0..20 {
+            all.push(bus.publish(&Num { n: round * 100 + n }).await.unwrap());
+        }
+        bus.shutdown().await.unwrap();
+    }
+    let bus = Bus::builder().data_dir(dir.path()).open().await.unwrap();
+    for r in &all {
+        let got = bus
+            .read_queue(Num::TOPIC, r.queue, r.offset, 1)
+            .await
+            .unwrap();
+        assert_eq!(got[0].id(), r.message_id);
+    }
+    bus.shutdown().await.unwrap();
+}

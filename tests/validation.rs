@@ -1,0 +1,290 @@
+//! Bad input gets a typed error with an actionable message, and nothing is
+//! stored.
+
+mod support;
+
+use support::*;
+use weirmq::prelude::*;
+use weirmq::{Error, Limits, NameKind, OutgoingMessage};
+
+async fn stored(bus: &Bus, topic: &str) -> u64 {
+    match bus.positions("probe", topic).await {
+        Ok(p) => p.iter().map(|p| p.max).sum(),
+        Err(_) => 0,
+    }
+}
+
+#[actix::test]
+async fn each_limit_has_its_typed_error_and_stores_nothing() {
+    let bus = Bus::builder().in_memory().open().await.unwrap();
+    bus.create_topic(TopicConfig::new("t")).await.unwrap();
+    let raw = |m: OutgoingMessage| {
+        let bus = bus.clone();
+        async move { bus.publish_raw(m, Durability::Flushed).await }
+    };
+
+    let cases: Vec<(OutgoingMessage, fn(&Error) -> bool)> = vec![
+        (OutgoingMessage::new("a b", vec![]), |e| {
+            matches!(
+                e,
+                Error::InvalidName {
+                    kind: NameKind::Topic,
+                    ..
+                }
+            )
+        }),
+        (OutgoingMessage::new("x".repeat(128), vec![]), |e| {
+            matches!(
+                e,
+                Error::InvalidName {
+                    kind: NameKind::Topic,
+                    ..
+                }
+            )
+        }),
+        (OutgoingMessage::new("%DLQ%g", vec![]), |e| {
+            matches!(e, Error::ReservedTopic { .. })
+        }),
+        (
+            OutgoingMessage::new("t", vec![0; 4 * 1024 * 1024 + 1]),
+            |e| {
+                matches!(
+                    e,
+                    Error::BodyTooLarge {
+                        size: 4194305,
+                        max: 4194304
+                    }
+                )
+            },
+        ),
+        (OutgoingMessage::new("t", vec![]).tag(""), |e| {
+            matches!(
+                e,
+                Error::InvalidName {
+                    kind: NameKind::Tag,
+                    ..
+                }
+            )
+        }),
+        (OutgoingMessage::new("t", vec![]).tag("a|b"), |e| {
+            matches!(
+                e,
+                Error::InvalidName {
+                    kind: NameKind::Tag,
+                    ..
+                }
+            )
+        }),
+        (OutgoingMessage::new("t", vec![]).key(""), |e| {
+            matches!(
+                e,
+                Error::InvalidName {
+                    kind: NameKind::Key,
+                    ..
+                }
+            )
+        }),
+        (
+            OutgoingMessage {
+                properties: (0..129).map(|i| (format!("p{i}"), "v".into())).collect(),
+                ..OutgoingMessage::new("t", vec![])
+            },
+            |e| {
+                matches!(
+                    e,
+                    Error::TooManyProperties {
+                        count: 129,
+                        max: 128
+                    }
+                )
+            },
+        ),
+        (
+            OutgoingMessage::new("t", vec![]).property("big", "v".repeat(16 * 1024)),
+            |e| matches!(e, Error::PropertiesTooLarge { .. }),
+        ),
+    ];
+    for (m, is_expected) in cases {
+        let topic = m.topic.clone();
+        let err = raw(m.clone()).await.expect_err("must be rejected");
+        assert!(
+            is_expected(&err.error),
+            "{topic}: unexpected {:?}",
+            err.error
+        );
+        assert_eq!(*err.message, m, "the message is handed back");
+        assert!(!err.to_string().is_empty());
+    }
+    assert_eq!(stored(&bus, "t").await, 0, "nothing was stored");
+    assert_eq!(
+        bus.topics(),
+        vec![TopicConfig::new("t")],
+        "no topic was created"
+    );
+
+    // The largest allowed body is accepted.
+    raw(OutgoingMessage::new("t", vec![0; 4 * 1024 * 1024]))
+        .await
+        .unwrap();
+    assert_eq!(stored(&bus, "t").await, 1);
+
+    let e = bus
+        .create_topic(TopicConfig::new("t").queues(8))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::TopicConflict { .. }), "{e}");
+    let e = bus
+        .create_topic(TopicConfig::new("zero").queues(0))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidConfig { .. }), "{e}");
+    bus.shutdown().await.unwrap();
+}
+
+#[actix::test]
+async fn limits_are_configurable_and_messages_say_what_to_do() {
+    let bus = Bus::builder()
+        .in_memory()
+        .limits(Limits {
+            max_body_bytes: 10,
+            ..Limits::default()
+        })
+        .open()
+        .await
+        .unwrap();
+    let e = bus
+        .publish(&Num {
+            n: 12345678901234567,
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::BodyTooLarge { max: 10, .. }));
+    assert!(e.to_string().contains("limit of 10 bytes"), "{e}");
+    let e = bus
+        .publish_with(&Num { n: 1 }, Publish::new().tag("vip|gold"))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("may not contain `|`"), "{e}");
+    let e = bus
+        .subscribe::<Num>("bad group")
+        .members(1, recorders(&Log::default(), ack_all()))
+        .start()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidName {
+                kind: NameKind::Group,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    bus.shutdown().await.unwrap();
+}
+
+#[actix::test]
+async fn operations_after_shutdown_fail_with_closed() {
+    let bus = Bus::builder().in_memory().open().await.unwrap();
+    bus.shutdown().await.unwrap();
+    assert!(matches!(
+        bus.publish(&Num { n: 1 }).await,
+        Err(Error::Closed)
+    ));
+    bus.shutdown().await.unwrap();
+}
+
+#[actix::test]
+async fn a_data_dir_that_is_a_file_is_refused() {
+    let dir = temp_dir();
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"hello").unwrap();
+    let e = Bus::builder().data_dir(&file).open().await.unwrap_err();
+    assert!(matches!(e, Error::DataDir { .. }), "{e}");
+    assert!(e.to_string().contains("not a directory"), "{e}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"hello");
+}
+
+#[actix::test]
+async fn a_foreign_non_empty_directory_is_refused_and_left_alone() {
+    let dir = temp_dir();
+    std::fs::write(dir.path().join("notes.txt"), b"mine").unwrap();
+    let e = Bus::builder()
+        .data_dir(dir.path())
+        .open()
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::DataDir { .. }), "{e}");
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec!["notes.txt"]);
+}
+
+#[actix::test]
+async fn a_directory_in_use_is_refused() {
+    let dir = temp_dir();
+    let bus = Bus::builder().data_dir(dir.path()).open().await.unwrap();
+    let e = Bus::builder()
+        .data_dir(dir.path())
+        .open()
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::DataDir { .. }), "{e}");
+    assert!(e.to_string().contains("locked"), "{e}");
+    bus.shutdown().await.unwrap();
+}
+
+#[actix::test]
+async fn a_corrupt_store_is_a_typed_error_not_a_panic() {
+    let dir = temp_dir();
+    {
+        let bus = Bus::builder().data_dir(dir.path()).open().await.unwrap();
+        for n in 0..100 {
+            bus.publish(&Num { n }).await.unwrap();
+        }
+        bus.shutdown().await.unwrap();
+    }
+    // Overwrite the data file with garbage, keeping its size.
+    let db = dir.path().join("db");
+    let len = std::fs::metadata(&db).unwrap().len() as usize;
+    let garbage: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+    std::fs::write(&db, &garbage).unwrap();
+    let e = Bus::builder()
+        .data_dir(dir.path())
+        .open()
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::DataDir { .. }), "{e}");
+    assert!(e.to_string().contains("corrupt"), "{e}");
+    // The refusal holds on every later open: the bus never silently starts
+    // empty over a damaged store (sled itself may rewrite the damaged file
+    // while recovering; see ARCHITECTURE.md).
+    let e = Bus::builder()
+        .data_dir(dir.path())
+        .open()
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("corrupt"), "{e}");
+
+    // A garbled config file is refused too.
+    std::fs::write(dir.path().join("conf"), b"not a sled config").unwrap();
+    let e = Bus::builder()
+        .data_dir(dir.path())
+        .open()
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::DataDir { .. }), "{e}");
+}
+
+#[test]
+fn opening_outside_an_actix_system_is_an_error() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let e = rt.block_on(Bus::builder().in_memory().open()).unwrap_err();
+    assert!(e.to_string().contains("actix System"), "{e}");
+}
