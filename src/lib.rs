@@ -71,3 +71,8 @@ pub use weirmq_bus::{
     SendReceipt, StartFrom, StorageError, TopicConfig,
 };
 pub use weirmq_persistence::{SyncEvent, SyncHook};
+
+/// The README's Rust examples, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -23,7 +23,8 @@ async fn each_limit_has_its_typed_error_and_stores_nothing() {
         async move { bus.publish_raw(m, Durability::Flushed).await }
     };
 
-    let cases: Vec<(OutgoingMessage, fn(&Error) -> bool)> = vec![
+    type Expect = fn(&Error) -> bool;
+    let cases: Vec<(OutgoingMessage, Expect)> = vec![
         (OutgoingMessage::new("a b", vec![]), |e| {
             matches!(
                 e,

@@ -174,7 +174,22 @@ pub struct GroupStats {
     pub in_flight: u64,
 }
 
-/// A storage/transport backend. See the [module docs](self) for the contract.
+/// A storage/transport backend.
+///
+/// # Contract
+///
+/// * `publish` resolves only once every message of the batch is stored with
+///   the asked [`Durability`]; receipts are in the order of the input. On
+///   error none of the batch is acknowledged (some may be stored:
+///   at-least-once).
+/// * A subscription delivers [`DeliveryBatch`]es; each [`RawDelivery`] is
+///   settled exactly once through the subscription's [`Settler`]. A delivery
+///   never settled stays in flight, and is delivered again after a restart.
+/// * The backend never decides the retry policy: it redelivers a `Nack`
+///   after the delay it is given, and counts attempts.
+/// * At most `max_in_flight` deliveries are unsettled per subscription; the
+///   backlog stays in the store.
+/// * Positions are opaque outside their backend ([`SettleToken`]).
 #[async_trait]
 pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// What this backend does natively.
