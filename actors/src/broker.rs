@@ -49,7 +49,7 @@ use weirmq_persistence::{
 
 pub use group::DLQ_PROPERTIES;
 use group::{DeadLetterSink, GroupActor, GroupSetup, Inspect, Settle, StopGroup};
-use topic::{Collector, Listen, QueueActor, TopicActor, TopicPublish, Unlisten};
+use topic::{Collector, Listen, PublishPart, QueueActor, TopicActor, TopicPublish, Unlisten};
 
 /// How to open the embedded broker.
 #[derive(Debug, Clone)]
@@ -72,14 +72,39 @@ impl Default for EmbeddedConfig {
     }
 }
 
-#[derive(Debug, Clone)]
-struct TopicHandle {
+/// What the broker knows of a topic; shared by every publisher.
+#[derive(Debug)]
+struct Topic {
     name: Arc<str>,
     id: u32,
     queues: u32,
     addr: Addr<TopicActor>,
     queue_addrs: Vec<Addr<QueueActor>>,
-    ends: Arc<Vec<Arc<AtomicU64>>>,
+    ends: Vec<Arc<AtomicU64>>,
+    /// Publishes waiting to be sent to the topic actor in one message.
+    outbox: Mutex<Vec<PublishPart>>,
+}
+
+type TopicHandle = Arc<Topic>;
+
+impl Topic {
+    /// Sends everything in the outbox to the topic actor as one message.
+    fn send_outbox(&self) {
+        let parts = std::mem::take(&mut *self.outbox.lock().unwrap_or_else(|p| p.into_inner()));
+        if !parts.is_empty() {
+            self.addr.do_send(TopicPublish { parts });
+        }
+    }
+}
+
+/// Sends the outbox when dropped, so a publisher whose future is dropped
+/// while it waits never strands the publishes of others.
+struct OutboxSender<'a>(&'a Topic);
+
+impl Drop for OutboxSender<'_> {
+    fn drop(&mut self) {
+        self.0.send_outbox();
+    }
 }
 
 #[derive(Debug)]
@@ -145,14 +170,15 @@ fn spawn_topic(
         .collect();
     let qa = queue_addrs.clone();
     let addr = TopicActor::start_in_arbiter(arbiter, move |_| TopicActor::new(qa));
-    TopicHandle {
+    Arc::new(Topic {
         name: Arc::from(name),
         id,
         queues: ends.len() as u32,
         addr,
         queue_addrs,
-        ends: Arc::new(ends),
-    }
+        ends,
+        outbox: Mutex::new(Vec::new()),
+    })
 }
 
 impl EmbeddedBroker {
@@ -330,11 +356,23 @@ impl EmbeddedBroker {
             .map(|(j, (_, m))| (j, BusMessage::prepare(m, h.name.clone())))
             .collect();
         let (tx, rx) = oneshot::channel();
-        h.addr.do_send(TopicPublish {
+        let part = PublishPart {
             messages: stamped,
             durability,
             collector: Collector::new(n, tx),
-        });
+        };
+        // Group commit starts here: the first publisher to find the outbox
+        // empty yields once, so every publish made meanwhile (from this
+        // thread or others) crosses to the broker in the same message.
+        let first = {
+            let mut outbox = h.outbox.lock().unwrap_or_else(|p| p.into_inner());
+            outbox.push(part);
+            outbox.len() == 1
+        };
+        if first {
+            let _send = OutboxSender(&h);
+            tokio::task::yield_now().await;
+        }
         let receipts = rx.await.map_err(|_| Error::Closed)??;
         Ok(idx.into_iter().zip(receipts).collect())
     }

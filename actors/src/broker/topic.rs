@@ -80,13 +80,21 @@ impl Collector {
     }
 }
 
-/// A share of a publish for one topic: (index in the publish, message).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub(crate) struct TopicPublish {
+/// One publish call's messages for one topic: (index in the publish,
+/// message), with where to report.
+#[derive(Debug)]
+pub(crate) struct PublishPart {
     pub(crate) messages: Vec<(usize, BusMessage)>,
     pub(crate) durability: Durability,
     pub(crate) collector: Arc<Collector>,
+}
+
+/// The publishes to one topic gathered since the last send: concurrent
+/// publishers share one cross-thread message (see `EmbeddedBroker::publish_to`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct TopicPublish {
+    pub(crate) parts: Vec<PublishPart>,
 }
 
 /// Picks queues for a topic's messages.
@@ -110,28 +118,26 @@ impl Handler<TopicPublish> for TopicActor {
 
     fn handle(&mut self, msg: TopicPublish, _: &mut Context<Self>) {
         let n = self.queues.len();
-        if msg.messages.len() == 1 {
-            let q = self.next % n;
-            self.next = self.next.wrapping_add(1);
-            self.queues[q].do_send(QueueAppend {
-                messages: msg.messages,
-                durability: msg.durability,
-                collector: msg.collector,
-            });
-            return;
+        let mut per_queue: Vec<Vec<PublishPart>> = (0..n).map(|_| Vec::new()).collect();
+        for part in msg.parts {
+            let mut split: Vec<Vec<(usize, BusMessage)>> = (0..n).map(|_| Vec::new()).collect();
+            for m in part.messages {
+                split[self.next % n].push(m);
+                self.next = self.next.wrapping_add(1);
+            }
+            for (q, messages) in split.into_iter().enumerate() {
+                if !messages.is_empty() {
+                    per_queue[q].push(PublishPart {
+                        messages,
+                        durability: part.durability,
+                        collector: part.collector.clone(),
+                    });
+                }
+            }
         }
-        let mut parts: Vec<Vec<(usize, BusMessage)>> = (0..n).map(|_| Vec::new()).collect();
-        for m in msg.messages {
-            parts[self.next % n].push(m);
-            self.next = self.next.wrapping_add(1);
-        }
-        for (q, part) in parts.into_iter().enumerate() {
-            if !part.is_empty() {
-                self.queues[q].do_send(QueueAppend {
-                    messages: part,
-                    durability: msg.durability,
-                    collector: msg.collector.clone(),
-                });
+        for (q, parts) in per_queue.into_iter().enumerate() {
+            if !parts.is_empty() {
+                self.queues[q].do_send(QueueAppend { parts });
             }
         }
     }
@@ -140,9 +146,7 @@ impl Handler<TopicPublish> for TopicActor {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub(crate) struct QueueAppend {
-    messages: Vec<(usize, BusMessage)>,
-    durability: Durability,
-    collector: Arc<Collector>,
+    parts: Vec<PublishPart>,
 }
 
 #[derive(Message)]
@@ -199,43 +203,58 @@ impl Actor for QueueActor {
 impl Handler<QueueAppend> for QueueActor {
     type Result = ();
 
+    /// All parts become one `Append` (one record, one commit callback, one
+    /// `Committed`), synced if any part asked for `Flushed`.
     fn handle(&mut self, msg: QueueAppend, ctx: &mut Context<Self>) {
         let queue = self.key.queue;
-        let mut receipts = Vec::with_capacity(msg.messages.len());
-        let mut stored = Vec::with_capacity(msg.messages.len());
-        for (i, m) in msg.messages {
-            let m = m.with_position(queue, self.next_offset);
-            receipts.push((
-                i,
-                SendReceipt {
-                    message_id: m.id(),
-                    queue,
-                    offset: self.next_offset,
-                },
-            ));
-            self.next_offset += 1;
-            stored.push(Arc::new(m));
+        let mut durability = Durability::Buffered;
+        let mut stored = Vec::new();
+        let mut reports = Vec::with_capacity(msg.parts.len());
+        for part in msg.parts {
+            if part.durability == Durability::Flushed {
+                durability = Durability::Flushed;
+            }
+            let mut receipts = Vec::with_capacity(part.messages.len());
+            for (i, m) in part.messages {
+                let m = m.with_position(queue, self.next_offset);
+                receipts.push((
+                    i,
+                    SendReceipt {
+                        message_id: m.id(),
+                        queue,
+                        offset: self.next_offset,
+                    },
+                ));
+                self.next_offset += 1;
+                stored.push(Arc::new(m));
+            }
+            reports.push((part.collector, receipts));
         }
         let committed: Arc<[Arc<BusMessage>]> = stored.clone().into();
         let me = ctx.address();
-        let collector = msg.collector;
         let end = self.end.clone();
         let new_end = self.next_offset;
         self.persistence.do_send(Append {
             key: self.key,
             messages: stored,
-            durability: msg.durability,
+            durability,
             done: Box::new(move |result| match result {
                 Ok(()) => {
-                    // Before the publisher hears of it: a group subscribing
+                    // Before the publishers hear of it: a group subscribing
                     // "from latest" after this publish must start past it.
                     end.fetch_max(new_end, Ordering::AcqRel);
-                    collector.fill(receipts);
+                    for (collector, receipts) in reports {
+                        collector.fill(receipts);
+                    }
                     me.do_send(Committed {
                         messages: committed,
                     });
                 }
-                Err(e) => collector.fail(Error::Storage(e)),
+                Err(e) => {
+                    for (collector, _) in reports {
+                        collector.fail(Error::Storage(e.clone()));
+                    }
+                }
             }),
         });
     }
