@@ -40,7 +40,7 @@
 //! * **At least once** per consumer group: a message is delivered to one
 //!   member of every group subscribed to its topic until a member acks it.
 //!   Duplicates happen only for messages in flight (or acked in the last
-//!   ~50 ms) when the process crashed; use [`Delivery::message_id`] to make
+//!   ~0.6 s) when the process crashed; use [`Delivery::message_id`] to make
 //!   handlers idempotent.
 //! * **Durability**: a publish with [`Durability::Flushed`] (the default)
 //!   returns its receipt only after the message is fsync'd; with

@@ -64,7 +64,9 @@ async fn publishers_on_several_arbiters_get_dense_offsets_and_every_message_is_s
 #[actix::test]
 async fn a_publish_dropped_mid_way_does_not_strand_other_publishes() {
     let bus = Bus::builder().in_memory().open().await.unwrap();
-    bus.create_topic(TopicConfig::new(Num::TOPIC)).await.unwrap();
+    bus.create_topic(TopicConfig::new(Num::TOPIC))
+        .await
+        .unwrap();
     // Poll a publish once (it parks its message for the shared send) and drop it.
     assert!(bus.publish(&Num { n: 1 }).now_or_never().is_none());
     let r = tokio::time::timeout(Duration::from_secs(10), bus.publish(&Num { n: 2 }))

@@ -89,8 +89,9 @@ pub(crate) fn now_ms() -> u64 {
 /// How far a publish must have got before its receipt is returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Durability {
-    /// The message is in the store's cache (sled), not yet on disk: a process
-    /// crash keeps it, a power loss within ~0.5 s may not. Faster.
+    /// The message is in the store's write buffer (sled), on disk within
+    /// ~0.5 s (sled's background flush): a crash or power loss in that window
+    /// may lose it. No sync, so faster.
     Buffered,
     /// The message is on stable storage: the store was flushed *and*
     /// fdatasync'd (group commit: one sync covers every publish waiting).

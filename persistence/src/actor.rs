@@ -71,8 +71,9 @@ pub struct CommitOffsets {
     pub group: String,
     /// The positions to write.
     pub entries: Vec<(QueueKey, OffsetState)>,
-    /// Write them now (in the handler) instead of with the next commit: for
-    /// a group that stops, so its positions are readable once it has.
+    /// Write and sync them now (in the handler) instead of with the next
+    /// commit: for a group that stops, so its positions are durable and
+    /// readable once it has.
     pub now: bool,
 }
 
@@ -264,7 +265,13 @@ impl Handler<CommitOffsets> for PersistenceActor {
             while !self.pending.is_empty() || !self.offsets.is_empty() {
                 self.commit();
                 if self.failed.is_some() {
-                    break;
+                    return;
+                }
+            }
+            if let (true, Some(store)) = (self.durable, self.store.as_mut()) {
+                if let Err(e) = store.sync() {
+                    error!(error = %e, "syncing consumer offsets failed; refusing further writes");
+                    self.failed = Some(e);
                 }
             }
             return;
