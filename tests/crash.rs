@@ -81,13 +81,15 @@ fn crash_recovery() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut receipts: Vec<(u32, u64, String)> = Vec::new();
     for round in 0..2 {
-        let mut child = Command::new(std::env::current_exe().expect("current exe"))
-            .env(CHILD_ENV, dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn child");
-        let stdout = child.stdout.take().expect("child stdout");
+        let mut child = KillOnDrop(
+            Command::new(std::env::current_exe().expect("current exe"))
+                .env(CHILD_ENV, dir.path())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("spawn child"),
+        );
+        let stdout = child.0.stdout.take().expect("child stdout");
         let mut lines = BufReader::new(stdout).lines();
         let before = receipts.len();
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -99,8 +101,8 @@ fn crash_recovery() {
                 other => panic!("child stopped early: {other:?}"),
             }
         }
-        child.kill().expect("SIGKILL");
-        child.wait().expect("wait");
+        child.0.kill().expect("SIGKILL");
+        child.0.wait().expect("wait");
         // Everything the child printed before it died counts.
         for line in lines.map_while(Result::ok) {
             if let Some(r) = try_parse(&line) {
@@ -112,6 +114,16 @@ fn crash_recovery() {
             receipts.len() - before
         );
         verify(dir.path(), &receipts);
+    }
+}
+
+/// Kills the child if the test fails before it does.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

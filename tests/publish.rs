@@ -95,3 +95,12 @@ async fn batches_keep_their_order_in_receipts_and_empty_batches_are_fine() {
     }
     bus.shutdown().await.unwrap();
 }
+
+#[test]
+fn bus_and_subscription_handles_can_be_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync + Clone + 'static>() {}
+    fn assert_send<T: Send + 'static>() {}
+    assert_send_sync::<Bus>();
+    assert_send::<Subscription>();
+    assert_send::<weirmq::Error>();
+}

@@ -504,6 +504,29 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_the_envelope_decoder(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = Message::decode_envelope(Arc::from("t"), 0, 0, &bytes);
+        }
+
+        #[test]
+        fn any_message_round_trips(
+            tag in proptest::option::of("[a-z]{1,8}"),
+            keys in proptest::collection::vec(".{1,12}", 0..4),
+            props in proptest::collection::btree_map("[A-Za-z]{1,6}", ".{0,20}", 0..6),
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..2048),
+        ) {
+            let out = OutgoingMessage { topic: "t".into(), tag, keys, properties: props, body };
+            let m = Message::prepare(out, Arc::from("t")).with_position(1, 9);
+            let mut buf = Vec::new();
+            m.encode_envelope(&mut buf);
+            let (d, n) = Message::decode_envelope(Arc::from("t"), 1, 9, &buf).unwrap();
+            proptest::prop_assert_eq!(n, buf.len());
+            proptest::prop_assert_eq!(d, m);
+        }
+    }
+
     #[test]
     fn ids_are_unique_and_ordered_within_a_process() {
         let ids: Vec<MessageId> = (0..10_000).map(|_| MessageId::generate()).collect();

@@ -751,6 +751,71 @@ mod tests {
         assert_eq!(store.queue_end(key).unwrap(), 1500);
     }
 
+    use proptest::prelude::*;
+
+    /// One commit: (queue, bodies) appends.
+    fn commits() -> impl Strategy<Value = Vec<Vec<(u32, Vec<usize>)>>> {
+        let body = prop_oneof![8 => 0usize..600, 1 => 20_000usize..70_000];
+        let append = (0u32..3, proptest::collection::vec(body, 1..40));
+        proptest::collection::vec(proptest::collection::vec(append, 1..6), 1..12)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// The queue logs behave like a map (queue, offset) -> message, across
+        /// record boundaries and a reopen.
+        #[test]
+        fn queue_logs_match_a_btreemap_model(
+            commits in commits(),
+            reads in proptest::collection::vec((0u32..3, 0u64..800, 0u64..800, 1usize..300), 1..20),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let cfg = StoreConfig { path: Some(dir.path().to_path_buf()), ..Default::default() };
+            let t: Arc<str> = Arc::from("t");
+            let mut model: BTreeMap<(u32, u64), Message> = BTreeMap::new();
+            let mut ends = [0u64; 3];
+            {
+                let (mut store, _) = Store::open(cfg.clone()).unwrap();
+                let id = store.create_topic("t", 3).unwrap();
+                prop_assert_eq!(id, 0);
+                for commit in &commits {
+                    let mut b = RecordBuilder::default();
+                    for (q, bodies) in commit {
+                        for len in bodies {
+                            let m = Message::prepare(
+                                OutgoingMessage::new("t", vec![(*len % 251) as u8; *len]),
+                                t.clone(),
+                            )
+                            .with_position(*q, ends[*q as usize]);
+                            b.push(QueueKey { topic_id: 0, queue: *q }, m.offset(), &m);
+                            model.insert((*q, m.offset()), m);
+                            ends[*q as usize] += 1;
+                        }
+                    }
+                    store.write(b.finish().0, None).unwrap();
+                }
+                store.sync().unwrap();
+            }
+            let (store, recovery) = Store::open(cfg).unwrap();
+            prop_assert_eq!(&recovery.topics[0].ends, &ends.to_vec());
+            let r = store.reader();
+            for (q, from, end, max) in reads {
+                let key = QueueKey { topic_id: 0, queue: q };
+                let got = r.read_range(&t, key, from, end, max).unwrap();
+                let want: Vec<&Message> = model
+                    .range((q, from)..(q, end.max(from)))
+                    .take(max)
+                    .map(|(_, m)| m)
+                    .collect();
+                prop_assert_eq!(got.len(), want.len());
+                for (g, w) in got.iter().zip(want) {
+                    prop_assert_eq!(&**g, w);
+                }
+            }
+        }
+    }
+
     #[test]
     fn offsets_round_trip() {
         let s = OffsetState {
