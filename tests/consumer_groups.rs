@@ -4,7 +4,6 @@
 mod support;
 
 use std::collections::HashSet;
-use std::time::Duration;
 
 use support::*;
 use weirmq::prelude::*;
@@ -64,24 +63,8 @@ async fn two_groups_of_three_members_each_get_100k_messages_exactly_once() {
     }
 
     for (g, log) in ["billing", "analytics"].iter().zip(&logs) {
-        wait_until(
-            &format!("group {g} has all messages"),
-            Duration::from_secs(120),
-            || {
-                let n = log.len();
-                async move { n >= N as usize }
-            },
-        )
-        .await;
-        wait_until(
-            &format!("group {g} lag is 0"),
-            Duration::from_secs(30),
-            || {
-                let bus = bus.clone();
-                async move { lag(&bus, g, Num::TOPIC).await == 0 }
-            },
-        )
-        .await;
+        delivered(log, N as usize).await;
+        caught_up(&bus, g, Num::TOPIC).await;
     }
     for (g, log) in ["billing", "analytics"].iter().zip(&logs) {
         let entries = log.entries();
@@ -127,21 +110,11 @@ async fn a_new_group_starts_at_the_latest_offset_unless_asked_for_earliest() {
         .await
         .unwrap();
     bus.publish(&Num { n: 10 }).await.unwrap();
-    wait_until("replay saw all 11", Duration::from_secs(10), || {
-        let n = earliest.len();
-        async move { n == 11 }
-    })
-    .await;
-    wait_until("late saw the new one", Duration::from_secs(10), || {
-        let n = latest.len();
-        async move { n >= 1 }
-    })
-    .await;
-    wait_until("late is caught up", Duration::from_secs(10), || {
-        let bus = bus.clone();
-        async move { lag(&bus, "late", Num::TOPIC).await == 0 }
-    })
-    .await;
+    delivered(&earliest, 11).await;
+    delivered(&latest, 1).await;
+    caught_up(&bus, "late", Num::TOPIC).await;
+    caught_up(&bus, "replay", Num::TOPIC).await;
+    assert_eq!(earliest.len(), 11);
     assert_eq!(
         latest.entries().iter().map(|e| e.1).collect::<Vec<_>>(),
         vec![10]

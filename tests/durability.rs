@@ -139,11 +139,7 @@ async fn in_memory_bus_publishes_and_delivers_without_touching_disk() {
         .unwrap();
     let r = bus.publish(&Num { n: 5 }).await.unwrap();
     assert_eq!(r.offset, 0);
-    wait_until("delivered", std::time::Duration::from_secs(10), || {
-        let n = log.len();
-        async move { n == 1 }
-    })
-    .await;
+    delivered(&log, 1).await;
     assert_eq!(*synced.lock().unwrap(), 0);
     sub.drain().await.unwrap();
     bus.shutdown().await.unwrap();

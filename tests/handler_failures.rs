@@ -41,11 +41,7 @@ async fn a_handler_that_fails_once_sees_the_message_again() {
     for n in 0..10 {
         bus.publish(&Num { n }).await.unwrap();
     }
-    wait_until("all acked", Duration::from_secs(10), || {
-        let bus = bus.clone();
-        async move { lag(&bus, "g", Num::TOPIC).await == 0 }
-    })
-    .await;
+    caught_up(&bus, "g", Num::TOPIC).await;
     let threes: Vec<u32> = log
         .entries()
         .iter()
@@ -104,11 +100,7 @@ async fn a_panicking_handler_is_restarted_and_the_bus_keeps_delivering() {
     for n in 0..20 {
         bus.publish(&Num { n }).await.unwrap();
     }
-    wait_until("all acked", Duration::from_secs(10), || {
-        let bus = bus.clone();
-        async move { lag(&bus, "g", Num::TOPIC).await == 0 }
-    })
-    .await;
+    caught_up(&bus, "g", Num::TOPIC).await;
     assert!(!armed.load(Ordering::SeqCst), "the handler never panicked");
     let seen: HashSet<u64> = log.entries().iter().map(|e| e.1).collect();
     assert_eq!(seen, (0..20).collect::<HashSet<u64>>());
@@ -116,18 +108,10 @@ async fn a_panicking_handler_is_restarted_and_the_bus_keeps_delivering() {
     assert!(seven.2 >= 2, "7 was handled on a later attempt: {seven:?}");
     // The bus still works after the panic.
     bus.publish(&Num { n: 20 }).await.unwrap();
-    wait_until("delivered after the panic", Duration::from_secs(10), || {
-        let n = log.len();
-        async move { log_has(n) }
-    })
-    .await;
+    delivered(&log, 21).await;
     assert!(sub.is_running());
     sub.drain().await.unwrap();
     bus.shutdown().await.unwrap();
-}
-
-fn log_has(n: usize) -> bool {
-    n >= 21
 }
 
 #[actix::test]
@@ -149,15 +133,7 @@ async fn an_undecodable_body_is_dead_lettered_and_the_group_keeps_going() {
         .await
         .unwrap();
     bus.publish(&Num { n: 2 }).await.unwrap();
-    wait_until(
-        "good messages delivered, bad one settled",
-        Duration::from_secs(10),
-        || {
-            let bus = bus.clone();
-            async move { lag(&bus, "g", Num::TOPIC).await == 0 }
-        },
-    )
-    .await;
+    caught_up(&bus, "g", Num::TOPIC).await;
     assert_eq!(
         log.entries().iter().map(|e| e.1).collect::<HashSet<_>>(),
         HashSet::from([1, 2])
@@ -198,11 +174,7 @@ async fn a_handler_can_dead_letter_at_once() {
         .unwrap();
     bus.publish(&Num { n: 0 }).await.unwrap();
     bus.publish(&Num { n: 1 }).await.unwrap();
-    wait_until("settled", Duration::from_secs(10), || {
-        let bus = bus.clone();
-        async move { lag(&bus, "g", Num::TOPIC).await == 0 }
-    })
-    .await;
+    caught_up(&bus, "g", Num::TOPIC).await;
     let dead = bus.dead_letters("g", 10).await.unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].properties()["DLQ_REASON"], "n must be positive");
@@ -257,15 +229,7 @@ async fn drain_finishes_deliveries_in_hand_before_it_returns() {
     for n in 0..5 {
         bus.publish(&Num { n }).await.unwrap();
     }
-    wait_until(
-        "the first delivery is in hand",
-        Duration::from_secs(10),
-        || {
-            let n = log.len();
-            async move { n == 1 }
-        },
-    )
-    .await;
+    delivered(&log, 1).await;
     let drain = actix::spawn(sub.drain());
     // Everything here runs on the test's one thread: a few yields let the
     // drain request reach the supervisor before the handler may finish.

@@ -43,15 +43,7 @@ async fn unacked_messages_come_back_after_a_restart_and_acked_ones_do_not() {
             .start()
             .await
             .unwrap();
-        wait_until(
-            "every message was tried once",
-            Duration::from_secs(60),
-            || {
-                let n = log.len();
-                async move { n == N as usize }
-            },
-        )
-        .await;
+        delivered(&log, N as usize).await;
         wait_until("all acks are settled", Duration::from_secs(10), || {
             let sub = &sub;
             async move { sub.stats().await.acked == N - N / 10 }
@@ -72,20 +64,8 @@ async fn unacked_messages_come_back_after_a_restart_and_acked_ones_do_not() {
         .start()
         .await
         .unwrap();
-    wait_until(
-        "the unacked tenth is delivered",
-        Duration::from_secs(30),
-        || {
-            let n = log.len();
-            async move { n >= (N / 10) as usize }
-        },
-    )
-    .await;
-    wait_until("the group has no lag", Duration::from_secs(30), || {
-        let bus = bus.clone();
-        async move { lag(&bus, "worker", Num::TOPIC).await == 0 }
-    })
-    .await;
+    delivered(&log, (N / 10) as usize).await;
+    caught_up(&bus, "worker", Num::TOPIC).await;
     let seen: Vec<u64> = log.entries().iter().map(|e| e.1).collect();
     let distinct: HashSet<u64> = seen.iter().copied().collect();
     let expected: HashSet<u64> = (0..N).filter(|n| n % 10 == 0).collect();

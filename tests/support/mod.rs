@@ -128,3 +128,26 @@ pub async fn lag(bus: &Bus, group: &str, topic: &str) -> u64 {
         .map(|p| p.lag)
         .sum()
 }
+
+/// Waits (up to 60 s) until the group has acked everything in the topic.
+pub async fn caught_up(bus: &Bus, group: &str, topic: &str) {
+    wait_until(
+        &format!("group {group} has no lag on {topic}"),
+        Duration::from_secs(60),
+        || async move { lag(bus, group, topic).await == 0 },
+    )
+    .await;
+}
+
+/// Waits (up to 120 s) until `log` holds at least `n` deliveries.
+pub async fn delivered(log: &Log, n: usize) {
+    wait_until(
+        &format!("{n} deliveries were handled"),
+        Duration::from_secs(120),
+        || {
+            let len = log.len();
+            async move { len >= n }
+        },
+    )
+    .await;
+}
