@@ -154,3 +154,42 @@ async fn subscribing_a_group_twice_in_one_process_is_refused() {
     s.drain().await.unwrap();
     bus.shutdown().await.unwrap();
 }
+
+#[actix::test]
+async fn a_group_behind_a_large_backlog_reads_it_back_within_its_in_flight_window() {
+    let dir = temp_dir();
+    let bus = Bus::builder().data_dir(dir.path()).open().await.unwrap();
+    const N: u64 = 20_000;
+    for chunk in (0..N).collect::<Vec<_>>().chunks(1000) {
+        let events: Vec<Num> = chunk.iter().map(|&n| Num { n }).collect();
+        bus.publish_batch(&events).await.unwrap();
+    }
+    let log = Log::default();
+    let sub = bus
+        .subscribe::<Num>("slow")
+        .start_from(StartFrom::Earliest)
+        .max_in_flight(32)
+        .members(2, recorders(&log, ack_all()))
+        .start()
+        .await
+        .unwrap();
+    let mut max_seen = 0;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while log.len() < N as usize {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backlog not drained in time"
+        );
+        let stats = sub.stats().await;
+        max_seen = max_seen.max(stats.in_flight);
+        assert!(stats.in_flight <= 32, "window exceeded: {stats:?}");
+        actix::clock::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    assert!(max_seen > 0, "the window was never observed in use");
+    caught_up(&bus, "slow", Num::TOPIC).await;
+    let distinct: HashSet<u64> = log.entries().iter().map(|e| e.1).collect();
+    assert_eq!(distinct.len(), N as usize);
+    assert_eq!(log.len(), N as usize, "no duplicates");
+    sub.drain().await.unwrap();
+    bus.shutdown().await.unwrap();
+}
