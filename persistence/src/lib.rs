@@ -14,7 +14,7 @@
 //! | `meta` | `format` | `weirmq-store-v1` |
 //! | `meta` | `topic/<name>` | topic id (u32) + queue count (u32) |
 //! | `log` | topic id (u32) · queue (u32) · first offset (u64), big-endian | a *record*: the envelopes of consecutive messages of one commit batch |
-//! | `offsets` | group · `0` · topic id (u32) · queue (u32) | committed offset (u64) + offsets acked above it |
+//! | `offsets` | group · `0` · topic id (u32) · queue (u32) | committed offset (u64) + runs of offsets acked above it |
 //!
 //! One record per queue per commit batch (capped at 512 messages / 64 KiB,
 //! a larger message alone) keeps sled at a few keys per commit instead of

@@ -97,30 +97,52 @@ pub struct OffsetState {
 }
 
 impl OffsetState {
+    /// committed u64 · runs u32 · (first u64 · length u32) per run of
+    /// consecutive acked offsets: compact however many acks are out of order.
     fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(12 + 8 * self.acked_above.len());
+        let mut runs: Vec<(u64, u32)> = Vec::new();
+        for &o in &self.acked_above {
+            match runs.last_mut() {
+                Some((first, len)) if *first + *len as u64 == o && *len < u32::MAX => *len += 1,
+                _ => runs.push((o, 1)),
+            }
+        }
+        let mut v = Vec::with_capacity(12 + 12 * runs.len());
         v.extend_from_slice(&self.committed.to_be_bytes());
-        v.extend_from_slice(&(self.acked_above.len() as u32).to_be_bytes());
-        for o in &self.acked_above {
-            v.extend_from_slice(&o.to_be_bytes());
+        v.extend_from_slice(&(runs.len() as u32).to_be_bytes());
+        for (first, len) in runs {
+            v.extend_from_slice(&first.to_be_bytes());
+            v.extend_from_slice(&len.to_be_bytes());
         }
         v
     }
 
     fn decode(b: &[u8]) -> Result<OffsetState, StorageError> {
         let bad = || StorageError::msg(format!("offset record of {} bytes is corrupt", b.len()));
-        if b.len() < 12 {
+        let u64_at = |i: usize| {
+            b.get(i..i + 8)
+                .and_then(|s| s.try_into().ok())
+                .map(u64::from_be_bytes)
+        };
+        let u32_at = |i: usize| {
+            b.get(i..i + 4)
+                .and_then(|s| s.try_into().ok())
+                .map(u32::from_be_bytes)
+        };
+        let committed = u64_at(0).ok_or_else(bad)?;
+        let n = u32_at(8).ok_or_else(bad)? as usize;
+        if b.len() != 12 + 12 * n {
             return Err(bad());
         }
-        let committed = u64::from_be_bytes(b[..8].try_into().map_err(|_| bad())?);
-        let n = u32::from_be_bytes(b[8..12].try_into().map_err(|_| bad())?) as usize;
-        if b.len() != 12 + 8 * n {
-            return Err(bad());
+        let mut acked_above = Vec::new();
+        for r in 0..n {
+            let first = u64_at(12 + 12 * r).ok_or_else(bad)?;
+            let len = u32_at(20 + 12 * r).ok_or_else(bad)? as u64;
+            if len > (1 << 24) || first.checked_add(len).is_none() {
+                return Err(bad());
+            }
+            acked_above.extend(first..first + len);
         }
-        let acked_above = b[12..]
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect();
         Ok(OffsetState {
             committed,
             acked_above,
@@ -820,8 +842,9 @@ mod tests {
     fn offsets_round_trip() {
         let s = OffsetState {
             committed: 7,
-            acked_above: vec![9, 12],
+            acked_above: vec![9, 12, 13, 14, 20],
         };
+        assert_eq!(s.encode().len(), 12 + 3 * 12, "three runs");
         assert_eq!(OffsetState::decode(&s.encode()).unwrap(), s);
         assert!(OffsetState::decode(&[1, 2, 3]).is_err());
     }
