@@ -11,7 +11,7 @@ use std::sync::Arc;
 use weirmq_actors::{EmbeddedBroker, EmbeddedConfig};
 use weirmq_bus::{
     Broker, Durability, Error, Event, GroupStats, Limits, Message, OutgoingMessage, Publish,
-    PublishError, QueuePosition, SendReceipt, TopicConfig,
+    PublishError, QueuePosition, SendReceipt, TopicConfig, TryPublishError,
 };
 use weirmq_persistence::{StoreConfig, SyncEvent, SyncHook};
 
@@ -213,6 +213,56 @@ impl Bus {
         let message = options.into_message(E::TOPIC, event.encode()?);
         let mut r = self.inner.broker.publish(vec![message], durability).await?;
         r.pop().ok_or(Error::Closed)
+    }
+
+    /// Publishes an event if the publish pipeline has room, without waiting
+    /// for room: when the store is not keeping up it returns at once with
+    /// [`Error::Busy`] and the event, having stored nothing. Once admitted it
+    /// waits for the store like [`Bus::publish`].
+    ///
+    /// # Errors
+    ///
+    /// A [`TryPublishError`] holding the event: `Busy`, or as
+    /// [`Bus::publish`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use weirmq::prelude::*;
+    /// # #[derive(Serialize, Deserialize, Debug)] struct Click(u32);
+    /// # impl Event for Click { const TOPIC: &'static str = "clicks"; }
+    /// # #[actix::main] async fn main() -> Result<(), weirmq::Error> {
+    /// let bus = Bus::builder().in_memory().open().await?;
+    /// match bus.try_publish(Click(1)).await {
+    ///     Ok(receipt) => println!("stored at offset {}", receipt.offset),
+    ///     Err(e) if e.is_busy() => println!("shed load, keep {:?} for later", e.event),
+    ///     Err(e) => return Err(e.error),
+    /// }
+    /// # bus.shutdown().await }
+    /// ```
+    pub async fn try_publish<E: Event>(&self, event: E) -> Result<SendReceipt, TryPublishError<E>> {
+        let body = match event.encode() {
+            Ok(b) => b,
+            Err(e) => {
+                return Err(TryPublishError {
+                    event,
+                    error: e.into(),
+                })
+            }
+        };
+        let message = OutgoingMessage::new(E::TOPIC, body);
+        match self
+            .inner
+            .broker
+            .try_publish(vec![message], self.inner.durability)
+            .await
+        {
+            Ok(mut r) => r.pop().ok_or(TryPublishError {
+                event,
+                error: Error::Closed,
+            }),
+            Err(error) => Err(TryPublishError { event, error }),
+        }
     }
 
     /// Publishes many events in one call: one trip through the broker and,

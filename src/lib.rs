@@ -68,7 +68,7 @@ pub use weirmq_actors::{Delivery, HandlerError, DLQ_PROPERTIES};
 pub use weirmq_bus::{
     Broker, Capabilities, Codec, CodecError, Durability, Error, Event, GroupStats, Json, Limits,
     Message, MessageId, NameKind, OutgoingMessage, Publish, PublishError, QueuePosition,
-    SendReceipt, StartFrom, StorageError, TopicConfig,
+    SendReceipt, StartFrom, StorageError, TopicConfig, TryPublishError,
 };
 pub use weirmq_persistence::{SyncEvent, SyncHook};
 

@@ -116,6 +116,15 @@ impl<E: Event, A> SubscribeBuilder<E, A> {
         self
     }
 
+    /// Hands members at most `per_second` deliveries per second, for the
+    /// whole subscription in this process (default: unlimited). The backlog
+    /// waits in the store; at most `max_in_flight` messages wait in memory.
+    /// Over any 1 s window the rate is exceeded by at most 5%.
+    pub fn rate_limit(mut self, per_second: u32) -> Self {
+        self.config.rate_limit = Some(per_second);
+        self
+    }
+
     /// How long a failed delivery waits before it is delivered again
     /// (default 1 s).
     pub fn redelivery_delay(mut self, delay: Duration) -> Self {

@@ -35,7 +35,7 @@ use actix::prelude::*;
 use async_trait::async_trait;
 use dashmap::DashMap;
 use futures::FutureExt;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore, SemaphorePermit, TryAcquireError};
 use tracing::{debug, info};
 use weirmq_bus::{
     validate_group_name, validate_topic_name, Broker, BrokerSubscription, Capabilities, Durability,
@@ -331,7 +331,77 @@ impl EmbeddedBroker {
             .await
     }
 
-    /// Publishes messages that were already validated, to one topic.
+    /// Takes room for `n` messages in the publish pipeline (bounded by
+    /// `max_pending_messages`): waits for it, or fails with `Busy`.
+    async fn admit(&self, n: usize, wait: bool) -> Result<SemaphorePermit<'_>, Error> {
+        let permits = n.clamp(1, self.inner.max_pending) as u32;
+        if wait {
+            return self
+                .inner
+                .pending
+                .acquire_many(permits)
+                .await
+                .map_err(|_| Error::Closed);
+        }
+        self.inner
+            .pending
+            .try_acquire_many(permits)
+            .map_err(|e| match e {
+                TryAcquireError::Closed => Error::Closed,
+                TryAcquireError::NoPermits => Error::Busy {
+                    pending: self.inner.max_pending - self.inner.pending.available_permits(),
+                },
+            })
+    }
+
+    /// Validates, admits and publishes a batch (to one or more topics).
+    async fn publish_messages(
+        &self,
+        messages: Vec<OutgoingMessage>,
+        durability: Durability,
+        wait: bool,
+    ) -> Result<Vec<SendReceipt>, Error> {
+        self.check_open()?;
+        for m in &messages {
+            self.inner.limits.check(m)?;
+        }
+        let n = messages.len();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let _room = self.admit(n, wait).await?;
+        let single_topic = messages.iter().all(|m| m.topic == messages[0].topic);
+        if single_topic {
+            let topic = messages[0].topic.clone();
+            let r = self
+                .publish_to(
+                    &topic,
+                    messages.into_iter().enumerate().collect(),
+                    durability,
+                    false,
+                )
+                .await?;
+            return Ok(r.into_iter().map(|(_, r)| r).collect());
+        }
+        let mut by_topic: HashMap<String, Vec<(usize, OutgoingMessage)>> = HashMap::new();
+        for (i, m) in messages.into_iter().enumerate() {
+            by_topic.entry(m.topic.clone()).or_default().push((i, m));
+        }
+        let parts = futures::future::try_join_all(
+            by_topic
+                .into_iter()
+                .map(|(t, ms)| async move { self.publish_to(&t, ms, durability, false).await }),
+        )
+        .await?;
+        let mut out: Vec<Option<SendReceipt>> = vec![None; n];
+        for (i, r) in parts.into_iter().flatten() {
+            out[i] = Some(r);
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    /// Publishes messages that were already validated and admitted, to one
+    /// topic.
     async fn publish_to(
         &self,
         topic: &str,
@@ -342,13 +412,6 @@ impl EmbeddedBroker {
         self.check_open()?;
         let h = self.existing_or_default(topic, system).await?;
         let n = messages.len();
-        let permits = n.min(self.inner.max_pending) as u32;
-        let _permit = self
-            .inner
-            .pending
-            .acquire_many(permits)
-            .await
-            .map_err(|_| Error::Closed)?;
         let idx: Vec<usize> = messages.iter().map(|(i, _)| *i).collect();
         let stamped: Vec<(usize, BusMessage)> = messages
             .into_iter()
@@ -383,6 +446,7 @@ impl EmbeddedBroker {
             let me = me.clone();
             async move {
                 let topic = m.topic.clone();
+                let _room = me.admit(1, true).await?;
                 let mut r = me
                     .publish_to(&topic, vec![(0, m)], Durability::Flushed, true)
                     .await?;
@@ -476,42 +540,15 @@ impl Broker for EmbeddedBroker {
         messages: Vec<OutgoingMessage>,
         durability: Durability,
     ) -> Result<Vec<SendReceipt>, Error> {
-        self.check_open()?;
-        for m in &messages {
-            self.inner.limits.check(m)?;
-        }
-        let n = messages.len();
-        if n == 0 {
-            return Ok(Vec::new());
-        }
-        let single_topic = messages.iter().all(|m| m.topic == messages[0].topic);
-        if single_topic {
-            let topic = messages[0].topic.clone();
-            let r = self
-                .publish_to(
-                    &topic,
-                    messages.into_iter().enumerate().collect(),
-                    durability,
-                    false,
-                )
-                .await?;
-            return Ok(r.into_iter().map(|(_, r)| r).collect());
-        }
-        let mut by_topic: HashMap<String, Vec<(usize, OutgoingMessage)>> = HashMap::new();
-        for (i, m) in messages.into_iter().enumerate() {
-            by_topic.entry(m.topic.clone()).or_default().push((i, m));
-        }
-        let parts = futures::future::try_join_all(
-            by_topic
-                .into_iter()
-                .map(|(t, ms)| async move { self.publish_to(&t, ms, durability, false).await }),
-        )
-        .await?;
-        let mut out: Vec<Option<SendReceipt>> = vec![None; n];
-        for (i, r) in parts.into_iter().flatten() {
-            out[i] = Some(r);
-        }
-        Ok(out.into_iter().flatten().collect())
+        self.publish_messages(messages, durability, true).await
+    }
+
+    async fn try_publish(
+        &self,
+        messages: Vec<OutgoingMessage>,
+        durability: Durability,
+    ) -> Result<Vec<SendReceipt>, Error> {
+        self.publish_messages(messages, durability, false).await
     }
 
     async fn subscribe(&self, spec: SubscriptionSpec) -> Result<BrokerSubscription, Error> {
@@ -552,6 +589,7 @@ impl Broker for EmbeddedBroker {
             topic: h.name.clone(),
             topic_id: h.id,
             starts,
+            ends: h.ends.iter().map(|e| e.load(Ordering::Acquire)).collect(),
             max_in_flight: spec.max_in_flight,
             reader,
             persistence: self.inner.persistence.clone(),

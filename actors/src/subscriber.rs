@@ -32,7 +32,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use actix::prelude::*;
 use tokio::sync::oneshot;
@@ -194,6 +194,10 @@ pub struct SubscriberConfig {
     pub redelivery_delay: Duration,
     /// The most deliveries in one member's hands at once.
     pub max_in_flight_per_member: usize,
+    /// The most deliveries handed to members per second, for the whole
+    /// subscription (a token bucket holding at most 1/20 s of tokens, so no
+    /// 1 s window sees more than 105% of the rate). `None`: unlimited.
+    pub rate_limit: Option<u32>,
 }
 
 impl Default for SubscriberConfig {
@@ -201,7 +205,47 @@ impl Default for SubscriberConfig {
         SubscriberConfig {
             redelivery_delay: Duration::from_secs(1),
             max_in_flight_per_member: 8,
+            rate_limit: None,
         }
+    }
+}
+
+/// A token bucket: `rate` tokens per second, at most `capacity` saved up.
+#[derive(Debug)]
+struct TokenBucket {
+    rate: f64,
+    capacity: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(per_second: u32) -> Self {
+        let rate = f64::from(per_second);
+        TokenBucket {
+            rate,
+            capacity: (rate / 20.0).max(1.0),
+            tokens: 0.0,
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes a token, or says how long until one is there.
+    fn take(&mut self) -> Result<(), Duration> {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.capacity);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        }
+    }
+
+    fn refund(&mut self) {
+        self.tokens = (self.tokens + 1.0).min(self.capacity);
     }
 }
 
@@ -273,6 +317,11 @@ where
             reason: "a subscription needs at least one member".into(),
         });
     }
+    if config.rate_limit == Some(0) {
+        return Err(Error::InvalidConfig {
+            reason: "a rate limit is at least 1 message per second".into(),
+        });
+    }
     let group = spec.group.clone();
     let topic = spec.topic.clone();
     let sub = broker.subscribe(spec).await?;
@@ -292,6 +341,8 @@ where
         settlements: Vec::new(),
         flush_queued: false,
         in_flight: 0,
+        bucket: config.rate_limit.map(TokenBucket::new),
+        wake_queued: false,
         config,
         drained: None,
         draining: false,
@@ -339,6 +390,8 @@ struct Supervisor<E, A: Actor> {
     settlements: Vec<(SettleToken, Settlement)>,
     flush_queued: bool,
     in_flight: usize,
+    bucket: Option<TokenBucket>,
+    wake_queued: bool,
     config: SubscriberConfig,
     drained: Option<oneshot::Sender<()>>,
     draining: bool,
@@ -386,6 +439,18 @@ where
             else {
                 break;
             };
+            if let Some(bucket) = &mut self.bucket {
+                if let Err(wait) = bucket.take() {
+                    if !self.wake_queued {
+                        self.wake_queued = true;
+                        ctx.run_later(wait, |act, ctx| {
+                            act.wake_queued = false;
+                            act.dispatch(ctx);
+                        });
+                    }
+                    break;
+                }
+            }
             self.next = j + 1;
             let Some(d) = self.pending.pop_front() else {
                 break;
@@ -393,6 +458,10 @@ where
             let event = match E::decode(d.message.body()) {
                 Ok(e) => e,
                 Err(e) => {
+                    // Not handed to a member: it does not count against the rate.
+                    if let Some(bucket) = &mut self.bucket {
+                        bucket.refund();
+                    }
                     error!(group = %self.group, topic = %self.topic, msg_id = %d.message.id(),
                         error = %e, "body does not decode into the event type; dead-lettering");
                     self.settle(

@@ -216,6 +216,18 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
         durability: Durability,
     ) -> Result<Vec<SendReceipt>, Error>;
 
+    /// As [`Broker::publish`], but returns [`Error::Busy`] at once, storing
+    /// nothing, when the backend would have to wait for room.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Busy`], or as [`Broker::publish`].
+    async fn try_publish(
+        &self,
+        messages: Vec<OutgoingMessage>,
+        durability: Durability,
+    ) -> Result<Vec<SendReceipt>, Error>;
+
     /// Starts delivering to a consumer group.
     ///
     /// # Errors

@@ -183,6 +183,13 @@ pub enum Error {
         /// What was asked for.
         feature: String,
     },
+    /// The publish pipeline is full (the store is not keeping up): returned
+    /// by `try_publish` instead of waiting. Nothing was stored; try again
+    /// later or use `publish`, which waits for room.
+    Busy {
+        /// How many messages are waiting for their commit.
+        pending: usize,
+    },
     /// The bus (or subscription) has been shut down.
     Closed,
 }
@@ -228,6 +235,11 @@ impl fmt::Display for Error {
             Error::Unsupported { feature } => {
                 write!(f, "not supported by this backend: {feature}")
             }
+            Error::Busy { pending } => write!(
+                f,
+                "the bus is busy: {pending} published messages are waiting for the store; \
+                 retry later, or use publish() to wait for room"
+            ),
             Error::Closed => f.write_str("the bus has been shut down"),
         }
     }
@@ -276,6 +288,34 @@ impl fmt::Display for PublishError {
 }
 
 impl std::error::Error for PublishError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+/// A `try_publish` that did not publish; the event is handed back.
+#[derive(Debug)]
+pub struct TryPublishError<E> {
+    /// The event that was not published.
+    pub event: E,
+    /// Why: [`Error::Busy`] when the pipeline is full, else as `publish`.
+    pub error: Error,
+}
+
+impl<E> TryPublishError<E> {
+    /// Whether the bus was only busy (worth retrying later).
+    pub fn is_busy(&self) -> bool {
+        matches!(self.error, Error::Busy { .. })
+    }
+}
+
+impl<E> fmt::Display for TryPublishError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "event not published: {}", self.error)
+    }
+}
+
+impl<E: fmt::Debug> std::error::Error for TryPublishError<E> {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         Some(&self.error)
     }

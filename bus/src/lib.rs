@@ -27,7 +27,7 @@ pub use broker::{
     Broker, BrokerSubscription, Capabilities, DeliveryBatch, GroupStats, QueuePosition,
     RawDelivery, SettleToken, Settlement, Settler, StartFrom, SubscriptionSpec,
 };
-pub use error::{CodecError, Error, NameKind, PublishError, StorageError};
+pub use error::{CodecError, Error, NameKind, PublishError, StorageError, TryPublishError};
 pub use event::{Codec, Event, Json};
 pub use message::{Durability, Message, MessageId, OutgoingMessage, Publish, SendReceipt};
 pub use topic::{

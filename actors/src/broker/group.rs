@@ -80,11 +80,11 @@ struct QueueState {
 }
 
 impl QueueState {
-    fn from_stored(s: OffsetState) -> Self {
+    fn from_stored(s: OffsetState, end: u64) -> Self {
         QueueState {
             committed: s.committed,
             next: s.committed,
-            end: s.committed,
+            end: end.max(s.committed),
             acked_above: s.acked_above.into_iter().collect(),
             ..Default::default()
         }
@@ -116,6 +116,9 @@ pub(crate) struct GroupSetup {
     pub(crate) topic: Arc<str>,
     pub(crate) topic_id: u32,
     pub(crate) starts: Vec<OffsetState>,
+    /// Each queue's end when the subscription started (the queues report
+    /// later growth).
+    pub(crate) ends: Vec<u64>,
     pub(crate) max_in_flight: usize,
     pub(crate) reader: StoreReader,
     pub(crate) persistence: Addr<PersistenceActor>,
@@ -149,7 +152,12 @@ impl GroupActor {
             group: s.group,
             topic: s.topic,
             topic_id: s.topic_id,
-            queues: s.starts.into_iter().map(QueueState::from_stored).collect(),
+            queues: s
+                .starts
+                .into_iter()
+                .zip(s.ends)
+                .map(|(start, end)| QueueState::from_stored(start, end))
+                .collect(),
             max_in_flight: s.max_in_flight.max(1),
             max_span: (s.max_in_flight.max(1) as u64 * SPAN_FACTOR).max(1024),
             in_flight: 0,
@@ -383,6 +391,7 @@ impl Actor for GroupActor {
             q.dirty = true;
         }
         self.write_offsets();
+        self.pump();
     }
 }
 
