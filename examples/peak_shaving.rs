@@ -166,7 +166,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut last = (Instant::now(), 0u64, 0u64);
     let mut drain_started: Option<(Instant, u64)> = None;
     let expected_drain = args.rate as f64 * args.seconds as f64 / args.consume_rate as f64;
-    let deadline = start + Duration::from_secs_f64(args.seconds as f64 + expected_drain * 2.0 + 30.0);
+    let deadline =
+        start + Duration::from_secs_f64(args.seconds as f64 + expected_drain * 2.0 + 30.0);
     loop {
         actix::clock::sleep(Duration::from_millis(every)).await;
         let p = published.load(Ordering::Relaxed);
@@ -212,7 +213,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dups = seen.duplicates.load(Ordering::Relaxed);
     let lost = p - c.min(p);
     let (_, peak_rss) = rss_mib();
-    let drain_rate = drain_started.map_or(0.0, |(t, c0)| (c - c0) as f64 / t.elapsed().as_secs_f64().max(1e-9));
+    let drain_rate = drain_started.map_or(0.0, |(t, c0)| {
+        (c - c0) as f64 / t.elapsed().as_secs_f64().max(1e-9)
+    });
     println!("summary");
     println!(
         "  published   {p} in {} s ({:.0} msg/s offered)",

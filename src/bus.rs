@@ -19,6 +19,10 @@ use crate::subscribe::SubscribeBuilder;
 
 /// The default data directory of the embedded store.
 const DEFAULT_DATA_DIR: &str = "./weirmq-data";
+/// The store's default page cache: recent records stay in memory, a backlog
+/// stays on disk, so memory does not grow with the backlog (sled's own
+/// default is 1 GiB).
+const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Configures and opens a [`Bus`].
 ///
@@ -86,7 +90,8 @@ impl BusBuilder {
         self
     }
 
-    /// The store's page cache in bytes (default: sled's, 1 GiB).
+    /// The store's page cache in bytes (default 64 MiB). More keeps more of a
+    /// backlog in memory; it does not change what is durable.
     pub fn cache_capacity(mut self, bytes: u64) -> Self {
         self.cache_capacity = bytes;
         self
@@ -127,7 +132,11 @@ impl BusBuilder {
         let mut config = EmbeddedConfig {
             store: StoreConfig {
                 path,
-                cache_capacity: self.cache_capacity,
+                cache_capacity: if self.cache_capacity == 0 {
+                    DEFAULT_CACHE_BYTES
+                } else {
+                    self.cache_capacity
+                },
                 sync_hook: self.sync_hook,
             },
             limits: self.limits,

@@ -104,3 +104,32 @@ fn bus_and_subscription_handles_can_be_shared_across_threads() {
     assert_send::<Subscription>();
     assert_send::<weirmq::Error>();
 }
+
+#[actix::test]
+async fn positions_of_a_running_group_count_every_acknowledged_publish() {
+    let bus = Bus::builder().in_memory().open().await.unwrap();
+    let log = Log::default();
+    let sub = bus
+        .subscribe::<Num>("g")
+        .max_in_flight(1)
+        .members(1, recorders(&log, ack_all()))
+        .start()
+        .await
+        .unwrap();
+    let mut total = 0;
+    for round in 0..50u64 {
+        let events: Vec<Num> = (0..100).map(|i| Num { n: round * 100 + i }).collect();
+        total += bus.publish_batch(&events).await.unwrap().len() as u64;
+        // No waiting: a receipt means the message is counted at once.
+        let max: u64 = bus
+            .positions("g", Num::TOPIC)
+            .await
+            .unwrap()
+            .iter()
+            .map(|p| p.max)
+            .sum();
+        assert_eq!(max, total, "round {round}");
+    }
+    sub.drain().await.unwrap();
+    bus.shutdown().await.unwrap();
+}

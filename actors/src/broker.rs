@@ -589,7 +589,7 @@ impl Broker for EmbeddedBroker {
             topic: h.name.clone(),
             topic_id: h.id,
             starts,
-            ends: h.ends.iter().map(|e| e.load(Ordering::Acquire)).collect(),
+            ends: h.ends.clone(),
             max_in_flight: spec.max_in_flight,
             reader,
             persistence: self.inner.persistence.clone(),

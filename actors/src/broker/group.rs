@@ -28,6 +28,7 @@
 //! subscription.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -116,9 +117,9 @@ pub(crate) struct GroupSetup {
     pub(crate) topic: Arc<str>,
     pub(crate) topic_id: u32,
     pub(crate) starts: Vec<OffsetState>,
-    /// Each queue's end when the subscription started (the queues report
-    /// later growth).
-    pub(crate) ends: Vec<u64>,
+    /// Each queue's end (next offset to be written), advanced by the commit
+    /// callback before any publisher hears of its receipt.
+    pub(crate) ends: Vec<Arc<AtomicU64>>,
     pub(crate) max_in_flight: usize,
     pub(crate) reader: StoreReader,
     pub(crate) persistence: Addr<PersistenceActor>,
@@ -132,6 +133,7 @@ pub(crate) struct GroupActor {
     topic: Arc<str>,
     topic_id: u32,
     queues: Vec<QueueState>,
+    ends: Vec<Arc<AtomicU64>>,
     max_in_flight: usize,
     max_span: u64,
     in_flight: usize,
@@ -155,9 +157,10 @@ impl GroupActor {
             queues: s
                 .starts
                 .into_iter()
-                .zip(s.ends)
-                .map(|(start, end)| QueueState::from_stored(start, end))
+                .zip(&s.ends)
+                .map(|(start, end)| QueueState::from_stored(start, end.load(Ordering::Acquire)))
                 .collect(),
+            ends: s.ends,
             max_in_flight: s.max_in_flight.max(1),
             max_span: (s.max_in_flight.max(1) as u64 * SPAN_FACTOR).max(1024),
             in_flight: 0,
@@ -208,6 +211,7 @@ impl GroupActor {
     /// Fills the in-flight window from the store, fairly across queues,
     /// then sends what is ready as one batch.
     fn pump(&mut self) {
+        self.refresh_ends();
         let n = self.queues.len();
         let mut progress = true;
         while progress && self.in_flight < self.max_in_flight && !self.read_failed {
@@ -256,6 +260,13 @@ impl GroupActor {
             self.rotate = self.rotate.wrapping_add(1);
         }
         self.flush_outbox();
+    }
+
+    /// Reads the queues' ends: everything below them is committed.
+    fn refresh_ends(&mut self) {
+        for (q, end) in self.queues.iter_mut().zip(&self.ends) {
+            q.end = q.end.max(end.load(Ordering::Acquire));
+        }
     }
 
     fn flush_outbox(&mut self) {
@@ -491,6 +502,7 @@ impl Handler<Inspect> for GroupActor {
     type Result = MessageResult<Inspect>;
 
     fn handle(&mut self, _: Inspect, _: &mut Context<Self>) -> Self::Result {
+        self.refresh_ends();
         let positions = self
             .queues
             .iter()
@@ -499,7 +511,10 @@ impl Handler<Inspect> for GroupActor {
                 queue: i as u32,
                 committed: q.committed,
                 max: q.end,
-                lag: q.end.saturating_sub(q.committed) - q.acked_above.len() as u64,
+                lag: q
+                    .end
+                    .saturating_sub(q.committed)
+                    .saturating_sub(q.acked_above.len() as u64),
             })
             .collect();
         let mut stats = self.stats;
