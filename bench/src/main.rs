@@ -474,13 +474,16 @@ async fn start_nats() -> Result<NatsServer, String> {
 }
 
 /// JetStream with file storage: pipelined publishes (256 acks in flight), a
-/// durable pull consumer fetching batches with explicit acks.
+/// durable pull consumer fetching batches with explicit acks. With
+/// `offered = Some(rate)`, publishes are paced at that rate instead (for
+/// latency at a fixed load).
 async fn nats_peer(
     url: &str,
     name: &str,
     n: u64,
     payload: usize,
     consume: bool,
+    offered: Option<u64>,
 ) -> Result<Res, async_nats::Error> {
     use async_nats::jetstream::{self, consumer, stream};
     use futures::StreamExt;
@@ -528,7 +531,13 @@ async fn nats_peer(
     let start = Instant::now();
     let mut acks = std::collections::VecDeque::with_capacity(256);
     let mut publish_lat = Vec::with_capacity(n as usize);
-    for _ in 0..n {
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    for i in 0..n {
+        if let Some(rate) = offered {
+            while (start.elapsed().as_secs_f64() * rate as f64) < i as f64 {
+                tick.tick().await;
+            }
+        }
         let t = now_ns();
         let mut body = t.to_be_bytes().to_vec();
         body.resize(payload.max(8), b'x');
@@ -570,12 +579,28 @@ fn scale(quick: bool, full: u64) -> u64 {
 /// What a scenario runs.
 #[derive(Debug, Clone)]
 enum Scenario {
-    Sled { batch: usize, flush: bool, n: u64 },
-    Actix { n: u64 },
+    Sled {
+        batch: usize,
+        flush: bool,
+        n: u64,
+    },
+    Actix {
+        n: u64,
+    },
     Weirmq(Run),
-    FixedLoad { store: Store, rate: u64, secs: f64 },
-    PeakShaving { n: u64 },
-    Nats { consume: bool, n: u64 },
+    FixedLoad {
+        store: Store,
+        rate: u64,
+        secs: f64,
+    },
+    PeakShaving {
+        n: u64,
+    },
+    Nats {
+        consume: bool,
+        n: u64,
+        offered: Option<u64>,
+    },
 }
 
 /// Every scenario, in the order they run.
@@ -678,9 +703,18 @@ fn scenarios(q: bool, payload: usize) -> Vec<(String, Scenario)> {
             Scenario::Nats {
                 consume,
                 n: scale(q, 300_000),
+                offered: None,
             },
         ));
     }
+    v.push((
+        "peer/nats/latency/offered_10k".into(),
+        Scenario::Nats {
+            consume: true,
+            n: if q { 20_000 } else { 100_000 },
+            offered: Some(10_000),
+        },
+    ));
     v
 }
 
@@ -691,7 +725,11 @@ fn run_one(name: &str, scenario: Scenario, payload: usize) -> Result<(), String>
             let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
             sled_baseline(name, dir.path(), n, payload, batch, flush).print();
         }
-        Scenario::Nats { consume, n } => {
+        Scenario::Nats {
+            consume,
+            n,
+            offered,
+        } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -699,7 +737,7 @@ fn run_one(name: &str, scenario: Scenario, payload: usize) -> Result<(), String>
                 .map_err(|e| e.to_string())?;
             rt.block_on(async {
                 let server = start_nats().await?;
-                nats_peer(&server.url, name, n, payload, consume)
+                nats_peer(&server.url, name, n, payload, consume, offered)
                     .await
                     .map_err(|e| format!("{name}: {e}"))?
                     .print();
