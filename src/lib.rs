@@ -66,9 +66,9 @@ pub use bus::{Bus, BusBuilder};
 pub use subscribe::{SubscribeBuilder, Subscription};
 pub use weirmq_actors::{Delivery, HandlerError, DLQ_PROPERTIES};
 pub use weirmq_bus::{
-    Broker, Capabilities, Codec, CodecError, Durability, Error, Event, GroupStats, Json, Limits,
-    Message, MessageId, NameKind, OutgoingMessage, Publish, PublishError, QueuePosition,
-    SendReceipt, StartFrom, StorageError, TopicConfig, TryPublishError,
+    Backoff, Broker, Capabilities, Codec, CodecError, Durability, Error, Event, GroupStats, Json,
+    Limits, Message, MessageId, NameKind, OutgoingMessage, Publish, PublishError, QueuePosition,
+    RetryPolicy, SendReceipt, StartFrom, StorageError, TopicConfig, TryPublishError,
 };
 pub use weirmq_persistence::{SyncEvent, SyncHook};
 

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use actix::{Actor, Context, Handler};
 use weirmq_actors::{start_subscriber, Delivery, SubscriberConfig, SubscriberHandle};
-use weirmq_bus::{Error, Event, GroupStats, QueuePosition, StartFrom, SubscriptionSpec};
+use weirmq_bus::{
+    Error, Event, GroupStats, QueuePosition, RetryPolicy, StartFrom, SubscriptionSpec,
+};
 
 use crate::bus::Bus;
 
@@ -125,10 +127,19 @@ impl<E: Event, A> SubscribeBuilder<E, A> {
         self
     }
 
-    /// How long a failed delivery waits before it is delivered again
-    /// (default 1 s).
-    pub fn redelivery_delay(mut self, delay: Duration) -> Self {
-        self.config.redelivery_delay = delay;
+    /// When a failed delivery (an `Err`, a panic, a consume timeout) is
+    /// tried again, and after how many attempts it is dead-lettered
+    /// (default: RocketMQ's schedule, 10 s … 2 h, 16 retries).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.config.retry = policy;
+        self
+    }
+
+    /// How long a handler may take over one delivery before the attempt
+    /// counts as failed (default 60 s). The handler is not cancelled; its
+    /// late result is ignored.
+    pub fn consume_timeout(mut self, timeout: Duration) -> Self {
+        self.config.consume_timeout = timeout;
         self
     }
 }

@@ -33,7 +33,7 @@ async fn a_handler_that_fails_once_sees_the_message_again() {
     });
     let sub = bus
         .subscribe::<Num>("g")
-        .redelivery_delay(Duration::from_millis(20))
+        .retry(RetryPolicy::fixed(Duration::from_millis(20), 10))
         .members(2, recorders(&log, behaviour))
         .start()
         .await
@@ -89,7 +89,7 @@ async fn a_panicking_handler_is_restarted_and_the_bus_keeps_delivering() {
     let (l, a) = (log.clone(), armed.clone());
     let sub = bus
         .subscribe::<Num>("g")
-        .redelivery_delay(Duration::from_millis(20))
+        .retry(RetryPolicy::fixed(Duration::from_millis(20), 10))
         .members(1, move || Panicky {
             log: l.clone(),
             armed: a.clone(),

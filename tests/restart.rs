@@ -38,7 +38,7 @@ async fn unacked_messages_come_back_after_a_restart_and_acked_ones_do_not() {
             .start_from(StartFrom::Earliest)
             .max_in_flight(4096)
             // Long enough that no failed message is retried before the restart.
-            .redelivery_delay(Duration::from_secs(3600))
+            .retry(RetryPolicy::fixed(Duration::from_secs(3600), 10))
             .members(2, recorders(&log, fails_every_tenth()))
             .start()
             .await

@@ -12,11 +12,12 @@
 //! # Failure
 //!
 //! * `Ok(())` acks.
-//! * `Err(HandlerError)` retries after `redelivery_delay` (the retry
-//!   schedule and dead-lettering after max attempts come with the retry
-//!   policy); `HandlerError::dead_letter` dead-letters at once.
-//! * A panic in the handler: the delivery is retried, and a member that died
-//!   is replaced by a fresh one from the factory.
+//! * `Err(HandlerError)`, a panic, or a consume timeout is a failed attempt:
+//!   the subscription's [`RetryPolicy`] says how long until the next
+//!   attempt, and after `max_attempts` the message is dead-lettered with the
+//!   last error. `HandlerError::dead_letter` dead-letters at once.
+//! * A member that died (panicked in `handle`) is replaced by a fresh one
+//!   from the factory.
 //! * A body that does not decode into the event type is dead-lettered with
 //!   reason `decode: ...` (retrying cannot fix it) and logged; it is never
 //!   acked silently.
@@ -39,7 +40,7 @@ use tokio::sync::oneshot;
 use tracing::{error, warn};
 use weirmq_bus::{
     Broker, DeliveryBatch, Error, Event, Message as BusMessage, MessageId, RawDelivery,
-    SettleToken, Settlement, Settler, SubscriptionSpec,
+    RetryPolicy, SettleToken, Settlement, Settler, SubscriptionSpec,
 };
 
 /// One message delivered to a handler actor, decoded into its event type.
@@ -188,10 +189,13 @@ impl<E: std::error::Error + Send + Sync + 'static> From<E> for HandlerError {
 }
 
 /// How the supervisor treats its members.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SubscriberConfig {
-    /// How long a failed delivery waits before it is delivered again.
-    pub redelivery_delay: Duration,
+    /// When a failed delivery is tried again, and when it is dead-lettered.
+    pub retry: RetryPolicy,
+    /// How long a member may take over one delivery before it counts as
+    /// failed (the handler is not cancelled; its late result is ignored).
+    pub consume_timeout: Duration,
     /// The most deliveries in one member's hands at once.
     pub max_in_flight_per_member: usize,
     /// The most deliveries handed to members per second, for the whole
@@ -203,7 +207,8 @@ pub struct SubscriberConfig {
 impl Default for SubscriberConfig {
     fn default() -> Self {
         SubscriberConfig {
-            redelivery_delay: Duration::from_secs(1),
+            retry: RetryPolicy::default(),
+            consume_timeout: Duration::from_secs(60),
             max_in_flight_per_member: 8,
             rate_limit: None,
         }
@@ -478,26 +483,31 @@ where
             member.in_flight += 1;
             self.in_flight += 1;
             let generation = member.generation;
-            let fut = member.addr.send(Delivery {
-                event,
-                message: d.message.clone(),
-                attempt: d.attempt,
-            });
+            let fut = member
+                .addr
+                .send(Delivery {
+                    event,
+                    message: d.message.clone(),
+                    attempt: d.attempt,
+                })
+                .timeout(self.config.consume_timeout);
             let token = d.token;
             let msg = d.message;
-            ctx.spawn(
-                fut.into_actor(self)
-                    .map(move |res, act, ctx| act.completed(j, generation, token, &msg, res, ctx)),
-            );
+            let attempt = d.attempt;
+            ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
+                act.completed(j, generation, token, &msg, attempt, res, ctx)
+            }));
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn completed(
         &mut self,
         j: usize,
         generation: u64,
         token: SettleToken,
         msg: &BusMessage,
+        attempt: u32,
         res: Result<Result<(), HandlerError>, MailboxError>,
         ctx: &mut Context<Self>,
     ) {
@@ -505,31 +515,46 @@ where
         if self.members[j].generation == generation {
             self.members[j].in_flight = self.members[j].in_flight.saturating_sub(1);
         }
-        let retry = Settlement::Nack {
-            delay: self.config.redelivery_delay,
-        };
-        let settlement = match res {
-            Ok(Ok(())) => Settlement::Ack,
-            Ok(Err(e)) if e.is_retry() => {
-                warn!(group = %self.group, topic = %self.topic, msg_id = %msg.id(),
-                    error = %e.message(), "handler failed; will retry");
-                retry
+        let failure = match res {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) if e.is_retry() => Err(e.message().to_string()),
+            Ok(Err(e)) => {
+                let reason = e.message().to_string();
+                self.settle(token, Settlement::DeadLetter { reason }, ctx);
+                self.dispatch(ctx);
+                self.maybe_finish(ctx);
+                return;
             }
-            Ok(Err(e)) => Settlement::DeadLetter {
-                reason: e.message().to_string(),
-            },
-            Err(_) => {
-                warn!(group = %self.group, topic = %self.topic, msg_id = %msg.id(),
-                    "handler panicked or stopped; will retry");
+            Err(MailboxError::Timeout) => Err(format!(
+                "consume timeout: the handler took longer than {:?}",
+                self.config.consume_timeout
+            )),
+            Err(MailboxError::Closed) => {
                 let m = &mut self.members[j];
                 if m.generation == generation && !m.addr.connected() && !self.draining {
-                    warn!(group = %self.group, member = j, "restarting handler actor");
+                    warn!(group = %self.group, member = j, "handler actor stopped; restarting it");
                     m.addr = (self.factory)().start();
                     m.in_flight = 0;
                     m.generation += 1;
                 }
-                retry
+                Err("the handler panicked (or its actor stopped)".to_string())
             }
+        };
+        let settlement = match failure {
+            Ok(()) => Settlement::Ack,
+            Err(error) => match self.config.retry.delay_after(attempt) {
+                Some(delay) => {
+                    warn!(group = %self.group, topic = %self.topic, msg_id = %msg.id(),
+                        attempt, ?delay, %error, "delivery failed; will retry");
+                    Settlement::Nack { delay }
+                }
+                None => Settlement::DeadLetter {
+                    reason: format!(
+                        "failed {attempt} of {} attempts; last error: {error}",
+                        self.config.retry.max_attempts()
+                    ),
+                },
+            },
         };
         self.settle(token, settlement, ctx);
         self.dispatch(ctx);

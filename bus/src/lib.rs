@@ -21,6 +21,7 @@ mod broker;
 mod error;
 mod event;
 mod message;
+mod retry;
 mod topic;
 
 pub use broker::{
@@ -30,6 +31,7 @@ pub use broker::{
 pub use error::{CodecError, Error, NameKind, PublishError, StorageError, TryPublishError};
 pub use event::{Codec, Event, Json};
 pub use message::{Durability, Message, MessageId, OutgoingMessage, Publish, SendReceipt};
+pub use retry::{Backoff, RetryPolicy};
 pub use topic::{
     validate_group_name, validate_topic_name, Limits, TopicConfig, DEFAULT_QUEUES,
     MAX_GROUP_NAME_LEN, MAX_QUEUES, MAX_TOPIC_NAME_LEN, SYSTEM_TOPIC_PREFIX,

@@ -54,20 +54,32 @@ const OFFSETS_EVERY: Duration = Duration::from_millis(50);
 const DLQ_RETRY: Duration = Duration::from_secs(5);
 const MAX_REASON: usize = 1024;
 
-/// Property names a dead letter carries besides the original's properties.
-pub const DLQ_PROPERTIES: [&str; 6] = [
+/// Property names a dead letter carries besides the original's properties:
+/// origin topic, queue, offset and message id, the reason (last error),
+/// the attempts made, and when it first failed and was dead-lettered (Unix
+/// milliseconds).
+pub const DLQ_PROPERTIES: [&str; 8] = [
     "DLQ_ORIGIN_TOPIC",
     "DLQ_ORIGIN_QUEUE",
     "DLQ_ORIGIN_OFFSET",
     "DLQ_ORIGIN_MSG_ID",
     "DLQ_REASON",
     "DLQ_ATTEMPTS",
+    "DLQ_FIRST_FAILED_AT_MS",
+    "DLQ_DEAD_LETTERED_AT_MS",
 ];
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 #[derive(Debug)]
 struct InFlight {
     message: Arc<BusMessage>,
     attempt: u32,
+    first_failed_ms: Option<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -197,6 +209,7 @@ impl GroupActor {
             InFlight {
                 message: m.clone(),
                 attempt: 1,
+                first_failed_ms: None,
             },
         );
         self.in_flight += 1;
@@ -363,6 +376,7 @@ impl GroupActor {
             properties: m.properties().clone(),
             body: m.body().to_vec(),
         };
+        let now = now_ms();
         let props = [
             self.topic.to_string(),
             queue.to_string(),
@@ -370,6 +384,8 @@ impl GroupActor {
             m.id().to_string(),
             reason,
             f.attempt.to_string(),
+            f.first_failed_ms.unwrap_or(now).to_string(),
+            now.to_string(),
         ];
         for (k, v) in DLQ_PROPERTIES.iter().zip(props) {
             out.properties.insert((*k).to_string(), v);
@@ -482,6 +498,9 @@ impl Handler<Settle> for GroupActor {
                 }
                 Settlement::Nack { delay } => {
                     self.stats.retried += 1;
+                    if let Some(f) = self.queues[queue as usize].in_flight.get_mut(&offset) {
+                        f.first_failed_ms.get_or_insert_with(now_ms);
+                    }
                     ctx.run_later(delay, move |act, _| act.redeliver(queue, offset));
                 }
                 Settlement::DeadLetter { reason } => {
