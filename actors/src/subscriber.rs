@@ -29,7 +29,7 @@
 //! but not yet handed to a member are not settled: the group's next
 //! subscription gets them again.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -194,7 +194,9 @@ pub struct SubscriberConfig {
     /// When a failed delivery is tried again, and when it is dead-lettered.
     pub retry: RetryPolicy,
     /// How long a member may take over one delivery before it counts as
-    /// failed (the handler is not cancelled; its late result is ignored).
+    /// failed (checked by one sweep timer, so up to a quarter of the timeout,
+    /// at most 1 s, late). The handler is not cancelled; its late result is
+    /// ignored.
     pub consume_timeout: Duration,
     /// The most deliveries in one member's hands at once.
     pub max_in_flight_per_member: usize,
@@ -353,6 +355,8 @@ where
         draining: false,
         stream_done: false,
         next: 0,
+        in_hand: HashMap::new(),
+        next_id: 0,
         group: group.clone(),
         topic: topic.clone(),
         _event: PhantomData,
@@ -402,9 +406,23 @@ struct Supervisor<E, A: Actor> {
     draining: bool,
     stream_done: bool,
     next: usize,
+    /// Deliveries in members' hands, by id: the consume-timeout sweep
+    /// fails those held too long (one timer for all, not one per delivery).
+    in_hand: HashMap<u64, InHand>,
+    next_id: u64,
     group: String,
     topic: String,
     _event: PhantomData<fn() -> E>,
+}
+
+/// A delivery in a member's hands.
+struct InHand {
+    since: Instant,
+    member: usize,
+    generation: u64,
+    token: SettleToken,
+    message: Arc<BusMessage>,
+    attempt: u32,
 }
 
 #[derive(Message)]
@@ -483,34 +501,64 @@ where
             member.in_flight += 1;
             self.in_flight += 1;
             let generation = member.generation;
-            let fut = member
-                .addr
-                .send(Delivery {
-                    event,
-                    message: d.message.clone(),
+            let fut = member.addr.send(Delivery {
+                event,
+                message: d.message.clone(),
+                attempt: d.attempt,
+            });
+            let id = self.next_id;
+            self.next_id += 1;
+            self.in_hand.insert(
+                id,
+                InHand {
+                    since: Instant::now(),
+                    member: j,
+                    generation,
+                    token: d.token,
+                    message: d.message,
                     attempt: d.attempt,
-                })
-                .timeout(self.config.consume_timeout);
-            let token = d.token;
-            let msg = d.message;
-            let attempt = d.attempt;
+                },
+            );
             ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
-                act.completed(j, generation, token, &msg, attempt, res, ctx)
+                // Gone if the consume-timeout sweep already failed it.
+                if let Some(h) = act.in_hand.remove(&id) {
+                    act.completed(h, res, ctx);
+                }
             }));
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Fails every delivery held longer than the consume timeout.
+    fn sweep(&mut self, ctx: &mut Context<Self>) {
+        let limit = self.config.consume_timeout;
+        let expired: Vec<u64> = self
+            .in_hand
+            .iter()
+            .filter(|(_, h)| h.since.elapsed() >= limit)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(h) = self.in_hand.remove(&id) {
+                self.completed(h, Err(MailboxError::Timeout), ctx);
+            }
+        }
+    }
+
     fn completed(
         &mut self,
-        j: usize,
-        generation: u64,
-        token: SettleToken,
-        msg: &BusMessage,
-        attempt: u32,
+        h: InHand,
         res: Result<Result<(), HandlerError>, MailboxError>,
         ctx: &mut Context<Self>,
     ) {
+        let InHand {
+            member: j,
+            generation,
+            token,
+            message,
+            attempt,
+            ..
+        } = h;
+        let msg = &message;
         self.in_flight -= 1;
         if self.members[j].generation == generation {
             self.members[j].in_flight = self.members[j].in_flight.saturating_sub(1);
@@ -578,6 +626,13 @@ where
     A: Actor<Context = Context<A>> + Handler<Delivery<E>>,
 {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // A delivery fails at most a quarter of the timeout (≤ 1 s) late.
+        let every = (self.config.consume_timeout / 4)
+            .clamp(Duration::from_millis(10), Duration::from_secs(1));
+        ctx.run_interval(every, |act, ctx| act.sweep(ctx));
+    }
 }
 
 impl<E, A> StreamHandler<DeliveryBatch> for Supervisor<E, A>
