@@ -290,3 +290,72 @@ async fn one_groups_retries_and_dead_letters_do_not_touch_another_group() {
     healthy.drain().await.unwrap();
     bus.shutdown().await.unwrap();
 }
+
+#[actix::test]
+async fn a_restart_in_the_middle_of_a_retry_schedule_keeps_attempt_and_due_time() {
+    init_tracing();
+    let dir = temp_dir();
+    let wait = Duration::from_millis(1500);
+    let policy = RetryPolicy::schedule(vec![
+        Duration::from_millis(20),
+        Duration::from_millis(20),
+        Duration::from_millis(20),
+        wait,
+        wait,
+    ]);
+    let t4;
+    {
+        let bus = Bus::builder().data_dir(dir.path()).open().await.unwrap();
+        let (sub, seen) = flaky_group(&bus, "g", policy.clone(), |_, attempt| {
+            Some(HandlerError::retry(format!("down (attempt {attempt})")))
+        })
+        .await;
+        bus.publish(&Num { n: 42 }).await.unwrap();
+        wait_until(
+            "attempt 4 failed and 5 is scheduled",
+            Duration::from_secs(10),
+            || {
+                let (sub, seen) = (&sub, seen.clone());
+                async move {
+                    let at4 = seen.lock().unwrap().iter().any(|s| s.1 == 4);
+                    at4 && sub.stats().await.scheduled_retries == 1
+                        && sub.stats().await.in_flight == 0
+                }
+            },
+        )
+        .await;
+        t4 = seen.lock().unwrap().iter().find(|s| s.1 == 4).unwrap().2;
+        // The original is acked: the retry lives in the delay index, not in the window.
+        assert_eq!(lag(&bus, "g", Num::TOPIC).await, 0);
+        sub.drain().await.unwrap();
+        bus.shutdown().await.unwrap();
+    }
+    let bus = Bus::builder().data_dir(dir.path()).open().await.unwrap();
+    let (sub, seen) = flaky_group(&bus, "g", policy, |_, _| None).await;
+    wait_until(
+        "the retry is delivered after the restart",
+        Duration::from_secs(10),
+        || {
+            let seen = seen.clone();
+            async move { !seen.lock().unwrap().is_empty() }
+        },
+    )
+    .await;
+    caught_up(&bus, "g", Num::TOPIC).await;
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let (n, attempt, at) = seen[0];
+    assert_eq!((n, attempt), (42, 5), "attempt 5, not from scratch");
+    assert!(
+        at >= t4 + wait,
+        "delivered {:?} after attempt 4, before its due time",
+        at - t4
+    );
+    assert!(
+        at < t4 + wait + Duration::from_secs(3),
+        "delivered late: {:?}",
+        at - t4
+    );
+    sub.drain().await.unwrap();
+    bus.shutdown().await.unwrap();
+}

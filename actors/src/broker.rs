@@ -566,6 +566,7 @@ impl Broker for EmbeddedBroker {
         }
         let reader = self.reader()?;
         let stored = reader.load_offsets(&spec.group, h.id)?;
+        let retries = reader.load_retries(&spec.group, h.id)?;
         let mut starts = Vec::with_capacity(h.queues as usize);
         for q in 0..h.queues {
             let s = match stored.get(&q) {
@@ -595,6 +596,7 @@ impl Broker for EmbeddedBroker {
             persistence: self.inner.persistence.clone(),
             deliveries: tx,
             dead_letters: self.dead_letter_sink(),
+            retries,
         };
         let addr = GroupActor::start_in_arbiter(&self.inner.broker_arbiter, move |_| {
             GroupActor::new(setup)

@@ -594,7 +594,7 @@ where
                 Some(delay) => {
                     warn!(group = %self.group, topic = %self.topic, msg_id = %msg.id(),
                         attempt, ?delay, %error, "delivery failed; will retry");
-                    Settlement::Nack { delay }
+                    Settlement::Nack { delay, error }
                 }
                 None => Settlement::DeadLetter {
                     reason: format!(

@@ -122,6 +122,9 @@ pub enum Settlement {
     Nack {
         /// How long the message stays invisible.
         delay: Duration,
+        /// What went wrong (kept with the retry, and with the dead letter
+        /// if it comes to that).
+        error: String,
     },
     /// Give up now: move the message to the group's dead-letter queue.
     DeadLetter {
@@ -172,6 +175,8 @@ pub struct GroupStats {
     pub dead_lettered: u64,
     /// Deliveries currently unsettled.
     pub in_flight: u64,
+    /// Failed deliveries waiting (durably) for their next attempt.
+    pub scheduled_retries: u64,
 }
 
 /// A storage/transport backend.

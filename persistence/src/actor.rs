@@ -33,6 +33,7 @@ use actix::prelude::*;
 use tracing::{debug, error, trace};
 use weirmq_bus::{Durability, Message as BusMessage, StorageError};
 
+use crate::delay::{RetryEntry, RetryKey};
 use crate::store::{offsets_batch, OffsetState, QueueKey, RecordBuilder, Store};
 
 /// Called on the persistence thread once an append's commit is done.
@@ -81,6 +82,30 @@ impl Message for CommitOffsets {
     type Result = ();
 }
 
+/// Changes the delay index (retry entries), written with the next commit;
+/// `done` is called once it is written.
+pub struct UpdateRetries {
+    /// Entries to add.
+    pub put: Vec<RetryEntry>,
+    /// Entries to remove.
+    pub remove: Vec<RetryKey>,
+    /// Called once, after the commit, with its outcome.
+    pub done: AppendDone,
+}
+
+impl std::fmt::Debug for UpdateRetries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpdateRetries")
+            .field("put", &self.put.len())
+            .field("remove", &self.remove.len())
+            .finish()
+    }
+}
+
+impl Message for UpdateRetries {
+    type Result = ();
+}
+
 /// Registers a topic in the store; replies with its id.
 #[derive(Debug)]
 pub struct CreateTopic {
@@ -117,6 +142,7 @@ pub struct PersistenceActor {
     durable: bool,
     pending: Vec<Append>,
     pending_messages: usize,
+    retries: Vec<UpdateRetries>,
     offsets: HashMap<(String, QueueKey), OffsetState>,
     commit_queued: bool,
     offsets_timer: bool,
@@ -141,6 +167,7 @@ impl PersistenceActor {
             durable,
             pending: Vec::new(),
             pending_messages: 0,
+            retries: Vec::new(),
             offsets: HashMap::new(),
             commit_queued: false,
             offsets_timer: false,
@@ -174,6 +201,7 @@ impl PersistenceActor {
         let appends: Vec<Append> = self.pending.drain(..take).collect();
         self.pending_messages -= n;
         let offsets = std::mem::take(&mut self.offsets);
+        let retries = std::mem::take(&mut self.retries);
         let result = match (&self.failed, self.store.as_mut()) {
             (Some(e), _) => Err(e.clone()),
             (None, None) => Err(Self::closed()),
@@ -188,7 +216,19 @@ impl PersistenceActor {
                 }
                 let (batch, nrecords) = records.finish();
                 let off = (!offsets.is_empty()).then(|| offsets_batch(&offsets));
-                let r = store.write(batch, off).and_then(|()| {
+                let delay = (!retries.is_empty()).then(|| {
+                    let mut b = sled::Batch::default();
+                    for u in &retries {
+                        for k in &u.remove {
+                            b.remove(k.encode());
+                        }
+                        for e in &u.put {
+                            b.insert(e.key.encode(), e.encode_value());
+                        }
+                    }
+                    b
+                });
+                let r = store.write(batch, delay, off).and_then(|()| {
                     if sync && self.durable {
                         store.sync()
                     } else {
@@ -213,6 +253,9 @@ impl PersistenceActor {
         }
         for a in appends {
             (a.done)(result.clone());
+        }
+        for u in retries {
+            (u.done)(result.clone());
         }
         !self.pending.is_empty()
     }
@@ -251,6 +294,23 @@ impl Handler<Commit> for PersistenceActor {
     }
 }
 
+impl Handler<UpdateRetries> for PersistenceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: UpdateRetries, ctx: &mut Context<Self>) {
+        if let Some(e) = &self.failed {
+            (msg.done)(Err(e.clone()));
+            return;
+        }
+        if self.store.is_none() {
+            (msg.done)(Err(Self::closed()));
+            return;
+        }
+        self.retries.push(msg);
+        self.queue_commit(ctx);
+    }
+}
+
 impl Handler<CommitOffsets> for PersistenceActor {
     type Result = ();
 
@@ -262,7 +322,7 @@ impl Handler<CommitOffsets> for PersistenceActor {
             self.offsets.insert((msg.group.clone(), key), state);
         }
         if msg.now {
-            while !self.pending.is_empty() || !self.offsets.is_empty() {
+            while !self.pending.is_empty() || !self.offsets.is_empty() || !self.retries.is_empty() {
                 self.commit();
                 if self.failed.is_some() {
                     return;
@@ -306,7 +366,7 @@ impl Handler<ShutdownStore> for PersistenceActor {
     type Result = Result<(), StorageError>;
 
     fn handle(&mut self, _: ShutdownStore, ctx: &mut Context<Self>) -> Self::Result {
-        while !self.pending.is_empty() || !self.offsets.is_empty() {
+        while !self.pending.is_empty() || !self.offsets.is_empty() || !self.retries.is_empty() {
             self.commit();
             if self.failed.is_some() {
                 break;

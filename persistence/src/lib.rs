@@ -14,6 +14,7 @@
 //! | `meta` | `format` | `weirmq-store-v1` |
 //! | `meta` | `topic/<name>` | topic id (u32) + queue count (u32) |
 //! | `log` | topic id (u32) · queue (u32) · first offset (u64), big-endian | a *record*: the envelopes of consecutive messages of one commit batch |
+//! | `delay` | `r` · group · `0` · topic id (u32) · due ms (u64) · seq (u64) | a retry entry: queue, offset, next attempt, first failure, last error |
 //! | `offsets` | group · `0` · topic id (u32) · queue (u32) | committed offset (u64) + runs of offsets acked above it |
 //!
 //! One record per queue per commit batch (capped at 512 messages / 64 KiB,
@@ -39,9 +40,13 @@
 #![forbid(unsafe_code)]
 
 mod actor;
+mod delay;
 mod store;
 
-pub use actor::{Append, AppendDone, CommitOffsets, CreateTopic, PersistenceActor, ShutdownStore};
+pub use actor::{
+    Append, AppendDone, CommitOffsets, CreateTopic, PersistenceActor, ShutdownStore, UpdateRetries,
+};
+pub use delay::{next_seq, RetryEntry, RetryKey};
 pub use store::{
     OffsetState, QueueKey, RecoveredTopic, Recovery, Store, StoreConfig, StoreReader, SyncEvent,
     SyncHook,

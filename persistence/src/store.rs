@@ -185,6 +185,7 @@ pub struct Store {
     log: sled::Tree,
     offsets: sled::Tree,
     meta: sled::Tree,
+    delay: sled::Tree,
     dir: Option<PathBuf>,
     data_file: Option<File>,
     synced_blobs: HashSet<OsString>,
@@ -254,6 +255,7 @@ impl Store {
         let log = tree("log")?;
         let offsets = tree("offsets")?;
         let meta = tree("meta")?;
+        let delay = tree("delay")?;
         match meta
             .get(FORMAT_KEY)
             .map_err(|e| data_dir_err(&shown, e.to_string()))?
@@ -314,6 +316,7 @@ impl Store {
             log,
             offsets,
             meta,
+            delay,
             dir,
             data_file,
             synced_blobs: HashSet::new(),
@@ -382,6 +385,7 @@ impl Store {
         StoreReader {
             log: self.log.clone(),
             offsets: self.offsets.clone(),
+            delay: self.delay.clone(),
         }
     }
 
@@ -404,14 +408,24 @@ impl Store {
     }
 
     /// Applies one commit's log records and offsets.
+    /// Applies one commit: queue log records, then delay-index changes,
+    /// then consumer offsets — in that order, so a crash (sled recovers a
+    /// prefix of its log) never keeps an offset past a retry entry that
+    /// was lost.
     pub(crate) fn write(
         &mut self,
         log: sled::Batch,
+        delay: Option<sled::Batch>,
         offsets: Option<sled::Batch>,
     ) -> Result<(), StorageError> {
         self.log
             .apply_batch(log)
             .map_err(storage("writing the queue log"))?;
+        if let Some(d) = delay {
+            self.delay
+                .apply_batch(d)
+                .map_err(storage("writing the delay index"))?;
+        }
         if let Some(o) = offsets {
             self.offsets
                 .apply_batch(o)
@@ -632,6 +646,7 @@ pub(crate) fn offsets_batch(entries: &HashMap<(String, QueueKey), OffsetState>) 
 pub struct StoreReader {
     log: sled::Tree,
     offsets: sled::Tree,
+    delay: sled::Tree,
 }
 
 impl fmt::Debug for StoreReader {
@@ -699,6 +714,19 @@ impl StoreReader {
         }
     }
 
+    /// The retry entries of `group` on topic `topic_id`, in due order.
+    ///
+    /// # Errors
+    ///
+    /// A storage error if sled fails or an entry does not decode.
+    pub fn load_retries(
+        &self,
+        group: &str,
+        topic_id: u32,
+    ) -> Result<Vec<crate::RetryEntry>, StorageError> {
+        crate::delay::load_retries(&self.delay, group, topic_id)
+    }
+
     /// The committed positions of `group` in the queues of topic `topic_id`.
     ///
     /// # Errors
@@ -754,7 +782,7 @@ mod tests {
         }
         let (batch, records) = b.finish();
         assert_eq!(records, 3, "512-message records");
-        store.write(batch, None).unwrap();
+        store.write(batch, None, None).unwrap();
         let r = store.reader();
         let t: Arc<str> = Arc::from("t");
         for (from, end, max) in [
@@ -815,7 +843,7 @@ mod tests {
                             ends[*q as usize] += 1;
                         }
                     }
-                    store.write(b.finish().0, None).unwrap();
+                    store.write(b.finish().0, None, None).unwrap();
                 }
                 store.sync().unwrap();
             }

@@ -129,12 +129,18 @@ pub async fn lag(bus: &Bus, group: &str, topic: &str) -> u64 {
         .sum()
 }
 
-/// Waits (up to 60 s) until the group has acked everything in the topic.
+/// Waits (up to 60 s) until the group has settled everything in the topic:
+/// no lag, nothing in flight, no retry scheduled.
 pub async fn caught_up(bus: &Bus, group: &str, topic: &str) {
     wait_until(
-        &format!("group {group} has no lag on {topic}"),
+        &format!("group {group} has settled everything on {topic}"),
         Duration::from_secs(60),
-        || async move { lag(bus, group, topic).await == 0 },
+        || async move {
+            let stats = bus.group_stats(group, topic).await;
+            stats.in_flight == 0
+                && stats.scheduled_retries == 0
+                && lag(bus, group, topic).await == 0
+        },
     )
     .await;
 }

@@ -12,9 +12,14 @@
 //!
 //! * `Ack`: the offset is acked; the committed offset moves over every
 //!   contiguous acked offset.
-//! * `Nack { delay }`: the message stays in flight and is delivered again
-//!   after `delay`, as the next attempt (in memory: the durable retry
-//!   schedule is the subscriber's retry policy's job).
+//! * `Nack { delay, error }`: the next attempt is written to the store's
+//!   delay index (which message, attempt n+1, due time, first failure, last
+//!   error), and once it is stored the message counts as acked — later
+//!   messages are not held back, and the retry survives a restart with its
+//!   attempt number and due time. One timer per group wakes at the earliest
+//!   due retry, which is delivered again (read back from the log by queue and
+//!   offset) and settled like any delivery. If the index cannot be written,
+//!   the retry falls back to an in-memory timer (never lost: unacked).
 //! * `DeadLetter { reason }`: the message is copied to the group's
 //!   dead-letter topic `%DLQ%<group>`, then acked once that copy is stored.
 //!
@@ -27,7 +32,7 @@
 //! Deliveries not settled by then are delivered again to the group's next
 //! subscription.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,7 +45,10 @@ use weirmq_bus::{
     DeliveryBatch, Error, GroupStats, Message as BusMessage, OutgoingMessage, QueuePosition,
     RawDelivery, SendReceipt, SettleToken, Settlement,
 };
-use weirmq_persistence::{CommitOffsets, OffsetState, PersistenceActor, QueueKey, StoreReader};
+use weirmq_persistence::{
+    next_seq, CommitOffsets, OffsetState, PersistenceActor, QueueKey, RetryEntry, RetryKey,
+    StoreReader, UpdateRetries,
+};
 
 /// Publishes a dead letter (to `%DLQ%<group>`), bypassing user-topic checks.
 pub(crate) type DeadLetterSink =
@@ -68,6 +76,37 @@ pub const DLQ_PROPERTIES: [&str; 8] = [
     "DLQ_FIRST_FAILED_AT_MS",
     "DLQ_DEAD_LETTERED_AT_MS",
 ];
+
+/// The first word of a retry delivery's token (queues use their number).
+const RETRY_TOKEN: u64 = u64::MAX;
+
+/// What a settlement token names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// A first delivery (or an in-memory redelivery) of a queue's message.
+    Original { queue: u32, offset: u64 },
+    /// A delivery of a retry entry, by its sequence number.
+    Retry { seq: u64 },
+}
+
+impl Held {
+    fn of(token: SettleToken) -> Held {
+        match token.parts() {
+            (RETRY_TOKEN, seq) => Held::Retry { seq },
+            (queue, offset) => Held::Original {
+                queue: queue as u32,
+                offset,
+            },
+        }
+    }
+}
+
+/// A retry entry being delivered.
+#[derive(Debug)]
+struct RetryFlight {
+    entry: RetryEntry,
+    message: Arc<BusMessage>,
+}
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -137,6 +176,8 @@ pub(crate) struct GroupSetup {
     pub(crate) persistence: Addr<PersistenceActor>,
     pub(crate) deliveries: mpsc::UnboundedSender<DeliveryBatch>,
     pub(crate) dead_letters: DeadLetterSink,
+    /// The group's retry entries found in the store.
+    pub(crate) retries: Vec<RetryEntry>,
 }
 
 /// One consumer group's subscription to one topic. See the module docs.
@@ -158,6 +199,12 @@ pub(crate) struct GroupActor {
     stats: GroupStats,
     offsets_timer: bool,
     read_failed: bool,
+    /// Retries waiting for their due time, by (due ms, seq).
+    scheduled: BTreeMap<(u64, u64), RetryEntry>,
+    /// Retries being delivered, by seq.
+    retrying: HashMap<u64, RetryFlight>,
+    /// The armed wake-up: (due ms, handle).
+    timer: Option<(u64, SpawnHandle)>,
 }
 
 impl GroupActor {
@@ -185,6 +232,13 @@ impl GroupActor {
             stats: GroupStats::default(),
             offsets_timer: false,
             read_failed: false,
+            scheduled: s
+                .retries
+                .into_iter()
+                .map(|e| ((e.key.due_ms, e.key.seq), e))
+                .collect(),
+            retrying: HashMap::new(),
+            timer: None,
         }
     }
 
@@ -221,9 +275,173 @@ impl GroupActor {
         });
     }
 
-    /// Fills the in-flight window from the store, fairly across queues,
-    /// then sends what is ready as one batch.
-    fn pump(&mut self) {
+    /// Fills the in-flight window — due retries first, then the queues,
+    /// fairly — sends what is ready as one batch, and arms the retry timer.
+    fn pump(&mut self, ctx: &mut Context<Self>) {
+        self.take_due_retries();
+        self.pump_queues();
+        self.flush_outbox();
+        self.arm_timer(ctx);
+    }
+
+    fn take_due_retries(&mut self) {
+        let now = now_ms();
+        while self.in_flight < self.max_in_flight {
+            let Some(entry) = self
+                .scheduled
+                .first_key_value()
+                .filter(|((due, _), _)| *due <= now)
+                .map(|(k, _)| *k)
+                .and_then(|k| self.scheduled.remove(&k))
+            else {
+                break;
+            };
+            let key = self.key(entry.queue);
+            let found = self
+                .reader
+                .read_range(&self.topic, key, entry.offset, entry.offset + 1, 1);
+            match found {
+                Ok(mut m) if m.len() == 1 => {
+                    let message = m.remove(0);
+                    let seq = entry.key.seq;
+                    self.outbox.push(RawDelivery {
+                        message: message.clone(),
+                        attempt: entry.attempt,
+                        token: SettleToken::new(RETRY_TOKEN, seq),
+                    });
+                    self.retrying.insert(seq, RetryFlight { entry, message });
+                    self.in_flight += 1;
+                    self.stats.delivered += 1;
+                }
+                other => {
+                    error!(group = %self.group, topic = %self.topic, queue = entry.queue,
+                        offset = entry.offset, result = ?other.map(|m| m.len()),
+                        "a scheduled retry names a message that is not in the log; dropping it");
+                    self.update_retries(Vec::new(), vec![entry.key], |_| {});
+                }
+            }
+        }
+    }
+
+    /// Wakes the group at the earliest due retry (if later than now).
+    fn arm_timer(&mut self, ctx: &mut Context<Self>) {
+        let Some(&(due, _)) = self.scheduled.keys().next() else {
+            return;
+        };
+        let now = now_ms();
+        if due <= now {
+            return; // due already: the next settlement makes room and pumps
+        }
+        if let Some((armed, handle)) = self.timer {
+            if armed <= due {
+                return;
+            }
+            ctx.cancel_future(handle);
+        }
+        let handle = ctx.run_later(Duration::from_millis(due - now), |act, ctx| {
+            act.timer = None;
+            act.pump(ctx);
+        });
+        self.timer = Some((due, handle));
+    }
+
+    fn update_retries(
+        &self,
+        put: Vec<RetryEntry>,
+        remove: Vec<RetryKey>,
+        done: impl FnOnce(bool) + Send + 'static,
+    ) {
+        self.persistence.do_send(UpdateRetries {
+            put,
+            remove,
+            done: Box::new(move |r: Result<(), weirmq_bus::StorageError>| {
+                if let Err(e) = &r {
+                    warn!(error = %e, "writing the delay index failed");
+                }
+                done(r.is_ok())
+            }),
+        });
+    }
+
+    /// What is known of a delivery in flight: message, attempt, first failure.
+    fn flight(&self, held: Held) -> Option<(Arc<BusMessage>, u32, Option<u64>)> {
+        match held {
+            Held::Original { queue, offset } => self
+                .queues
+                .get(queue as usize)?
+                .in_flight
+                .get(&offset)
+                .map(|f| (f.message.clone(), f.attempt, f.first_failed_ms)),
+            Held::Retry { seq } => self.retrying.get(&seq).map(|r| {
+                (
+                    r.message.clone(),
+                    r.entry.attempt,
+                    Some(r.entry.first_failed_ms),
+                )
+            }),
+        }
+    }
+
+    /// A failed delivery: store its next attempt in the delay index, then
+    /// let go of it (see the module docs).
+    fn schedule_retry(
+        &mut self,
+        held: Held,
+        delay: Duration,
+        error: String,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some((message, attempt, first_failed)) = self.flight(held) else {
+            return;
+        };
+        let now = now_ms();
+        let entry = RetryEntry {
+            key: RetryKey {
+                group: self.group.clone(),
+                topic_id: self.topic_id,
+                due_ms: now + delay.as_millis() as u64,
+                seq: next_seq(),
+            },
+            queue: message.queue(),
+            offset: message.offset(),
+            attempt: attempt + 1,
+            first_failed_ms: first_failed.unwrap_or(now),
+            last_error: truncate(error, MAX_REASON),
+        };
+        let remove = match held {
+            Held::Retry { seq } => self
+                .retrying
+                .get(&seq)
+                .map(|r| vec![r.entry.key.clone()])
+                .unwrap_or_default(),
+            Held::Original { .. } => Vec::new(),
+        };
+        let me = ctx.address();
+        let stored = entry.clone();
+        self.update_retries(vec![entry], remove, move |ok| {
+            me.do_send(RetryStored {
+                held,
+                entry: stored,
+                ok,
+                delay,
+            })
+        });
+    }
+
+    /// Lets go of a delivery that is settled (acked, dead-lettered or
+    /// rescheduled).
+    fn release(&mut self, held: Held, ctx: &mut Context<Self>) {
+        match held {
+            Held::Original { queue, offset } => self.acked(queue, offset, ctx),
+            Held::Retry { seq } => {
+                if self.retrying.remove(&seq).is_some() {
+                    self.in_flight -= 1;
+                }
+            }
+        }
+    }
+
+    fn pump_queues(&mut self) {
         self.refresh_ends();
         let n = self.queues.len();
         let mut progress = true;
@@ -272,7 +490,6 @@ impl GroupActor {
             }
             self.rotate = self.rotate.wrapping_add(1);
         }
-        self.flush_outbox();
     }
 
     /// Reads the queues' ends: everything below them is committed.
@@ -354,21 +571,14 @@ impl GroupActor {
         entries
     }
 
-    fn dead_letter(&mut self, queue: u32, offset: u64, reason: String, ctx: &mut Context<Self>) {
-        let Some(f) = self.queues[queue as usize].in_flight.get(&offset) else {
+    fn dead_letter(&mut self, held: Held, reason: String, ctx: &mut Context<Self>) {
+        let Some((m, attempt, first_failed)) = self.flight(held) else {
             return;
         };
-        let m = &f.message;
-        let mut reason = reason;
-        if reason.len() > MAX_REASON {
-            let mut cut = MAX_REASON;
-            while !reason.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            reason.truncate(cut);
-        }
+        let reason = truncate(reason, MAX_REASON);
+        let (queue, offset) = (m.queue(), m.offset());
         error!(group = %self.group, topic = %self.topic, queue, offset, msg_id = %m.id(),
-            attempt = f.attempt, %reason, "dead-lettering message");
+            attempt, %reason, "dead-lettering message");
         let mut out = OutgoingMessage {
             topic: format!("%DLQ%{}", self.group),
             tag: m.tag().map(str::to_string),
@@ -383,8 +593,8 @@ impl GroupActor {
             offset.to_string(),
             m.id().to_string(),
             reason,
-            f.attempt.to_string(),
-            f.first_failed_ms.unwrap_or(now).to_string(),
+            attempt.to_string(),
+            first_failed.unwrap_or(now).to_string(),
             now.to_string(),
         ];
         for (k, v) in DLQ_PROPERTIES.iter().zip(props) {
@@ -394,31 +604,81 @@ impl GroupActor {
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| match res {
             Ok(_) => {
                 act.stats.dead_lettered += 1;
-                act.acked(queue, offset, ctx);
-                act.pump();
+                if let Held::Retry { seq } = held {
+                    if let Some(r) = act.retrying.get(&seq) {
+                        act.update_retries(Vec::new(), vec![r.entry.key.clone()], |_| {});
+                    }
+                }
+                act.release(held, ctx);
+                act.pump(ctx);
             }
             Err(e) => {
                 warn!(group = %act.group, queue, offset, error = %e,
                     "storing a dead letter failed; retrying in 5 s");
                 ctx.run_later(DLQ_RETRY, move |act, ctx| {
-                    act.dead_letter(queue, offset, "dead-letter retry".into(), ctx)
+                    act.dead_letter(held, "dead-letter retry".into(), ctx)
                 });
             }
         }));
     }
 }
 
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+/// A retry entry was written (or not) to the delay index.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct RetryStored {
+    held: Held,
+    entry: RetryEntry,
+    ok: bool,
+    delay: Duration,
+}
+
+impl Handler<RetryStored> for GroupActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: RetryStored, ctx: &mut Context<Self>) {
+        match (msg.ok, msg.held) {
+            (true, held) => {
+                self.release(held, ctx);
+                self.scheduled
+                    .insert((msg.entry.key.due_ms, msg.entry.key.seq), msg.entry);
+            }
+            // Not durable: retry from memory instead (still never lost).
+            (false, Held::Original { queue, offset }) => {
+                ctx.run_later(msg.delay, move |act, _| act.redeliver(queue, offset));
+            }
+            (false, held @ Held::Retry { .. }) => {
+                self.release(held, ctx);
+                self.scheduled
+                    .insert((msg.entry.key.due_ms, msg.entry.key.seq), msg.entry);
+            }
+        }
+        self.pump(ctx);
+    }
+}
+
 impl Actor for GroupActor {
     type Context = Context<Self>;
 
-    fn started(&mut self, _: &mut Context<Self>) {
+    fn started(&mut self, ctx: &mut Context<Self>) {
         // Positions of a new group are written at once, so a restart starts
         // where this subscription did.
         for q in &mut self.queues {
             q.dirty = true;
         }
         self.write_offsets();
-        self.pump();
+        self.pump(ctx);
     }
 }
 
@@ -433,10 +693,10 @@ pub(crate) struct HighWater {
 impl Handler<HighWater> for GroupActor {
     type Result = ();
 
-    fn handle(&mut self, msg: HighWater, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: HighWater, ctx: &mut Context<Self>) {
         let q = &mut self.queues[msg.queue as usize];
         q.end = q.end.max(msg.end);
-        self.pump();
+        self.pump(ctx);
     }
 }
 
@@ -451,7 +711,7 @@ pub(crate) struct Appended {
 impl Handler<Appended> for GroupActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Appended, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: Appended, ctx: &mut Context<Self>) {
         let Some(last) = msg.messages.last() else {
             return;
         };
@@ -470,7 +730,7 @@ impl Handler<Appended> for GroupActor {
                 self.take_first(m.clone());
             }
         }
-        self.pump();
+        self.pump(ctx);
     }
 }
 
@@ -484,31 +744,35 @@ impl Handler<Settle> for GroupActor {
 
     fn handle(&mut self, msg: Settle, ctx: &mut Context<Self>) {
         for (token, settlement) in msg.0 {
-            let (queue, offset) = token.parts();
-            let queue = queue as u32;
-            if queue as usize >= self.queues.len()
-                || !self.queues[queue as usize].in_flight.contains_key(&offset)
-            {
-                continue;
+            let held = Held::of(token);
+            if self.flight(held).is_none() {
+                continue; // already settled, or from a previous subscription
             }
             match settlement {
                 Settlement::Ack => {
                     self.stats.acked += 1;
-                    self.acked(queue, offset, ctx);
-                }
-                Settlement::Nack { delay } => {
-                    self.stats.retried += 1;
-                    if let Some(f) = self.queues[queue as usize].in_flight.get_mut(&offset) {
-                        f.first_failed_ms.get_or_insert_with(now_ms);
+                    if let Held::Retry { seq } = held {
+                        if let Some(r) = self.retrying.get(&seq) {
+                            self.update_retries(Vec::new(), vec![r.entry.key.clone()], |_| {});
+                        }
                     }
-                    ctx.run_later(delay, move |act, _| act.redeliver(queue, offset));
+                    self.release(held, ctx);
+                }
+                Settlement::Nack { delay, error } => {
+                    self.stats.retried += 1;
+                    if let Held::Original { queue, offset } = held {
+                        if let Some(f) = self.queues[queue as usize].in_flight.get_mut(&offset) {
+                            f.first_failed_ms.get_or_insert_with(now_ms);
+                        }
+                    }
+                    self.schedule_retry(held, delay, error, ctx);
                 }
                 Settlement::DeadLetter { reason } => {
-                    self.dead_letter(queue, offset, reason, ctx);
+                    self.dead_letter(held, reason, ctx);
                 }
             }
         }
-        self.pump();
+        self.pump(ctx);
     }
 }
 
@@ -538,6 +802,7 @@ impl Handler<Inspect> for GroupActor {
             .collect();
         let mut stats = self.stats;
         stats.in_flight = self.in_flight as u64;
+        stats.scheduled_retries = self.scheduled.len() as u64;
         MessageResult((positions, stats))
     }
 }
