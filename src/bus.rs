@@ -10,8 +10,9 @@ use std::sync::Arc;
 
 use weirmq_actors::{EmbeddedBroker, EmbeddedConfig};
 use weirmq_bus::{
-    Broker, Durability, Error, Event, GroupStats, Limits, Message, OutgoingMessage, Publish,
-    PublishError, QueuePosition, SendReceipt, TopicConfig, TryPublishError,
+    Broker, DeadLetter, Durability, Error, Event, GroupStats, Limits, Message, OutgoingMessage,
+    Publish, PublishError, QueuePosition, Resend, ResendReport, SendReceipt, TopicConfig,
+    TryPublishError,
 };
 use weirmq_persistence::{StoreConfig, SyncEvent, SyncHook};
 
@@ -356,19 +357,65 @@ impl Bus {
             .await
     }
 
-    /// The dead letters of `group` (at most `max`, oldest first): the original
-    /// messages with [`DLQ_PROPERTIES`](crate::DLQ_PROPERTIES) added (origin
-    /// topic, queue, offset, message id, reason, attempts).
+    /// One page of `group`'s dead letters, oldest first, starting at DLQ
+    /// offset `from` (use the last one's `dlq_offset + 1` for the next
+    /// page). Each keeps the original message and says where it came from,
+    /// why it died, after how many attempts, and whether it was resent.
     ///
     /// # Errors
     ///
     /// A storage error.
-    pub async fn dead_letters(&self, group: &str, max: usize) -> Result<Vec<Arc<Message>>, Error> {
-        let topic = format!("%DLQ%{group}");
-        match self.inner.embedded.read_queue(&topic, 0, 0, max).await {
-            Err(Error::InvalidConfig { .. }) => Ok(Vec::new()),
-            r => r,
-        }
+    pub async fn dead_letters(
+        &self,
+        group: &str,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<DeadLetter>, Error> {
+        self.inner.embedded.dead_letters(group, from, max).await
+    }
+
+    /// How many dead letters `group` holds (resent ones too, until purged).
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    pub async fn dead_letter_count(&self, group: &str) -> Result<u64, Error> {
+        self.inner.embedded.dead_letter_count(group).await
+    }
+
+    /// Sends dead letters back to `group` — to that group only, as attempt
+    /// 1, each at most once — and reports per message: `Resent`,
+    /// `NotFound`, `AlreadyResent`, or `Failed` with the reason.
+    ///
+    /// # Errors
+    ///
+    /// An invalid group name, or a storage error reading the DLQ.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn f(bus: weirmq::Bus) -> Result<(), weirmq::Error> {
+    /// use weirmq::{Resend, ResendOutcome};
+    /// for r in bus.resend_dead_letters("coupon-service", Resend::All).await? {
+    ///     assert_eq!(r.outcome, ResendOutcome::Resent, "{}", r.message_id);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn resend_dead_letters(
+        &self,
+        group: &str,
+        which: Resend,
+    ) -> Result<Vec<ResendReport>, Error> {
+        self.inner.embedded.resend_dead_letters(group, which).await
+    }
+
+    /// Deletes every dead letter of `group`; returns how many were deleted.
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    pub async fn purge_dead_letters(&self, group: &str) -> Result<u64, Error> {
+        self.inner.embedded.purge_dead_letters(group).await
     }
 
     /// The topics that exist, with their queue counts.

@@ -138,19 +138,25 @@ async fn an_undecodable_body_is_dead_lettered_and_the_group_keeps_going() {
         log.entries().iter().map(|e| e.1).collect::<HashSet<_>>(),
         HashSet::from([1, 2])
     );
-    let dead = bus.dead_letters("g", 10).await.unwrap();
+    let dead = bus.dead_letters("g", 0, 10).await.unwrap();
     assert_eq!(dead.len(), 1, "{dead:?}");
     let d = &dead[0];
-    assert_eq!(d.body(), b"{not json");
-    assert_eq!(d.keys(), ["bad-one".to_string()]);
-    let p = d.properties();
+    assert_eq!(d.message.body(), b"{not json");
+    assert_eq!(d.message.keys(), ["bad-one".to_string()]);
+    assert_eq!(d.original_id(), Some(bad.message_id));
+    assert_eq!(
+        (d.origin_queue(), d.origin_offset()),
+        (Some(bad.queue), Some(bad.offset))
+    );
+    assert!(!d.resent);
+    let p = d.message.properties();
     assert_eq!(p["DLQ_ORIGIN_TOPIC"], Num::TOPIC);
     assert_eq!(p["DLQ_ORIGIN_MSG_ID"], bad.message_id.to_string());
     assert_eq!(p["DLQ_ORIGIN_OFFSET"], bad.offset.to_string());
     assert!(p["DLQ_REASON"].starts_with("decode: json codec"), "{p:?}");
     assert_eq!(sub.stats().await.dead_lettered, 1);
     // Other groups are not affected.
-    assert!(bus.dead_letters("other", 10).await.unwrap().is_empty());
+    assert!(bus.dead_letters("other", 0, 10).await.unwrap().is_empty());
     sub.drain().await.unwrap();
     bus.shutdown().await.unwrap();
 }
@@ -175,10 +181,13 @@ async fn a_handler_can_dead_letter_at_once() {
     bus.publish(&Num { n: 0 }).await.unwrap();
     bus.publish(&Num { n: 1 }).await.unwrap();
     caught_up(&bus, "g", Num::TOPIC).await;
-    let dead = bus.dead_letters("g", 10).await.unwrap();
+    let dead = bus.dead_letters("g", 0, 10).await.unwrap();
     assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].properties()["DLQ_REASON"], "n must be positive");
-    assert_eq!(dead[0].properties()["DLQ_ATTEMPTS"], "1");
+    assert_eq!(
+        dead[0].message.properties()["DLQ_REASON"],
+        "n must be positive"
+    );
+    assert_eq!(dead[0].message.properties()["DLQ_ATTEMPTS"], "1");
     assert_eq!(log.len(), 2, "dead-lettered without a retry");
     sub.drain().await.unwrap();
     bus.shutdown().await.unwrap();

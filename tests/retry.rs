@@ -129,9 +129,9 @@ async fn an_always_failing_message_is_tried_max_attempts_times_then_dead_lettere
         .map(|s| s.1)
         .collect();
     assert_eq!(attempts, vec![1, 2, 3], "exactly max_attempts deliveries");
-    let dead = bus.dead_letters("g", 10).await.unwrap();
+    let dead = bus.dead_letters("g", 0, 10).await.unwrap();
     assert_eq!(dead.len(), 1);
-    let p = dead[0].properties();
+    let p = dead[0].message.properties();
     assert_eq!(p["DLQ_ATTEMPTS"], "3");
     assert_eq!(p["DLQ_ORIGIN_MSG_ID"], bad.message_id.to_string());
     assert!(p["DLQ_REASON"].contains("bad input on attempt 3"), "{p:?}");
@@ -199,9 +199,9 @@ async fn a_consume_timeout_counts_as_a_failure() {
         .map(|e| e.2)
         .collect();
     assert_eq!(zero, vec![1, 2]);
-    let dead = bus.dead_letters("g", 10).await.unwrap();
+    let dead = bus.dead_letters("g", 0, 10).await.unwrap();
     assert_eq!(dead.len(), 1);
-    assert!(dead[0].properties()["DLQ_REASON"].contains("consume timeout"));
+    assert!(dead[0].message.properties()["DLQ_REASON"].contains("consume timeout"));
     assert_eq!(
         log.entries().iter().filter(|e| e.1 != 0).count(),
         4,
@@ -251,10 +251,10 @@ async fn a_message_that_always_panics_the_handler_ends_in_the_dlq() {
         bus.publish(&Num { n }).await.unwrap();
     }
     caught_up(&bus, "g", Num::TOPIC).await;
-    let dead = bus.dead_letters("g", 10).await.unwrap();
+    let dead = bus.dead_letters("g", 0, 10).await.unwrap();
     assert_eq!(dead.len(), 1);
-    assert!(dead[0].properties()["DLQ_REASON"].contains("panicked"));
-    assert_eq!(dead[0].properties()["DLQ_ATTEMPTS"], "3");
+    assert!(dead[0].message.properties()["DLQ_REASON"].contains("panicked"));
+    assert_eq!(dead[0].message.properties()["DLQ_ATTEMPTS"], "3");
     let counts: HashMap<u64, usize> = log.counts();
     assert_eq!(counts[&0], 3);
     assert!((1..10).all(|n| counts[&n] == 1), "{counts:?}");
@@ -280,8 +280,12 @@ async fn one_groups_retries_and_dead_letters_do_not_touch_another_group() {
     }
     caught_up(&bus, "failing", Num::TOPIC).await;
     caught_up(&bus, "healthy", Num::TOPIC).await;
-    assert_eq!(bus.dead_letters("failing", 100).await.unwrap().len(), 10);
-    assert!(bus.dead_letters("healthy", 100).await.unwrap().is_empty());
+    assert_eq!(bus.dead_letters("failing", 0, 100).await.unwrap().len(), 10);
+    assert!(bus
+        .dead_letters("healthy", 0, 100)
+        .await
+        .unwrap()
+        .is_empty());
     assert_eq!(failing_seen.lock().unwrap().len(), 20);
     let healthy_seen = healthy_seen.lock().unwrap().clone();
     assert_eq!(healthy_seen.len(), 10);

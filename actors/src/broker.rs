@@ -38,17 +38,17 @@ use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot, Semaphore, SemaphorePermit, TryAcquireError};
 use tracing::{debug, info};
 use weirmq_bus::{
-    validate_group_name, validate_topic_name, Broker, BrokerSubscription, Capabilities, Durability,
-    Error, GroupStats, Limits, Message as BusMessage, OutgoingMessage, QueuePosition, SendReceipt,
-    SettleToken, Settlement, Settler, StartFrom, StorageError, SubscriptionSpec, TopicConfig,
+    validate_group_name, validate_topic_name, Broker, BrokerSubscription, Capabilities, DeadLetter,
+    Durability, Error, GroupStats, Limits, Message as BusMessage, OutgoingMessage, QueuePosition,
+    Resend, ResendOutcome, ResendReport, SendReceipt, SettleToken, Settlement, Settler, StartFrom,
+    StorageError, SubscriptionSpec, TopicConfig,
 };
 use weirmq_persistence::{
-    CreateTopic, OffsetState, PersistenceActor, QueueKey, ShutdownStore, Store, StoreConfig,
-    StoreReader,
+    next_seq, CreateTopic, OffsetState, PersistenceActor, PurgeQueue, QueueKey, RetryEntry,
+    RetryKey, ShutdownStore, Store, StoreConfig, StoreReader, UpdateRetries,
 };
 
-pub use group::DLQ_PROPERTIES;
-use group::{DeadLetterSink, GroupActor, GroupSetup, Inspect, Settle, StopGroup};
+use group::{AddRetries, DeadLetterSink, GroupActor, GroupSetup, Inspect, Settle, StopGroup};
 use topic::{Collector, Listen, PublishPart, QueueActor, TopicActor, TopicPublish, Unlisten};
 
 /// How to open the embedded broker.
@@ -498,6 +498,207 @@ impl EmbeddedBroker {
             .map_err(Error::Storage)
     }
 
+    /// One page of `group`'s dead letters, oldest first, from DLQ offset
+    /// `from`.
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    pub async fn dead_letters(
+        &self,
+        group: &str,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<DeadLetter>, Error> {
+        let topic = dlq_topic(group);
+        if !self.inner.topics.contains_key(&topic) {
+            return Ok(Vec::new());
+        }
+        let messages = self.read_queue(&topic, 0, from, max).await?;
+        let resent = self.reader()?.resent(group)?;
+        Ok(messages
+            .into_iter()
+            .map(|m| DeadLetter {
+                dlq_offset: m.offset(),
+                resent: resent.contains(&m.offset()),
+                message: m,
+            })
+            .collect())
+    }
+
+    /// How many dead letters `group` has (resent ones included, until
+    /// purged).
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    pub async fn dead_letter_count(&self, group: &str) -> Result<u64, Error> {
+        let Some(h) = self.inner.topics.get(&dlq_topic(group)).map(|h| h.clone()) else {
+            return Ok(0);
+        };
+        Ok(self.reader()?.count(QueueKey {
+            topic_id: h.id,
+            queue: 0,
+        })?)
+    }
+
+    /// Sends dead letters back to `group` (and no other group) as attempt 1,
+    /// each at most once; one report per message.
+    ///
+    /// # Errors
+    ///
+    /// A storage error reading the dead-letter queue (a failure to schedule
+    /// a resend is reported per message instead).
+    pub async fn resend_dead_letters(
+        &self,
+        group: &str,
+        which: Resend,
+    ) -> Result<Vec<ResendReport>, Error> {
+        validate_group_name(group)?;
+        self.check_open()?;
+        // One resend at a time, so two cannot both find a letter unsent.
+        let _guard = self.inner.create_lock.lock().await;
+        let mut letters = Vec::new();
+        loop {
+            let page = self.dead_letters(group, letters.len() as u64, 1000).await?;
+            if page.is_empty() {
+                break;
+            }
+            letters.extend(page);
+        }
+        let mut reports: Vec<ResendReport> = Vec::new();
+        let mut chosen: Vec<(usize, DeadLetter)> = Vec::new();
+        let pick = |dl: &DeadLetter, chosen: &Vec<(usize, DeadLetter)>| {
+            !dl.resent && !chosen.iter().any(|(_, c)| c.dlq_offset == dl.dlq_offset)
+        };
+        match which {
+            Resend::All => {
+                for dl in letters.iter().filter(|d| !d.resent) {
+                    let Some(id) = dl.original_id() else { continue };
+                    reports.push(ResendReport {
+                        message_id: id,
+                        outcome: ResendOutcome::Resent,
+                    });
+                    chosen.push((reports.len() - 1, dl.clone()));
+                }
+            }
+            Resend::Ids(ids) => {
+                for id in ids {
+                    let found: Vec<&DeadLetter> = letters
+                        .iter()
+                        .filter(|d| d.original_id() == Some(id))
+                        .collect();
+                    let outcome = match found.iter().find(|d| pick(d, &chosen)) {
+                        Some(dl) => {
+                            chosen.push((reports.len(), (*dl).clone()));
+                            ResendOutcome::Resent
+                        }
+                        None if found.is_empty() => ResendOutcome::NotFound,
+                        None => ResendOutcome::AlreadyResent,
+                    };
+                    reports.push(ResendReport {
+                        message_id: id,
+                        outcome,
+                    });
+                }
+            }
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut entries: Vec<(String, RetryEntry)> = Vec::new();
+        let mut marks = Vec::new();
+        for (at, dl) in &chosen {
+            let origin = dl
+                .origin_topic()
+                .and_then(|t| self.inner.topics.get(t).map(|h| h.clone()));
+            let (Some(h), Some(queue), Some(offset)) =
+                (origin, dl.origin_queue(), dl.origin_offset())
+            else {
+                reports[*at].outcome = ResendOutcome::Failed(
+                    "the dead letter does not say where it came from, or that topic is gone".into(),
+                );
+                continue;
+            };
+            entries.push((
+                h.name.to_string(),
+                RetryEntry {
+                    key: RetryKey {
+                        group: group.to_string(),
+                        topic_id: h.id,
+                        due_ms: now,
+                        seq: next_seq(),
+                    },
+                    queue,
+                    offset,
+                    attempt: 1,
+                    first_failed_ms: now,
+                    last_error: "resent from the dead-letter queue".into(),
+                },
+            ));
+            marks.push((group.to_string(), dl.dlq_offset));
+        }
+        if entries.is_empty() {
+            return Ok(reports);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.inner.persistence.do_send(UpdateRetries {
+            put: entries.iter().map(|(_, e)| e.clone()).collect(),
+            remove: Vec::new(),
+            resent: marks,
+            done: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        });
+        match rx.await.map_err(|_| Error::Closed)? {
+            Ok(()) => {
+                info!(group, resent = entries.len(), "dead letters resent");
+                let mut by_topic: HashMap<String, Vec<RetryEntry>> = HashMap::new();
+                for (t, e) in entries {
+                    by_topic.entry(t).or_default().push(e);
+                }
+                for (topic, es) in by_topic {
+                    if let Some(g) = self.inner.groups.get(&(group.to_string(), topic)) {
+                        g.addr.do_send(AddRetries(es));
+                    }
+                }
+            }
+            Err(e) => {
+                for r in &mut reports {
+                    if r.outcome == ResendOutcome::Resent {
+                        r.outcome = ResendOutcome::Failed(e.to_string());
+                    }
+                }
+            }
+        }
+        Ok(reports)
+    }
+
+    /// Deletes every dead letter of `group`; returns how many.
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    pub async fn purge_dead_letters(&self, group: &str) -> Result<u64, Error> {
+        let Some(h) = self.inner.topics.get(&dlq_topic(group)).map(|h| h.clone()) else {
+            return Ok(0);
+        };
+        let n = self
+            .inner
+            .persistence
+            .send(PurgeQueue {
+                key: QueueKey {
+                    topic_id: h.id,
+                    queue: 0,
+                },
+                group: group.to_string(),
+            })
+            .await
+            .map_err(|_| Error::Closed)??;
+        info!(group, purged = n, "dead letters purged");
+        Ok(n)
+    }
+
     /// The topics that exist, with their queue counts.
     pub fn topics(&self) -> Vec<TopicConfig> {
         let mut v: Vec<TopicConfig> = self
@@ -509,6 +710,10 @@ impl EmbeddedBroker {
         v.sort_by(|a, b| a.name().cmp(b.name()));
         v
     }
+}
+
+fn dlq_topic(group: &str) -> String {
+    format!("%DLQ%{group}")
 }
 
 #[derive(Debug)]

@@ -25,7 +25,7 @@
 mod broker;
 mod subscriber;
 
-pub use broker::{EmbeddedBroker, EmbeddedConfig, DLQ_PROPERTIES};
+pub use broker::{EmbeddedBroker, EmbeddedConfig};
 pub use subscriber::{
     start_subscriber, Delivery, HandlerError, SubscriberConfig, SubscriberHandle,
 };

@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 mod broker;
+mod dlq;
 mod error;
 mod event;
 mod message;
@@ -27,6 +28,11 @@ mod topic;
 pub use broker::{
     Broker, BrokerSubscription, Capabilities, DeliveryBatch, GroupStats, QueuePosition,
     RawDelivery, SettleToken, Settlement, Settler, StartFrom, SubscriptionSpec,
+};
+pub use dlq::{
+    DeadLetter, Resend, ResendOutcome, ResendReport, DLQ_ATTEMPTS, DLQ_DEAD_LETTERED_AT_MS,
+    DLQ_FIRST_FAILED_AT_MS, DLQ_ORIGIN_MSG_ID, DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_QUEUE,
+    DLQ_ORIGIN_TOPIC, DLQ_PROPERTIES, DLQ_REASON,
 };
 pub use error::{CodecError, Error, NameKind, PublishError, StorageError, TryPublishError};
 pub use event::{Codec, Event, Json};

@@ -33,7 +33,7 @@ use actix::prelude::*;
 use tracing::{debug, error, trace};
 use weirmq_bus::{Durability, Message as BusMessage, StorageError};
 
-use crate::delay::{RetryEntry, RetryKey};
+use crate::delay::{resent_key, resent_prefix, RetryEntry, RetryKey};
 use crate::store::{offsets_batch, OffsetState, QueueKey, RecordBuilder, Store};
 
 /// Called on the persistence thread once an append's commit is done.
@@ -89,6 +89,8 @@ pub struct UpdateRetries {
     pub put: Vec<RetryEntry>,
     /// Entries to remove.
     pub remove: Vec<RetryKey>,
+    /// Dead letters (group, DLQ offset) to mark as resent.
+    pub resent: Vec<(String, u64)>,
     /// Called once, after the commit, with its outcome.
     pub done: AppendDone,
 }
@@ -104,6 +106,27 @@ impl std::fmt::Debug for UpdateRetries {
 
 impl Message for UpdateRetries {
     type Result = ();
+}
+
+/// Deletes every stored message of a queue (a dead-letter queue being
+/// purged) and the group's resent marks; replies with how many messages were
+/// deleted. Pending appends are committed first.
+#[derive(Debug)]
+pub struct PurgeQueue {
+    /// The queue.
+    pub key: QueueKey,
+    /// The group whose resent marks go too.
+    pub group: String,
+}
+
+impl Message for PurgeQueue {
+    type Result = Result<u64, StorageError>;
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Registers a topic in the store; replies with its id.
@@ -225,6 +248,9 @@ impl PersistenceActor {
                         for e in &u.put {
                             b.insert(e.key.encode(), e.encode_value());
                         }
+                        for (group, offset) in &u.resent {
+                            b.insert(resent_key(group, *offset), now_ms().to_be_bytes().to_vec());
+                        }
                     }
                     b
                 });
@@ -345,6 +371,23 @@ impl Handler<CommitOffsets> for PersistenceActor {
                 }
             });
         }
+    }
+}
+
+impl Handler<PurgeQueue> for PersistenceActor {
+    type Result = Result<u64, StorageError>;
+
+    fn handle(&mut self, msg: PurgeQueue, _: &mut Context<Self>) -> Self::Result {
+        while !self.pending.is_empty() || !self.retries.is_empty() {
+            self.commit();
+        }
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        let store = self.store.as_mut().ok_or_else(Self::closed)?;
+        let n = store.purge_queue(msg.key, &resent_prefix(&msg.group))?;
+        debug!(?msg.key, group = %msg.group, purged = n, "queue purged");
+        Ok(n)
     }
 }
 

@@ -9,13 +9,30 @@
 //!
 //! Keys: `r` · group · `0` · topic id (u32) · due (Unix ms, u64) · seq (u64),
 //! big-endian, so a prefix scan per (group, topic) returns entries in due
-//! order.
+//! order. Dead letters resent to their group are marked under
+//! `x` · group · `0` · DLQ offset (u64), so a resend is never repeated.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use weirmq_bus::StorageError;
 
 const RETRY: u8 = b'r';
+const RESENT: u8 = b'x';
+
+/// The key marking dead letter `dlq_offset` of `group` as resent.
+pub(crate) fn resent_key(group: &str, dlq_offset: u64) -> Vec<u8> {
+    let mut k = resent_prefix(group);
+    k.extend_from_slice(&dlq_offset.to_be_bytes());
+    k
+}
+
+pub(crate) fn resent_prefix(group: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(group.len() + 10);
+    k.push(RESENT);
+    k.extend_from_slice(group.as_bytes());
+    k.push(0);
+    k
+}
 
 /// Where a retry entry lives in the index.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

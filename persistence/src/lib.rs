@@ -44,7 +44,8 @@ mod delay;
 mod store;
 
 pub use actor::{
-    Append, AppendDone, CommitOffsets, CreateTopic, PersistenceActor, ShutdownStore, UpdateRetries,
+    Append, AppendDone, CommitOffsets, CreateTopic, PersistenceActor, PurgeQueue, ShutdownStore,
+    UpdateRetries,
 };
 pub use delay::{next_seq, RetryEntry, RetryKey};
 pub use store::{

@@ -434,6 +434,25 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes every record of `key`'s queue and every delay-index key under
+    /// `marks`; returns how many messages were deleted.
+    pub(crate) fn purge_queue(&mut self, key: QueueKey, marks: &[u8]) -> Result<u64, StorageError> {
+        let mut log = sled::Batch::default();
+        let mut n = 0u64;
+        for item in self.log.range(key.log_key(0)..=key.log_key(u64::MAX)) {
+            let (k, v) = item.map_err(storage("reading the queue log"))?;
+            n += record_count(&v)? as u64;
+            log.remove(k);
+        }
+        let mut delay = sled::Batch::default();
+        for item in self.delay.scan_prefix(marks) {
+            let (k, _) = item.map_err(storage("reading the delay index"))?;
+            delay.remove(k);
+        }
+        self.write(log, Some(delay), None)?;
+        Ok(n)
+    }
+
     /// Makes everything written so far durable: sled `flush()`, then
     /// `fdatasync` of the data file and of new blob files, then `fsync` of
     /// the blob directory if it gained files.
@@ -694,6 +713,40 @@ impl StoreReader {
                 ok
             })?;
             out.extend(msgs);
+        }
+        Ok(out)
+    }
+
+    /// How many messages a queue holds (counts records, decodes nothing).
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    pub fn count(&self, key: QueueKey) -> Result<u64, StorageError> {
+        let mut n = 0;
+        for item in self.log.range(key.log_key(0)..=key.log_key(u64::MAX)) {
+            let (_, v) = item.map_err(storage("reading the queue log"))?;
+            n += record_count(&v)? as u64;
+        }
+        Ok(n)
+    }
+
+    /// The DLQ offsets of `group`'s dead letters already resent.
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    pub fn resent(&self, group: &str) -> Result<HashSet<u64>, StorageError> {
+        let prefix = crate::delay::resent_prefix(group);
+        let mut out = HashSet::new();
+        for item in self.delay.scan_prefix(&prefix) {
+            let (k, _) = item.map_err(storage("reading the delay index"))?;
+            let off = k
+                .get(prefix.len()..prefix.len() + 8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| StorageError::msg("a resent mark is corrupt"))?;
+            out.insert(off);
         }
         Ok(out)
     }

@@ -43,7 +43,7 @@ use tokio::sync::mpsc;
 use tracing::{error, trace, warn};
 use weirmq_bus::{
     DeliveryBatch, Error, GroupStats, Message as BusMessage, OutgoingMessage, QueuePosition,
-    RawDelivery, SendReceipt, SettleToken, Settlement,
+    RawDelivery, SendReceipt, SettleToken, Settlement, DLQ_PROPERTIES,
 };
 use weirmq_persistence::{
     next_seq, CommitOffsets, OffsetState, PersistenceActor, QueueKey, RetryEntry, RetryKey,
@@ -61,21 +61,6 @@ const SPAN_FACTOR: u64 = 4;
 const OFFSETS_EVERY: Duration = Duration::from_millis(50);
 const DLQ_RETRY: Duration = Duration::from_secs(5);
 const MAX_REASON: usize = 1024;
-
-/// Property names a dead letter carries besides the original's properties:
-/// origin topic, queue, offset and message id, the reason (last error),
-/// the attempts made, and when it first failed and was dead-lettered (Unix
-/// milliseconds).
-pub const DLQ_PROPERTIES: [&str; 8] = [
-    "DLQ_ORIGIN_TOPIC",
-    "DLQ_ORIGIN_QUEUE",
-    "DLQ_ORIGIN_OFFSET",
-    "DLQ_ORIGIN_MSG_ID",
-    "DLQ_REASON",
-    "DLQ_ATTEMPTS",
-    "DLQ_FIRST_FAILED_AT_MS",
-    "DLQ_DEAD_LETTERED_AT_MS",
-];
 
 /// The first word of a retry delivery's token (queues use their number).
 const RETRY_TOKEN: u64 = u64::MAX;
@@ -354,6 +339,7 @@ impl GroupActor {
         self.persistence.do_send(UpdateRetries {
             put,
             remove,
+            resent: Vec::new(),
             done: Box::new(move |r: Result<(), weirmq_bus::StorageError>| {
                 if let Err(e) = &r {
                     warn!(error = %e, "writing the delay index failed");
@@ -771,6 +757,22 @@ impl Handler<Settle> for GroupActor {
                     self.dead_letter(held, reason, ctx);
                 }
             }
+        }
+        self.pump(ctx);
+    }
+}
+
+/// Retry entries written by someone else (a dead-letter resend).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct AddRetries(pub(crate) Vec<RetryEntry>);
+
+impl Handler<AddRetries> for GroupActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: AddRetries, ctx: &mut Context<Self>) {
+        for e in msg.0 {
+            self.scheduled.insert((e.key.due_ms, e.key.seq), e);
         }
         self.pump(ctx);
     }
