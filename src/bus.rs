@@ -371,7 +371,7 @@ impl Bus {
         from: u64,
         max: usize,
     ) -> Result<Vec<DeadLetter>, Error> {
-        self.inner.embedded.dead_letters(group, from, max).await
+        self.inner.broker.dead_letters(group, from, max).await
     }
 
     /// How many dead letters `group` holds (resent ones too, until purged).
@@ -380,7 +380,7 @@ impl Bus {
     ///
     /// A storage error.
     pub async fn dead_letter_count(&self, group: &str) -> Result<u64, Error> {
-        self.inner.embedded.dead_letter_count(group).await
+        self.inner.broker.dead_letter_count(group).await
     }
 
     /// Sends dead letters back to `group` — to that group only, as attempt
@@ -406,7 +406,7 @@ impl Bus {
         group: &str,
         which: Resend,
     ) -> Result<Vec<ResendReport>, Error> {
-        self.inner.embedded.resend_dead_letters(group, which).await
+        self.inner.broker.resend_dead_letters(group, which).await
     }
 
     /// Deletes every dead letter of `group`; returns how many were deleted.
@@ -415,7 +415,7 @@ impl Bus {
     ///
     /// A storage error.
     pub async fn purge_dead_letters(&self, group: &str) -> Result<u64, Error> {
-        self.inner.embedded.purge_dead_letters(group).await
+        self.inner.broker.purge_dead_letters(group).await
     }
 
     /// The topics that exist, with their queue counts.

@@ -504,7 +504,7 @@ impl EmbeddedBroker {
     /// # Errors
     ///
     /// A storage error.
-    pub async fn dead_letters(
+    async fn dead_letters_impl(
         &self,
         group: &str,
         from: u64,
@@ -532,7 +532,7 @@ impl EmbeddedBroker {
     /// # Errors
     ///
     /// A storage error.
-    pub async fn dead_letter_count(&self, group: &str) -> Result<u64, Error> {
+    async fn dead_letter_count_impl(&self, group: &str) -> Result<u64, Error> {
         let Some(h) = self.inner.topics.get(&dlq_topic(group)).map(|h| h.clone()) else {
             return Ok(0);
         };
@@ -549,7 +549,7 @@ impl EmbeddedBroker {
     ///
     /// A storage error reading the dead-letter queue (a failure to schedule
     /// a resend is reported per message instead).
-    pub async fn resend_dead_letters(
+    async fn resend_dead_letters_impl(
         &self,
         group: &str,
         which: Resend,
@@ -560,7 +560,9 @@ impl EmbeddedBroker {
         let _guard = self.inner.create_lock.lock().await;
         let mut letters = Vec::new();
         loop {
-            let page = self.dead_letters(group, letters.len() as u64, 1000).await?;
+            let page = self
+                .dead_letters_impl(group, letters.len() as u64, 1000)
+                .await?;
             if page.is_empty() {
                 break;
             }
@@ -679,7 +681,7 @@ impl EmbeddedBroker {
     /// # Errors
     ///
     /// A storage error.
-    pub async fn purge_dead_letters(&self, group: &str) -> Result<u64, Error> {
+    async fn purge_dead_letters_impl(&self, group: &str) -> Result<u64, Error> {
         let Some(h) = self.inner.topics.get(&dlq_topic(group)).map(|h| h.clone()) else {
             return Ok(0);
         };
@@ -891,6 +893,31 @@ impl Broker for EmbeddedBroker {
             Some(addr) => addr.send(Inspect).await.map(|(_, s)| s).unwrap_or_default(),
             None => GroupStats::default(),
         }
+    }
+
+    async fn dead_letters(
+        &self,
+        group: &str,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<DeadLetter>, Error> {
+        self.dead_letters_impl(group, from, max).await
+    }
+
+    async fn dead_letter_count(&self, group: &str) -> Result<u64, Error> {
+        self.dead_letter_count_impl(group).await
+    }
+
+    async fn resend_dead_letters(
+        &self,
+        group: &str,
+        which: Resend,
+    ) -> Result<Vec<ResendReport>, Error> {
+        self.resend_dead_letters_impl(group, which).await
+    }
+
+    async fn purge_dead_letters(&self, group: &str) -> Result<u64, Error> {
+        self.purge_dead_letters_impl(group).await
     }
 
     async fn shutdown(&self) -> Result<(), Error> {

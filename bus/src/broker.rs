@@ -30,6 +30,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
+use crate::dlq::{DeadLetter, Resend, ResendReport};
 use crate::error::Error;
 use crate::message::{Durability, Message, OutgoingMessage, SendReceipt};
 use crate::topic::TopicConfig;
@@ -258,6 +259,45 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// Counters of the running subscription of `group` to `topic` (zero if
     /// none runs in this process).
     async fn group_stats(&self, group: &str, topic: &str) -> GroupStats;
+
+    /// One page of `group`'s dead letters, oldest first, from DLQ offset
+    /// `from`.
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    async fn dead_letters(
+        &self,
+        group: &str,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<DeadLetter>, Error>;
+
+    /// How many dead letters `group` holds.
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    async fn dead_letter_count(&self, group: &str) -> Result<u64, Error>;
+
+    /// Sends dead letters back to `group` only, as attempt 1, each at most
+    /// once; one report per message.
+    ///
+    /// # Errors
+    ///
+    /// A storage error reading the dead-letter queue.
+    async fn resend_dead_letters(
+        &self,
+        group: &str,
+        which: Resend,
+    ) -> Result<Vec<ResendReport>, Error>;
+
+    /// Deletes every dead letter of `group`; returns how many.
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    async fn purge_dead_letters(&self, group: &str) -> Result<u64, Error>;
 
     /// Stops every subscription, persists offsets, syncs and closes the store.
     ///
