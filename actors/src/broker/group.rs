@@ -93,6 +93,15 @@ struct RetryFlight {
     message: Arc<BusMessage>,
 }
 
+/// The first Unix millisecond at or after now + `delay` (rounded up, so a
+/// retry is never early).
+fn due_ms_after(delay: Duration) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (now + delay).as_micros().div_ceil(1000) as u64
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -385,7 +394,7 @@ impl GroupActor {
             key: RetryKey {
                 group: self.group.clone(),
                 topic_id: self.topic_id,
-                due_ms: now + delay.as_millis() as u64,
+                due_ms: due_ms_after(delay),
                 seq: next_seq(),
             },
             queue: message.queue(),
