@@ -307,11 +307,19 @@ impl GroupActor {
                     self.in_flight += 1;
                     self.stats.delivered += 1;
                 }
-                other => {
+                Ok(_) => {
                     error!(group = %self.group, topic = %self.topic, queue = entry.queue,
-                        offset = entry.offset, result = ?other.map(|m| m.len()),
+                        offset = entry.offset,
                         "a scheduled retry names a message that is not in the log; dropping it");
                     self.update_retries(Vec::new(), vec![entry.key], |_| {});
+                }
+                Err(e) => {
+                    // Keep it: try again in a second.
+                    warn!(group = %self.group, topic = %self.topic, error = %e,
+                        "reading a due retry failed; trying again in 1 s");
+                    // (Its stored key keeps its due time; only the wake-up moves.)
+                    self.scheduled.insert((now + 1000, entry.key.seq), entry);
+                    break;
                 }
             }
         }
