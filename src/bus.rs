@@ -173,6 +173,14 @@ pub struct Bus {
 
 impl Bus {
     /// A builder; `Bus::builder().open().await` opens `./weirmq-data`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # #[actix::main] async fn main() -> Result<(), weirmq::Error> {
+    /// let bus = weirmq::Bus::builder().data_dir("/var/lib/my-service/bus").open().await?;
+    /// # bus.shutdown().await }
+    /// ```
     pub fn builder() -> BusBuilder {
         BusBuilder::default()
     }
@@ -205,6 +213,21 @@ impl Bus {
     /// The receipt is returned once the message is stored with the bus's
     /// durability (default: fsync'd). It is then delivered to every consumer
     /// group subscribed to the topic, at least once each.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use weirmq::prelude::*;
+    /// #[derive(Serialize, Deserialize, Debug)]
+    /// struct OrderCreated { id: u64 }
+    /// impl Event for OrderCreated { const TOPIC: &'static str = "orders"; }
+    ///
+    /// # #[actix::main] async fn main() -> Result<(), weirmq::Error> {
+    /// let bus = Bus::builder().in_memory().open().await?;
+    /// let receipt = bus.publish(&OrderCreated { id: 1 }).await?;
+    /// assert_eq!(receipt.offset, 0);
+    /// # bus.shutdown().await }
+    /// ```
     pub async fn publish<E: Event>(&self, event: &E) -> Result<SendReceipt, Error> {
         self.publish_with(event, Publish::new()).await
     }
@@ -214,6 +237,26 @@ impl Bus {
     /// # Errors
     ///
     /// As [`Bus::publish`], plus invalid tag, key or property names.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use weirmq::prelude::*;
+    /// # #[derive(Serialize, Deserialize, Debug)] struct OrderCreated { id: u64 }
+    /// # impl Event for OrderCreated { const TOPIC: &'static str = "orders"; }
+    /// # #[actix::main] async fn main() -> Result<(), weirmq::Error> {
+    /// # let bus = Bus::builder().in_memory().open().await?;
+    /// bus.publish_with(
+    ///     &OrderCreated { id: 2 },
+    ///     Publish::new()
+    ///         .tag("vip")
+    ///         .key("order-2")
+    ///         .property("region", "eu")
+    ///         .durability(Durability::Buffered),
+    /// )
+    /// .await?;
+    /// # bus.shutdown().await }
+    /// ```
     pub async fn publish_with<E: Event>(
         &self,
         event: &E,
@@ -282,6 +325,20 @@ impl Bus {
     ///
     /// As [`Bus::publish`]; on error no receipt is returned (some events may
     /// still have been stored: at-least-once).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use weirmq::prelude::*;
+    /// # #[derive(Serialize, Deserialize, Debug)] struct OrderCreated { id: u64 }
+    /// # impl Event for OrderCreated { const TOPIC: &'static str = "orders"; }
+    /// # #[actix::main] async fn main() -> Result<(), weirmq::Error> {
+    /// # let bus = Bus::builder().in_memory().open().await?;
+    /// let orders: Vec<OrderCreated> = (0..100).map(|id| OrderCreated { id }).collect();
+    /// let receipts = bus.publish_batch(&orders).await?;
+    /// assert_eq!(receipts.len(), 100);
+    /// # bus.shutdown().await }
+    /// ```
     pub async fn publish_batch<E: Event>(&self, events: &[E]) -> Result<Vec<SendReceipt>, Error> {
         let messages = events
             .iter()
@@ -318,7 +375,7 @@ impl Bus {
     }
 
     /// Starts building a subscription of consumer group `group` to `E`'s
-    /// topic.
+    /// topic; see [`SubscribeBuilder`] for the options and an example.
     pub fn subscribe<E: Event>(&self, group: impl Into<String>) -> SubscribeBuilder<E> {
         SubscribeBuilder::new(self.clone(), group.into())
     }
