@@ -66,9 +66,9 @@ pub use bus::{Bus, BusBuilder};
 pub use subscribe::{SubscribeBuilder, Subscription};
 pub use weirmq_actors::{Delivery, HandlerError};
 pub use weirmq_bus::{
-    Backoff, Broker, Capabilities, Codec, CodecError, Durability, Error, Event, GroupStats, Json,
-    Limits, Message, MessageId, NameKind, OutgoingMessage, Publish, PublishError, QueuePosition,
-    RetryPolicy, SendReceipt, StartFrom, StorageError, TopicConfig, TryPublishError,
+    Backoff, Broker, Capabilities, Codec, CodecError, Durability, Error, Event, Filter, GroupStats,
+    Json, Limits, Message, MessageId, NameKind, OutgoingMessage, Publish, PublishError,
+    QueuePosition, RetryPolicy, SendReceipt, StartFrom, StorageError, TopicConfig, TryPublishError,
 };
 pub use weirmq_bus::{DeadLetter, Resend, ResendOutcome, ResendReport, DLQ_PROPERTIES};
 pub use weirmq_persistence::{SyncEvent, SyncHook};

@@ -5,7 +5,7 @@
 //! `Context`, `Handler`, `ResponseFuture`), and serde's derives.
 
 pub use crate::{
-    Bus, Delivery, Durability, Event, HandlerError, OutgoingMessage, Publish, RetryPolicy,
+    Bus, Delivery, Durability, Event, Filter, HandlerError, OutgoingMessage, Publish, RetryPolicy,
     SendReceipt, StartFrom, Subscription, TopicConfig,
 };
 pub use actix::{Actor, AsyncContext, Context, Handler, ResponseFuture};

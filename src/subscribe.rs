@@ -6,7 +6,7 @@ use std::time::Duration;
 use actix::{Actor, Context, Handler};
 use weirmq_actors::{start_subscriber, Delivery, SubscriberConfig, SubscriberHandle};
 use weirmq_bus::{
-    Error, Event, GroupStats, QueuePosition, RetryPolicy, StartFrom, SubscriptionSpec,
+    Error, Event, Filter, GroupStats, QueuePosition, RetryPolicy, StartFrom, SubscriptionSpec,
 };
 
 use crate::bus::Bus;
@@ -46,6 +46,7 @@ pub struct SubscribeBuilder<E, A = ()> {
     group: String,
     start: StartFrom,
     max_in_flight: usize,
+    filter: Filter,
     config: SubscriberConfig,
     members: usize,
     factory: Option<Box<dyn Fn() -> A>>,
@@ -70,6 +71,7 @@ impl<E: Event> SubscribeBuilder<E, ()> {
             group,
             start: StartFrom::Latest,
             max_in_flight: 1024,
+            filter: Filter::All,
             config: SubscriberConfig::default(),
             members: 1,
             factory: None,
@@ -91,11 +93,21 @@ impl<E: Event, A> SubscribeBuilder<E, A> {
             group: self.group,
             start: self.start,
             max_in_flight: self.max_in_flight,
+            filter: self.filter,
             config: self.config,
             members: n,
             factory: Some(Box::new(factory)),
             _event: PhantomData,
         }
+    }
+
+    /// Receives only the messages `filter` accepts (default: all). Build it
+    /// with [`Filter::tags`] (`"vip || gold"`), which reports a bad
+    /// expression with its position. The rest are skipped: the group's
+    /// position moves past them.
+    pub fn filter(mut self, filter: Filter) -> Self {
+        self.filter = filter;
+        self
     }
 
     /// Where a group with no committed position starts (default
@@ -171,6 +183,7 @@ where
             topic: E::TOPIC.to_string(),
             start: self.start,
             max_in_flight: self.max_in_flight,
+            filter: self.filter,
         };
         let handle = start_subscriber::<E, A, _>(
             self.bus.broker().clone(),

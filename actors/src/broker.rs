@@ -804,6 +804,7 @@ impl Broker for EmbeddedBroker {
             deliveries: tx,
             dead_letters: self.dead_letter_sink(),
             retries,
+            filter: spec.filter.clone(),
         };
         let addr = GroupActor::start_in_arbiter(&self.inner.broker_arbiter, move |_| {
             GroupActor::new(setup)

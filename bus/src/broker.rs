@@ -32,6 +32,7 @@ use tokio::sync::mpsc;
 
 use crate::dlq::{DeadLetter, Resend, ResendReport};
 use crate::error::Error;
+use crate::filter::Filter;
 use crate::message::{Durability, Message, OutgoingMessage, SendReceipt};
 use crate::topic::TopicConfig;
 
@@ -80,6 +81,9 @@ pub struct SubscriptionSpec {
     pub start: StartFrom,
     /// The most unsettled deliveries at once for this subscription.
     pub max_in_flight: usize,
+    /// Which messages the group wants; the others are skipped (its
+    /// position moves past them).
+    pub filter: Filter,
 }
 
 /// An opaque handle naming one delivery, returned with its [`Settlement`].
@@ -178,6 +182,8 @@ pub struct GroupStats {
     pub in_flight: u64,
     /// Failed deliveries waiting (durably) for their next attempt.
     pub scheduled_retries: u64,
+    /// Messages skipped because the subscription's filter rejected them.
+    pub filtered: u64,
 }
 
 /// A storage/transport backend.

@@ -151,6 +151,15 @@ pub enum Error {
         /// What is wrong and what is allowed.
         reason: String,
     },
+    /// A subscription filter does not parse.
+    InvalidFilter {
+        /// The expression.
+        expression: String,
+        /// The byte position of the problem.
+        position: usize,
+        /// What was expected.
+        reason: String,
+    },
     /// The topic exists with a different configuration.
     TopicConflict {
         /// The topic.
@@ -219,6 +228,14 @@ impl fmt::Display for Error {
                 "message properties take {size} bytes (names and values), more than the limit of {max} bytes"
             ),
             Error::InvalidConfig { reason } => write!(f, "invalid configuration: {reason}"),
+            Error::InvalidFilter {
+                expression,
+                position,
+                reason,
+            } => write!(
+                f,
+                "filter `{expression}` is invalid at position {position}: {reason}"
+            ),
             Error::TopicConflict { topic, reason } => {
                 write!(f, "topic `{topic}` already exists with another configuration: {reason}")
             }

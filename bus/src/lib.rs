@@ -21,6 +21,7 @@ mod broker;
 mod dlq;
 mod error;
 mod event;
+mod filter;
 mod message;
 mod retry;
 mod topic;
@@ -36,6 +37,7 @@ pub use dlq::{
 };
 pub use error::{CodecError, Error, NameKind, PublishError, StorageError, TryPublishError};
 pub use event::{Codec, Event, Json};
+pub use filter::Filter;
 pub use message::{Durability, Message, MessageId, OutgoingMessage, Publish, SendReceipt};
 pub use retry::{Backoff, RetryPolicy};
 pub use topic::{

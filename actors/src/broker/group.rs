@@ -42,8 +42,8 @@ use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 use tracing::{error, trace, warn};
 use weirmq_bus::{
-    DeliveryBatch, Error, GroupStats, Message as BusMessage, OutgoingMessage, QueuePosition,
-    RawDelivery, SendReceipt, SettleToken, Settlement, DLQ_PROPERTIES,
+    DeliveryBatch, Error, Filter, GroupStats, Message as BusMessage, OutgoingMessage,
+    QueuePosition, RawDelivery, SendReceipt, SettleToken, Settlement, DLQ_PROPERTIES,
 };
 use weirmq_persistence::{
     next_seq, CommitOffsets, OffsetState, PersistenceActor, QueueKey, RetryEntry, RetryKey,
@@ -172,6 +172,8 @@ pub(crate) struct GroupSetup {
     pub(crate) dead_letters: DeadLetterSink,
     /// The group's retry entries found in the store.
     pub(crate) retries: Vec<RetryEntry>,
+    /// Which messages the group wants.
+    pub(crate) filter: Filter,
 }
 
 /// One consumer group's subscription to one topic. See the module docs.
@@ -199,6 +201,7 @@ pub(crate) struct GroupActor {
     retrying: HashMap<u64, RetryFlight>,
     /// The armed wake-up: (due ms, handle).
     timer: Option<(u64, SpawnHandle)>,
+    filter: Filter,
 }
 
 impl GroupActor {
@@ -233,6 +236,7 @@ impl GroupActor {
                 .collect(),
             retrying: HashMap::new(),
             timer: None,
+            filter: s.filter,
         }
     }
 
@@ -249,6 +253,12 @@ impl GroupActor {
         debug_assert_eq!(m.offset(), q.next);
         q.next += 1;
         if q.acked_above.contains(&m.offset()) {
+            return;
+        }
+        if !self.filter.matches(&m) {
+            // Not for this group: skip it, as if acked.
+            q.ack(m.offset());
+            self.stats.filtered += 1;
             return;
         }
         let token = SettleToken::new(m.queue() as u64, m.offset());
@@ -276,6 +286,20 @@ impl GroupActor {
         self.pump_queues();
         self.flush_outbox();
         self.arm_timer(ctx);
+        if self.queues.iter().any(|q| q.dirty) {
+            self.schedule_offsets(ctx);
+        }
+    }
+
+    /// Writes dirty positions within `OFFSETS_EVERY`.
+    fn schedule_offsets(&mut self, ctx: &mut Context<Self>) {
+        if !self.offsets_timer {
+            self.offsets_timer = true;
+            ctx.run_later(OFFSETS_EVERY, |act, _| {
+                act.offsets_timer = false;
+                act.write_offsets();
+            });
+        }
     }
 
     fn take_due_retries(&mut self) {
@@ -537,13 +561,7 @@ impl GroupActor {
             self.in_flight -= 1;
         }
         q.ack(offset);
-        if !self.offsets_timer {
-            self.offsets_timer = true;
-            ctx.run_later(OFFSETS_EVERY, |act, _| {
-                act.offsets_timer = false;
-                act.write_offsets();
-            });
-        }
+        self.schedule_offsets(ctx);
     }
 
     fn write_offsets(&mut self) {
