@@ -209,6 +209,15 @@ impl PersistenceActor {
         StorageError::msg("the store is closed (the bus was shut down)")
     }
 
+    /// Why a write must be refused now: the store failed or is closed.
+    fn refusal(&self) -> Option<StorageError> {
+        match (&self.failed, &self.store) {
+            (Some(e), _) => Some(e.clone()),
+            (None, None) => Some(Self::closed()),
+            (None, Some(_)) => None,
+        }
+    }
+
     /// Runs one commit of up to `MAX_COMMIT_MESSAGES` pending messages and
     /// all pending offsets. Returns whether appends remain.
     fn commit(&mut self) -> bool {
@@ -295,12 +304,8 @@ impl Handler<Append> for PersistenceActor {
     type Result = ();
 
     fn handle(&mut self, msg: Append, ctx: &mut Context<Self>) {
-        if let Some(e) = &self.failed {
-            (msg.done)(Err(e.clone()));
-            return;
-        }
-        if self.store.is_none() {
-            (msg.done)(Err(Self::closed()));
+        if let Some(e) = self.refusal() {
+            (msg.done)(Err(e));
             return;
         }
         self.pending_messages += msg.messages.len();
@@ -324,12 +329,8 @@ impl Handler<UpdateRetries> for PersistenceActor {
     type Result = ();
 
     fn handle(&mut self, msg: UpdateRetries, ctx: &mut Context<Self>) {
-        if let Some(e) = &self.failed {
-            (msg.done)(Err(e.clone()));
-            return;
-        }
-        if self.store.is_none() {
-            (msg.done)(Err(Self::closed()));
+        if let Some(e) = self.refusal() {
+            (msg.done)(Err(e));
             return;
         }
         self.retries.push(msg);
