@@ -6,7 +6,8 @@ use std::time::Duration;
 use actix::{Actor, Context, Handler};
 use weirmq_actors::{start_subscriber, Delivery, SubscriberConfig, SubscriberHandle};
 use weirmq_bus::{
-    Error, Event, Filter, GroupStats, QueuePosition, RetryPolicy, StartFrom, SubscriptionSpec,
+    validate_group_name, Error, Event, Filter, GroupStats, QueuePosition, RetryPolicy, StartFrom,
+    SubscriptionSpec,
 };
 
 use crate::bus::Bus;
@@ -48,6 +49,8 @@ pub struct SubscribeBuilder<E, A = ()> {
     max_in_flight: usize,
     filter: Filter,
     config: SubscriberConfig,
+    retry_set: bool,
+    broadcast: Option<Vec<String>>,
     members: usize,
     factory: Option<Box<dyn Fn() -> A>>,
     _event: PhantomData<fn() -> E>,
@@ -73,6 +76,8 @@ impl<E: Event> SubscribeBuilder<E, ()> {
             max_in_flight: 1024,
             filter: Filter::All,
             config: SubscriberConfig::default(),
+            retry_set: false,
+            broadcast: None,
             members: 1,
             factory: None,
             _event: PhantomData,
@@ -95,6 +100,8 @@ impl<E: Event, A> SubscribeBuilder<E, A> {
             max_in_flight: self.max_in_flight,
             filter: self.filter,
             config: self.config,
+            retry_set: self.retry_set,
+            broadcast: self.broadcast,
             members: n,
             factory: Some(Box::new(factory)),
             _event: PhantomData,
@@ -144,6 +151,23 @@ impl<E: Event, A> SubscribeBuilder<E, A> {
     /// (default: RocketMQ's schedule, 10 s … 2 h, 16 retries).
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.config.retry = policy;
+        self.retry_set = true;
+        self
+    }
+
+    /// Broadcasting: every member gets every message. `member_ids` are
+    /// stable names chosen by the application; each member keeps its own
+    /// position (as consumer group `<group>%<id>`), so a restarted member
+    /// resumes where it was. One handler actor per id, made by the
+    /// `members` factory (its count is ignored). As in RocketMQ, failures
+    /// are not retried unless [`retry`](Self::retry) is set: a failed
+    /// delivery goes to that member's dead-letter queue (logged, counted).
+    pub fn broadcast<I, S>(mut self, member_ids: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.broadcast = Some(member_ids.into_iter().map(Into::into).collect());
         self
     }
 
@@ -178,24 +202,71 @@ where
         let factory = self.factory.ok_or_else(|| Error::InvalidConfig {
             reason: "call .members(n, factory) before .start()".into(),
         })?;
-        let spec = SubscriptionSpec {
-            group: self.group,
+        let spec = |group: String| SubscriptionSpec {
+            group,
             topic: E::TOPIC.to_string(),
             start: self.start,
             max_in_flight: self.max_in_flight,
-            filter: self.filter,
+            filter: self.filter.clone(),
         };
-        let handle = start_subscriber::<E, A, _>(
-            self.bus.broker().clone(),
-            spec,
-            self.members,
-            factory,
-            self.config,
-        )
-        .await?;
+        let broker = self.bus.broker().clone();
+        let Some(ids) = self.broadcast else {
+            let handle = start_subscriber::<E, A, _>(
+                broker,
+                spec(self.group.clone()),
+                self.members,
+                factory,
+                self.config,
+            )
+            .await?;
+            return Ok(Subscription {
+                bus: self.bus,
+                group: self.group,
+                handles: vec![handle],
+            });
+        };
+        if ids.is_empty() {
+            return Err(Error::InvalidConfig {
+                reason: "a broadcast subscription needs at least one member id".into(),
+            });
+        }
+        let mut config = self.config;
+        if !self.retry_set {
+            config.retry = RetryPolicy::none();
+        }
+        let groups: Vec<String> = ids
+            .iter()
+            .map(|id| format!("{}%{id}", self.group))
+            .collect();
+        for g in &groups {
+            validate_group_name(g)?;
+        }
+        let factory = std::rc::Rc::new(factory);
+        let mut handles = Vec::with_capacity(groups.len());
+        for g in groups {
+            let f = factory.clone();
+            match start_subscriber::<E, A, _>(
+                broker.clone(),
+                spec(g),
+                1,
+                move || f(),
+                config.clone(),
+            )
+            .await
+            {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    for h in handles {
+                        let _ = h.drain().await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
         Ok(Subscription {
             bus: self.bus,
-            handle,
+            group: self.group,
+            handles,
         })
     }
 }
@@ -205,37 +276,64 @@ where
 #[derive(Debug)]
 pub struct Subscription {
     bus: Bus,
-    handle: SubscriberHandle,
+    group: String,
+    /// One per consumer position: one for clustering, one per member id for
+    /// broadcasting.
+    handles: Vec<SubscriberHandle>,
 }
 
 impl Subscription {
     /// The consumer group.
     pub fn group(&self) -> &str {
-        self.handle.group()
+        &self.group
     }
 
     /// The topic.
     pub fn topic(&self) -> &str {
-        self.handle.topic()
+        self.handles[0].topic()
     }
 
-    /// Whether the subscription's supervisor is still running.
+    /// The consumer groups that hold this subscription's positions: the
+    /// group itself, or `<group>%<id>` per broadcast member (use them with
+    /// the bus's admin calls, e.g. `dead_letters`).
+    pub fn position_groups(&self) -> Vec<&str> {
+        self.handles.iter().map(|h| h.group()).collect()
+    }
+
+    /// Whether every supervisor is still running.
     pub fn is_running(&self) -> bool {
-        self.handle.is_running()
+        self.handles.iter().all(|h| h.is_running())
     }
 
-    /// The group's position and lag in each queue.
+    /// The position and lag in each queue (for broadcasting: one set per
+    /// member, in member order).
     ///
     /// # Errors
     ///
     /// A storage error.
     pub async fn positions(&self) -> Result<Vec<QueuePosition>, Error> {
-        self.bus.positions(self.group(), self.topic()).await
+        let mut out = Vec::new();
+        for h in &self.handles {
+            out.extend(self.bus.positions(h.group(), h.topic()).await?);
+        }
+        Ok(out)
     }
 
-    /// Counters since the subscription started.
+    /// Counters since the subscription started (summed over broadcast
+    /// members).
     pub async fn stats(&self) -> GroupStats {
-        self.bus.group_stats(self.group(), self.topic()).await
+        let mut total = GroupStats::default();
+        for h in &self.handles {
+            let s = self.bus.group_stats(h.group(), h.topic()).await;
+            total.delivered += s.delivered;
+            total.acked += s.acked;
+            total.retried += s.retried;
+            total.dead_lettered += s.dead_lettered;
+            total.in_flight += s.in_flight;
+            total.scheduled_retries += s.scheduled_retries;
+            total.filtered += s.filtered;
+        }
+        total
     }
 
     /// Finishes the deliveries in members' hands, settles them, writes the
@@ -246,6 +344,12 @@ impl Subscription {
     ///
     /// A storage error.
     pub async fn drain(self) -> Result<(), Error> {
-        self.handle.drain().await
+        let mut first_error = None;
+        for h in self.handles {
+            if let Err(e) = h.drain().await {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 }
