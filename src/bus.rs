@@ -11,7 +11,7 @@ use std::sync::Arc;
 use weirmq_actors::{EmbeddedBroker, EmbeddedConfig};
 use weirmq_bus::{
     Broker, DeadLetter, Durability, Error, Event, GroupStats, Limits, Message, OutgoingMessage,
-    Publish, PublishError, QueuePosition, Resend, ResendReport, SendReceipt, TopicConfig,
+    Publish, PublishError, QueuePosition, Resend, ResendReport, ResetTo, SendReceipt, TopicConfig,
     TryPublishError,
 };
 use weirmq_persistence::{StoreConfig, SyncEvent, SyncHook};
@@ -387,6 +387,34 @@ impl Bus {
     /// An unknown topic, or a storage error.
     pub async fn positions(&self, group: &str, topic: &str) -> Result<Vec<QueuePosition>, Error> {
         self.inner.broker.positions(group, topic).await
+    }
+
+    /// Moves `group`'s position in every queue of `topic` — to the first
+    /// stored message (replay), the end (skip the backlog), or the first
+    /// message published at or after an instant. A running subscription
+    /// picks it up at once; returns the new positions.
+    ///
+    /// # Errors
+    ///
+    /// An unknown topic or invalid group name, or a storage error.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn f(bus: weirmq::Bus) -> Result<(), weirmq::Error> {
+    /// use std::time::{Duration, SystemTime};
+    /// use weirmq::ResetTo;
+    /// let yesterday = SystemTime::now() - Duration::from_secs(24 * 3600);
+    /// bus.reset_offsets("analytics", "orders", ResetTo::Time(yesterday)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn reset_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+        to: ResetTo,
+    ) -> Result<Vec<QueuePosition>, Error> {
+        self.inner.broker.reset_offsets(group, topic, to).await
     }
 
     /// Counters of the running subscription of `group` to `topic` in this

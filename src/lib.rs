@@ -70,7 +70,7 @@ pub use weirmq_bus::{
     Json, Limits, Message, MessageId, NameKind, OutgoingMessage, Publish, PublishError,
     QueuePosition, RetryPolicy, SendReceipt, StartFrom, StorageError, TopicConfig, TryPublishError,
 };
-pub use weirmq_bus::{DeadLetter, Resend, ResendOutcome, ResendReport, DLQ_PROPERTIES};
+pub use weirmq_bus::{DeadLetter, Resend, ResendOutcome, ResendReport, ResetTo, DLQ_PROPERTIES};
 pub use weirmq_persistence::{SyncEvent, SyncHook};
 
 /// The README's Rust examples, compiled as doc tests.

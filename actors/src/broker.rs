@@ -40,15 +40,17 @@ use tracing::{debug, info};
 use weirmq_bus::{
     validate_group_name, validate_topic_name, Broker, BrokerSubscription, Capabilities, DeadLetter,
     Durability, Error, GroupStats, Limits, Message as BusMessage, OutgoingMessage, QueuePosition,
-    Resend, ResendOutcome, ResendReport, SendReceipt, SettleToken, Settlement, Settler, StartFrom,
-    StorageError, SubscriptionSpec, TopicConfig,
+    Resend, ResendOutcome, ResendReport, ResetTo, SendReceipt, SettleToken, Settlement, Settler,
+    StartFrom, StorageError, SubscriptionSpec, TopicConfig,
 };
 use weirmq_persistence::{
-    next_seq, CreateTopic, OffsetState, PersistenceActor, PurgeQueue, QueueKey, RetryEntry,
-    RetryKey, ShutdownStore, Store, StoreConfig, StoreReader, UpdateRetries,
+    next_seq, CommitOffsets, CreateTopic, OffsetState, PersistenceActor, PurgeQueue, QueueKey,
+    RetryEntry, RetryKey, ShutdownStore, Store, StoreConfig, StoreReader, UpdateRetries,
 };
 
-use group::{AddRetries, DeadLetterSink, GroupActor, GroupSetup, Inspect, Settle, StopGroup};
+use group::{
+    AddRetries, DeadLetterSink, GroupActor, GroupSetup, Inspect, ResetPositions, Settle, StopGroup,
+};
 use topic::{Collector, Listen, PublishPart, QueueActor, TopicActor, TopicPublish, Unlisten};
 
 /// How to open the embedded broker.
@@ -894,6 +896,84 @@ impl Broker for EmbeddedBroker {
             Some(addr) => addr.send(Inspect).await.map(|(_, s)| s).unwrap_or_default(),
             None => GroupStats::default(),
         }
+    }
+
+    async fn reset_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+        to: ResetTo,
+    ) -> Result<Vec<QueuePosition>, Error> {
+        validate_group_name(group)?;
+        self.check_open()?;
+        let h = self
+            .inner
+            .topics
+            .get(topic)
+            .map(|h| h.clone())
+            .ok_or_else(|| Error::InvalidConfig {
+                reason: format!("topic `{topic}` does not exist"),
+            })?;
+        let reader = self.reader()?;
+        let mut targets = Vec::with_capacity(h.queues as usize);
+        for q in 0..h.queues {
+            let key = QueueKey {
+                topic_id: h.id,
+                queue: q,
+            };
+            let end = h.ends[q as usize].load(Ordering::Acquire);
+            let start = reader.queue_start(key)?;
+            targets.push(match to {
+                ResetTo::Earliest => start,
+                ResetTo::Latest => end,
+                ResetTo::Time(t) => {
+                    let ms = t
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64);
+                    reader.offset_at_time(&h.name, key, start, end, ms)?
+                }
+            });
+        }
+        let running = self
+            .inner
+            .groups
+            .get(&(group.to_string(), topic.to_string()))
+            .map(|g| g.addr.clone());
+        match running {
+            Some(addr) => addr
+                .send(ResetPositions(targets.clone()))
+                .await
+                .map_err(|_| Error::Closed)?,
+            None => {
+                let entries = targets
+                    .iter()
+                    .enumerate()
+                    .map(|(q, t)| {
+                        (
+                            QueueKey {
+                                topic_id: h.id,
+                                queue: q as u32,
+                            },
+                            OffsetState {
+                                committed: *t,
+                                acked_above: Vec::new(),
+                            },
+                        )
+                    })
+                    .collect();
+                self.inner
+                    .persistence
+                    .send(CommitOffsets {
+                        group: group.to_string(),
+                        entries,
+                        now: true,
+                    })
+                    .await
+                    .map_err(|_| Error::Closed)?;
+            }
+        }
+        info!(group, topic, ?to, ?targets, "positions reset");
+        self.positions(group, topic).await
     }
 
     async fn dead_letters(

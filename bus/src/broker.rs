@@ -70,6 +70,18 @@ pub enum StartFrom {
     Earliest,
 }
 
+/// Where to move a consumer group's position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetTo {
+    /// The first stored message of each queue (replay everything).
+    Earliest,
+    /// The end of each queue (skip the backlog).
+    Latest,
+    /// The first message of each queue published at or after this instant
+    /// (to the millisecond).
+    Time(std::time::SystemTime),
+}
+
 /// What a subscriber asks of the backend.
 #[derive(Debug, Clone)]
 pub struct SubscriptionSpec {
@@ -265,6 +277,21 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// Counters of the running subscription of `group` to `topic` (zero if
     /// none runs in this process).
     async fn group_stats(&self, group: &str, topic: &str) -> GroupStats;
+
+    /// Moves `group`'s position in every queue of `topic` (a running
+    /// subscription picks it up at once); returns the new positions.
+    /// Deliveries in flight finish; messages acked out of order are
+    /// forgotten (they come again if the new position is before them).
+    ///
+    /// # Errors
+    ///
+    /// An unknown topic, or a storage error.
+    async fn reset_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+        to: ResetTo,
+    ) -> Result<Vec<QueuePosition>, Error>;
 
     /// One page of `group`'s dead letters, oldest first, from DLQ offset
     /// `from`.

@@ -28,7 +28,7 @@ mod topic;
 
 pub use broker::{
     Broker, BrokerSubscription, Capabilities, DeliveryBatch, GroupStats, QueuePosition,
-    RawDelivery, SettleToken, Settlement, Settler, StartFrom, SubscriptionSpec,
+    RawDelivery, ResetTo, SettleToken, Settlement, Settler, StartFrom, SubscriptionSpec,
 };
 pub use dlq::{
     DeadLetter, Resend, ResendOutcome, ResendReport, DLQ_ATTEMPTS, DLQ_DEAD_LETTERED_AT_MS,

@@ -751,6 +751,43 @@ impl StoreReader {
         Ok(out)
     }
 
+    /// The first offset in `[start, end)` of a queue whose message was
+    /// published at or after `ms` (Unix milliseconds), or `end` if none:
+    /// a binary search over publish times (monotonic per queue to the
+    /// millisecond).
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    pub fn offset_at_time(
+        &self,
+        topic: &Arc<str>,
+        key: QueueKey,
+        start: u64,
+        end: u64,
+        ms: u64,
+    ) -> Result<u64, StorageError> {
+        let (mut lo, mut hi) = (start, end);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let born = self
+                .read_range(topic, key, mid, mid + 1, 1)?
+                .first()
+                .map(|m| {
+                    m.born_at()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64)
+                });
+            match born {
+                Some(b) if b >= ms => hi = mid,
+                Some(_) => lo = mid + 1,
+                // A hole (purged range): look after it.
+                None => lo = mid + 1,
+            }
+        }
+        Ok(lo)
+    }
+
     /// The first stored offset of a queue (0 when empty).
     ///
     /// # Errors

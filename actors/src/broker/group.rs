@@ -797,6 +797,25 @@ impl Handler<Settle> for GroupActor {
     }
 }
 
+/// Moves the group's positions (one target offset per queue).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct ResetPositions(pub(crate) Vec<u64>);
+
+impl Handler<ResetPositions> for GroupActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ResetPositions, ctx: &mut Context<Self>) {
+        for (q, target) in self.queues.iter_mut().zip(msg.0) {
+            q.committed = target;
+            q.next = target;
+            q.acked_above.clear();
+            q.dirty = true;
+        }
+        self.pump(ctx);
+    }
+}
+
 /// Retry entries written by someone else (a dead-letter resend).
 #[derive(Message)]
 #[rtype(result = "()")]
