@@ -58,3 +58,50 @@ fn a_bad_tag_expression_is_a_typed_error_with_its_position() {
     }
     assert!(Filter::tags("*").unwrap().is_all());
 }
+
+#[actix::test]
+async fn a_sql_filter_selects_by_properties_and_tag() {
+    let bus = Bus::builder().in_memory().open().await.unwrap();
+    let log = Log::default();
+    let sub = bus
+        .subscribe::<Num>("eu-big")
+        .filter(Filter::sql("region = 'eu' AND amount > 100 AND TAGS <> 'test'").unwrap())
+        .members(1, recorders(&log, ack_all()))
+        .start()
+        .await
+        .unwrap();
+    let cases = [
+        ("eu", "150", "real", true),
+        ("eu", "50", "real", false),
+        ("us", "150", "real", false),
+        ("eu", "150", "test", false),
+        ("eu", "not-a-number", "real", false),
+    ];
+    for (n, (region, amount, tag, _)) in cases.iter().enumerate() {
+        bus.publish_with(
+            &Num { n: n as u64 },
+            Publish::new()
+                .tag(*tag)
+                .property("region", *region)
+                .property("amount", *amount),
+        )
+        .await
+        .unwrap();
+    }
+    // A message without the properties: NULL, filtered out.
+    bus.publish(&Num { n: 99 }).await.unwrap();
+    caught_up(&bus, "eu-big", Num::TOPIC).await;
+    let got: Vec<u64> = log.entries().iter().map(|e| e.1).collect();
+    assert_eq!(got, vec![0]);
+    assert_eq!(sub.stats().await.filtered, 5);
+    sub.drain().await.unwrap();
+    bus.shutdown().await.unwrap();
+}
+
+#[test]
+fn a_sql_syntax_error_names_the_position() {
+    match Filter::sql("region = 'eu' AND") {
+        Err(Error::InvalidFilter { position, .. }) => assert_eq!(position, 17),
+        other => panic!("{other:?}"),
+    }
+}

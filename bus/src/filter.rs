@@ -10,6 +10,7 @@ use std::fmt;
 
 use crate::error::Error;
 use crate::message::Message;
+use crate::sql::SqlExpr;
 
 /// Which messages a subscription receives.
 ///
@@ -22,7 +23,7 @@ use crate::message::Message;
 /// assert!(Filter::tags("*").unwrap().is_all());
 /// assert!(Filter::tags("vip ||").is_err());
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 #[non_exhaustive]
 pub enum Filter {
     /// Every message (`*`).
@@ -30,6 +31,9 @@ pub enum Filter {
     All,
     /// Messages whose tag is one of these (case-sensitive, exact).
     Tags(BTreeSet<String>),
+    /// Messages for which a SQL92 expression over their properties (and
+    /// `TAGS`) is true.
+    Sql(SqlExpr),
 }
 
 impl Filter {
@@ -85,6 +89,16 @@ impl Filter {
         Ok(Filter::Tags(tags))
     }
 
+    /// Parses RocketMQ's SQL92 subset over properties (see [`SqlExpr`]):
+    /// `region = 'eu' AND amount > 100`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidFilter`] with the position and what was expected.
+    pub fn sql(expression: &str) -> Result<Filter, Error> {
+        SqlExpr::parse(expression).map(Filter::Sql)
+    }
+
     /// Whether this filter lets every message through.
     pub fn is_all(&self) -> bool {
         matches!(self, Filter::All)
@@ -95,6 +109,7 @@ impl Filter {
         match self {
             Filter::All => true,
             Filter::Tags(tags) => message.tag().is_some_and(|t| tags.contains(t)),
+            Filter::Sql(e) => e.matches(message),
         }
     }
 }
@@ -107,6 +122,7 @@ impl fmt::Display for Filter {
                 let v: Vec<&str> = tags.iter().map(String::as_str).collect();
                 f.write_str(&v.join(" || "))
             }
+            Filter::Sql(e) => write!(f, "SQL {e}"),
         }
     }
 }

@@ -24,6 +24,7 @@ mod event;
 mod filter;
 mod message;
 mod retry;
+mod sql;
 mod topic;
 
 pub use broker::{
@@ -40,6 +41,7 @@ pub use event::{Codec, Event, Json};
 pub use filter::Filter;
 pub use message::{Durability, Message, MessageId, OutgoingMessage, Publish, SendReceipt};
 pub use retry::{Backoff, RetryPolicy};
+pub use sql::SqlExpr;
 pub use topic::{
     validate_group_name, validate_topic_name, Limits, TopicConfig, DEFAULT_QUEUES,
     MAX_GROUP_NAME_LEN, MAX_QUEUES, MAX_TOPIC_NAME_LEN, SYSTEM_TOPIC_PREFIX,
