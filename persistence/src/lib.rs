@@ -1,11 +1,13 @@
 //! # weirmq-persistence: the embedded store
 //!
-//! The sled-backed store of the embedded broker: queue logs, consumer offsets
-//! and topic metadata, written by one [`PersistenceActor`] with group commit,
-//! read concurrently through [`StoreReader`]s.
+//! The sled-backed store of the embedded broker: queue logs, consumer
+//! offsets, topic metadata and the delay index (retry entries), written by
+//! one [`PersistenceActor`] with group commit, read concurrently through
+//! [`StoreReader`]s.
 //!
-//! It knows messages, queues and offsets, and nothing of consumer-group
-//! logic, filters or retry: those live in `weirmq-actors`.
+//! It knows messages, queues, offsets and due times, and nothing of
+//! consumer-group logic, filters or the retry policy: those live in
+//! `weirmq-actors` and `weirmq-bus`.
 //!
 //! # Layout (one sled database)
 //!
@@ -15,6 +17,7 @@
 //! | `meta` | `topic/<name>` | topic id (u32) + queue count (u32) |
 //! | `log` | topic id (u32) · queue (u32) · first offset (u64), big-endian | a *record*: the envelopes of consecutive messages of one commit batch |
 //! | `delay` | `r` · group · `0` · topic id (u32) · due ms (u64) · seq (u64) | a retry entry: queue, offset, next attempt, first failure, last error |
+//! | `delay` | `x` · group · `0` · DLQ offset (u64) | a dead letter's "resent" mark |
 //! | `offsets` | group · `0` · topic id (u32) · queue (u32) | committed offset (u64) + runs of offsets acked above it |
 //!
 //! One record per queue per commit batch (capped at 512 messages / 64 KiB,
