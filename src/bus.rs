@@ -149,8 +149,7 @@ impl BusBuilder {
         let embedded = EmbeddedBroker::open(config).await?;
         Ok(Bus {
             inner: Arc::new(BusInner {
-                broker: Arc::new(embedded.clone()),
-                embedded,
+                broker: Arc::new(embedded),
                 durability: self.durability,
             }),
         })
@@ -160,7 +159,6 @@ impl BusBuilder {
 #[derive(Debug)]
 struct BusInner {
     broker: Arc<dyn Broker>,
-    embedded: EmbeddedBroker,
     durability: Durability,
 }
 
@@ -436,10 +434,7 @@ impl Bus {
         from: u64,
         max: usize,
     ) -> Result<Vec<Arc<Message>>, Error> {
-        self.inner
-            .embedded
-            .read_queue(topic, queue, from, max)
-            .await
+        self.inner.broker.read_queue(topic, queue, from, max).await
     }
 
     /// One page of `group`'s dead letters, oldest first, starting at DLQ
@@ -504,8 +499,8 @@ impl Bus {
     }
 
     /// The topics that exist, with their queue counts.
-    pub fn topics(&self) -> Vec<TopicConfig> {
-        self.inner.embedded.topics()
+    pub async fn topics(&self) -> Vec<TopicConfig> {
+        self.inner.broker.topics().await
     }
 
     /// Stops every subscription (writing positions), answers publishes in

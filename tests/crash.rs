@@ -145,6 +145,7 @@ fn verify(dir: &std::path::Path, receipts: &[(u32, u64, String)]) {
         let bus = Bus::builder().data_dir(dir).open().await.expect("reopen");
         let queues = bus
             .topics()
+            .await
             .into_iter()
             .find(|t| t.name() == TOPIC)
             .expect("topic recovered")

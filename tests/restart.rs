@@ -72,7 +72,7 @@ async fn unacked_messages_come_back_after_a_restart_and_acked_ones_do_not() {
     }
 
     let bus = Bus::builder().data_dir(dir.path()).open().await.unwrap();
-    assert_eq!(bus.topics(), vec![TopicConfig::new(Num::TOPIC)]);
+    assert_eq!(bus.topics().await, vec![TopicConfig::new(Num::TOPIC)]);
     let log = Log::default();
     let sub = bus
         .subscribe::<Num>("worker")

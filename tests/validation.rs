@@ -118,7 +118,7 @@ async fn each_limit_has_its_typed_error_and_stores_nothing() {
     }
     assert_eq!(stored(&bus, "t").await, 0, "nothing was stored");
     assert_eq!(
-        bus.topics(),
+        bus.topics().await,
         vec![TopicConfig::new("t")],
         "no topic was created"
     );

@@ -467,7 +467,7 @@ impl EmbeddedBroker {
     ///
     /// [`Error::InvalidConfig`] for an unknown topic or queue, or a storage
     /// error.
-    pub async fn read_queue(
+    async fn read_queue_impl(
         &self,
         topic: &str,
         queue: u32,
@@ -516,7 +516,7 @@ impl EmbeddedBroker {
         if !self.inner.topics.contains_key(&topic) {
             return Ok(Vec::new());
         }
-        let messages = self.read_queue(&topic, 0, from, max).await?;
+        let messages = self.read_queue_impl(&topic, 0, from, max).await?;
         let resent = self.reader()?.resent(group)?;
         Ok(messages
             .into_iter()
@@ -703,8 +703,7 @@ impl EmbeddedBroker {
         Ok(n)
     }
 
-    /// The topics that exist, with their queue counts.
-    pub fn topics(&self) -> Vec<TopicConfig> {
+    fn topics_impl(&self) -> Vec<TopicConfig> {
         let mut v: Vec<TopicConfig> = self
             .inner
             .topics
@@ -896,6 +895,20 @@ impl Broker for EmbeddedBroker {
             Some(addr) => addr.send(Inspect).await.map(|(_, s)| s).unwrap_or_default(),
             None => GroupStats::default(),
         }
+    }
+
+    async fn topics(&self) -> Vec<TopicConfig> {
+        self.topics_impl()
+    }
+
+    async fn read_queue(
+        &self,
+        topic: &str,
+        queue: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<Arc<BusMessage>>, Error> {
+        self.read_queue_impl(topic, queue, from, max).await
     }
 
     async fn reset_offsets(

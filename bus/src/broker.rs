@@ -278,6 +278,24 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// none runs in this process).
     async fn group_stats(&self, group: &str, topic: &str) -> GroupStats;
 
+    /// The topics that exist (system topics included), with their queue
+    /// counts, by name.
+    async fn topics(&self) -> Vec<TopicConfig>;
+
+    /// Reads up to `max` stored messages of one queue from offset `from`.
+    ///
+    /// # Errors
+    ///
+    /// An unknown topic or queue as [`Error::InvalidConfig`], or a storage
+    /// error.
+    async fn read_queue(
+        &self,
+        topic: &str,
+        queue: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<Arc<Message>>, Error>;
+
     /// Moves `group`'s position in every queue of `topic` (a running
     /// subscription picks it up at once); returns the new positions.
     /// Deliveries in flight finish; messages acked out of order are
