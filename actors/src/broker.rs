@@ -952,39 +952,39 @@ impl Broker for EmbeddedBroker {
             .groups
             .get(&(group.to_string(), topic.to_string()))
             .map(|g| g.addr.clone());
-        match running {
-            Some(addr) => addr
+        if let Some(addr) = running {
+            let positions = addr
                 .send(ResetPositions(targets.clone()))
                 .await
-                .map_err(|_| Error::Closed)?,
-            None => {
-                let entries = targets
-                    .iter()
-                    .enumerate()
-                    .map(|(q, t)| {
-                        (
-                            QueueKey {
-                                topic_id: h.id,
-                                queue: q as u32,
-                            },
-                            OffsetState {
-                                committed: *t,
-                                acked_above: Vec::new(),
-                            },
-                        )
-                    })
-                    .collect();
-                self.inner
-                    .persistence
-                    .send(CommitOffsets {
-                        group: group.to_string(),
-                        entries,
-                        now: true,
-                    })
-                    .await
-                    .map_err(|_| Error::Closed)?;
-            }
+                .map_err(|_| Error::Closed)?;
+            info!(group, topic, ?to, ?targets, "positions reset");
+            return Ok(positions);
         }
+        let entries = targets
+            .iter()
+            .enumerate()
+            .map(|(q, t)| {
+                (
+                    QueueKey {
+                        topic_id: h.id,
+                        queue: q as u32,
+                    },
+                    OffsetState {
+                        committed: *t,
+                        acked_above: Vec::new(),
+                    },
+                )
+            })
+            .collect();
+        self.inner
+            .persistence
+            .send(CommitOffsets {
+                group: group.to_string(),
+                entries,
+                now: true,
+            })
+            .await
+            .map_err(|_| Error::Closed)?;
         info!(group, topic, ?to, ?targets, "positions reset");
         self.positions(group, topic).await
     }

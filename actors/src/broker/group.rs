@@ -797,22 +797,25 @@ impl Handler<Settle> for GroupActor {
     }
 }
 
-/// Moves the group's positions (one target offset per queue).
+/// Moves the group's positions (one target offset per queue); answers with
+/// the positions right after the move.
 #[derive(Message)]
-#[rtype(result = "()")]
+#[rtype(result = "Vec<QueuePosition>")]
 pub(crate) struct ResetPositions(pub(crate) Vec<u64>);
 
 impl Handler<ResetPositions> for GroupActor {
-    type Result = ();
+    type Result = MessageResult<ResetPositions>;
 
-    fn handle(&mut self, msg: ResetPositions, ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: ResetPositions, ctx: &mut Context<Self>) -> Self::Result {
         for (q, target) in self.queues.iter_mut().zip(msg.0) {
             q.committed = target;
             q.next = target;
             q.acked_above.clear();
             q.dirty = true;
         }
+        let positions = self.positions();
         self.pump(ctx);
+        MessageResult(positions)
     }
 }
 
@@ -841,9 +844,18 @@ impl Handler<Inspect> for GroupActor {
     type Result = MessageResult<Inspect>;
 
     fn handle(&mut self, _: Inspect, _: &mut Context<Self>) -> Self::Result {
+        let positions = self.positions();
+        let mut stats = self.stats;
+        stats.in_flight = self.in_flight as u64;
+        stats.scheduled_retries = self.scheduled.len() as u64;
+        MessageResult((positions, stats))
+    }
+}
+
+impl GroupActor {
+    fn positions(&mut self) -> Vec<QueuePosition> {
         self.refresh_ends();
-        let positions = self
-            .queues
+        self.queues
             .iter()
             .enumerate()
             .map(|(i, q)| QueuePosition {
@@ -855,11 +867,7 @@ impl Handler<Inspect> for GroupActor {
                     .saturating_sub(q.committed)
                     .saturating_sub(q.acked_above.len() as u64),
             })
-            .collect();
-        let mut stats = self.stats;
-        stats.in_flight = self.in_flight as u64;
-        stats.scheduled_retries = self.scheduled.len() as u64;
-        MessageResult((positions, stats))
+            .collect()
     }
 }
 
