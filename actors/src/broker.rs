@@ -250,6 +250,25 @@ impl EmbeddedBroker {
         })
     }
 
+    /// An existing topic, or `InvalidConfig` naming it.
+    fn known_topic(&self, topic: &str) -> Result<TopicHandle, Error> {
+        self.inner
+            .topics
+            .get(topic)
+            .map(|h| h.clone())
+            .ok_or_else(|| Error::InvalidConfig {
+                reason: format!("topic `{topic}` does not exist"),
+            })
+    }
+
+    /// The group actor of a subscription running in this process.
+    fn running_group(&self, group: &str, topic: &str) -> Option<Addr<GroupActor>> {
+        self.inner
+            .groups
+            .get(&(group.to_string(), topic.to_string()))
+            .map(|g| g.addr.clone())
+    }
+
     fn check_open(&self) -> Result<(), Error> {
         if self.inner.closed.load(Ordering::Acquire) {
             Err(Error::Closed)
@@ -474,14 +493,7 @@ impl EmbeddedBroker {
         from: u64,
         max: usize,
     ) -> Result<Vec<Arc<BusMessage>>, Error> {
-        let h = self
-            .inner
-            .topics
-            .get(topic)
-            .map(|h| h.clone())
-            .ok_or_else(|| Error::InvalidConfig {
-                reason: format!("topic `{topic}` does not exist"),
-            })?;
+        let h = self.known_topic(topic)?;
         if queue >= h.queues {
             return Err(Error::InvalidConfig {
                 reason: format!("topic `{topic}` has {} queues, not {}", h.queues, queue + 1),
@@ -662,8 +674,8 @@ impl EmbeddedBroker {
                     by_topic.entry(t).or_default().push(e);
                 }
                 for (topic, es) in by_topic {
-                    if let Some(g) = self.inner.groups.get(&(group.to_string(), topic)) {
-                        g.addr.do_send(AddRetries(es));
+                    if let Some(addr) = self.running_group(group, &topic) {
+                        addr.do_send(AddRetries(es));
                     }
                 }
             }
@@ -850,24 +862,13 @@ impl Broker for EmbeddedBroker {
     }
 
     async fn positions(&self, group: &str, topic: &str) -> Result<Vec<QueuePosition>, Error> {
-        let running = self
-            .inner
-            .groups
-            .get(&(group.to_string(), topic.to_string()))
-            .map(|g| g.addr.clone());
+        let running = self.running_group(group, topic);
         if let Some(addr) = running {
             if let Ok((p, _)) = addr.send(Inspect).await {
                 return Ok(p);
             }
         }
-        let h = self
-            .inner
-            .topics
-            .get(topic)
-            .map(|h| h.clone())
-            .ok_or_else(|| Error::InvalidConfig {
-                reason: format!("topic `{topic}` does not exist"),
-            })?;
+        let h = self.known_topic(topic)?;
         let stored = self.reader()?.load_offsets(group, h.id)?;
         Ok((0..h.queues)
             .map(|q| {
@@ -886,11 +887,7 @@ impl Broker for EmbeddedBroker {
     }
 
     async fn group_stats(&self, group: &str, topic: &str) -> GroupStats {
-        let running = self
-            .inner
-            .groups
-            .get(&(group.to_string(), topic.to_string()))
-            .map(|g| g.addr.clone());
+        let running = self.running_group(group, topic);
         match running {
             Some(addr) => addr.send(Inspect).await.map(|(_, s)| s).unwrap_or_default(),
             None => GroupStats::default(),
@@ -919,14 +916,7 @@ impl Broker for EmbeddedBroker {
     ) -> Result<Vec<QueuePosition>, Error> {
         validate_group_name(group)?;
         self.check_open()?;
-        let h = self
-            .inner
-            .topics
-            .get(topic)
-            .map(|h| h.clone())
-            .ok_or_else(|| Error::InvalidConfig {
-                reason: format!("topic `{topic}` does not exist"),
-            })?;
+        let h = self.known_topic(topic)?;
         let reader = self.reader()?;
         let mut targets = Vec::with_capacity(h.queues as usize);
         for q in 0..h.queues {
@@ -947,11 +937,7 @@ impl Broker for EmbeddedBroker {
                 }
             });
         }
-        let running = self
-            .inner
-            .groups
-            .get(&(group.to_string(), topic.to_string()))
-            .map(|g| g.addr.clone());
+        let running = self.running_group(group, topic);
         if let Some(addr) = running {
             let positions = addr
                 .send(ResetPositions(targets.clone()))
