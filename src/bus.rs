@@ -7,12 +7,13 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use weirmq_actors::{EmbeddedBroker, EmbeddedConfig};
 use weirmq_bus::{
-    Broker, DeadLetter, Durability, Error, Event, GroupStats, Limits, Message, OutgoingMessage,
-    Publish, PublishError, QueuePosition, Resend, ResendReport, ResetTo, SendReceipt, TopicConfig,
-    TryPublishError,
+    Broker, DeadLetter, Durability, Error, Event, GroupStats, Limits, Message, MessageId,
+    MessageTrace, OutgoingMessage, Publish, PublishError, QueuePosition, Resend, ResendReport,
+    ResetTo, RetentionReport, SendReceipt, TopicConfig, TryPublishError,
 };
 use weirmq_persistence::{StoreConfig, SyncEvent, SyncHook};
 
@@ -50,6 +51,7 @@ pub struct BusBuilder {
     cache_capacity: u64,
     sync_hook: Option<SyncHook>,
     max_pending_messages: Option<usize>,
+    retention_interval: Option<Duration>,
 }
 
 impl std::fmt::Debug for BusBuilder {
@@ -105,6 +107,15 @@ impl BusBuilder {
         self
     }
 
+    /// How often the retention cleaner runs (default every 60 s). Each pass
+    /// removes, per topic, the oldest stored records past the topic's
+    /// [`Retention`](crate::Retention), in small steps between commits.
+    /// [`Bus::enforce_retention`] runs one at once.
+    pub fn retention_interval(mut self, every: Duration) -> Self {
+        self.retention_interval = Some(every.max(Duration::from_millis(10)));
+        self
+    }
+
     /// Observes every step of every sync of the store (flush, fdatasync of
     /// the data file and of blob files, directory fsync), on the persistence
     /// thread, before the publishes waiting on it are answered. For tests and
@@ -139,6 +150,7 @@ impl BusBuilder {
                     self.cache_capacity
                 },
                 sync_hook: self.sync_hook,
+                retention_interval: self.retention_interval,
             },
             limits: self.limits,
             ..EmbeddedConfig::default()
@@ -498,9 +510,81 @@ impl Bus {
         self.inner.broker.purge_dead_letters(group).await
     }
 
-    /// The topics that exist, with their queue counts.
+    /// The topics that exist, with their queue counts, retention and trace
+    /// settings.
     pub async fn topics(&self) -> Vec<TopicConfig> {
         self.inner.broker.topics().await
+    }
+
+    /// Finds a stored message by its id (from its [`SendReceipt`] or
+    /// [`Delivery::message_id`](crate::Delivery::message_id)), in any topic.
+    /// `None` if it is not stored: never published, or removed by retention.
+    ///
+    /// The embedded store finds it through a per-record index (a Bloom
+    /// filter over the ids and keys of each stored record, about one per 512
+    /// messages), so a query reads the index of every queue and decodes only
+    /// matching records: cheap for an admin tool, not meant for a hot path.
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use weirmq::prelude::*;
+    /// # #[derive(Serialize, Deserialize, Debug)] struct OrderCreated { id: u64 }
+    /// # impl Event for OrderCreated { const TOPIC: &'static str = "orders"; }
+    /// # #[actix::main] async fn main() -> Result<(), weirmq::Error> {
+    /// let bus = Bus::builder().in_memory().open().await?;
+    /// let receipt = bus.publish_with(&OrderCreated { id: 7 }, Publish::new().key("order-7")).await?;
+    /// let stored = bus.query_id(receipt.message_id).await?.expect("stored");
+    /// assert_eq!(stored.keys(), ["order-7"]);
+    /// assert_eq!(bus.query_key("orders", "order-7", 10).await?.len(), 1);
+    /// # bus.shutdown().await }
+    /// ```
+    pub async fn query_id(&self, id: MessageId) -> Result<Option<Arc<Message>>, Error> {
+        self.inner.broker.query_id(id).await
+    }
+
+    /// Up to `max` stored messages of `topic` with `key` among their keys
+    /// ([`Publish::key`]), oldest first. Messages removed by retention are
+    /// not found.
+    ///
+    /// # Errors
+    ///
+    /// An unknown topic, or a storage error.
+    pub async fn query_key(
+        &self,
+        topic: &str,
+        key: &str,
+        max: usize,
+    ) -> Result<Vec<Arc<Message>>, Error> {
+        self.inner.broker.query_key(topic, key, max).await
+    }
+
+    /// What happened to a message: where it is stored, and — if its topic
+    /// records traces ([`TopicConfig::trace`]) — every step of its life in
+    /// order: published, delivered to a group (attempt n), acked, retried
+    /// (with the error), dead-lettered (with the reason), resent. `None` if
+    /// the message is not stored.
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    pub async fn trace(&self, id: MessageId) -> Result<Option<MessageTrace>, Error> {
+        self.inner.broker.trace(id).await
+    }
+
+    /// Runs a retention pass now and reports what it removed (the cleaner
+    /// also runs every [`BusBuilder::retention_interval`]). Publishes go on
+    /// meanwhile: the pass removes a few records at a time between commits.
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    pub async fn enforce_retention(&self) -> Result<RetentionReport, Error> {
+        self.inner.broker.enforce_retention().await
     }
 
     /// Stops every subscription (writing positions), answers publishes in

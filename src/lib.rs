@@ -71,9 +71,15 @@ pub use weirmq_bus::{
     QueuePosition, RetryPolicy, SendReceipt, StartFrom, StorageError, TopicConfig, TryPublishError,
 };
 pub use weirmq_bus::{DeadLetter, Resend, ResendOutcome, ResendReport, ResetTo, DLQ_PROPERTIES};
+pub use weirmq_bus::{MessageTrace, Retention, RetentionReport, TraceEvent, TraceKind};
 pub use weirmq_persistence::{SyncEvent, SyncHook};
 
 /// The README's Rust examples, compiled as doc tests.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+/// The Rust examples of `docs/retention-query-trace.md`, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/retention-query-trace.md")]
+pub struct RetentionDocDoctests;

@@ -39,13 +39,15 @@ use tokio::sync::{mpsc, oneshot, Semaphore, SemaphorePermit, TryAcquireError};
 use tracing::{debug, info};
 use weirmq_bus::{
     validate_group_name, validate_topic_name, Broker, BrokerSubscription, Capabilities, DeadLetter,
-    Durability, Error, GroupStats, Limits, Message as BusMessage, OutgoingMessage, QueuePosition,
-    Resend, ResendOutcome, ResendReport, ResetTo, SendReceipt, SettleToken, Settlement, Settler,
-    StartFrom, StorageError, SubscriptionSpec, TopicConfig,
+    Durability, Error, GroupStats, Limits, Message as BusMessage, MessageId, MessageTrace,
+    OutgoingMessage, QueuePosition, Resend, ResendOutcome, ResendReport, ResetTo, RetentionReport,
+    SendReceipt, SettleToken, Settlement, Settler, StartFrom, StorageError, SubscriptionSpec,
+    TopicConfig, TraceEvent, TraceKind, SYSTEM_TOPIC_PREFIX,
 };
 use weirmq_persistence::{
-    next_seq, CommitOffsets, CreateTopic, OffsetState, PersistenceActor, PurgeQueue, QueueKey,
-    RetryEntry, RetryKey, ShutdownStore, Store, StoreConfig, StoreReader, UpdateRetries,
+    next_seq, CommitOffsets, ConfigureTopic, CreateTopic, OffsetState, PersistenceActor,
+    PurgeQueue, QueueKey, RecordTrace, RetryEntry, RetryKey, RunRetention, ShutdownStore, Store,
+    StoreConfig, StoreReader, TopicSettings, TraceRecord, UpdateRetries,
 };
 
 use group::{
@@ -85,12 +87,28 @@ struct Topic {
     ends: Vec<Arc<AtomicU64>>,
     /// Publishes waiting to be sent to the topic actor in one message.
     outbox: Mutex<Vec<PublishPart>>,
+    /// Retention and trace, as last configured.
+    settings: Mutex<TopicSettings>,
+    /// The trace switch, read by its queue and group actors.
+    trace: Arc<AtomicBool>,
 }
 
 type TopicHandle = Arc<Topic>;
 
 impl Topic {
     /// Sends everything in the outbox to the topic actor as one message.
+    fn config(&self) -> TopicConfig {
+        let s = self
+            .settings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        TopicConfig::new(self.name.to_string())
+            .queues(self.queues)
+            .retention(s.retention)
+            .trace(s.trace)
+    }
+
     fn send_outbox(&self) {
         let parts = std::mem::take(&mut *self.outbox.lock().unwrap_or_else(|p| p.into_inner()));
         if !parts.is_empty() {
@@ -152,7 +170,9 @@ fn spawn_topic(
     name: &str,
     id: u32,
     ends: Vec<u64>,
+    settings: TopicSettings,
 ) -> TopicHandle {
+    let trace = Arc::new(AtomicBool::new(settings.trace));
     let ends: Vec<Arc<AtomicU64>> = ends
         .into_iter()
         .map(|e| Arc::new(AtomicU64::new(e)))
@@ -167,7 +187,8 @@ fn spawn_topic(
             };
             let end = end.clone();
             let p = persistence.clone();
-            QueueActor::start_in_arbiter(arbiter, move |_| QueueActor::new(key, end, p))
+            let t = trace.clone();
+            QueueActor::start_in_arbiter(arbiter, move |_| QueueActor::new(key, end, p, t))
         })
         .collect();
     let qa = queue_addrs.clone();
@@ -180,6 +201,8 @@ fn spawn_topic(
         queue_addrs,
         ends,
         outbox: Mutex::new(Vec::new()),
+        settings: Mutex::new(settings),
+        trace,
     })
 }
 
@@ -221,6 +244,7 @@ impl EmbeddedBroker {
                 &t.name,
                 t.id,
                 t.ends,
+                t.settings,
             );
             debug!(topic = %t.name, queues = t.queues, "topic recovered");
             topics.insert(t.name, h);
@@ -287,6 +311,10 @@ impl EmbeddedBroker {
     }
 
     async fn topic(&self, config: TopicConfig, system: bool) -> Result<TopicHandle, Error> {
+        let settings = TopicSettings {
+            retention: config.retention_limits(),
+            trace: config.traced(),
+        };
         if let Some(h) = self.inner.topics.get(config.name()) {
             let h = h.clone();
             if h.queues != config.queue_count() {
@@ -299,6 +327,7 @@ impl EmbeddedBroker {
                     ),
                 });
             }
+            self.configure(&h, settings).await?;
             return Ok(h);
         }
         if system {
@@ -317,6 +346,7 @@ impl EmbeddedBroker {
             .send(CreateTopic {
                 name: config.name().to_string(),
                 queues: config.queue_count(),
+                settings: settings.clone(),
             })
             .await
             .map_err(|_| Error::Closed)??;
@@ -326,6 +356,7 @@ impl EmbeddedBroker {
             config.name(),
             id,
             vec![0; config.queue_count() as usize],
+            settings,
         );
         info!(
             topic = config.name(),
@@ -336,6 +367,30 @@ impl EmbeddedBroker {
             .topics
             .insert(config.name().to_string(), h.clone());
         Ok(h)
+    }
+
+    /// Applies new retention and trace settings to an existing topic.
+    async fn configure(&self, h: &Topic, settings: TopicSettings) -> Result<(), Error> {
+        let same = *h.settings.lock().unwrap_or_else(|p| p.into_inner()) == settings;
+        if same {
+            return Ok(());
+        }
+        self.check_open()?;
+        let _guard = self.inner.create_lock.lock().await;
+        self.inner
+            .persistence
+            .send(ConfigureTopic {
+                name: h.name.to_string(),
+                id: h.id,
+                queues: h.queues,
+                settings: settings.clone(),
+            })
+            .await
+            .map_err(|_| Error::Closed)??;
+        h.trace.store(settings.trace, Ordering::Relaxed);
+        info!(topic = %h.name, ?settings, "topic reconfigured");
+        *h.settings.lock().unwrap_or_else(|p| p.into_inner()) = settings;
+        Ok(())
     }
 
     async fn existing_or_default(&self, name: &str, system: bool) -> Result<TopicHandle, Error> {
@@ -574,9 +629,8 @@ impl EmbeddedBroker {
         let _guard = self.inner.create_lock.lock().await;
         let mut letters = Vec::new();
         loop {
-            let page = self
-                .dead_letters_impl(group, letters.len() as u64, 1000)
-                .await?;
+            let from = letters.last().map_or(0, |l: &DeadLetter| l.dlq_offset + 1);
+            let page = self.dead_letters_impl(group, from, 1000).await?;
             if page.is_empty() {
                 break;
             }
@@ -624,6 +678,7 @@ impl EmbeddedBroker {
             .map_or(0, |d| d.as_millis() as u64);
         let mut entries: Vec<(String, RetryEntry)> = Vec::new();
         let mut marks = Vec::new();
+        let mut traces = Vec::new();
         for (at, dl) in &chosen {
             let origin = dl
                 .origin_topic()
@@ -636,6 +691,30 @@ impl EmbeddedBroker {
                 );
                 continue;
             };
+            // The retry names the original in its queue: it must still be there.
+            let key = QueueKey {
+                topic_id: h.id,
+                queue,
+            };
+            let kept = self
+                .reader()?
+                .read_range(&h.name, key, offset, offset + 1, 1)
+                .map(|m| m.len() == 1)?;
+            if !kept {
+                reports[*at].outcome = ResendOutcome::Failed(format!(
+                    "the original message ({} queue {queue} offset {offset}) was removed by \
+                     retention; read the dead letter and publish it again instead",
+                    h.name
+                ));
+                continue;
+            }
+            if h.trace.load(Ordering::Relaxed) {
+                traces.push(TraceRecord {
+                    key,
+                    offset,
+                    event: TraceEvent::now(TraceKind::Resent, Some(group), 1, None),
+                });
+            }
             entries.push((
                 h.name.to_string(),
                 RetryEntry {
@@ -669,6 +748,9 @@ impl EmbeddedBroker {
         match rx.await.map_err(|_| Error::Closed)? {
             Ok(()) => {
                 info!(group, resent = entries.len(), "dead letters resent");
+                if !traces.is_empty() {
+                    self.inner.persistence.do_send(RecordTrace(traces));
+                }
                 let mut by_topic: HashMap<String, Vec<RetryEntry>> = HashMap::new();
                 for (t, e) in entries {
                     by_topic.entry(t).or_default().push(e);
@@ -716,15 +798,20 @@ impl EmbeddedBroker {
     }
 
     fn topics_impl(&self) -> Vec<TopicConfig> {
-        let mut v: Vec<TopicConfig> = self
-            .inner
-            .topics
-            .iter()
-            .map(|h| TopicConfig::new(h.name.to_string()).queues(h.queues))
-            .collect();
+        let mut v: Vec<TopicConfig> = self.inner.topics.iter().map(|h| h.config()).collect();
         v.sort_by(|a, b| a.name().cmp(b.name()));
         v
     }
+}
+
+/// Runs a store read off the actix threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Storage(StorageError::msg(e.to_string())))?
+        .map_err(Error::Storage)
 }
 
 fn dlq_topic(group: &str) -> String {
@@ -752,7 +839,7 @@ impl Broker for EmbeddedBroker {
     async fn ensure_topic(&self, config: TopicConfig) -> Result<TopicConfig, Error> {
         config.validate()?;
         let h = self.topic(config, false).await?;
-        Ok(TopicConfig::new(h.name.to_string()).queues(h.queues))
+        Ok(h.config())
     }
 
     async fn publish(
@@ -818,6 +905,7 @@ impl Broker for EmbeddedBroker {
             dead_letters: self.dead_letter_sink(),
             retries,
             filter: spec.filter.clone(),
+            trace: h.trace.clone(),
         };
         let addr = GroupActor::start_in_arbiter(&self.inner.broker_arbiter, move |_| {
             GroupActor::new(setup)
@@ -869,21 +957,32 @@ impl Broker for EmbeddedBroker {
             }
         }
         let h = self.known_topic(topic)?;
-        let stored = self.reader()?.load_offsets(group, h.id)?;
-        Ok((0..h.queues)
+        let reader = self.reader()?;
+        let stored = reader.load_offsets(group, h.id)?;
+        (0..h.queues)
             .map(|q| {
                 let max = h.ends[q as usize].load(Ordering::Acquire);
-                let s = stored.get(&q).cloned().unwrap_or_default();
-                QueuePosition {
+                let mut s = stored.get(&q).cloned().unwrap_or_default();
+                // Retention may have removed what the group has not read:
+                // it will continue at the first kept message.
+                let start = reader.queue_start(QueueKey {
+                    topic_id: h.id,
+                    queue: q,
+                })?;
+                if s.committed < start {
+                    s.committed = start;
+                    s.acked_above.retain(|o| *o >= start);
+                }
+                Ok(QueuePosition {
                     queue: q,
                     committed: s.committed,
                     max,
                     lag: max
                         .saturating_sub(s.committed)
                         .saturating_sub(s.acked_above.len() as u64),
-                }
+                })
             })
-            .collect())
+            .collect()
     }
 
     async fn group_stats(&self, group: &str, topic: &str) -> GroupStats {
@@ -998,6 +1097,65 @@ impl Broker for EmbeddedBroker {
 
     async fn purge_dead_letters(&self, group: &str) -> Result<u64, Error> {
         self.purge_dead_letters_impl(group).await
+    }
+
+    async fn query_id(&self, id: MessageId) -> Result<Option<Arc<BusMessage>>, Error> {
+        self.check_open()?;
+        let mut topics: Vec<(Arc<str>, u32, u32)> = self
+            .inner
+            .topics
+            .iter()
+            .map(|h| (h.name.clone(), h.id, h.queues))
+            .collect();
+        // User topics first; dead letters are copies with ids of their own.
+        topics.sort_by_key(|(n, _, _)| (n.starts_with(SYSTEM_TOPIC_PREFIX), n.clone()));
+        let reader = self.reader()?;
+        blocking(move || reader.find_id(&topics, id)).await
+    }
+
+    async fn query_key(
+        &self,
+        topic: &str,
+        key: &str,
+        max: usize,
+    ) -> Result<Vec<Arc<BusMessage>>, Error> {
+        self.check_open()?;
+        let h = self.known_topic(topic)?;
+        let reader = self.reader()?;
+        let key = key.to_string();
+        blocking(move || reader.find_key(&h.name, h.id, h.queues, &key, max)).await
+    }
+
+    async fn trace(&self, id: MessageId) -> Result<Option<MessageTrace>, Error> {
+        let Some(m) = self.query_id(id).await? else {
+            return Ok(None);
+        };
+        let h = self.known_topic(m.topic())?;
+        let reader = self.reader()?;
+        let key = QueueKey {
+            topic_id: h.id,
+            queue: m.queue(),
+        };
+        let offset = m.offset();
+        let events = blocking(move || reader.trace_of(key, offset)).await?;
+        Ok(Some(MessageTrace {
+            id,
+            topic: m.topic().to_string(),
+            queue: m.queue(),
+            offset,
+            traced: h.trace.load(Ordering::Relaxed),
+            events,
+        }))
+    }
+
+    async fn enforce_retention(&self) -> Result<RetentionReport, Error> {
+        self.check_open()?;
+        Ok(self
+            .inner
+            .persistence
+            .send(RunRetention)
+            .await
+            .map_err(|_| Error::Closed)??)
     }
 
     async fn shutdown(&self) -> Result<(), Error> {

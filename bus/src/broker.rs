@@ -33,8 +33,9 @@ use tokio::sync::mpsc;
 use crate::dlq::{DeadLetter, Resend, ResendReport};
 use crate::error::Error;
 use crate::filter::Filter;
-use crate::message::{Durability, Message, OutgoingMessage, SendReceipt};
+use crate::message::{Durability, Message, MessageId, OutgoingMessage, SendReceipt};
 use crate::topic::TopicConfig;
+use crate::trace::{MessageTrace, RetentionReport};
 
 /// What a backend does natively.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,6 +197,9 @@ pub struct GroupStats {
     pub scheduled_retries: u64,
     /// Messages skipped because the subscription's filter rejected them.
     pub filtered: u64,
+    /// Messages the group never received because retention removed them
+    /// first (its position pointed into removed data).
+    pub expired: u64,
 }
 
 /// A storage/transport backend.
@@ -349,6 +353,43 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     ///
     /// A storage error.
     async fn purge_dead_letters(&self, group: &str) -> Result<u64, Error>;
+
+    /// Finds a stored message by id, in any topic (dead-letter queues
+    /// included; a dead letter is a copy with its own id). `None` if it is
+    /// not stored (never was, or removed by retention).
+    ///
+    /// # Errors
+    ///
+    /// A storage error, or [`Error::Unsupported`].
+    async fn query_id(&self, id: MessageId) -> Result<Option<Arc<Message>>, Error>;
+
+    /// Up to `max` stored messages of `topic` carrying `key` among their
+    /// keys, oldest first.
+    ///
+    /// # Errors
+    ///
+    /// An unknown topic, a storage error, or [`Error::Unsupported`].
+    async fn query_key(
+        &self,
+        topic: &str,
+        key: &str,
+        max: usize,
+    ) -> Result<Vec<Arc<Message>>, Error>;
+
+    /// The lifecycle of a stored message; `None` if it is not stored.
+    ///
+    /// # Errors
+    ///
+    /// A storage error, or [`Error::Unsupported`].
+    async fn trace(&self, id: MessageId) -> Result<Option<MessageTrace>, Error>;
+
+    /// Runs a retention pass now (the backend also runs them on its own
+    /// schedule) and reports what it removed.
+    ///
+    /// # Errors
+    ///
+    /// A storage error, or [`Error::Unsupported`].
+    async fn enforce_retention(&self) -> Result<RetentionReport, Error>;
 
     /// Stops every subscription, persists offsets, syncs and closes the store.
     ///

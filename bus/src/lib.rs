@@ -26,6 +26,7 @@ mod message;
 mod retry;
 mod sql;
 mod topic;
+mod trace;
 
 pub use broker::{
     Broker, BrokerSubscription, Capabilities, DeliveryBatch, GroupStats, QueuePosition,
@@ -43,6 +44,7 @@ pub use message::{Durability, Message, MessageId, OutgoingMessage, Publish, Send
 pub use retry::{Backoff, RetryPolicy};
 pub use sql::SqlExpr;
 pub use topic::{
-    validate_group_name, validate_topic_name, Limits, TopicConfig, DEFAULT_QUEUES,
+    validate_group_name, validate_topic_name, Limits, Retention, TopicConfig, DEFAULT_QUEUES,
     MAX_GROUP_NAME_LEN, MAX_QUEUES, MAX_TOPIC_NAME_LEN, SYSTEM_TOPIC_PREFIX,
 };
+pub use trace::{MessageTrace, RetentionReport, TraceEvent, TraceKind};

@@ -4,6 +4,8 @@
 //! limit is rejected whole with a typed [`Error`], and the store never sees
 //! it.
 
+use std::time::Duration;
+
 use crate::error::{Error, NameKind};
 use crate::message::OutgoingMessage;
 
@@ -18,29 +20,168 @@ pub const SYSTEM_TOPIC_PREFIX: &str = "%";
 /// The most queues a topic may have.
 pub const MAX_QUEUES: u32 = 1024;
 
+/// How long a topic keeps its messages (RocketMQ's `fileReservedTime`).
+///
+/// Retention ignores consumption: a message is removed when it is older than
+/// `max_age`, or when the topic's queue is over `max_bytes` (oldest first),
+/// whether or not every group has consumed it. A group whose position points
+/// into removed data continues at the first kept message; the loss is
+/// logged and counted ([`GroupStats::expired`](crate::GroupStats::expired)).
+/// Messages that a group has scheduled for a retry are kept until the retry
+/// is settled.
+///
+/// Removal is by whole stored records (up to 512 messages or 64 KiB), oldest
+/// first, so a few messages may outlive their limit by one record.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use weirmq_bus::Retention;
+/// let r = Retention::default().max_bytes(512 << 20);
+/// assert_eq!(r.age(), Some(Duration::from_secs(72 * 3600)));
+/// assert_eq!(r.bytes(), Some(512 << 20));
+/// assert_eq!(Retention::forever().age(), None);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    max_age: Option<Duration>,
+    max_bytes: Option<u64>,
+}
+
+impl Retention {
+    /// The default age limit: 72 hours (RocketMQ's default).
+    pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(72 * 3600);
+
+    /// Keep everything (no age or size limit).
+    pub fn forever() -> Self {
+        Retention {
+            max_age: None,
+            max_bytes: None,
+        }
+    }
+
+    /// Removes messages older than `age` (by publish time).
+    pub fn max_age(mut self, age: Duration) -> Self {
+        self.max_age = Some(age);
+        self
+    }
+
+    /// No age limit.
+    pub fn no_max_age(mut self) -> Self {
+        self.max_age = None;
+        self
+    }
+
+    /// Removes the oldest messages of a queue while the queue holds more
+    /// than `bytes` (stored size, per queue).
+    pub fn max_bytes(mut self, bytes: u64) -> Self {
+        self.max_bytes = Some(bytes);
+        self
+    }
+
+    /// The age limit, if any.
+    pub fn age(&self) -> Option<Duration> {
+        self.max_age
+    }
+
+    /// The per-queue size limit, if any.
+    pub fn bytes(&self) -> Option<u64> {
+        self.max_bytes
+    }
+
+    /// Checks the limits: an age of at least one millisecond, a size of at
+    /// least one byte.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`].
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.max_age.is_some_and(|a| a.as_millis() == 0) {
+            return Err(Error::InvalidConfig {
+                reason: "retention max_age must be at least 1 ms (use Retention::forever() \
+                         to keep everything)"
+                    .into(),
+            });
+        }
+        if self.max_bytes == Some(0) {
+            return Err(Error::InvalidConfig {
+                reason: "retention max_bytes must be at least 1 (use Retention::forever() \
+                         to keep everything)"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Default for Retention {
+    /// 72 hours, no size limit.
+    fn default() -> Self {
+        Retention {
+            max_age: Some(Self::DEFAULT_MAX_AGE),
+            max_bytes: None,
+        }
+    }
+}
+
 /// A topic's configuration.
 ///
 /// # Examples
 ///
 /// ```
-/// use weirmq_bus::TopicConfig;
-/// let cfg = TopicConfig::new("orders").queues(8);
+/// use std::time::Duration;
+/// use weirmq_bus::{Retention, TopicConfig};
+/// let cfg = TopicConfig::new("orders")
+///     .queues(8)
+///     .retention(Retention::default().max_age(Duration::from_secs(24 * 3600)))
+///     .trace(true);
 /// assert_eq!(cfg.queue_count(), 8);
+/// assert!(cfg.traced());
 /// assert!(cfg.validate().is_ok());
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicConfig {
     name: String,
     queues: u32,
+    retention: Retention,
+    trace: bool,
 }
 
 impl TopicConfig {
-    /// A topic named `name` with [`DEFAULT_QUEUES`] queues.
+    /// A topic named `name` with [`DEFAULT_QUEUES`] queues, the default
+    /// [`Retention`] (72 h) and no message trace.
     pub fn new(name: impl Into<String>) -> Self {
         TopicConfig {
             name: name.into(),
             queues: DEFAULT_QUEUES,
+            retention: Retention::default(),
+            trace: false,
         }
+    }
+
+    /// Sets how long the topic keeps messages.
+    pub fn retention(mut self, retention: Retention) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Records a trace of every message's lifecycle (published, delivered,
+    /// acked, retried, dead-lettered, resent), queryable by message id. It
+    /// costs one small store write per event; off by default.
+    pub fn trace(mut self, on: bool) -> Self {
+        self.trace = on;
+        self
+    }
+
+    /// The topic's retention.
+    pub fn retention_limits(&self) -> Retention {
+        self.retention
+    }
+
+    /// Whether message trace is on.
+    pub fn traced(&self) -> bool {
+        self.trace
     }
 
     /// Sets the number of queues (1..=1024). Queues are the unit of
@@ -68,7 +209,8 @@ impl TopicConfig {
     /// [`Error::InvalidConfig`].
     pub fn validate(&self) -> Result<(), Error> {
         validate_topic_name(&self.name)?;
-        self.validate_queues()
+        self.validate_queues()?;
+        self.retention.validate()
     }
 
     /// Checks a system topic's configuration (the `%` prefix allowed).
@@ -78,7 +220,8 @@ impl TopicConfig {
     /// As [`TopicConfig::validate`], without the reserved-prefix check.
     pub fn validate_system(&self) -> Result<(), Error> {
         check_name(NameKind::Topic, &self.name, MAX_TOPIC_NAME_LEN)?;
-        self.validate_queues()
+        self.validate_queues()?;
+        self.retention.validate()
     }
 
     fn validate_queues(&self) -> Result<(), Error> {

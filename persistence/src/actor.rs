@@ -25,16 +25,21 @@
 //! [`ShutdownStore`] commits what is pending, syncs, releases the store and
 //! stops the actor.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use tracing::{debug, error, trace};
-use weirmq_bus::{Durability, Message as BusMessage, StorageError};
+use tokio::sync::oneshot;
+use tracing::{debug, error, info, trace, warn};
+use weirmq_bus::{
+    Durability, Message as BusMessage, RetentionReport, StorageError, TraceEvent, TraceKind,
+};
 
 use crate::delay::{resent_key, resent_prefix, RetryEntry, RetryKey};
-use crate::store::{offsets_batch, OffsetState, QueueKey, RecordBuilder, Store};
+use crate::store::{
+    offsets_batch, OffsetState, QueueKey, RecordBuilder, Store, TopicSettings, TraceRecord,
+};
 
 /// Called on the persistence thread once an append's commit is done.
 pub type AppendDone = Box<dyn FnOnce(Result<(), StorageError>) + Send>;
@@ -47,6 +52,8 @@ pub struct Append {
     pub messages: Vec<Arc<BusMessage>>,
     /// How durable the commit must be before `done` is called.
     pub durability: Durability,
+    /// Record a `Published` trace event for each message.
+    pub trace: bool,
     /// Called once, after the commit (and sync), with its outcome.
     pub done: AppendDone,
 }
@@ -136,11 +143,70 @@ pub struct CreateTopic {
     pub name: String,
     /// Its queue count.
     pub queues: u32,
+    /// Its retention and trace settings.
+    pub settings: TopicSettings,
 }
 
 impl Message for CreateTopic {
     type Result = Result<u32, StorageError>;
 }
+
+/// Changes an existing topic's retention and trace settings.
+#[derive(Debug)]
+pub struct ConfigureTopic {
+    /// The topic name.
+    pub name: String,
+    /// Its id.
+    pub id: u32,
+    /// Its queue count (unchanged).
+    pub queues: u32,
+    /// The new settings.
+    pub settings: TopicSettings,
+}
+
+impl Message for ConfigureTopic {
+    type Result = Result<(), StorageError>;
+}
+
+/// Trace events to record (written with the next commit, never synced on
+/// their own).
+#[derive(Debug)]
+pub struct RecordTrace(pub Vec<TraceRecord>);
+
+impl Message for RecordTrace {
+    type Result = ();
+}
+
+/// Runs a retention pass over every topic (in steps, between commits, so
+/// publishes are not held up) and replies with what it removed.
+#[derive(Debug)]
+pub struct RunRetention;
+
+impl Message for RunRetention {
+    type Result = Result<RetentionReport, StorageError>;
+}
+
+/// One step of a retention pass.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct RetentionStep;
+
+/// A retention pass under way.
+#[derive(Debug, Default)]
+struct RetentionJob {
+    /// Queues still to clean: (queue, cutoff ms, max bytes).
+    todo: VecDeque<(QueueKey, Option<u64>, Option<u64>)>,
+    /// The lowest offset retry entries name, per queue; kept up to date
+    /// with retries written during the pass.
+    floors: HashMap<QueueKey, u64>,
+    report: RetentionReport,
+    /// The queue at the front lost messages in this pass.
+    touched: bool,
+    waiters: Vec<oneshot::Sender<Result<RetentionReport, StorageError>>>,
+}
+
+/// Records removed per retention step (then commits waiting get a turn).
+const RETENTION_STEP_RECORDS: usize = 64;
 
 /// Commits what is pending, syncs, and stops the actor.
 #[derive(Debug)]
@@ -167,9 +233,15 @@ pub struct PersistenceActor {
     pending_messages: usize,
     retries: Vec<UpdateRetries>,
     offsets: HashMap<(String, QueueKey), OffsetState>,
+    traces: Vec<TraceRecord>,
     commit_queued: bool,
     offsets_timer: bool,
     failed: Option<StorageError>,
+    retention_every: Duration,
+    retention: Option<RetentionJob>,
+    /// Callers who asked for a pass while one was running: they get the
+    /// next one.
+    retention_next: Vec<oneshot::Sender<Result<RetentionReport, StorageError>>>,
 }
 
 impl std::fmt::Debug for PersistenceActor {
@@ -186,16 +258,72 @@ impl PersistenceActor {
     /// (no sync is attempted).
     pub fn new(store: Store, durable: bool) -> Self {
         PersistenceActor {
+            retention_every: store.retention_interval(),
             store: Some(store),
             durable,
             pending: Vec::new(),
             pending_messages: 0,
             retries: Vec::new(),
             offsets: HashMap::new(),
+            traces: Vec::new(),
             commit_queued: false,
             offsets_timer: false,
             failed: None,
+            retention: None,
+            retention_next: Vec::new(),
         }
+    }
+
+    /// Starts a retention pass (if none runs) for `waiters`.
+    fn start_retention(
+        &mut self,
+        waiters: Vec<oneshot::Sender<Result<RetentionReport, StorageError>>>,
+        ctx: &mut Context<Self>,
+    ) {
+        if self.retention.is_some() {
+            self.retention_next.extend(waiters);
+            return;
+        }
+        let Some(store) = self.store.as_ref() else {
+            for w in waiters {
+                let _ = w.send(Err(Self::closed()));
+            }
+            return;
+        };
+        let floors = match store.retry_floors() {
+            Ok(mut f) => {
+                // Retries not written yet count too.
+                for u in &self.retries {
+                    for e in &u.put {
+                        lower(&mut f, e);
+                    }
+                }
+                f
+            }
+            Err(e) => {
+                for w in waiters {
+                    let _ = w.send(Err(e.clone()));
+                }
+                return;
+            }
+        };
+        let now = now_ms();
+        let todo = store
+            .retention_plan()
+            .into_iter()
+            .map(|(key, r)| {
+                let cutoff = r.age().map(|a| now.saturating_sub(a.as_millis() as u64));
+                (key, cutoff, r.bytes())
+            })
+            .collect();
+        self.retention = Some(RetentionJob {
+            todo,
+            floors,
+            report: RetentionReport::default(),
+            touched: false,
+            waiters,
+        });
+        ctx.notify(RetentionStep);
     }
 
     fn queue_commit(&mut self, ctx: &mut Context<Self>) {
@@ -234,6 +362,7 @@ impl PersistenceActor {
         self.pending_messages -= n;
         let offsets = std::mem::take(&mut self.offsets);
         let retries = std::mem::take(&mut self.retries);
+        let mut traces = std::mem::take(&mut self.traces);
         let result = match (&self.failed, self.store.as_mut()) {
             (Some(e), _) => Err(e.clone()),
             (None, None) => Err(Self::closed()),
@@ -243,10 +372,20 @@ impl PersistenceActor {
                 for a in &appends {
                     for m in &a.messages {
                         records.push(a.key, m.offset(), m);
+                        if a.trace {
+                            traces.push(TraceRecord {
+                                key: a.key,
+                                offset: m.offset(),
+                                event: TraceEvent::now(TraceKind::Published, None, 0, None),
+                            });
+                        }
                     }
                     sync |= a.durability == Durability::Flushed;
                 }
-                let (batch, nrecords) = records.finish();
+                let records = records.finish();
+                let nrecords = records.count;
+                store.count_bytes(&records.added);
+                let trace_batch = (!traces.is_empty()).then(|| store.trace_batch(&traces));
                 let off = (!offsets.is_empty()).then(|| offsets_batch(&offsets));
                 let delay = (!retries.is_empty()).then(|| {
                     let mut b = sled::Batch::default();
@@ -263,17 +402,21 @@ impl PersistenceActor {
                     }
                     b
                 });
-                let r = store.write(batch, delay, off).and_then(|()| {
-                    if sync && self.durable {
-                        store.sync()
-                    } else {
-                        Ok(())
-                    }
-                });
+                let index = (nrecords > 0).then_some(records.index);
+                let r = store
+                    .write(records.log, index, trace_batch, delay, off)
+                    .and_then(|()| {
+                        if sync && self.durable {
+                            store.sync()
+                        } else {
+                            Ok(())
+                        }
+                    });
                 trace!(
                     messages = n,
                     records = nrecords,
                     offsets = offsets.len(),
+                    traces = traces.len(),
                     sync,
                     "commit"
                 );
@@ -296,8 +439,145 @@ impl PersistenceActor {
     }
 }
 
+fn lower(floors: &mut HashMap<QueueKey, u64>, e: &RetryEntry) {
+    let key = QueueKey {
+        topic_id: e.key.topic_id,
+        queue: e.queue,
+    };
+    let f = floors.entry(key).or_insert(e.offset);
+    *f = (*f).min(e.offset);
+}
+
 impl Actor for PersistenceActor {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_interval(self.retention_every, |act, ctx| {
+            if act.retention.is_none() && act.store.is_some() && act.failed.is_none() {
+                act.start_retention(Vec::new(), ctx);
+            }
+        });
+    }
+}
+
+impl Handler<RunRetention> for PersistenceActor {
+    type Result = ResponseFuture<Result<RetentionReport, StorageError>>;
+
+    fn handle(&mut self, _: RunRetention, ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        self.start_retention(vec![tx], ctx);
+        Box::pin(async move { rx.await.unwrap_or_else(|_| Err(Self::closed())) })
+    }
+}
+
+impl Handler<RetentionStep> for PersistenceActor {
+    type Result = ();
+
+    fn handle(&mut self, _: RetentionStep, ctx: &mut Context<Self>) {
+        let Some(mut job) = self.retention.take() else {
+            return;
+        };
+        let outcome = match (&self.failed, self.store.as_mut()) {
+            (Some(e), _) => Err(e.clone()),
+            (None, None) => Err(Self::closed()),
+            (None, Some(store)) => {
+                let mut budget = RETENTION_STEP_RECORDS;
+                let mut result = Ok(());
+                while budget > 0 {
+                    let Some(&(key, cutoff, max_bytes)) = job.todo.front() else {
+                        break;
+                    };
+                    let keep_from = job.floors.get(&key).copied().unwrap_or(u64::MAX);
+                    match store.expire(key, cutoff, max_bytes, keep_from, budget) {
+                        Ok(x) => {
+                            if x.messages > 0 {
+                                info!(
+                                    topic_id = key.topic_id,
+                                    queue = key.queue,
+                                    messages = x.messages,
+                                    bytes = x.bytes,
+                                    first_kept = x.start,
+                                    "retention removed expired messages"
+                                );
+                                job.touched = true;
+                            }
+                            job.report.messages += x.messages;
+                            job.report.bytes += x.bytes;
+                            budget -= x.records.min(budget);
+                            if !x.more {
+                                job.todo.pop_front();
+                                job.report.queues += job.touched as u32;
+                                job.touched = false;
+                            }
+                        }
+                        Err(e) => {
+                            result = Err(e);
+                            break;
+                        }
+                    }
+                }
+                result
+            }
+        };
+        match outcome {
+            Err(e) => {
+                warn!(error = %e, "retention pass failed; the next one tries again");
+                for w in job.waiters {
+                    let _ = w.send(Err(e.clone()));
+                }
+            }
+            Ok(()) if job.todo.is_empty() => {
+                if job.report.messages > 0 {
+                    debug!(?job.report, "retention pass done");
+                }
+                for w in job.waiters {
+                    let _ = w.send(Ok(job.report));
+                }
+                let next = std::mem::take(&mut self.retention_next);
+                if !next.is_empty() {
+                    self.start_retention(next, ctx);
+                }
+            }
+            Ok(()) => {
+                self.retention = Some(job);
+                ctx.notify(RetentionStep);
+            }
+        }
+    }
+}
+
+impl Handler<RecordTrace> for PersistenceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: RecordTrace, ctx: &mut Context<Self>) {
+        if self.store.is_none() || self.failed.is_some() {
+            return;
+        }
+        self.traces.extend(msg.0);
+        if !self.commit_queued && !self.offsets_timer {
+            self.offsets_timer = true;
+            ctx.run_later(OFFSETS_DELAY, |act, ctx| {
+                act.offsets_timer = false;
+                if !act.offsets.is_empty() || !act.traces.is_empty() {
+                    act.queue_commit(ctx);
+                }
+            });
+        }
+    }
+}
+
+impl Handler<ConfigureTopic> for PersistenceActor {
+    type Result = Result<(), StorageError>;
+
+    fn handle(&mut self, msg: ConfigureTopic, _: &mut Context<Self>) -> Self::Result {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        let store = self.store.as_mut().ok_or_else(Self::closed)?;
+        store.write_topic(&msg.name, msg.id, msg.queues, &msg.settings)?;
+        debug!(topic = %msg.name, settings = ?msg.settings, "topic reconfigured");
+        Ok(())
+    }
 }
 
 impl Handler<Append> for PersistenceActor {
@@ -333,6 +613,11 @@ impl Handler<UpdateRetries> for PersistenceActor {
             (msg.done)(Err(e));
             return;
         }
+        if let Some(job) = &mut self.retention {
+            for e in &msg.put {
+                lower(&mut job.floors, e);
+            }
+        }
         self.retries.push(msg);
         self.queue_commit(ctx);
     }
@@ -367,7 +652,7 @@ impl Handler<CommitOffsets> for PersistenceActor {
             self.offsets_timer = true;
             ctx.run_later(OFFSETS_DELAY, |act, ctx| {
                 act.offsets_timer = false;
-                if !act.offsets.is_empty() {
+                if !act.offsets.is_empty() || !act.traces.is_empty() {
                     act.queue_commit(ctx);
                 }
             });
@@ -400,7 +685,7 @@ impl Handler<CreateTopic> for PersistenceActor {
             return Err(e.clone());
         }
         let store = self.store.as_mut().ok_or_else(Self::closed)?;
-        let id = store.create_topic(&msg.name, msg.queues)?;
+        let id = store.create_topic(&msg.name, msg.queues, &msg.settings)?;
         debug!(topic = %msg.name, id, queues = msg.queues, "topic created");
         Ok(id)
     }
@@ -410,11 +695,23 @@ impl Handler<ShutdownStore> for PersistenceActor {
     type Result = Result<(), StorageError>;
 
     fn handle(&mut self, _: ShutdownStore, ctx: &mut Context<Self>) -> Self::Result {
-        while !self.pending.is_empty() || !self.offsets.is_empty() || !self.retries.is_empty() {
+        while !self.pending.is_empty()
+            || !self.offsets.is_empty()
+            || !self.retries.is_empty()
+            || !self.traces.is_empty()
+        {
             self.commit();
             if self.failed.is_some() {
                 break;
             }
+        }
+        if let Some(job) = self.retention.take() {
+            for w in job.waiters {
+                let _ = w.send(Err(Self::closed()));
+            }
+        }
+        for w in self.retention_next.drain(..) {
+            let _ = w.send(Err(Self::closed()));
         }
         let result = match (&self.failed, self.store.as_mut()) {
             (Some(e), _) => Err(e.clone()),

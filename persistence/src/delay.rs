@@ -163,6 +163,32 @@ pub(crate) fn load_retries(
     Ok(out)
 }
 
+/// For every queue that has retry entries (of any group), the lowest offset
+/// they name: retention keeps everything from there on.
+pub(crate) fn retry_floors(
+    tree: &sled::Tree,
+) -> Result<std::collections::HashMap<crate::QueueKey, u64>, StorageError> {
+    let mut out = std::collections::HashMap::new();
+    let bad = || StorageError::msg("a retry entry in the delay index is corrupt");
+    for item in tree.scan_prefix([RETRY]) {
+        let (k, v) = item.map_err(|e| StorageError::new("reading the delay index", e))?;
+        let topic_at = k.len().checked_sub(20).ok_or_else(bad)?;
+        let topic_id = u32::from_be_bytes(k[topic_at..topic_at + 4].try_into().map_err(|_| bad())?);
+        let queue = u32::from_be_bytes(v.get(..4).ok_or_else(bad)?.try_into().map_err(|_| bad())?);
+        let offset = u64::from_be_bytes(
+            v.get(4..12)
+                .ok_or_else(bad)?
+                .try_into()
+                .map_err(|_| bad())?,
+        );
+        let floor = out
+            .entry(crate::QueueKey { topic_id, queue })
+            .or_insert(offset);
+        *floor = (*floor).min(offset);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

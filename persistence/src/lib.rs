@@ -1,7 +1,8 @@
 //! # weirmq-persistence: the embedded store
 //!
 //! The sled-backed store of the embedded broker: queue logs, consumer
-//! offsets, topic metadata and the delay index (retry entries), written by
+//! offsets, topic metadata, the delay index (retry entries), record
+//! summaries (queries by id and key) and message traces, written by
 //! one [`PersistenceActor`] with group commit, read concurrently through
 //! [`StoreReader`]s.
 //!
@@ -14,8 +15,11 @@
 //! | tree | key | value |
 //! |---|---|---|
 //! | `meta` | `format` | `weirmq-store-v1` |
-//! | `meta` | `topic/<name>` | topic id (u32) + queue count (u32) |
+//! | `meta` | `topic/<name>` | topic id (u32) + queue count (u32) + retention (max age ms, max bytes: u64 each) + trace (u8) |
+//! | `meta` | `start/` · topic id · queue | the queue's first kept offset, after retention or a purge |
 //! | `log` | topic id (u32) · queue (u32) · first offset (u64), big-endian | a *record*: the envelopes of consecutive messages of one commit batch |
+//! | `index` | the record's key | the record's summary: count, bytes, publish times, a Bloom filter over ids and keys (queries, retention) |
+//! | `trace` | topic id · queue · offset · seq | one trace event of the message at that offset |
 //! | `delay` | `r` · group · `0` · topic id (u32) · due ms (u64) · seq (u64) | a retry entry: queue, offset, next attempt, first failure, last error |
 //! | `delay` | `x` · group · `0` · DLQ offset (u64) | a dead letter's "resent" mark |
 //! | `offsets` | group · `0` · topic id (u32) · queue (u32) | committed offset (u64) + runs of offsets acked above it |
@@ -44,14 +48,15 @@
 
 mod actor;
 mod delay;
+mod index;
 mod store;
 
 pub use actor::{
-    Append, AppendDone, CommitOffsets, CreateTopic, PersistenceActor, PurgeQueue, ShutdownStore,
-    UpdateRetries,
+    Append, AppendDone, CommitOffsets, ConfigureTopic, CreateTopic, PersistenceActor, PurgeQueue,
+    RecordTrace, RunRetention, ShutdownStore, UpdateRetries,
 };
 pub use delay::{next_seq, RetryEntry, RetryKey};
 pub use store::{
     OffsetState, QueueKey, RecoveredTopic, Recovery, Store, StoreConfig, StoreReader, SyncEvent,
-    SyncHook,
+    SyncHook, TopicSettings, TraceRecord,
 };

@@ -16,11 +16,16 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use weirmq_bus::{Error, Message, StorageError};
+use weirmq_bus::{Error, Message, MessageId, Retention, StorageError, TraceEvent};
+
+use crate::index::{decode_trace, encode_trace, Probe, Summary, SummaryBuilder};
 
 const FORMAT_KEY: &[u8] = b"format";
 const FORMAT: &[u8] = b"weirmq-store-v1";
 const TOPIC_PREFIX: &[u8] = b"topic/";
+/// `start/` · topic id · queue → the queue's first kept offset (written by
+/// retention and purges; the queue's end never falls below it).
+const START_PREFIX: &[u8] = b"start/";
 /// A file beside sled's, written once the store is initialised: if it is
 /// there but sled comes up without our format key, sled lost the data (a
 /// corrupt or truncated data file) and the store is refused, not re-created.
@@ -54,6 +59,8 @@ pub struct StoreConfig {
     pub cache_capacity: u64,
     /// Observes every sync step.
     pub sync_hook: Option<SyncHook>,
+    /// How often retention passes run (`None`: every 60 s).
+    pub retention_interval: Option<std::time::Duration>,
 }
 
 impl fmt::Debug for StoreConfig {
@@ -62,6 +69,7 @@ impl fmt::Debug for StoreConfig {
             .field("path", &self.path)
             .field("cache_capacity", &self.cache_capacity)
             .field("sync_hook", &self.sync_hook.is_some())
+            .field("retention_interval", &self.retention_interval)
             .finish()
     }
 }
@@ -83,6 +91,97 @@ impl QueueKey {
         k[8..].copy_from_slice(&offset.to_be_bytes());
         k
     }
+
+    fn trace_key(self, offset: u64, seq: u64) -> [u8; 24] {
+        let mut k = [0u8; 24];
+        k[..16].copy_from_slice(&self.log_key(offset));
+        k[16..].copy_from_slice(&seq.to_be_bytes());
+        k
+    }
+
+    fn start_key(self) -> Vec<u8> {
+        let mut k = START_PREFIX.to_vec();
+        k.extend_from_slice(&self.log_key(0)[..8]);
+        k
+    }
+}
+
+/// A trace event of the message at `offset` of queue `key`.
+#[derive(Debug, Clone)]
+pub struct TraceRecord {
+    /// The message's queue.
+    pub key: QueueKey,
+    /// The message's offset.
+    pub offset: u64,
+    /// What happened.
+    pub event: TraceEvent,
+}
+
+/// A topic's settings as the store keeps them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TopicSettings {
+    /// How long its messages are kept.
+    pub retention: Retention,
+    /// Whether its messages' lifecycles are traced.
+    pub trace: bool,
+}
+
+/// id u32 · queues u32 · max age ms u64 (0: none) · max bytes u64 (0: none)
+/// · trace u8. Stores written before retention existed hold only the first
+/// eight bytes (default settings).
+fn encode_topic(id: u32, queues: u32, settings: &TopicSettings) -> Vec<u8> {
+    let mut v = Vec::with_capacity(25);
+    v.extend_from_slice(&id.to_be_bytes());
+    v.extend_from_slice(&queues.to_be_bytes());
+    let age = settings
+        .retention
+        .age()
+        .map_or(0, |a| (a.as_millis() as u64).max(1));
+    v.extend_from_slice(&age.to_be_bytes());
+    v.extend_from_slice(&settings.retention.bytes().unwrap_or(0).to_be_bytes());
+    v.push(settings.trace as u8);
+    v
+}
+
+fn decode_topic(name: &str, v: &[u8]) -> Result<(u32, u32, TopicSettings), StorageError> {
+    let bad = || StorageError::msg(format!("metadata of topic `{name}` is corrupt"));
+    let u32_at = |i: usize| -> Result<u32, StorageError> {
+        Ok(u32::from_be_bytes(
+            v.get(i..i + 4)
+                .ok_or_else(bad)?
+                .try_into()
+                .map_err(|_| bad())?,
+        ))
+    };
+    let u64_at = |i: usize| -> Result<u64, StorageError> {
+        Ok(u64::from_be_bytes(
+            v.get(i..i + 8)
+                .ok_or_else(bad)?
+                .try_into()
+                .map_err(|_| bad())?,
+        ))
+    };
+    let (id, queues) = (u32_at(0)?, u32_at(4)?);
+    let settings = match v.len() {
+        8 => TopicSettings::default(),
+        25 => {
+            let mut retention = Retention::forever();
+            let age = u64_at(8)?;
+            if age > 0 {
+                retention = retention.max_age(std::time::Duration::from_millis(age));
+            }
+            let bytes = u64_at(16)?;
+            if bytes > 0 {
+                retention = retention.max_bytes(bytes);
+            }
+            TopicSettings {
+                retention,
+                trace: v[24] == 1,
+            }
+        }
+        _ => return Err(bad()),
+    };
+    Ok((id, queues, settings))
 }
 
 /// A consumer group's committed position in one queue: every offset below
@@ -170,6 +269,8 @@ pub struct RecoveredTopic {
     pub queues: u32,
     /// For each queue, the next offset to write.
     pub ends: Vec<u64>,
+    /// Its retention and trace settings.
+    pub settings: TopicSettings,
 }
 
 /// What the store holds at open.
@@ -183,9 +284,18 @@ pub struct Recovery {
 pub struct Store {
     db: sled::Db,
     log: sled::Tree,
+    index: sled::Tree,
+    trace: sled::Tree,
     offsets: sled::Tree,
     meta: sled::Tree,
     delay: sled::Tree,
+    /// Stored bytes per queue, counted on first need (retention by size)
+    /// and kept up to date by appends and removals.
+    queue_bytes: HashMap<QueueKey, u64>,
+    trace_seq: u64,
+    /// Every topic's queue count and settings, by id.
+    topics: BTreeMap<u32, (u32, TopicSettings)>,
+    retention_interval: std::time::Duration,
     dir: Option<PathBuf>,
     data_file: Option<File>,
     synced_blobs: HashSet<OsString>,
@@ -253,6 +363,8 @@ impl Store {
                 .map_err(|e| data_dir_err(&shown, format!("cannot open tree `{name}`: {e}")))
         };
         let log = tree("log")?;
+        let index = tree("index")?;
+        let trace = tree("trace")?;
         let offsets = tree("offsets")?;
         let meta = tree("meta")?;
         let delay = tree("delay")?;
@@ -314,9 +426,21 @@ impl Store {
         let mut store = Store {
             db,
             log,
+            index,
+            trace,
             offsets,
             meta,
             delay,
+            queue_bytes: HashMap::new(),
+            topics: BTreeMap::new(),
+            retention_interval: config
+                .retention_interval
+                .unwrap_or(std::time::Duration::from_secs(60)),
+            // Increasing across restarts (unless 65,536 events per ms).
+            trace_seq: (std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64))
+                << 16,
             dir,
             data_file,
             synced_blobs: HashSet::new(),
@@ -335,26 +459,24 @@ impl Store {
             let (k, v) = item.map_err(storage("reading topic metadata"))?;
             let name = String::from_utf8(k[TOPIC_PREFIX.len()..].to_vec())
                 .map_err(|_| StorageError::msg("topic name in metadata is not UTF-8"))?;
-            if v.len() != 8 {
-                return Err(StorageError::msg(format!(
-                    "metadata of topic `{name}` is corrupt"
-                )));
-            }
-            let id = u32::from_be_bytes([v[0], v[1], v[2], v[3]]);
-            let queues = u32::from_be_bytes([v[4], v[5], v[6], v[7]]);
+            let (id, queues, settings) = decode_topic(&name, &v)?;
             let mut ends = Vec::with_capacity(queues as usize);
             for queue in 0..queues {
-                ends.push(self.queue_end(QueueKey {
+                let key = QueueKey {
                     topic_id: id,
                     queue,
-                })?);
+                };
+                self.repair_index(key)?;
+                ends.push(self.queue_end(key)?.max(start_of(&self.meta, key)?));
             }
             self.next_topic_id = self.next_topic_id.max(id + 1);
+            self.topics.insert(id, (queues, settings.clone()));
             topics.push(RecoveredTopic {
                 name,
                 id,
                 queues,
                 ends,
+                settings,
             });
         }
         topics.sort_by_key(|t| t.id);
@@ -380,10 +502,46 @@ impl Store {
         }
     }
 
+    /// Writes the summaries of a queue's newest records that lack one: the
+    /// last commit before a crash (the log tree is written before the index
+    /// tree), or every record of a store written before summaries existed.
+    fn repair_index(&mut self, key: QueueKey) -> Result<(), StorageError> {
+        let mut batch = sled::Batch::default();
+        let mut repaired = 0usize;
+        for item in self.log.range(key.log_key(0)..=key.log_key(u64::MAX)).rev() {
+            let (k, v) = item.map_err(storage("reading the queue log"))?;
+            if self
+                .index
+                .contains_key(&k)
+                .map_err(storage("reading the record index"))?
+            {
+                break;
+            }
+            let first = offset_of(&k)?;
+            let topic: Arc<str> = Arc::from("");
+            let mut sb = SummaryBuilder::default();
+            for m in decode_record(&topic, key.queue, first, &v, |_| true)? {
+                sb.add(&m, m.size_hint());
+            }
+            batch.insert(&k[..], sb.finish());
+            repaired += 1;
+        }
+        if repaired > 0 {
+            tracing::info!(?key, records = repaired, "record summaries rebuilt");
+            self.index
+                .apply_batch(batch)
+                .map_err(storage("writing the record index"))?;
+        }
+        Ok(())
+    }
+
     /// A reader sharing this store's trees.
     pub fn reader(&self) -> StoreReader {
         StoreReader {
             log: self.log.clone(),
+            index: self.index.clone(),
+            trace: self.trace.clone(),
+            meta: self.meta.clone(),
             offsets: self.offsets.clone(),
             delay: self.delay.clone(),
         }
@@ -394,17 +552,164 @@ impl Store {
     /// # Errors
     ///
     /// A storage error.
-    pub(crate) fn create_topic(&mut self, name: &str, queues: u32) -> Result<u32, StorageError> {
+    pub(crate) fn create_topic(
+        &mut self,
+        name: &str,
+        queues: u32,
+        settings: &TopicSettings,
+    ) -> Result<u32, StorageError> {
         let id = self.next_topic_id;
-        let mut key = TOPIC_PREFIX.to_vec();
-        key.extend_from_slice(name.as_bytes());
-        let mut v = id.to_be_bytes().to_vec();
-        v.extend_from_slice(&queues.to_be_bytes());
-        self.meta
-            .insert(key, v)
-            .map_err(storage("writing topic metadata"))?;
+        self.write_topic(name, id, queues, settings)?;
         self.next_topic_id += 1;
         Ok(id)
+    }
+
+    /// Rewrites a topic's metadata (new settings).
+    pub(crate) fn write_topic(
+        &mut self,
+        name: &str,
+        id: u32,
+        queues: u32,
+        settings: &TopicSettings,
+    ) -> Result<(), StorageError> {
+        let mut key = TOPIC_PREFIX.to_vec();
+        key.extend_from_slice(name.as_bytes());
+        self.meta
+            .insert(key, encode_topic(id, queues, settings))
+            .map_err(storage("writing topic metadata"))?;
+        self.topics.insert(id, (queues, settings.clone()));
+        Ok(())
+    }
+
+    /// How often retention passes run.
+    pub(crate) fn retention_interval(&self) -> std::time::Duration {
+        self.retention_interval
+    }
+
+    /// Every queue of a topic with a retention limit, with the limit.
+    pub(crate) fn retention_plan(&self) -> Vec<(QueueKey, Retention)> {
+        let mut out = Vec::new();
+        for (&topic_id, (queues, settings)) in &self.topics {
+            let r = settings.retention;
+            if r.age().is_none() && r.bytes().is_none() {
+                continue;
+            }
+            out.extend((0..*queues).map(|queue| (QueueKey { topic_id, queue }, r)));
+        }
+        out
+    }
+
+    /// The trace tree's batch for `events` (each gets the next sequence
+    /// number, so a message's events read back in the order recorded).
+    pub(crate) fn trace_batch(&mut self, events: &[TraceRecord]) -> sled::Batch {
+        let mut b = sled::Batch::default();
+        for e in events {
+            self.trace_seq += 1;
+            b.insert(
+                &e.key.trace_key(e.offset, self.trace_seq)[..],
+                encode_trace(&e.event),
+            );
+        }
+        b
+    }
+
+    /// Counts the stored bytes added by a commit (only for queues whose size
+    /// is being tracked).
+    pub(crate) fn count_bytes(&mut self, added: &[(QueueKey, u64)]) {
+        for (k, n) in added {
+            if let Some(b) = self.queue_bytes.get_mut(k) {
+                *b += n;
+            }
+        }
+    }
+
+    fn stored_bytes(&mut self, key: QueueKey) -> Result<u64, StorageError> {
+        if let Some(b) = self.queue_bytes.get(&key) {
+            return Ok(*b);
+        }
+        let mut total = 0u64;
+        for item in self.index.range(key.log_key(0)..=key.log_key(u64::MAX)) {
+            let (_, v) = item.map_err(storage("reading the record index"))?;
+            total += Summary::decode(&v)?.bytes as u64;
+        }
+        self.queue_bytes.insert(key, total);
+        Ok(total)
+    }
+
+    /// Removes up to `max_records` of a queue's oldest records that the
+    /// retention limits expire, never one holding an offset at or above
+    /// `keep_from`; records the new first offset. Returns what it removed
+    /// and whether more may be due.
+    pub(crate) fn expire(
+        &mut self,
+        key: QueueKey,
+        cutoff_ms: Option<u64>,
+        max_bytes: Option<u64>,
+        keep_from: u64,
+        max_records: usize,
+    ) -> Result<Expired, StorageError> {
+        let mut total = match max_bytes {
+            Some(_) => self.stored_bytes(key)?,
+            None => 0,
+        };
+        let mut out = Expired::default();
+        let mut log = sled::Batch::default();
+        let mut index = sled::Batch::default();
+        let mut trace = sled::Batch::default();
+        let mut new_start = None;
+        for item in self.index.range(key.log_key(0)..=key.log_key(u64::MAX)) {
+            if out.records >= max_records {
+                out.more = true;
+                break;
+            }
+            let (k, v) = item.map_err(storage("reading the record index"))?;
+            let first = offset_of(&k)?;
+            let s = Summary::decode(&v)?;
+            let end = first + s.count as u64;
+            let old = cutoff_ms.is_some_and(|c| s.max_born < c);
+            let big = max_bytes.is_some_and(|m| total > m);
+            if !(old || big) || end > keep_from {
+                break;
+            }
+            log.remove(&k[..]);
+            index.remove(&k[..]);
+            for t in self
+                .trace
+                .range(key.trace_key(first, 0)..key.trace_key(end, 0))
+                .keys()
+            {
+                trace.remove(t.map_err(storage("reading the trace"))?);
+            }
+            total = total.saturating_sub(s.bytes as u64);
+            out.records += 1;
+            out.messages += s.count as u64;
+            out.bytes += s.bytes as u64;
+            new_start = Some(end);
+        }
+        if let Some(start) = new_start {
+            self.log
+                .apply_batch(log)
+                .map_err(storage("removing expired records"))?;
+            self.index
+                .apply_batch(index)
+                .map_err(storage("removing expired summaries"))?;
+            self.trace
+                .apply_batch(trace)
+                .map_err(storage("removing expired traces"))?;
+            self.meta
+                .insert(key.start_key(), &start.to_be_bytes())
+                .map_err(storage("writing a queue's start"))?;
+            if let Some(b) = self.queue_bytes.get_mut(&key) {
+                *b = b.saturating_sub(out.bytes);
+            }
+            out.start = start;
+        }
+        Ok(out)
+    }
+
+    /// The lowest offset each queue's retry entries name.
+    pub(crate) fn retry_floors(&self) -> Result<HashMap<QueueKey, u64>, StorageError> {
+        crate::delay::retry_floors(&self.delay)
     }
 
     /// Applies one commit's log records and offsets.
@@ -415,12 +720,24 @@ impl Store {
     pub(crate) fn write(
         &mut self,
         log: sled::Batch,
+        index: Option<sled::Batch>,
+        trace: Option<sled::Batch>,
         delay: Option<sled::Batch>,
         offsets: Option<sled::Batch>,
     ) -> Result<(), StorageError> {
         self.log
             .apply_batch(log)
             .map_err(storage("writing the queue log"))?;
+        if let Some(i) = index {
+            self.index
+                .apply_batch(i)
+                .map_err(storage("writing the record index"))?;
+        }
+        if let Some(t) = trace {
+            self.trace
+                .apply_batch(t)
+                .map_err(storage("writing the trace"))?;
+        }
         if let Some(d) = delay {
             self.delay
                 .apply_batch(d)
@@ -438,10 +755,15 @@ impl Store {
     /// `marks`; returns how many messages were deleted.
     pub(crate) fn purge_queue(&mut self, key: QueueKey, marks: &[u8]) -> Result<u64, StorageError> {
         let mut log = sled::Batch::default();
+        let mut index = sled::Batch::default();
         let mut n = 0u64;
+        let mut end = None;
         for item in self.log.range(key.log_key(0)..=key.log_key(u64::MAX)) {
             let (k, v) = item.map_err(storage("reading the queue log"))?;
-            n += record_count(&v)? as u64;
+            let count = record_count(&v)? as u64;
+            n += count;
+            end = Some(offset_of(&k)? + count);
+            index.remove(&k);
             log.remove(k);
         }
         let mut delay = sled::Batch::default();
@@ -449,7 +771,22 @@ impl Store {
             let (k, _) = item.map_err(storage("reading the delay index"))?;
             delay.remove(k);
         }
-        self.write(log, Some(delay), None)?;
+        let mut trace = sled::Batch::default();
+        for k in self
+            .trace
+            .range(key.trace_key(0, 0)..=key.trace_key(u64::MAX, u64::MAX))
+            .keys()
+        {
+            trace.remove(k.map_err(storage("reading the trace"))?);
+        }
+        self.write(log, Some(index), Some(trace), Some(delay), None)?;
+        if let Some(end) = end {
+            // Offsets go on from where they were after a reopen.
+            self.meta
+                .insert(key.start_key(), &end.to_be_bytes())
+                .map_err(storage("writing a queue's start"))?;
+        }
+        self.queue_bytes.remove(&key);
         Ok(n)
     }
 
@@ -604,9 +941,33 @@ fn decode_record(
 /// [`RecordBuilder::MAX_BYTES`] bytes.
 #[derive(Debug, Default)]
 pub(crate) struct RecordBuilder {
-    open: BTreeMap<QueueKey, (u64, u32, Vec<u8>)>,
+    open: BTreeMap<QueueKey, (u64, u32, Vec<u8>, SummaryBuilder)>,
     batch: sled::Batch,
+    index: sled::Batch,
     records: usize,
+    added: HashMap<QueueKey, u64>,
+}
+
+/// What a commit's records hold.
+#[derive(Debug)]
+pub(crate) struct Records {
+    pub(crate) log: sled::Batch,
+    pub(crate) index: sled::Batch,
+    pub(crate) count: usize,
+    /// Stored bytes added per queue.
+    pub(crate) added: Vec<(QueueKey, u64)>,
+}
+
+/// What one [`Store::expire`] call removed from a queue.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Expired {
+    pub(crate) records: usize,
+    pub(crate) messages: u64,
+    pub(crate) bytes: u64,
+    /// The queue's new first offset (when something was removed).
+    pub(crate) start: u64,
+    /// Stopped at `max_records`: call again.
+    pub(crate) more: bool,
 }
 
 impl RecordBuilder {
@@ -614,7 +975,7 @@ impl RecordBuilder {
     pub(crate) const MAX_BYTES: usize = 64 * 1024;
 
     pub(crate) fn push(&mut self, key: QueueKey, offset: u64, m: &Message) {
-        if let Some((first, count, buf)) = self.open.get(&key) {
+        if let Some((first, count, buf, _)) = self.open.get(&key) {
             let contiguous = first + *count as u64 == offset;
             if !contiguous
                 || *count >= Self::MAX_MESSAGES
@@ -623,32 +984,44 @@ impl RecordBuilder {
                 self.close(key);
             }
         }
-        let (_, count, buf) = self
-            .open
-            .entry(key)
-            .or_insert_with(|| (offset, 0, 0u32.to_be_bytes().to_vec()));
+        let (_, count, buf, summary) = self.open.entry(key).or_insert_with(|| {
+            (
+                offset,
+                0,
+                0u32.to_be_bytes().to_vec(),
+                SummaryBuilder::default(),
+            )
+        });
         let at = buf.len();
         buf.extend_from_slice(&[0; 4]);
         m.encode_envelope(buf);
-        let len = (buf.len() - at - 4) as u32;
-        buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
+        let len = buf.len() - at - 4;
+        buf[at..at + 4].copy_from_slice(&(len as u32).to_be_bytes());
+        summary.add(m, len);
         *count += 1;
+        *self.added.entry(key).or_default() += len as u64 + 4;
     }
 
     fn close(&mut self, key: QueueKey) {
-        if let Some((first, count, mut buf)) = self.open.remove(&key) {
+        if let Some((first, count, mut buf, summary)) = self.open.remove(&key) {
             buf[..4].copy_from_slice(&count.to_be_bytes());
             self.batch.insert(&key.log_key(first), buf);
+            self.index.insert(&key.log_key(first), summary.finish());
             self.records += 1;
         }
     }
 
-    pub(crate) fn finish(mut self) -> (sled::Batch, usize) {
+    pub(crate) fn finish(mut self) -> Records {
         let keys: Vec<QueueKey> = self.open.keys().copied().collect();
         for k in keys {
             self.close(k);
         }
-        (self.batch, self.records)
+        Records {
+            log: self.batch,
+            index: self.index,
+            count: self.records,
+            added: self.added.into_iter().collect(),
+        }
     }
 }
 
@@ -664,8 +1037,27 @@ pub(crate) fn offsets_batch(entries: &HashMap<(String, QueueKey), OffsetState>) 
 #[derive(Clone)]
 pub struct StoreReader {
     log: sled::Tree,
+    index: sled::Tree,
+    trace: sled::Tree,
+    meta: sled::Tree,
     offsets: sled::Tree,
     delay: sled::Tree,
+}
+
+/// A queue's first kept offset as retention or a purge recorded it (0 if
+/// never).
+fn start_of(meta: &sled::Tree, key: QueueKey) -> Result<u64, StorageError> {
+    match meta
+        .get(key.start_key())
+        .map_err(storage("reading a queue's start"))?
+    {
+        None => Ok(0),
+        Some(v) => v
+            .as_ref()
+            .try_into()
+            .map(u64::from_be_bytes)
+            .map_err(|_| StorageError::msg("a queue's start record is corrupt")),
+    }
 }
 
 impl fmt::Debug for StoreReader {
@@ -788,20 +1180,128 @@ impl StoreReader {
         Ok(lo)
     }
 
-    /// The first stored offset of a queue (0 when empty).
+    /// The first offset a queue still holds: 0 for a queue that never lost
+    /// messages; after retention or a purge, the first kept offset (the
+    /// queue's end if it holds nothing).
     ///
     /// # Errors
     ///
     /// A storage error.
     pub fn queue_start(&self, key: QueueKey) -> Result<u64, StorageError> {
+        let recorded = start_of(&self.meta, key)?;
         match self
             .log
             .range(key.log_key(0)..=key.log_key(u64::MAX))
             .next()
         {
-            None => Ok(0),
-            Some(item) => offset_of(&item.map_err(storage("reading the queue log"))?.0),
+            None => Ok(recorded),
+            Some(item) => {
+                Ok(offset_of(&item.map_err(storage("reading the queue log"))?.0)?.max(recorded))
+            }
         }
+    }
+
+    /// Finds the message with `id` in the given queues (`(topic name, key,
+    /// queue count)`): reads record summaries and decodes only the records
+    /// whose filter matches.
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    pub fn find_id(
+        &self,
+        topics: &[(Arc<str>, u32, u32)],
+        id: MessageId,
+    ) -> Result<Option<Arc<Message>>, StorageError> {
+        for (name, topic_id, queues) in topics {
+            for queue in 0..*queues {
+                let key = QueueKey {
+                    topic_id: *topic_id,
+                    queue,
+                };
+                let mut found = None;
+                self.scan_matching(name, key, Probe::Id(id), |m| {
+                    if m.id() == id {
+                        found = Some(m.clone());
+                    }
+                    found.is_none()
+                })?;
+                if found.is_some() {
+                    return Ok(found);
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Up to `max` messages of a topic's queues carrying `key`, oldest first.
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    pub fn find_key(
+        &self,
+        topic: &Arc<str>,
+        topic_id: u32,
+        queues: u32,
+        key: &str,
+        max: usize,
+    ) -> Result<Vec<Arc<Message>>, StorageError> {
+        let mut out = Vec::new();
+        for queue in 0..queues {
+            let qk = QueueKey { topic_id, queue };
+            self.scan_matching(topic, qk, Probe::Key(key), |m| {
+                if m.keys().iter().any(|k| k == key) {
+                    out.push(m.clone());
+                }
+                true
+            })?;
+        }
+        out.sort_by_key(|m| (m.born_at(), m.queue(), m.offset()));
+        out.truncate(max);
+        Ok(out)
+    }
+
+    /// Calls `f` on every message of the records whose summary may contain
+    /// `probe`, until `f` returns false.
+    fn scan_matching(
+        &self,
+        topic: &Arc<str>,
+        key: QueueKey,
+        probe: Probe<'_>,
+        mut f: impl FnMut(&Arc<Message>) -> bool,
+    ) -> Result<(), StorageError> {
+        for item in self.index.range(key.log_key(0)..=key.log_key(u64::MAX)) {
+            let (k, v) = item.map_err(storage("reading the record index"))?;
+            if !Summary::decode(&v)?.may_contain(probe) {
+                continue;
+            }
+            // Removed by retention meanwhile: nothing to find there.
+            let Some(record) = self.log.get(&k).map_err(storage("reading the queue log"))? else {
+                continue;
+            };
+            let first = offset_of(&k)?;
+            for m in decode_record(topic, key.queue, first, &record, |_| true)? {
+                if !f(&m) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The trace events of the message at `offset` of a queue, in the order
+    /// recorded.
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    pub fn trace_of(&self, key: QueueKey, offset: u64) -> Result<Vec<TraceEvent>, StorageError> {
+        self.trace
+            .range(key.trace_key(offset, 0)..=key.trace_key(offset, u64::MAX))
+            .values()
+            .map(|v| decode_trace(&v.map_err(storage("reading the trace"))?))
+            .collect()
     }
 
     /// The retry entries of `group` on topic `topic_id`, in due order.
@@ -860,7 +1360,9 @@ mod tests {
     fn records_round_trip_through_range_reads() {
         let (mut store, rec) = Store::open(StoreConfig::default()).unwrap();
         assert!(rec.topics.is_empty());
-        let id = store.create_topic("t", 2).unwrap();
+        let id = store
+            .create_topic("t", 2, &TopicSettings::default())
+            .unwrap();
         let key = QueueKey {
             topic_id: id,
             queue: 1,
@@ -870,9 +1372,11 @@ mod tests {
         for (i, m) in msgs.iter().enumerate() {
             b.push(key, i as u64, m);
         }
-        let (batch, records) = b.finish();
-        assert_eq!(records, 3, "512-message records");
-        store.write(batch, None, None).unwrap();
+        let records = b.finish();
+        assert_eq!(records.count, 3, "512-message records");
+        store
+            .write(records.log, Some(records.index), None, None, None)
+            .unwrap();
         let r = store.reader();
         let t: Arc<str> = Arc::from("t");
         for (from, end, max) in [
@@ -917,7 +1421,7 @@ mod tests {
             let mut ends = [0u64; 3];
             {
                 let (mut store, _) = Store::open(cfg.clone()).unwrap();
-                let id = store.create_topic("t", 3).unwrap();
+                let id = store.create_topic("t", 3, &TopicSettings::default()).unwrap();
                 prop_assert_eq!(id, 0);
                 for commit in &commits {
                     let mut b = RecordBuilder::default();
@@ -933,7 +1437,8 @@ mod tests {
                             ends[*q as usize] += 1;
                         }
                     }
-                    store.write(b.finish().0, None, None).unwrap();
+                    let r = b.finish();
+                    store.write(r.log, Some(r.index), None, None, None).unwrap();
                 }
                 store.sync().unwrap();
             }
@@ -953,6 +1458,51 @@ mod tests {
                     prop_assert_eq!(&**g, w);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn missing_record_summaries_are_rebuilt_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StoreConfig {
+            path: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        };
+        let msgs: Vec<Message> = (0..1200)
+            .map(|i| {
+                Message::prepare(
+                    OutgoingMessage::new("t", vec![1; 8]).key(format!("k{i}")),
+                    Arc::from("t"),
+                )
+                .with_position(0, i)
+            })
+            .collect();
+        let key = QueueKey {
+            topic_id: 0,
+            queue: 0,
+        };
+        {
+            let (mut store, _) = Store::open(cfg.clone()).unwrap();
+            store
+                .create_topic("t", 1, &TopicSettings::default())
+                .unwrap();
+            // A store written before summaries existed (or a crash between
+            // the log and the index): records without summaries.
+            let mut b = RecordBuilder::default();
+            for m in &msgs {
+                b.push(key, m.offset(), m);
+            }
+            store.write(b.finish().log, None, None, None, None).unwrap();
+            store.sync().unwrap();
+        }
+        let (store, recovery) = Store::open(cfg).unwrap();
+        assert_eq!(recovery.topics[0].ends, vec![1200]);
+        let r = store.reader();
+        let t: Arc<str> = Arc::from("t");
+        for i in [0usize, 511, 512, 1199] {
+            let found = r.find_id(&[(t.clone(), 0, 1)], msgs[i].id()).unwrap();
+            assert_eq!(found.map(|m| m.offset()), Some(i as u64));
+            assert_eq!(r.find_key(&t, 0, 1, &format!("k{i}"), 10).unwrap().len(), 1);
         }
     }
 

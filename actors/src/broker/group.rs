@@ -33,7 +33,7 @@
 //! subscription.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,11 +43,12 @@ use tokio::sync::mpsc;
 use tracing::{error, trace, warn};
 use weirmq_bus::{
     DeliveryBatch, Error, Filter, GroupStats, Message as BusMessage, OutgoingMessage,
-    QueuePosition, RawDelivery, SendReceipt, SettleToken, Settlement, DLQ_PROPERTIES,
+    QueuePosition, RawDelivery, SendReceipt, SettleToken, Settlement, StorageError, TraceEvent,
+    TraceKind, DLQ_PROPERTIES,
 };
 use weirmq_persistence::{
-    next_seq, CommitOffsets, OffsetState, PersistenceActor, QueueKey, RetryEntry, RetryKey,
-    StoreReader, UpdateRetries,
+    next_seq, CommitOffsets, OffsetState, PersistenceActor, QueueKey, RecordTrace, RetryEntry,
+    RetryKey, StoreReader, TraceRecord, UpdateRetries,
 };
 
 /// Publishes a dead letter (to `%DLQ%<group>`), bypassing user-topic checks.
@@ -174,6 +175,8 @@ pub(crate) struct GroupSetup {
     pub(crate) retries: Vec<RetryEntry>,
     /// Which messages the group wants.
     pub(crate) filter: Filter,
+    /// The topic's trace switch.
+    pub(crate) trace: Arc<AtomicBool>,
 }
 
 /// One consumer group's subscription to one topic. See the module docs.
@@ -202,6 +205,9 @@ pub(crate) struct GroupActor {
     /// The armed wake-up: (due ms, handle).
     timer: Option<(u64, SpawnHandle)>,
     filter: Filter,
+    trace: Arc<AtomicBool>,
+    /// Trace events not yet sent to the store.
+    traces: Vec<TraceRecord>,
 }
 
 impl GroupActor {
@@ -237,7 +243,46 @@ impl GroupActor {
             retrying: HashMap::new(),
             timer: None,
             filter: s.filter,
+            trace: s.trace,
+            traces: Vec::new(),
         }
+    }
+
+    /// Records a trace event of `m` if its topic is traced.
+    fn note(&mut self, m: &BusMessage, kind: TraceKind, attempt: u32, detail: Option<String>) {
+        if self.trace.load(Ordering::Relaxed) {
+            self.traces.push(TraceRecord {
+                key: self.key(m.queue()),
+                offset: m.offset(),
+                event: TraceEvent::now(kind, Some(&self.group), attempt, detail),
+            });
+        }
+    }
+
+    /// Moves a queue past messages retention removed before the group read
+    /// them; returns whether it moved. Deliveries in flight below the new
+    /// start finish normally.
+    fn skip_expired(&mut self, qi: usize) -> Result<bool, StorageError> {
+        let start = self.reader.queue_start(self.key(qi as u32))?;
+        let q = &mut self.queues[qi];
+        if start <= q.next {
+            return Ok(false);
+        }
+        let skipped = start - q.next - q.acked_above.range(q.next..start).count() as u64;
+        let from = q.next;
+        q.next = start;
+        if q.committed < start {
+            q.committed = start;
+            q.acked_above = q.acked_above.split_off(&start);
+            while q.acked_above.remove(&q.committed) {
+                q.committed += 1;
+            }
+            q.dirty = true;
+        }
+        self.stats.expired += skipped;
+        warn!(group = %self.group, topic = %self.topic, queue = qi, from, first_kept = start,
+            lost = skipped, "retention removed messages this group had not received");
+        Ok(true)
     }
 
     fn key(&self, queue: u32) -> QueueKey {
@@ -259,6 +304,7 @@ impl GroupActor {
             // Not for this group: skip it, as if acked.
             q.ack(m.offset());
             self.stats.filtered += 1;
+            self.note(&m, TraceKind::Filtered, 0, None);
             return;
         }
         let token = SettleToken::new(m.queue() as u64, m.offset());
@@ -272,6 +318,7 @@ impl GroupActor {
         );
         self.in_flight += 1;
         self.stats.delivered += 1;
+        self.note(&m, TraceKind::Delivered, 1, None);
         self.outbox.push(RawDelivery {
             message: m,
             attempt: 1,
@@ -285,6 +332,10 @@ impl GroupActor {
         self.take_due_retries();
         self.pump_queues();
         self.flush_outbox();
+        if !self.traces.is_empty() {
+            self.persistence
+                .do_send(RecordTrace(std::mem::take(&mut self.traces)));
+        }
         self.arm_timer(ctx);
         if self.queues.iter().any(|q| q.dirty) {
             self.schedule_offsets(ctx);
@@ -322,6 +373,7 @@ impl GroupActor {
                 Ok(mut m) if m.len() == 1 => {
                     let message = m.remove(0);
                     let seq = entry.key.seq;
+                    self.note(&message, TraceKind::Delivered, entry.attempt, None);
                     self.outbox.push(RawDelivery {
                         message: message.clone(),
                         attempt: entry.attempt,
@@ -332,9 +384,11 @@ impl GroupActor {
                     self.stats.delivered += 1;
                 }
                 Ok(_) => {
+                    self.stats.expired += 1;
                     error!(group = %self.group, topic = %self.topic, queue = entry.queue,
-                        offset = entry.offset,
-                        "a scheduled retry names a message that is not in the log; dropping it");
+                        offset = entry.offset, attempt = entry.attempt,
+                        "a scheduled retry names a message that is no longer stored (removed by \
+                         retention while it was in flight); dropping the retry");
                     self.update_retries(Vec::new(), vec![entry.key], |_| {});
                 }
                 Err(e) => {
@@ -495,7 +549,7 @@ impl GroupActor {
                     .reader
                     .read_range(&self.topic, self.key(qi as u32), from, end, chunk)
                 {
-                    Ok(msgs) if !msgs.is_empty() => {
+                    Ok(msgs) if msgs.first().is_some_and(|m| m.offset() == from) => {
                         progress = true;
                         for m in msgs {
                             if m.offset() == self.queues[qi].next {
@@ -503,6 +557,8 @@ impl GroupActor {
                             }
                         }
                     }
+                    // A gap: retention removed messages the group had not read.
+                    Ok(_) if matches!(self.skip_expired(qi), Ok(true)) => progress = true,
                     Ok(_) => {
                         error!(group = %self.group, topic = %self.topic, queue = qi, from, end,
                             "queue log has no messages where the queue end says there are");
@@ -547,6 +603,9 @@ impl GroupActor {
         };
         f.attempt += 1;
         self.stats.delivered += 1;
+        let (m, attempt) = (f.message.clone(), f.attempt);
+        self.note(&m, TraceKind::Delivered, attempt, None);
+        let f = &self.queues[queue as usize].in_flight[&offset];
         self.outbox.push(RawDelivery {
             message: f.message.clone(),
             attempt: f.attempt,
@@ -597,6 +656,7 @@ impl GroupActor {
             return;
         };
         let reason = truncate(reason, MAX_REASON);
+        let reason_kept = reason.clone();
         let (queue, offset) = (m.queue(), m.offset());
         error!(group = %self.group, topic = %self.topic, queue, offset, msg_id = %m.id(),
             attempt, %reason, "dead-lettering message");
@@ -625,6 +685,7 @@ impl GroupActor {
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| match res {
             Ok(_) => {
                 act.stats.dead_lettered += 1;
+                act.note(&m, TraceKind::DeadLettered, attempt, Some(reason_kept));
                 if let Held::Retry { seq } = held {
                     if let Some(r) = act.retrying.get(&seq) {
                         act.update_retries(Vec::new(), vec![r.entry.key.clone()], |_| {});
@@ -766,8 +827,19 @@ impl Handler<Settle> for GroupActor {
     fn handle(&mut self, msg: Settle, ctx: &mut Context<Self>) {
         for (token, settlement) in msg.0 {
             let held = Held::of(token);
-            if self.flight(held).is_none() {
+            let Some((m, attempt, _)) = self.flight(held) else {
                 continue; // already settled, or from a previous subscription
+            };
+            match &settlement {
+                Settlement::Ack => self.note(&m, TraceKind::Acked, attempt, None),
+                Settlement::Nack { delay, error } => self.note(
+                    &m,
+                    TraceKind::Retried,
+                    attempt,
+                    Some(format!("{error} (next attempt in {delay:?})")),
+                ),
+                // Recorded once the dead letter is stored.
+                Settlement::DeadLetter { .. } => {}
             }
             match settlement {
                 Settlement::Ack => {

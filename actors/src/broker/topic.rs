@@ -16,7 +16,7 @@
 //! commit never become a hole in front of later messages.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
@@ -178,6 +178,8 @@ pub(crate) struct QueueActor {
     end: Arc<AtomicU64>,
     persistence: Addr<PersistenceActor>,
     listeners: HashMap<u64, Addr<GroupActor>>,
+    /// The topic's trace switch.
+    trace: Arc<AtomicBool>,
 }
 
 impl QueueActor {
@@ -185,6 +187,7 @@ impl QueueActor {
         key: QueueKey,
         end: Arc<AtomicU64>,
         persistence: Addr<PersistenceActor>,
+        trace: Arc<AtomicBool>,
     ) -> Self {
         QueueActor {
             key,
@@ -192,6 +195,7 @@ impl QueueActor {
             end,
             persistence,
             listeners: HashMap::new(),
+            trace,
         }
     }
 }
@@ -238,6 +242,7 @@ impl Handler<QueueAppend> for QueueActor {
             key: self.key,
             messages: stored,
             durability,
+            trace: self.trace.load(Ordering::Relaxed),
             done: Box::new(move |result| match result {
                 Ok(()) => {
                     // Before the publishers hear of it: a group subscribing
