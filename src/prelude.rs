@@ -5,8 +5,8 @@
 //! `Context`, `Handler`, `ResponseFuture`), and serde's derives.
 
 pub use crate::{
-    Bus, Delivery, Durability, Event, Filter, HandlerError, OutgoingMessage, Publish, RetryPolicy,
-    SendReceipt, StartFrom, Subscription, TopicConfig,
+    Bus, Delivery, Durability, Event, Filter, HandlerError, OutgoingMessage, Publish, Retention,
+    RetryPolicy, SendReceipt, StartFrom, Subscription, TopicConfig,
 };
 pub use actix::{Actor, AsyncContext, Context, Handler, ResponseFuture};
 pub use serde::{Deserialize, Serialize};

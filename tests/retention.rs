@@ -297,7 +297,9 @@ async fn size_retention_keeps_each_queue_near_its_limit_and_the_disk_space_is_re
     .await
     .unwrap();
     let round = |bus: Bus| async move {
-        // 16 MiB per round, in batches (records of up to 64 KiB).
+        // 16 MiB per round, in batches (records of up to 64 KiB). Retention
+        // removes whole index spans (up to ~320 KiB here), so a queue keeps
+        // between its limit less one span and its limit.
         let batch: Vec<Bulk> = (0..256)
             .map(|_| Bulk {
                 data: "x".repeat(2000),
@@ -314,7 +316,7 @@ async fn size_retention_keeps_each_queue_near_its_limit_and_the_disk_space_is_re
     let kept_bytes: u64 = kept.iter().map(|m| m.body().len() as u64).sum();
     assert!(first.bytes > (14 << 20), "{first:?}");
     assert!(
-        kept_bytes <= LIMIT && kept_bytes > LIMIT - 100 * 1024,
+        kept_bytes <= LIMIT && kept_bytes > LIMIT - 400 * 1024,
         "kept {kept_bytes} bytes for a {LIMIT}-byte limit"
     );
     let after_first = dir_bytes(dir.path());

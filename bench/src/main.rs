@@ -54,6 +54,13 @@ struct Res {
     p999_us: Option<f64>,
     peak_rss_mb: f64,
     baseline: bool,
+    /// Size of the data directory at the end of the scenario (where it
+    /// matters: retention).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_dir_mb: Option<f64>,
+    /// The data directory before the measured step (retention).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_dir_mb_before: Option<f64>,
 }
 
 impl Res {
@@ -68,6 +75,8 @@ impl Res {
             p999_us: None,
             peak_rss_mb: rss_mb(),
             baseline: false,
+            data_dir_mb: None,
+            data_dir_mb_before: None,
         }
     }
 
@@ -362,6 +371,143 @@ async fn peak_shaving_rss(name: &str, n: u64, payload: usize) -> Res {
     res
 }
 
+fn dir_mb(p: &Path) -> f64 {
+    fn bytes(p: &Path) -> u64 {
+        std::fs::read_dir(p)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| match e.metadata() {
+                        Ok(m) if m.is_dir() => bytes(&e.path()),
+                        Ok(m) => m.len(),
+                        Err(_) => 0,
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+    (bytes(p) as f64 / (1 << 20) as f64 * 10.0).round() / 10.0
+}
+
+/// 64 publishers, single publishes of `n` messages in all; per-publish
+/// latencies.
+async fn publish_p64(bus: &Bus, n: u64, payload: usize) -> (Duration, Vec<u32>) {
+    let pad = "x".repeat(payload.saturating_sub(30));
+    let per = n / 64;
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let (bus, pad) = (bus.clone(), pad.clone());
+            actix::spawn(async move {
+                let mut lat = Vec::with_capacity(per as usize);
+                for _ in 0..per {
+                    let t = now_ns();
+                    bus.publish(&BenchEvent {
+                        sent_ns: t,
+                        pad: pad.clone(),
+                    })
+                    .await
+                    .expect("publish");
+                    lat.push(since_us(t));
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut lats = Vec::new();
+    for t in tasks {
+        lats.extend(t.await.expect("publisher"));
+    }
+    (start.elapsed(), lats)
+}
+
+/// Retention under load: a backlog of `n` messages expires while 64
+/// publishers publish `live` more. Prints three lines: the publishers
+/// without a cleaner running (baseline, same store, same run), the same
+/// publishers while the cleaner removes the backlog, and the cleaner itself
+/// (messages removed per second; data directory before the pass and after
+/// the same amount was written again — the freed space is reused).
+async fn retention_under_load(name: &str, n: u64, live: u64, payload: usize) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bus = open(Store::Buffered, dir.path()).await;
+    bus.create_topic(TopicConfig::new(BenchEvent::TOPIC).retention(Retention::forever()))
+        .await
+        .expect("topic");
+    let pad = "x".repeat(payload.saturating_sub(30));
+    let fill = |bus: Bus, pad: String| async move {
+        let mut sent = 0;
+        while sent < n {
+            let k = 1000.min(n - sent);
+            let events: Vec<BenchEvent> = (0..k)
+                .map(|_| BenchEvent {
+                    sent_ns: 0,
+                    pad: pad.clone(),
+                })
+                .collect();
+            bus.publish_batch(&events).await.expect("publish");
+            sent += k;
+        }
+    };
+    fill(bus.clone(), pad.clone()).await;
+    let (t, lats) = publish_p64(&bus, live, payload).await;
+    Res::new(&format!("{name}/publish_p64_no_cleaner"), live, payload, t)
+        .latencies(lats)
+        .baseline()
+        .print();
+    // Everything stored so far expires; what is published from now on stays.
+    // (Retention removes whole index spans, which cover at most 100 ms of
+    // publish time: leave that gap so no span mixes the two.)
+    let last = std::time::SystemTime::now();
+    while std::time::SystemTime::now() < last + Duration::from_millis(150) {
+        actix::clock::sleep(Duration::from_millis(5)).await;
+    }
+    let cut = std::time::SystemTime::now();
+    while std::time::SystemTime::now() < cut + Duration::from_millis(20) {
+        actix::clock::sleep(Duration::from_millis(5)).await;
+    }
+    let before = dir_mb(dir.path());
+    bus.create_topic(
+        TopicConfig::new(BenchEvent::TOPIC).retention(
+            Retention::forever().max_age(
+                std::time::SystemTime::now()
+                    .duration_since(cut)
+                    .unwrap_or_default(),
+            ),
+        ),
+    )
+    .await
+    .expect("configure");
+    let cleaner = {
+        let bus = bus.clone();
+        actix::spawn(async move {
+            let t = Instant::now();
+            let r = bus.enforce_retention().await.expect("retention");
+            (t.elapsed(), r)
+        })
+    };
+    let (t, lats) = publish_p64(&bus, live, payload).await;
+    Res::new(
+        &format!("{name}/publish_p64_while_cleaning"),
+        live,
+        payload,
+        t,
+    )
+    .latencies(lats)
+    .print();
+    let (ct, report) = cleaner.await.expect("cleaner");
+    let expired = n + live / 64 * 64;
+    assert_eq!(
+        report.messages, expired,
+        "retention removed {} of {expired} expired messages",
+        report.messages
+    );
+    fill(bus.clone(), pad).await;
+    let mut r = Res::new(&format!("{name}/cleaner"), report.messages, payload, ct);
+    r.data_dir_mb_before = Some(before);
+    r.data_dir_mb = Some(dir_mb(dir.path()));
+    r.print();
+    bus.shutdown().await.expect("shutdown");
+}
+
 // ---------------------------------------------------------------- baselines
 
 fn sled_baseline(name: &str, dir: &Path, n: u64, payload: usize, batch: usize, flush: bool) -> Res {
@@ -596,6 +742,10 @@ enum Scenario {
     PeakShaving {
         n: u64,
     },
+    Retention {
+        n: u64,
+        live: u64,
+    },
     Nats {
         consume: bool,
         n: u64,
@@ -689,6 +839,13 @@ fn scenarios(q: bool, payload: usize) -> Vec<(String, Scenario)> {
         ));
     }
     v.push((
+        "retention".into(),
+        Scenario::Retention {
+            n: scale(q, 1_000_000),
+            live: scale(q, 200_000),
+        },
+    ));
+    v.push((
         "peak_shaving/backlog_rss".into(),
         Scenario::PeakShaving {
             n: if q { 200_000 } else { 1_000_000 },
@@ -753,6 +910,9 @@ fn run_one(name: &str, scenario: Scenario, payload: usize) -> Result<(), String>
                     fixed_load(name, store, rate, secs, payload).await.print()
                 }
                 Scenario::PeakShaving { n } => peak_shaving_rss(name, n, payload).await.print(),
+                Scenario::Retention { n, live } => {
+                    retention_under_load(name, n, live, payload).await
+                }
                 Scenario::Sled { .. } | Scenario::Nats { .. } => unreachable!("handled above"),
             }
         }),

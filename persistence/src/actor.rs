@@ -205,8 +205,11 @@ struct RetentionJob {
     waiters: Vec<oneshot::Sender<Result<RetentionReport, StorageError>>>,
 }
 
-/// Records removed per retention step (then commits waiting get a turn).
-const RETENTION_STEP_RECORDS: usize = 64;
+/// How long one retention step may run before the commits waiting get a
+/// turn (it removes index spans of up to ~1,000 messages, a few at a time).
+const RETENTION_STEP: Duration = Duration::from_millis(1);
+/// Spans removed per call into the store within a step.
+const RETENTION_SPANS_PER_CALL: usize = 2;
 
 /// Commits what is pending, syncs, and stops the actor.
 #[derive(Debug)]
@@ -383,8 +386,8 @@ impl PersistenceActor {
                     sync |= a.durability == Durability::Flushed;
                 }
                 let records = records.finish();
-                let nrecords = records.count;
-                store.count_bytes(&records.added);
+                let nrecords = records.closed.len();
+                let index = store.index_records(records.closed);
                 let trace_batch = (!traces.is_empty()).then(|| store.trace_batch(&traces));
                 let off = (!offsets.is_empty()).then(|| offsets_batch(&offsets));
                 let delay = (!retries.is_empty()).then(|| {
@@ -402,7 +405,6 @@ impl PersistenceActor {
                     }
                     b
                 });
-                let index = (nrecords > 0).then_some(records.index);
                 let r = store
                     .write(records.log, index, trace_batch, delay, off)
                     .and_then(|()| {
@@ -481,14 +483,15 @@ impl Handler<RetentionStep> for PersistenceActor {
             (Some(e), _) => Err(e.clone()),
             (None, None) => Err(Self::closed()),
             (None, Some(store)) => {
-                let mut budget = RETENTION_STEP_RECORDS;
+                let started = std::time::Instant::now();
                 let mut result = Ok(());
-                while budget > 0 {
+                while started.elapsed() < RETENTION_STEP {
                     let Some(&(key, cutoff, max_bytes)) = job.todo.front() else {
                         break;
                     };
                     let keep_from = job.floors.get(&key).copied().unwrap_or(u64::MAX);
-                    match store.expire(key, cutoff, max_bytes, keep_from, budget) {
+                    match store.expire(key, cutoff, max_bytes, keep_from, RETENTION_SPANS_PER_CALL)
+                    {
                         Ok(x) => {
                             if x.messages > 0 {
                                 info!(
@@ -503,7 +506,6 @@ impl Handler<RetentionStep> for PersistenceActor {
                             }
                             job.report.messages += x.messages;
                             job.report.bytes += x.bytes;
-                            budget -= x.records.min(budget);
                             if !x.more {
                                 job.todo.pop_front();
                                 job.report.queues += job.touched as u32;
@@ -540,7 +542,9 @@ impl Handler<RetentionStep> for PersistenceActor {
             }
             Ok(()) => {
                 self.retention = Some(job);
-                ctx.notify(RetentionStep);
+                // Yield as long as the step ran: at most half of this thread's
+                // time goes to removing while commits are waiting.
+                ctx.run_later(RETENTION_STEP, |_, ctx| ctx.notify(RetentionStep));
             }
         }
     }

@@ -1,11 +1,15 @@
-//! The sparse index: one summary per stored record (not per message), and
-//! the encoding of trace events.
+//! The sparse index: one summary per *span* of a queue (consecutive whole
+//! records, up to [`SPAN_MESSAGES`] messages or [`SPAN_BYTES`] bytes, not
+//! per message or record, and at most [`SPAN_MILLIS`] of publish time),
+//! and the encoding of trace events.
 //!
-//! A record summary holds what retention and queries need without decoding
-//! the record: its message count, stored bytes, oldest and newest publish
-//! time, and a Bloom filter over its messages' ids and keys. Queries by id or
-//! key read the summaries of a topic's queues and decode only the records
-//! whose filter matches (about 1% false positives at 10 bits per item).
+//! A span summary holds what retention and queries need without decoding
+//! the records: message count, stored bytes, oldest and newest publish time,
+//! and a Bloom filter over the messages' ids and keys. Queries by id or key
+//! read the summaries of a topic's queues and decode only the spans whose
+//! filter matches (about 1% false positives at 10 bits per item), plus the
+//! queue's tail not yet summarised. One index write per ~1,000 messages per
+//! queue keeps the publish path at one sled key per record.
 //!
 //! The hash is FNV-1a 64 with a final mix, written here: it is stored, so it
 //! must never change with the Rust release (std's hasher may).
@@ -16,6 +20,15 @@ use weirmq_bus::{Message, MessageId, StorageError, TraceEvent, TraceKind};
 
 const HASHES: u64 = 7;
 const BITS_PER_ITEM: usize = 10;
+/// A span is written once it holds this many messages...
+pub(crate) const SPAN_MESSAGES: u32 = 1024;
+/// ...or this many stored bytes...
+pub(crate) const SPAN_BYTES: u64 = 256 * 1024;
+/// ...or when a record arrives this long (publish time) after the span's
+/// first message: so retention, which removes whole spans, keeps at most
+/// this much past a message's limit, and a quiet queue's messages are not
+/// held back by newer ones in the same span.
+pub(crate) const SPAN_MILLIS: u64 = 100;
 
 fn fnv1a(tag: u8, bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -23,7 +36,11 @@ fn fnv1a(tag: u8, bytes: &[u8]) -> u64 {
         h ^= *b as u64;
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    // splitmix64 finaliser: spread the bits.
+    mix(h)
+}
+
+/// splitmix64's finaliser: spreads the bits.
+fn mix(mut h: u64) -> u64 {
     h ^= h >> 30;
     h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
     h ^= h >> 27;
@@ -41,7 +58,11 @@ pub(crate) enum Probe<'a> {
 impl Probe<'_> {
     fn hash(&self) -> u64 {
         match self {
-            Probe::Id(id) => fnv1a(b'i', &id.as_u128().to_be_bytes()),
+            // Ids are unique and well spread already: one mix, no byte loop.
+            Probe::Id(id) => {
+                let v = id.as_u128();
+                mix((v as u64) ^ ((v >> 64) as u64).rotate_left(29) ^ 0x6a09_e667_f3bc_c909)
+            }
             Probe::Key(k) => fnv1a(b'k', k.as_bytes()),
         }
     }
@@ -84,6 +105,38 @@ impl SummaryBuilder {
         for k in m.keys() {
             self.hashes.push(Probe::Key(k).hash());
         }
+    }
+
+    /// Adds everything `other` summarises (the next record of the span).
+    pub(crate) fn merge(&mut self, other: SummaryBuilder) {
+        if other.count == 0 {
+            return;
+        }
+        if self.count == 0 {
+            *self = other;
+            return;
+        }
+        self.min_born = self.min_born.min(other.min_born);
+        self.max_born = self.max_born.max(other.max_born);
+        self.count += other.count;
+        self.bytes = self.bytes.saturating_add(other.bytes);
+        self.hashes.extend(other.hashes);
+    }
+
+    pub(crate) fn count(&self) -> u32 {
+        self.count
+    }
+
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes as u64
+    }
+
+    pub(crate) fn max_born(&self) -> u64 {
+        self.max_born
+    }
+
+    pub(crate) fn min_born(&self) -> u64 {
+        self.min_born
     }
 
     /// count u32 · bytes u32 · min born ms u64 · max born ms u64 · filter.

@@ -18,7 +18,10 @@ use std::sync::Arc;
 
 use weirmq_bus::{Error, Message, MessageId, Retention, StorageError, TraceEvent};
 
-use crate::index::{decode_trace, encode_trace, Probe, Summary, SummaryBuilder};
+use crate::index::{
+    decode_trace, encode_trace, Probe, Summary, SummaryBuilder, SPAN_BYTES, SPAN_MESSAGES,
+    SPAN_MILLIS,
+};
 
 const FORMAT_KEY: &[u8] = b"format";
 const FORMAT: &[u8] = b"weirmq-store-v1";
@@ -292,6 +295,8 @@ pub struct Store {
     /// Stored bytes per queue, counted on first need (retention by size)
     /// and kept up to date by appends and removals.
     queue_bytes: HashMap<QueueKey, u64>,
+    /// Each queue's newest records not summarised in the index yet.
+    spans: HashMap<QueueKey, Span>,
     trace_seq: u64,
     /// Every topic's queue count and settings, by id.
     topics: BTreeMap<u32, (u32, TopicSettings)>,
@@ -432,6 +437,7 @@ impl Store {
             meta,
             delay,
             queue_bytes: HashMap::new(),
+            spans: HashMap::new(),
             topics: BTreeMap::new(),
             retention_interval: config
                 .retention_interval
@@ -466,7 +472,7 @@ impl Store {
                     topic_id: id,
                     queue,
                 };
-                self.repair_index(key)?;
+                self.rebuild_span(key)?;
                 ends.push(self.queue_end(key)?.max(start_of(&self.meta, key)?));
             }
             self.next_topic_id = self.next_topic_id.max(id + 1);
@@ -502,37 +508,105 @@ impl Store {
         }
     }
 
-    /// Writes the summaries of a queue's newest records that lack one: the
-    /// last commit before a crash (the log tree is written before the index
-    /// tree), or every record of a store written before summaries existed.
-    fn repair_index(&mut self, key: QueueKey) -> Result<(), StorageError> {
-        let mut batch = sled::Batch::default();
-        let mut repaired = 0usize;
-        for item in self.log.range(key.log_key(0)..=key.log_key(u64::MAX)).rev() {
-            let (k, v) = item.map_err(storage("reading the queue log"))?;
-            if self
-                .index
-                .contains_key(&k)
-                .map_err(storage("reading the record index"))?
-            {
-                break;
+    /// Rebuilds a queue's open span from the records after its last written
+    /// summary (the tail not summarised yet; for a store written before
+    /// summaries existed, the whole log, written as spans as it goes).
+    fn rebuild_span(&mut self, key: QueueKey) -> Result<(), StorageError> {
+        let from = match self
+            .index
+            .range(key.log_key(0)..=key.log_key(u64::MAX))
+            .next_back()
+        {
+            Some(item) => {
+                let (k, v) = item.map_err(storage("reading the index"))?;
+                offset_of(&k)? + Summary::decode(&v)?.count as u64
             }
+            None => 0,
+        };
+        // Spans are whole records: the tail starts with a record at `from`.
+        let start = key.log_key(from);
+        let mut index = sled::Batch::default();
+        let mut written = 0usize;
+        let topic: Arc<str> = Arc::from("");
+        for item in self.log.range(start..=key.log_key(u64::MAX)) {
+            let (k, v) = item.map_err(storage("reading the queue log"))?;
             let first = offset_of(&k)?;
-            let topic: Arc<str> = Arc::from("");
             let mut sb = SummaryBuilder::default();
             for m in decode_record(&topic, key.queue, first, &v, |_| true)? {
                 sb.add(&m, m.size_hint());
             }
-            batch.insert(&k[..], sb.finish());
-            repaired += 1;
+            if let Some((span_key, summary)) = self.extend_span(key, first, sb) {
+                index.insert(&span_key[..], summary);
+                written += 1;
+            }
         }
-        if repaired > 0 {
-            tracing::info!(?key, records = repaired, "record summaries rebuilt");
+        if written > 0 {
+            tracing::info!(?key, spans = written, "index summaries rebuilt");
             self.index
-                .apply_batch(batch)
-                .map_err(storage("writing the record index"))?;
+                .apply_batch(index)
+                .map_err(storage("writing the index"))?;
         }
         Ok(())
+    }
+
+    /// Adds a record to its queue's open span; returns a span's summary to
+    /// write if one is complete: the open one when the record comes too late
+    /// for it (by publish time), or the span with the record when it is full.
+    fn extend_span(
+        &mut self,
+        key: QueueKey,
+        first: u64,
+        summary: SummaryBuilder,
+    ) -> Option<([u8; 16], Vec<u8>)> {
+        if let Some(b) = self.queue_bytes.get_mut(&key) {
+            *b += summary.bytes();
+        }
+        let late = self.spans.get(&key).is_some_and(|s| {
+            s.summary.count() > 0 && summary.max_born() >= s.summary.min_born() + SPAN_MILLIS
+        });
+        if late {
+            let done = self.close_span(key);
+            self.spans.insert(key, Span { first, summary });
+            return done;
+        }
+        let span = self.spans.entry(key).or_insert_with(|| Span {
+            first,
+            summary: SummaryBuilder::default(),
+        });
+        if span.first + span.summary.count() as u64 != first {
+            // Not contiguous (cannot happen: offsets are dense); start over.
+            tracing::warn!(?key, span = span.first, first, "index span restarted");
+            *span = Span {
+                first,
+                summary: SummaryBuilder::default(),
+            };
+        }
+        span.summary.merge(summary);
+        if span.summary.count() >= SPAN_MESSAGES || span.summary.bytes() >= SPAN_BYTES {
+            self.close_span(key)
+        } else {
+            None
+        }
+    }
+
+    /// Takes a queue's open span out as (index key, summary).
+    fn close_span(&mut self, key: QueueKey) -> Option<([u8; 16], Vec<u8>)> {
+        let span = self.spans.remove(&key)?;
+        (span.summary.count() > 0).then(|| (key.log_key(span.first), span.summary.finish()))
+    }
+
+    /// The index batch for a commit's records: their spans' summaries, for
+    /// the spans they filled.
+    pub(crate) fn index_records(&mut self, records: Vec<ClosedRecord>) -> Option<sled::Batch> {
+        let mut batch = None;
+        for r in records {
+            if let Some((k, v)) = self.extend_span(r.key, r.first, r.summary) {
+                batch
+                    .get_or_insert_with(sled::Batch::default)
+                    .insert(&k[..], v);
+            }
+        }
+        batch
     }
 
     /// A reader sharing this store's trees.
@@ -613,56 +687,62 @@ impl Store {
         b
     }
 
-    /// Counts the stored bytes added by a commit (only for queues whose size
-    /// is being tracked).
-    pub(crate) fn count_bytes(&mut self, added: &[(QueueKey, u64)]) {
-        for (k, n) in added {
-            if let Some(b) = self.queue_bytes.get_mut(k) {
-                *b += n;
-            }
-        }
-    }
-
     fn stored_bytes(&mut self, key: QueueKey) -> Result<u64, StorageError> {
         if let Some(b) = self.queue_bytes.get(&key) {
             return Ok(*b);
         }
-        let mut total = 0u64;
+        let mut total = self.spans.get(&key).map_or(0, |s| s.summary.bytes());
         for item in self.index.range(key.log_key(0)..=key.log_key(u64::MAX)) {
-            let (_, v) = item.map_err(storage("reading the record index"))?;
+            let (_, v) = item.map_err(storage("reading the index"))?;
             total += Summary::decode(&v)?.bytes as u64;
         }
         self.queue_bytes.insert(key, total);
         Ok(total)
     }
 
-    /// Removes up to `max_records` of a queue's oldest records that the
-    /// retention limits expire, never one holding an offset at or above
-    /// `keep_from`; records the new first offset. Returns what it removed
-    /// and whether more may be due.
+    /// Removes up to `max_spans` of a queue's oldest spans (whole records,
+    /// up to ~1,000 messages) that the retention limits expire, never one
+    /// holding an offset at or above `keep_from`; records the new first
+    /// offset. The queue's open span (its newest messages) is closed first
+    /// when it is expired too. Returns what it removed and whether more may
+    /// be due.
     pub(crate) fn expire(
         &mut self,
         key: QueueKey,
         cutoff_ms: Option<u64>,
         max_bytes: Option<u64>,
         keep_from: u64,
-        max_records: usize,
+        max_spans: usize,
     ) -> Result<Expired, StorageError> {
         let mut total = match max_bytes {
             Some(_) => self.stored_bytes(key)?,
             None => 0,
         };
+        // The newest messages are in the open span: close it if they have
+        // expired (a quiet queue) or the closed spans cannot bring the queue
+        // under its size limit.
+        let open_expired = self.spans.get(&key).is_some_and(|s| {
+            cutoff_ms.is_some_and(|c| s.summary.max_born() < c)
+                || max_bytes.is_some_and(|m| total.saturating_sub(s.summary.bytes()) > m)
+        });
+        if open_expired {
+            if let Some((k, v)) = self.close_span(key) {
+                self.index
+                    .insert(&k[..], v)
+                    .map_err(storage("writing the index"))?;
+            }
+        }
         let mut out = Expired::default();
         let mut log = sled::Batch::default();
         let mut index = sled::Batch::default();
         let mut trace = sled::Batch::default();
         let mut new_start = None;
         for item in self.index.range(key.log_key(0)..=key.log_key(u64::MAX)) {
-            if out.records >= max_records {
+            if out.records >= max_spans {
                 out.more = true;
                 break;
             }
-            let (k, v) = item.map_err(storage("reading the record index"))?;
+            let (k, v) = item.map_err(storage("reading the index"))?;
             let first = offset_of(&k)?;
             let s = Summary::decode(&v)?;
             let end = first + s.count as u64;
@@ -671,7 +751,9 @@ impl Store {
             if !(old || big) || end > keep_from {
                 break;
             }
-            log.remove(&k[..]);
+            for r in self.log.range(key.log_key(first)..key.log_key(end)).keys() {
+                log.remove(r.map_err(storage("reading the queue log"))?);
+            }
             index.remove(&k[..]);
             for t in self
                 .trace
@@ -787,6 +869,7 @@ impl Store {
                 .map_err(storage("writing a queue's start"))?;
         }
         self.queue_bytes.remove(&key);
+        self.spans.remove(&key);
         Ok(n)
     }
 
@@ -943,19 +1026,30 @@ fn decode_record(
 pub(crate) struct RecordBuilder {
     open: BTreeMap<QueueKey, (u64, u32, Vec<u8>, SummaryBuilder)>,
     batch: sled::Batch,
-    index: sled::Batch,
-    records: usize,
-    added: HashMap<QueueKey, u64>,
+    closed: Vec<ClosedRecord>,
+}
+
+/// A record of a commit, as the index needs it.
+#[derive(Debug)]
+pub(crate) struct ClosedRecord {
+    key: QueueKey,
+    first: u64,
+    summary: SummaryBuilder,
+}
+
+/// A queue's newest records, not summarised in the index yet.
+#[derive(Debug)]
+struct Span {
+    first: u64,
+    summary: SummaryBuilder,
 }
 
 /// What a commit's records hold.
 #[derive(Debug)]
 pub(crate) struct Records {
     pub(crate) log: sled::Batch,
-    pub(crate) index: sled::Batch,
-    pub(crate) count: usize,
-    /// Stored bytes added per queue.
-    pub(crate) added: Vec<(QueueKey, u64)>,
+    /// The records, for [`Store::index_records`].
+    pub(crate) closed: Vec<ClosedRecord>,
 }
 
 /// What one [`Store::expire`] call removed from a queue.
@@ -999,15 +1093,17 @@ impl RecordBuilder {
         buf[at..at + 4].copy_from_slice(&(len as u32).to_be_bytes());
         summary.add(m, len);
         *count += 1;
-        *self.added.entry(key).or_default() += len as u64 + 4;
     }
 
     fn close(&mut self, key: QueueKey) {
         if let Some((first, count, mut buf, summary)) = self.open.remove(&key) {
             buf[..4].copy_from_slice(&count.to_be_bytes());
             self.batch.insert(&key.log_key(first), buf);
-            self.index.insert(&key.log_key(first), summary.finish());
-            self.records += 1;
+            self.closed.push(ClosedRecord {
+                key,
+                first,
+                summary,
+            });
         }
     }
 
@@ -1018,9 +1114,7 @@ impl RecordBuilder {
         }
         Records {
             log: self.batch,
-            index: self.index,
-            count: self.records,
-            added: self.added.into_iter().collect(),
+            closed: self.closed,
         }
     }
 }
@@ -1262,8 +1356,9 @@ impl StoreReader {
         Ok(out)
     }
 
-    /// Calls `f` on every message of the records whose summary may contain
-    /// `probe`, until `f` returns false.
+    /// Calls `f` on every message of the spans whose summary may contain
+    /// `probe`, and of the queue's tail not summarised yet, until `f`
+    /// returns false.
     fn scan_matching(
         &self,
         topic: &Arc<str>,
@@ -1271,22 +1366,30 @@ impl StoreReader {
         probe: Probe<'_>,
         mut f: impl FnMut(&Arc<Message>) -> bool,
     ) -> Result<(), StorageError> {
-        for item in self.index.range(key.log_key(0)..=key.log_key(u64::MAX)) {
-            let (k, v) = item.map_err(storage("reading the record index"))?;
-            if !Summary::decode(&v)?.may_contain(probe) {
-                continue;
-            }
-            // Removed by retention meanwhile: nothing to find there.
-            let Some(record) = self.log.get(&k).map_err(storage("reading the queue log"))? else {
-                continue;
-            };
-            let first = offset_of(&k)?;
-            for m in decode_record(topic, key.queue, first, &record, |_| true)? {
-                if !f(&m) {
-                    return Ok(());
+        let mut visit = |from: u64, to: u64| -> Result<bool, StorageError> {
+            for item in self.log.range(key.log_key(from)..key.log_key(to)) {
+                let (k, record) = item.map_err(storage("reading the queue log"))?;
+                let first = offset_of(&k)?;
+                for m in decode_record(topic, key.queue, first, &record, |_| true)? {
+                    if !f(&m) {
+                        return Ok(false);
+                    }
                 }
             }
+            Ok(true)
+        };
+        let mut tail = 0;
+        for item in self.index.range(key.log_key(0)..=key.log_key(u64::MAX)) {
+            let (k, v) = item.map_err(storage("reading the index"))?;
+            let first = offset_of(&k)?;
+            let summary = Summary::decode(&v)?;
+            let end = first + summary.count as u64;
+            tail = end;
+            if summary.may_contain(probe) && !visit(first, end)? {
+                return Ok(());
+            }
         }
+        visit(tail, u64::MAX)?;
         Ok(())
     }
 
@@ -1373,10 +1476,9 @@ mod tests {
             b.push(key, i as u64, m);
         }
         let records = b.finish();
-        assert_eq!(records.count, 3, "512-message records");
-        store
-            .write(records.log, Some(records.index), None, None, None)
-            .unwrap();
+        assert_eq!(records.closed.len(), 3, "512-message records");
+        let index = store.index_records(records.closed);
+        store.write(records.log, index, None, None, None).unwrap();
         let r = store.reader();
         let t: Arc<str> = Arc::from("t");
         for (from, end, max) in [
@@ -1438,7 +1540,8 @@ mod tests {
                         }
                     }
                     let r = b.finish();
-                    store.write(r.log, Some(r.index), None, None, None).unwrap();
+                    let index = store.index_records(r.closed);
+                    store.write(r.log, index, None, None, None).unwrap();
                 }
                 store.sync().unwrap();
             }
@@ -1462,13 +1565,13 @@ mod tests {
     }
 
     #[test]
-    fn missing_record_summaries_are_rebuilt_at_open() {
+    fn missing_index_summaries_are_rebuilt_at_open() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = StoreConfig {
             path: Some(dir.path().to_path_buf()),
             ..Default::default()
         };
-        let msgs: Vec<Message> = (0..1200)
+        let msgs: Vec<Message> = (0..3000)
             .map(|i| {
                 Message::prepare(
                     OutgoingMessage::new("t", vec![1; 8]).key(format!("k{i}")),
@@ -1496,10 +1599,12 @@ mod tests {
             store.sync().unwrap();
         }
         let (store, recovery) = Store::open(cfg).unwrap();
-        assert_eq!(recovery.topics[0].ends, vec![1200]);
+        assert_eq!(recovery.topics[0].ends, vec![3000]);
         let r = store.reader();
         let t: Arc<str> = Arc::from("t");
-        for i in [0usize, 511, 512, 1199] {
+        // Two full spans written at open, the rest is the open span's tail.
+        assert_eq!(r.index.len(), 2);
+        for i in [0usize, 511, 512, 1023, 1024, 2047, 2048, 2999] {
             let found = r.find_id(&[(t.clone(), 0, 1)], msgs[i].id()).unwrap();
             assert_eq!(found.map(|m| m.offset()), Some(i as u64));
             assert_eq!(r.find_key(&t, 0, 1, &format!("k{i}"), 10).unwrap().len(), 1);
