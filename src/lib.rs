@@ -71,7 +71,9 @@ pub use weirmq_bus::{
     QueuePosition, RetryPolicy, SendReceipt, StartFrom, StorageError, TopicConfig, TryPublishError,
 };
 pub use weirmq_bus::{DeadLetter, Resend, ResendOutcome, ResendReport, ResetTo, DLQ_PROPERTIES};
-pub use weirmq_bus::{MessageTrace, Retention, RetentionReport, TraceEvent, TraceKind};
+pub use weirmq_bus::{
+    MessageTrace, Ordering, Retention, RetentionReport, TraceEvent, TraceKind, SCHEDULE_TOPIC,
+};
 pub use weirmq_persistence::{SyncEvent, SyncHook};
 
 /// The README's Rust examples, compiled as doc tests.

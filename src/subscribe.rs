@@ -6,8 +6,8 @@ use std::time::Duration;
 use actix::{Actor, Context, Handler};
 use weirmq_actors::{start_subscriber, Delivery, SubscriberConfig, SubscriberHandle};
 use weirmq_bus::{
-    validate_group_name, Error, Event, Filter, GroupStats, QueuePosition, RetryPolicy, StartFrom,
-    SubscriptionSpec,
+    validate_group_name, Error, Event, Filter, GroupStats, Ordering, QueuePosition, RetryPolicy,
+    StartFrom, SubscriptionSpec,
 };
 
 use crate::bus::Bus;
@@ -48,6 +48,7 @@ pub struct SubscribeBuilder<E, A = ()> {
     start: StartFrom,
     max_in_flight: usize,
     filter: Filter,
+    ordering: Ordering,
     config: SubscriberConfig,
     retry_set: bool,
     broadcast: Option<Vec<String>>,
@@ -75,6 +76,7 @@ impl<E: Event> SubscribeBuilder<E, ()> {
             start: StartFrom::Latest,
             max_in_flight: 1024,
             filter: Filter::All,
+            ordering: Ordering::Concurrent,
             config: SubscriberConfig::default(),
             retry_set: false,
             broadcast: None,
@@ -99,6 +101,7 @@ impl<E: Event, A> SubscribeBuilder<E, A> {
             start: self.start,
             max_in_flight: self.max_in_flight,
             filter: self.filter,
+            ordering: self.ordering,
             config: self.config,
             retry_set: self.retry_set,
             broadcast: self.broadcast,
@@ -114,6 +117,16 @@ impl<E: Event, A> SubscribeBuilder<E, A> {
     /// position moves past them.
     pub fn filter(mut self, filter: Filter) -> Self {
         self.filter = filter;
+        self
+    }
+
+    /// Ordered consumption ([`Ordering::Fifo`]): the messages of one
+    /// message group ([`Publish::message_group`](crate::Publish::message_group))
+    /// are handled one at a time, in publish order, each retried in place
+    /// until it succeeds or is dead-lettered — while other message groups go
+    /// on in parallel. Default [`Ordering::Concurrent`].
+    pub fn ordering(mut self, ordering: Ordering) -> Self {
+        self.ordering = ordering;
         self
     }
 
@@ -197,7 +210,8 @@ where
     ///
     /// Every message of the topic published after the group's start point is
     /// delivered to one member at least once; messages of one queue are
-    /// handed out in offset order but processed concurrently.
+    /// handed out in offset order but processed concurrently, unless the
+    /// subscription is [`Ordering::Fifo`].
     pub async fn start(self) -> Result<Subscription, Error> {
         let factory = self.factory.ok_or_else(|| Error::InvalidConfig {
             reason: "call .members(n, factory) before .start()".into(),
@@ -208,6 +222,7 @@ where
             start: self.start,
             max_in_flight: self.max_in_flight,
             filter: self.filter.clone(),
+            ordering: self.ordering,
         };
         let broker = self.bus.broker().clone();
         let Some(ids) = self.broadcast else {

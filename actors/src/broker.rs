@@ -24,7 +24,9 @@
 //! both arbiters are stopped and joined, so the data directory can be opened
 //! again at once.
 
+mod due;
 mod group;
+mod scheduler;
 mod topic;
 
 use std::collections::HashMap;
@@ -42,17 +44,18 @@ use weirmq_bus::{
     Durability, Error, GroupStats, Limits, Message as BusMessage, MessageId, MessageTrace,
     OutgoingMessage, QueuePosition, Resend, ResendOutcome, ResendReport, ResetTo, RetentionReport,
     SendReceipt, SettleToken, Settlement, Settler, StartFrom, StorageError, SubscriptionSpec,
-    TopicConfig, TraceEvent, TraceKind, SYSTEM_TOPIC_PREFIX,
+    TopicConfig, TraceEvent, TraceKind, SCHEDULE_TOPIC, SYSTEM_TOPIC_PREFIX,
 };
 use weirmq_persistence::{
     next_seq, CommitOffsets, ConfigureTopic, CreateTopic, OffsetState, PersistenceActor,
-    PurgeQueue, QueueKey, RecordTrace, RetryEntry, RetryKey, RunRetention, ShutdownStore, Store,
-    StoreConfig, StoreReader, TopicSettings, TraceRecord, UpdateRetries,
+    PurgeQueue, QueueKey, RecordTrace, RetryEntry, RetryKey, RunRetention, SetScheduler,
+    ShutdownStore, Store, StoreConfig, StoreReader, TopicSettings, TraceRecord, UpdateRetries,
 };
 
 use group::{
     AddRetries, DeadLetterSink, GroupActor, GroupSetup, Inspect, ResetPositions, Settle, StopGroup,
 };
+use scheduler::{MoveSink, Scheduler, StopScheduler};
 use topic::{Collector, Listen, PublishPart, QueueActor, TopicActor, TopicPublish, Unlisten};
 
 /// How to open the embedded broker.
@@ -147,6 +150,7 @@ struct Inner {
     pending: Semaphore,
     max_pending: usize,
     next_listen_id: AtomicU64,
+    scheduler: Mutex<Option<Addr<Scheduler>>>,
 }
 
 /// The embedded broker. Cheap to clone; every clone is the same broker.
@@ -255,7 +259,8 @@ impl EmbeddedBroker {
             "weirmq embedded broker open"
         );
         let max_pending = config.max_pending_messages.max(1);
-        Ok(EmbeddedBroker {
+        let sched_reader = reader.clone();
+        let broker = EmbeddedBroker {
             inner: Arc::new(Inner {
                 durable,
                 limits: config.limits,
@@ -270,7 +275,46 @@ impl EmbeddedBroker {
                 pending: Semaphore::new(max_pending),
                 max_pending,
                 next_listen_id: AtomicU64::new(0),
+                scheduler: Mutex::new(None),
             }),
+        };
+        let sink = broker.move_sink();
+        let p = broker.inner.persistence.clone();
+        let scheduler = Scheduler::start_in_arbiter(&broker.inner.broker_arbiter, move |_| {
+            Scheduler::new(sched_reader, p, sink)
+        });
+        broker
+            .inner
+            .persistence
+            .do_send(SetScheduler(scheduler.clone().recipient()));
+        *broker
+            .inner
+            .scheduler
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(scheduler);
+        Ok(broker)
+    }
+
+    /// Where the scheduler stores delayed messages that fell due: in their
+    /// topic, as they were (same id).
+    fn move_sink(&self) -> MoveSink {
+        let me = self.clone();
+        Arc::new(move |topic: String, messages: Vec<BusMessage>| {
+            let me = me.clone();
+            async move {
+                let h = me.existing_or_default(&topic, false).await?;
+                let _room = me.admit(messages.len(), true).await?;
+                // Buffered: the entry is removed in a later commit, so a
+                // crash loses the copy only together with the removal.
+                me.publish_stamped(
+                    &h,
+                    messages.into_iter().enumerate().collect(),
+                    Durability::Buffered,
+                )
+                .await?;
+                Ok(())
+            }
+            .boxed()
         })
     }
 
@@ -433,7 +477,7 @@ impl EmbeddedBroker {
     /// Validates, admits and publishes a batch (to one or more topics).
     async fn publish_messages(
         &self,
-        messages: Vec<OutgoingMessage>,
+        mut messages: Vec<OutgoingMessage>,
         durability: Durability,
         wait: bool,
     ) -> Result<Vec<SendReceipt>, Error> {
@@ -445,29 +489,43 @@ impl EmbeddedBroker {
         if n == 0 {
             return Ok(Vec::new());
         }
+        // A delayed message goes to the schedule topic (its own topic is
+        // named in it); one whose time has come goes straight through.
+        let now = std::time::SystemTime::now();
+        for m in &mut messages {
+            if m.deliver_at.is_some_and(|t| t <= now) {
+                m.deliver_at = None;
+            }
+            if m.deliver_at.is_some() {
+                self.existing_or_default(&m.topic, false).await?;
+            }
+        }
+        let route = |m: &OutgoingMessage| match m.deliver_at {
+            Some(_) => SCHEDULE_TOPIC.to_string(),
+            None => m.topic.clone(),
+        };
         let _room = self.admit(n, wait).await?;
-        let single_topic = messages.iter().all(|m| m.topic == messages[0].topic);
-        if single_topic {
-            let topic = messages[0].topic.clone();
+        let first = route(&messages[0]);
+        if messages.iter().all(|m| route(m) == first) {
+            let system = first == SCHEDULE_TOPIC;
             let r = self
                 .publish_to(
-                    &topic,
+                    &first,
                     messages.into_iter().enumerate().collect(),
                     durability,
-                    false,
+                    system,
                 )
                 .await?;
             return Ok(r.into_iter().map(|(_, r)| r).collect());
         }
         let mut by_topic: HashMap<String, Vec<(usize, OutgoingMessage)>> = HashMap::new();
         for (i, m) in messages.into_iter().enumerate() {
-            by_topic.entry(m.topic.clone()).or_default().push((i, m));
+            by_topic.entry(route(&m)).or_default().push((i, m));
         }
-        let parts = futures::future::try_join_all(
-            by_topic
-                .into_iter()
-                .map(|(t, ms)| async move { self.publish_to(&t, ms, durability, false).await }),
-        )
+        let parts = futures::future::try_join_all(by_topic.into_iter().map(|(t, ms)| async move {
+            let system = t == SCHEDULE_TOPIC;
+            self.publish_to(&t, ms, durability, system).await
+        }))
         .await?;
         let mut out: Vec<Option<SendReceipt>> = vec![None; n];
         for (i, r) in parts.into_iter().flatten() {
@@ -487,12 +545,38 @@ impl EmbeddedBroker {
     ) -> Result<Vec<(usize, SendReceipt)>, Error> {
         self.check_open()?;
         let h = self.existing_or_default(topic, system).await?;
+        let stamped: Vec<(usize, BusMessage)> = messages
+            .into_iter()
+            .map(|(i, m)| {
+                // Staged in a system topic (a delayed message): say for which.
+                let destination = (*m.topic != *h.name).then(|| m.topic.clone());
+                let msg = BusMessage::prepare(m, h.name.clone());
+                (
+                    i,
+                    match destination {
+                        Some(d) => msg.with_destination(d),
+                        None => msg,
+                    },
+                )
+            })
+            .collect();
+        self.publish_stamped(&h, stamped, durability).await
+    }
+
+    /// Stores messages already stamped (id, birth time) in topic `h`;
+    /// returns each one's receipt with its index.
+    async fn publish_stamped(
+        &self,
+        h: &Topic,
+        messages: Vec<(usize, BusMessage)>,
+        durability: Durability,
+    ) -> Result<Vec<(usize, SendReceipt)>, Error> {
         let n = messages.len();
         let idx: Vec<usize> = messages.iter().map(|(i, _)| *i).collect();
         let stamped: Vec<(usize, BusMessage)> = messages
             .into_iter()
             .enumerate()
-            .map(|(j, (_, m))| (j, BusMessage::prepare(m, h.name.clone())))
+            .map(|(j, (_, m))| (j, m))
             .collect();
         let (tx, rx) = oneshot::channel();
         let part = PublishPart {
@@ -509,7 +593,7 @@ impl EmbeddedBroker {
             outbox.len() == 1
         };
         if first {
-            let _send = OutboxSender(&h);
+            let _send = OutboxSender(h);
             tokio::task::yield_now().await;
         }
         let receipts = rx.await.map_err(|_| Error::Closed)??;
@@ -741,6 +825,7 @@ impl EmbeddedBroker {
             put: entries.iter().map(|(_, e)| e.clone()).collect(),
             remove: Vec::new(),
             resent: marks,
+            unschedule: Vec::new(),
             done: Box::new(move |r| {
                 let _ = tx.send(r);
             }),
@@ -1161,6 +1246,15 @@ impl Broker for EmbeddedBroker {
     async fn shutdown(&self) -> Result<(), Error> {
         if self.inner.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
+        }
+        let scheduler = self
+            .inner
+            .scheduler
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(s) = scheduler {
+            let _ = s.send(StopScheduler).await;
         }
         let groups: Vec<(String, String)> =
             self.inner.groups.iter().map(|e| e.key().clone()).collect();

@@ -97,6 +97,24 @@ pub struct SubscriptionSpec {
     /// Which messages the group wants; the others are skipped (its
     /// position moves past them).
     pub filter: Filter,
+    /// Concurrent (default) or FIFO per message group.
+    pub ordering: Ordering,
+}
+
+/// How a subscription orders its deliveries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ordering {
+    /// Any order, as many at once as the in-flight limits allow (RocketMQ's
+    /// concurrent consumer). A failed message is retried later while the
+    /// next ones go on.
+    #[default]
+    Concurrent,
+    /// Per message group ([`Publish::message_group`](crate::Publish::message_group)):
+    /// one message of a group in flight at a time, in publish order; a
+    /// failed message is retried in place and only its own group waits;
+    /// different groups are handled in parallel. Messages without a group
+    /// are ordered per queue.
+    Fifo,
 }
 
 /// An opaque handle naming one delivery, returned with its [`Settlement`].

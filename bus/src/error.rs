@@ -24,6 +24,8 @@ pub enum NameKind {
     Key,
     /// A property name.
     Property,
+    /// A message group (ordered messages).
+    MessageGroup,
 }
 
 impl fmt::Display for NameKind {
@@ -34,6 +36,7 @@ impl fmt::Display for NameKind {
             NameKind::Tag => "tag",
             NameKind::Key => "message key",
             NameKind::Property => "property name",
+            NameKind::MessageGroup => "message group",
         })
     }
 }
@@ -187,6 +190,13 @@ pub enum Error {
         /// The topic.
         topic: String,
     },
+    /// A delayed message is scheduled further ahead than allowed.
+    DelayTooLong {
+        /// How far ahead it was asked for.
+        requested: std::time::Duration,
+        /// The limit ([`Limits::max_delay`](crate::Limits::max_delay)).
+        max: std::time::Duration,
+    },
     /// The backend cannot do this.
     Unsupported {
         /// What was asked for.
@@ -248,6 +258,11 @@ impl fmt::Display for Error {
                 f,
                 "consumer group `{group}` already has a running subscription to topic `{topic}` \
                  in this process; give it more members instead of subscribing twice"
+            ),
+            Error::DelayTooLong { requested, max } => write!(
+                f,
+                "a delayed message may be scheduled at most {max:?} ahead, not {requested:?}; \
+                 raise Limits::max_delay, or keep such far-off jobs in your own scheduler"
             ),
             Error::Unsupported { feature } => {
                 write!(f, "not supported by this backend: {feature}")

@@ -29,7 +29,7 @@ mod topic;
 mod trace;
 
 pub use broker::{
-    Broker, BrokerSubscription, Capabilities, DeliveryBatch, GroupStats, QueuePosition,
+    Broker, BrokerSubscription, Capabilities, DeliveryBatch, GroupStats, Ordering, QueuePosition,
     RawDelivery, ResetTo, SettleToken, Settlement, Settler, StartFrom, SubscriptionSpec,
 };
 pub use dlq::{
@@ -40,7 +40,9 @@ pub use dlq::{
 pub use error::{CodecError, Error, NameKind, PublishError, StorageError, TryPublishError};
 pub use event::{Codec, Event, Json};
 pub use filter::Filter;
-pub use message::{Durability, Message, MessageId, OutgoingMessage, Publish, SendReceipt};
+pub use message::{
+    Durability, Message, MessageId, OutgoingMessage, Publish, SendReceipt, SCHEDULE_TOPIC,
+};
 pub use retry::{Backoff, RetryPolicy};
 pub use sql::SqlExpr;
 pub use topic::{

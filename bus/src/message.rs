@@ -113,6 +113,13 @@ pub struct OutgoingMessage {
     pub keys: Vec<String>,
     /// User properties (used by SQL filters).
     pub properties: BTreeMap<String, String>,
+    /// The message group of an ordered (FIFO) message: messages with the
+    /// same group go to the same queue and a FIFO subscription handles them
+    /// one at a time, in publish order.
+    pub message_group: Option<String>,
+    /// When the message becomes visible to consumers (a delayed message);
+    /// `None` or a past instant: at once.
+    pub deliver_at: Option<SystemTime>,
     /// The payload.
     pub body: Vec<u8>,
 }
@@ -125,8 +132,27 @@ impl OutgoingMessage {
             tag: None,
             keys: Vec::new(),
             properties: BTreeMap::new(),
+            message_group: None,
+            deliver_at: None,
             body: body.into(),
         }
+    }
+
+    /// Sets the message group (ordered delivery per group).
+    pub fn message_group(mut self, group: impl Into<String>) -> Self {
+        self.message_group = Some(group.into());
+        self
+    }
+
+    /// Delivers the message at `at` (not before).
+    pub fn deliver_at(mut self, at: SystemTime) -> Self {
+        self.deliver_at = Some(at);
+        self
+    }
+
+    /// Delivers the message `delay` from now.
+    pub fn delay(self, delay: Duration) -> Self {
+        self.deliver_at(SystemTime::now() + delay)
     }
 
     /// Sets the tag.
@@ -167,6 +193,8 @@ pub struct Publish {
     keys: Vec<String>,
     properties: BTreeMap<String, String>,
     durability: Option<Durability>,
+    message_group: Option<String>,
+    deliver_at: Option<SystemTime>,
 }
 
 impl Publish {
@@ -205,6 +233,30 @@ impl Publish {
         self.durability
     }
 
+    /// Makes this an ordered message of `group` (an order id, a user id...):
+    /// every message of the group goes to the same queue, and a FIFO
+    /// subscription handles them one at a time in publish order, while
+    /// different groups are handled in parallel.
+    pub fn message_group(mut self, group: impl Into<String>) -> Self {
+        self.message_group = Some(group.into());
+        self
+    }
+
+    /// Makes this a delayed message, visible to consumers at `at` (an
+    /// instant in the past: at once). At most [`Limits::max_delay`]
+    /// ahead (default 24 h).
+    ///
+    /// [`Limits::max_delay`]: crate::Limits::max_delay
+    pub fn deliver_at(mut self, at: SystemTime) -> Self {
+        self.deliver_at = Some(at);
+        self
+    }
+
+    /// Makes this a delayed message, visible to consumers `delay` from now.
+    pub fn delay(self, delay: Duration) -> Self {
+        self.deliver_at(SystemTime::now() + delay)
+    }
+
     /// Builds the raw message for `topic` and `body` with these options.
     pub fn into_message(self, topic: impl Into<String>, body: Vec<u8>) -> OutgoingMessage {
         OutgoingMessage {
@@ -212,12 +264,20 @@ impl Publish {
             tag: self.tag,
             keys: self.keys,
             properties: self.properties,
+            message_group: self.message_group,
+            deliver_at: self.deliver_at,
             body,
         }
     }
 }
 
 /// Proof that a message was stored: its id and its place in the topic.
+///
+/// For a delayed message (`deliver_at` in the future) the message is
+/// stored at once, but gets its place in its topic only when it falls due:
+/// `queue` and `offset` then name its place in the schedule (the system
+/// topic [`SCHEDULE_TOPIC`]), and `deliver_at` says when it will be
+/// delivered. Its id stays the same.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SendReceipt {
     /// The message id.
@@ -226,7 +286,12 @@ pub struct SendReceipt {
     pub queue: u32,
     /// Its offset in that queue (dense, from 0).
     pub offset: u64,
+    /// For a delayed message: when it becomes visible.
+    pub deliver_at: Option<SystemTime>,
 }
+
+/// The system topic holding delayed messages until they fall due.
+pub const SCHEDULE_TOPIC: &str = "%SCHEDULE%";
 
 /// A stored message: what consumers receive.
 #[derive(Clone, PartialEq, Eq)]
@@ -239,6 +304,9 @@ pub struct Message {
     tag: Option<String>,
     keys: Vec<String>,
     properties: BTreeMap<String, String>,
+    message_group: Option<String>,
+    deliver_at_ms: Option<u64>,
+    destination: Option<String>,
     body: Vec<u8>,
 }
 
@@ -252,12 +320,18 @@ impl fmt::Debug for Message {
             .field("tag", &self.tag)
             .field("keys", &self.keys)
             .field("properties", &self.properties)
+            .field("message_group", &self.message_group)
+            .field("deliver_at_ms", &self.deliver_at_ms)
+            .field("destination", &self.destination)
             .field("body_len", &self.body.len())
             .finish()
     }
 }
 
 const ENVELOPE_V1: u8 = 1;
+/// v1 plus message group, delivery time and destination (written only when
+/// one of them is set, so plain messages keep the v1 form).
+const ENVELOPE_V2: u8 = 2;
 const NONE_LEN: u32 = u32::MAX;
 
 impl Message {
@@ -273,8 +347,50 @@ impl Message {
             tag: out.tag,
             keys: out.keys,
             properties: out.properties,
+            message_group: out.message_group,
+            // Rounded up to the millisecond: never due before its time.
+            deliver_at_ms: out.deliver_at.map(|t| {
+                t.duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_micros().div_ceil(1000) as u64)
+            }),
+            destination: None,
             body: out.body,
         }
+    }
+
+    /// Marks a message stored in a system staging topic (a delayed message
+    /// in [`SCHEDULE_TOPIC`]) with the topic it is for.
+    pub fn with_destination(mut self, topic: impl Into<String>) -> Message {
+        self.destination = Some(topic.into());
+        self
+    }
+
+    /// The copy of a staged message for its destination topic: same id,
+    /// birth time and contents, not yet placed.
+    pub fn for_destination(&self, topic: Arc<str>) -> Message {
+        Message {
+            topic,
+            queue: 0,
+            offset: 0,
+            destination: None,
+            ..self.clone()
+        }
+    }
+
+    /// The message group of an ordered message.
+    pub fn message_group(&self) -> Option<&str> {
+        self.message_group.as_deref()
+    }
+
+    /// When a delayed message was (or is) due.
+    pub fn deliver_at(&self) -> Option<SystemTime> {
+        self.deliver_at_ms
+            .map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
+    }
+
+    /// The topic a staged message (in a system topic) is for.
+    pub fn destination(&self) -> Option<&str> {
+        self.destination.as_deref()
     }
 
     /// Places the message at `offset` of `queue` (done once, by the broker).
@@ -329,6 +445,8 @@ impl Message {
         64 + self.body.len()
             + self.tag.as_ref().map_or(0, String::len)
             + self.keys.iter().map(|k| k.len() + 4).sum::<usize>()
+            + self.message_group.as_ref().map_or(0, |g| g.len() + 20)
+            + self.destination.as_ref().map_or(0, |d| d.len() + 4)
             + self
                 .properties
                 .iter()
@@ -340,7 +458,10 @@ impl Message {
     /// which the store keeps in its key) to `out`.
     pub fn encode_envelope(&self, out: &mut Vec<u8>) {
         out.reserve(self.size_hint());
-        out.push(ENVELOPE_V1);
+        let v2 = self.message_group.is_some()
+            || self.deliver_at_ms.is_some()
+            || self.destination.is_some();
+        out.push(if v2 { ENVELOPE_V2 } else { ENVELOPE_V1 });
         out.extend_from_slice(&self.id.0.to_be_bytes());
         out.extend_from_slice(&self.born_at_ms.to_be_bytes());
         match &self.tag {
@@ -357,6 +478,15 @@ impl Message {
             put_bytes(out, v.as_bytes());
         }
         put_bytes(out, &self.body);
+        if v2 {
+            for s in [&self.message_group, &self.destination] {
+                match s {
+                    Some(s) => put_bytes(out, s.as_bytes()),
+                    None => out.extend_from_slice(&NONE_LEN.to_be_bytes()),
+                }
+            }
+            out.extend_from_slice(&self.deliver_at_ms.unwrap_or(0).to_be_bytes());
+        }
     }
 
     /// Decodes an envelope written by [`Message::encode_envelope`]; returns
@@ -374,9 +504,10 @@ impl Message {
     ) -> Result<(Message, usize), StorageError> {
         let mut r = Reader { bytes, pos: 0 };
         let version = r.u8()?;
-        if version != ENVELOPE_V1 {
+        if version != ENVELOPE_V1 && version != ENVELOPE_V2 {
             return Err(StorageError::msg(format!(
-                "message envelope has unknown version {version} (this build reads version {ENVELOPE_V1})"
+                "message envelope has unknown version {version} (this build reads versions \
+                 {ENVELOPE_V1} and {ENVELOPE_V2})"
             )));
         }
         let id = MessageId(u128::from_be_bytes(r.array::<16>()?));
@@ -395,6 +526,12 @@ impl Message {
             properties.insert(k, v);
         }
         let body = r.bytes()?.to_vec();
+        let (mut message_group, mut destination, mut deliver_at_ms) = (None, None, None);
+        if version == ENVELOPE_V2 {
+            message_group = r.opt_string()?;
+            destination = r.opt_string()?;
+            deliver_at_ms = Some(u64::from_be_bytes(r.array::<8>()?)).filter(|ms| *ms > 0);
+        }
         Ok((
             Message {
                 id,
@@ -405,6 +542,9 @@ impl Message {
                 tag,
                 keys,
                 properties,
+                message_group,
+                deliver_at_ms,
+                destination,
                 body,
             },
             r.pos,
@@ -516,9 +656,23 @@ mod tests {
             keys in proptest::collection::vec(".{1,12}", 0..4),
             props in proptest::collection::btree_map("[A-Za-z]{1,6}", ".{0,20}", 0..6),
             body in proptest::collection::vec(proptest::num::u8::ANY, 0..2048),
+            message_group in proptest::option::of(".{1,12}"),
+            deliver_in_ms in proptest::option::of(0u64..100_000),
+            destination in proptest::option::of("[a-z]{1,8}"),
         ) {
-            let out = OutgoingMessage { topic: "t".into(), tag, keys, properties: props, body };
-            let m = Message::prepare(out, Arc::from("t")).with_position(1, 9);
+            let out = OutgoingMessage {
+                topic: "t".into(),
+                tag,
+                keys,
+                properties: props,
+                message_group,
+                deliver_at: deliver_in_ms.map(|ms| SystemTime::now() + Duration::from_millis(ms)),
+                body,
+            };
+            let mut m = Message::prepare(out, Arc::from("t")).with_position(1, 9);
+            if let Some(d) = destination {
+                m = m.with_destination(d);
+            }
             let mut buf = Vec::new();
             m.encode_envelope(&mut buf);
             let (d, n) = Message::decode_envelope(Arc::from("t"), 1, 9, &buf).unwrap();

@@ -292,8 +292,11 @@ pub struct Limits {
     pub max_properties: usize,
     /// Most bytes of property names and values together (default 16 KiB).
     pub max_properties_bytes: usize,
-    /// Longest tag, key, or property name in bytes (default 1024).
+    /// Longest tag, key, message group or property name in bytes (default
+    /// 1024).
     pub max_name_bytes: usize,
+    /// How far ahead a delayed message may be scheduled (default 24 h).
+    pub max_delay: Duration,
 }
 
 impl Default for Limits {
@@ -303,6 +306,7 @@ impl Default for Limits {
             max_properties: 128,
             max_properties_bytes: 16 * 1024,
             max_name_bytes: 1024,
+            max_delay: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -343,6 +347,26 @@ impl Limits {
                     kind: NameKind::Key,
                     name: key.clone(),
                     reason: format!("a key is 1 to {} bytes", self.max_name_bytes),
+                });
+            }
+        }
+        if let Some(g) = &m.message_group {
+            if g.is_empty() || g.len() > self.max_name_bytes {
+                return Err(Error::InvalidName {
+                    kind: NameKind::MessageGroup,
+                    name: g.clone(),
+                    reason: format!("a message group is 1 to {} bytes", self.max_name_bytes),
+                });
+            }
+        }
+        if let Some(at) = m.deliver_at {
+            let ahead = at
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            if ahead > self.max_delay {
+                return Err(Error::DelayTooLong {
+                    requested: ahead,
+                    max: self.max_delay,
                 });
             }
         }

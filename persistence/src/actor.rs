@@ -36,7 +36,7 @@ use weirmq_bus::{
     Durability, Message as BusMessage, RetentionReport, StorageError, TraceEvent, TraceKind,
 };
 
-use crate::delay::{resent_key, resent_prefix, RetryEntry, RetryKey};
+use crate::delay::{next_seq, resent_key, resent_prefix, RetryEntry, RetryKey, ScheduleEntry};
 use crate::store::{
     offsets_batch, OffsetState, QueueKey, RecordBuilder, Store, TopicSettings, TraceRecord,
 };
@@ -98,6 +98,8 @@ pub struct UpdateRetries {
     pub remove: Vec<RetryKey>,
     /// Dead letters (group, DLQ offset) to mark as resent.
     pub resent: Vec<(String, u64)>,
+    /// Delayed messages moved to their topic: their entries go.
+    pub unschedule: Vec<ScheduleEntry>,
     /// Called once, after the commit, with its outcome.
     pub done: AppendDone,
 }
@@ -134,6 +136,24 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Delayed messages just stored (their entries are in the delay index):
+/// sent to the scheduler registered with [`SetScheduler`] after each commit
+/// that stored some.
+#[derive(Debug)]
+pub struct Scheduled(pub Vec<ScheduleEntry>);
+
+impl Message for Scheduled {
+    type Result = ();
+}
+
+/// Registers who hears of new delayed messages.
+#[derive(Debug)]
+pub struct SetScheduler(pub Recipient<Scheduled>);
+
+impl Message for SetScheduler {
+    type Result = ();
 }
 
 /// Registers a topic in the store; replies with its id.
@@ -245,6 +265,7 @@ pub struct PersistenceActor {
     /// Callers who asked for a pass while one was running: they get the
     /// next one.
     retention_next: Vec<oneshot::Sender<Result<RetentionReport, StorageError>>>,
+    scheduler: Option<Recipient<Scheduled>>,
 }
 
 impl std::fmt::Debug for PersistenceActor {
@@ -274,6 +295,7 @@ impl PersistenceActor {
             failed: None,
             retention: None,
             retention_next: Vec::new(),
+            scheduler: None,
         }
     }
 
@@ -366,6 +388,7 @@ impl PersistenceActor {
         let offsets = std::mem::take(&mut self.offsets);
         let retries = std::mem::take(&mut self.retries);
         let mut traces = std::mem::take(&mut self.traces);
+        let mut scheduled = Vec::new();
         let result = match (&self.failed, self.store.as_mut()) {
             (Some(e), _) => Err(e.clone()),
             (None, None) => Err(Self::closed()),
@@ -375,6 +398,18 @@ impl PersistenceActor {
                 for a in &appends {
                     for m in &a.messages {
                         records.push(a.key, m.offset(), m);
+                        if let (Some(_), Some(at)) = (m.destination(), m.deliver_at()) {
+                            scheduled.push(ScheduleEntry {
+                                // Rounded up: never delivered before its time.
+                                due_ms: at
+                                    .duration_since(std::time::UNIX_EPOCH)
+                                    .map_or(0, |d| d.as_micros().div_ceil(1000) as u64),
+                                seq: next_seq(),
+                                topic_id: a.key.topic_id,
+                                queue: a.key.queue,
+                                offset: m.offset(),
+                            });
+                        }
                         if a.trace {
                             traces.push(TraceRecord {
                                 key: a.key,
@@ -390,9 +425,15 @@ impl PersistenceActor {
                 let index = store.index_records(records.closed);
                 let trace_batch = (!traces.is_empty()).then(|| store.trace_batch(&traces));
                 let off = (!offsets.is_empty()).then(|| offsets_batch(&offsets));
-                let delay = (!retries.is_empty()).then(|| {
+                let delay = (!retries.is_empty() || !scheduled.is_empty()).then(|| {
                     let mut b = sled::Batch::default();
+                    for e in &scheduled {
+                        b.insert(&e.key()[..], &e.value()[..]);
+                    }
                     for u in &retries {
+                        for e in &u.unschedule {
+                            b.remove(&e.key()[..]);
+                        }
                         for k in &u.remove {
                             b.remove(k.encode());
                         }
@@ -429,6 +470,21 @@ impl PersistenceActor {
             if self.failed.is_none() {
                 error!(error = %e, "store write failed; refusing further writes");
                 self.failed = Some(e.clone());
+            }
+        }
+        if result.is_ok() && !scheduled.is_empty() {
+            if let Some(job) = &mut self.retention {
+                for e in &scheduled {
+                    let key = QueueKey {
+                        topic_id: e.topic_id,
+                        queue: e.queue,
+                    };
+                    let f = job.floors.entry(key).or_insert(e.offset);
+                    *f = (*f).min(e.offset);
+                }
+            }
+            if let Some(s) = &self.scheduler {
+                s.do_send(Scheduled(scheduled));
             }
         }
         for a in appends {
@@ -547,6 +603,14 @@ impl Handler<RetentionStep> for PersistenceActor {
                 ctx.run_later(RETENTION_STEP, |_, ctx| ctx.notify(RetentionStep));
             }
         }
+    }
+}
+
+impl Handler<SetScheduler> for PersistenceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetScheduler, _: &mut Context<Self>) {
+        self.scheduler = Some(msg.0);
     }
 }
 

@@ -1,11 +1,16 @@
 //! The delay index: durable entries ordered by due time.
 //!
-//! Today it holds consumer retries: a delivery that failed is rescheduled as
+//! It holds consumer retries: a delivery that failed is rescheduled as
 //! a [`RetryEntry`] (which message, which attempt comes next, when, and the
 //! last error) under its group and topic, ordered by due time, and the
 //! original is acked. The entry names the message by queue and offset (the
-//! log keeps it), so a 4 MiB body is not copied per retry. Delayed messages
-//! will use the same tree with their own key prefix.
+//! log keeps it), so a 4 MiB body is not copied per retry.
+//!
+//! Delayed messages use the same tree and the same shape of entry: a
+//! [`ScheduleEntry`] under `d` · due (u64) · seq (u64) names a message stored
+//! in the schedule topic by topic id, queue and offset; it is written in the
+//! commit that stores the message, and removed once the message has been
+//! copied to its destination topic.
 //!
 //! Keys: `r` · group · `0` · topic id (u32) · due (Unix ms, u64) · seq (u64),
 //! big-endian, so a prefix scan per (group, topic) returns entries in due
@@ -18,6 +23,80 @@ use weirmq_bus::StorageError;
 
 const RETRY: u8 = b'r';
 const RESENT: u8 = b'x';
+const SCHEDULED: u8 = b'd';
+
+/// A delayed message waiting for its time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ScheduleEntry {
+    /// When it is due (Unix milliseconds).
+    pub due_ms: u64,
+    /// Makes entries unique.
+    pub seq: u64,
+    /// Where the message is stored (the schedule topic's id).
+    pub topic_id: u32,
+    /// Its queue.
+    pub queue: u32,
+    /// Its offset.
+    pub offset: u64,
+}
+
+impl ScheduleEntry {
+    pub(crate) fn key(&self) -> [u8; 17] {
+        let mut k = [0u8; 17];
+        k[0] = SCHEDULED;
+        k[1..9].copy_from_slice(&self.due_ms.to_be_bytes());
+        k[9..].copy_from_slice(&self.seq.to_be_bytes());
+        k
+    }
+
+    pub(crate) fn value(&self) -> [u8; 16] {
+        let mut v = [0u8; 16];
+        v[..4].copy_from_slice(&self.topic_id.to_be_bytes());
+        v[4..8].copy_from_slice(&self.queue.to_be_bytes());
+        v[8..].copy_from_slice(&self.offset.to_be_bytes());
+        v
+    }
+
+    fn decode(k: &[u8], v: &[u8]) -> Result<ScheduleEntry, StorageError> {
+        let bad = || StorageError::msg("a schedule entry in the delay index is corrupt");
+        if k.len() != 17 || v.len() != 16 {
+            return Err(bad());
+        }
+        let u64_at =
+            |b: &[u8], i: usize| u64::from_be_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
+        let u32_at =
+            |b: &[u8], i: usize| u32::from_be_bytes(b[i..i + 4].try_into().unwrap_or([0; 4]));
+        Ok(ScheduleEntry {
+            due_ms: u64_at(k, 1),
+            seq: u64_at(k, 9),
+            topic_id: u32_at(v, 0),
+            queue: u32_at(v, 4),
+            offset: u64_at(v, 8),
+        })
+    }
+}
+
+/// Up to `limit` schedule entries in due order, after `after` (exclusive).
+pub(crate) fn load_schedule(
+    tree: &sled::Tree,
+    after: Option<&ScheduleEntry>,
+    limit: usize,
+) -> Result<Vec<ScheduleEntry>, StorageError> {
+    let lo = match after {
+        Some(e) => {
+            let mut k = e.key().to_vec();
+            k.push(0); // just past it
+            k
+        }
+        None => vec![SCHEDULED],
+    };
+    let mut out = Vec::new();
+    for item in tree.range(lo..vec![SCHEDULED + 1]).take(limit) {
+        let (k, v) = item.map_err(|e| StorageError::new("reading the delay index", e))?;
+        out.push(ScheduleEntry::decode(&k, &v)?);
+    }
+    Ok(out)
+}
 
 /// The key marking dead letter `dlq_offset` of `group` as resent.
 pub(crate) fn resent_key(group: &str, dlq_offset: u64) -> Vec<u8> {
@@ -185,6 +264,18 @@ pub(crate) fn retry_floors(
             .entry(crate::QueueKey { topic_id, queue })
             .or_insert(offset);
         *floor = (*floor).min(offset);
+    }
+    // Delayed messages waiting in the schedule topic stay too.
+    for item in tree.scan_prefix([SCHEDULED]) {
+        let (k, v) = item.map_err(|e| StorageError::new("reading the delay index", e))?;
+        let e = ScheduleEntry::decode(&k, &v)?;
+        let floor = out
+            .entry(crate::QueueKey {
+                topic_id: e.topic_id,
+                queue: e.queue,
+            })
+            .or_insert(e.offset);
+        *floor = (*floor).min(e.offset);
     }
     Ok(out)
 }

@@ -22,6 +22,7 @@
 //! | `trace` | topic id · queue · offset · seq | one trace event of the message at that offset |
 //! | `delay` | `r` · group · `0` · topic id (u32) · due ms (u64) · seq (u64) | a retry entry: queue, offset, next attempt, first failure, last error |
 //! | `delay` | `x` · group · `0` · DLQ offset (u64) | a dead letter's "resent" mark |
+//! | `delay` | `d` · due ms (u64) · seq (u64) | a delayed message: topic id, queue and offset of its copy in the schedule topic |
 //! | `offsets` | group · `0` · topic id (u32) · queue (u32) | committed offset (u64) + runs of offsets acked above it |
 //!
 //! One record per queue per commit batch (capped at 512 messages / 64 KiB,
@@ -53,9 +54,9 @@ mod store;
 
 pub use actor::{
     Append, AppendDone, CommitOffsets, ConfigureTopic, CreateTopic, PersistenceActor, PurgeQueue,
-    RecordTrace, RunRetention, ShutdownStore, UpdateRetries,
+    RecordTrace, RunRetention, Scheduled, SetScheduler, ShutdownStore, UpdateRetries,
 };
-pub use delay::{next_seq, RetryEntry, RetryKey};
+pub use delay::{next_seq, RetryEntry, RetryKey, ScheduleEntry};
 pub use store::{
     OffsetState, QueueKey, RecoveredTopic, Recovery, Store, StoreConfig, StoreReader, SyncEvent,
     SyncHook, TopicSettings, TraceRecord,

@@ -1407,6 +1407,19 @@ impl StoreReader {
             .collect()
     }
 
+    /// Up to `limit` delayed-message entries in due order, after `after`.
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    pub fn load_schedule(
+        &self,
+        after: Option<&crate::ScheduleEntry>,
+        limit: usize,
+    ) -> Result<Vec<crate::ScheduleEntry>, StorageError> {
+        crate::delay::load_schedule(&self.delay, after, limit)
+    }
+
     /// The retry entries of `group` on topic `topic_id`, in due order.
     ///
     /// # Errors

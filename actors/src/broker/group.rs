@@ -32,7 +32,7 @@
 //! Deliveries not settled by then are delivered again to the group's next
 //! subscription.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -103,11 +103,7 @@ fn due_ms_after(delay: Duration) -> u64 {
     (now + delay).as_micros().div_ceil(1000) as u64
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use super::due::{now_ms, DueQueue};
 
 #[derive(Debug)]
 struct InFlight {
@@ -199,11 +195,9 @@ pub(crate) struct GroupActor {
     offsets_timer: bool,
     read_failed: bool,
     /// Retries waiting for their due time, by (due ms, seq).
-    scheduled: BTreeMap<(u64, u64), RetryEntry>,
+    scheduled: DueQueue<RetryEntry>,
     /// Retries being delivered, by seq.
     retrying: HashMap<u64, RetryFlight>,
-    /// The armed wake-up: (due ms, handle).
-    timer: Option<(u64, SpawnHandle)>,
     filter: Filter,
     trace: Arc<AtomicBool>,
     /// Trace events not yet sent to the store.
@@ -235,13 +229,14 @@ impl GroupActor {
             stats: GroupStats::default(),
             offsets_timer: false,
             read_failed: false,
-            scheduled: s
-                .retries
-                .into_iter()
-                .map(|e| ((e.key.due_ms, e.key.seq), e))
-                .collect(),
+            scheduled: {
+                let mut q = DueQueue::default();
+                for e in s.retries {
+                    q.insert(e.key.due_ms, e.key.seq, e);
+                }
+                q
+            },
             retrying: HashMap::new(),
-            timer: None,
             filter: s.filter,
             trace: s.trace,
             traces: Vec::new(),
@@ -356,13 +351,7 @@ impl GroupActor {
     fn take_due_retries(&mut self) {
         let now = now_ms();
         while self.in_flight < self.max_in_flight {
-            let Some(entry) = self
-                .scheduled
-                .first_key_value()
-                .filter(|((due, _), _)| *due <= now)
-                .map(|(k, _)| *k)
-                .and_then(|k| self.scheduled.remove(&k))
-            else {
+            let Some(entry) = self.scheduled.pop_due(now) else {
                 break;
             };
             let key = self.key(entry.queue);
@@ -396,7 +385,8 @@ impl GroupActor {
                     warn!(group = %self.group, topic = %self.topic, error = %e,
                         "reading a due retry failed; trying again in 1 s");
                     // (Its stored key keeps its due time; only the wake-up moves.)
-                    self.scheduled.insert((now + 1000, entry.key.seq), entry);
+                    let seq = entry.key.seq;
+                    self.scheduled.insert(now + 1000, seq, entry);
                     break;
                 }
             }
@@ -405,24 +395,13 @@ impl GroupActor {
 
     /// Wakes the group at the earliest due retry (if later than now).
     fn arm_timer(&mut self, ctx: &mut Context<Self>) {
-        let Some(&(due, _)) = self.scheduled.keys().next() else {
-            return;
-        };
-        let now = now_ms();
-        if due <= now {
-            return; // due already: the next settlement makes room and pumps
-        }
-        if let Some((armed, handle)) = self.timer {
-            if armed <= due {
-                return;
-            }
-            ctx.cancel_future(handle);
-        }
-        let handle = ctx.run_later(Duration::from_millis(due - now), |act, ctx| {
-            act.timer = None;
-            act.pump(ctx);
-        });
-        self.timer = Some((due, handle));
+        let blocked = self.in_flight >= self.max_in_flight;
+        self.scheduled.arm(
+            ctx,
+            blocked,
+            |act: &mut Self| &mut act.scheduled,
+            |act, ctx| act.pump(ctx),
+        );
     }
 
     fn update_retries(
@@ -435,6 +414,7 @@ impl GroupActor {
             put,
             remove,
             resent: Vec::new(),
+            unschedule: Vec::new(),
             done: Box::new(move |r: Result<(), weirmq_bus::StorageError>| {
                 if let Err(e) = &r {
                     warn!(error = %e, "writing the delay index failed");
@@ -665,6 +645,10 @@ impl GroupActor {
             tag: m.tag().map(str::to_string),
             keys: m.keys().to_vec(),
             properties: m.properties().clone(),
+            // The dead-letter queue has one queue: no group needed to keep
+            // its order; the original group is in its properties.
+            message_group: None,
+            deliver_at: None,
             body: m.body().to_vec(),
         };
         let now = now_ms();
@@ -733,8 +717,8 @@ impl Handler<RetryStored> for GroupActor {
         match (msg.ok, msg.held) {
             (true, held) => {
                 self.release(held, ctx);
-                self.scheduled
-                    .insert((msg.entry.key.due_ms, msg.entry.key.seq), msg.entry);
+                let (due, seq) = (msg.entry.key.due_ms, msg.entry.key.seq);
+                self.scheduled.insert(due, seq, msg.entry);
             }
             // Not durable: retry from memory instead (still never lost).
             (false, Held::Original { queue, offset }) => {
@@ -742,8 +726,8 @@ impl Handler<RetryStored> for GroupActor {
             }
             (false, held @ Held::Retry { .. }) => {
                 self.release(held, ctx);
-                self.scheduled
-                    .insert((msg.entry.key.due_ms, msg.entry.key.seq), msg.entry);
+                let (due, seq) = (msg.entry.key.due_ms, msg.entry.key.seq);
+                self.scheduled.insert(due, seq, msg.entry);
             }
         }
         self.pump(ctx);
@@ -901,7 +885,8 @@ impl Handler<AddRetries> for GroupActor {
 
     fn handle(&mut self, msg: AddRetries, ctx: &mut Context<Self>) {
         for e in msg.0 {
-            self.scheduled.insert((e.key.due_ms, e.key.seq), e);
+            let (due, seq) = (e.key.due_ms, e.key.seq);
+            self.scheduled.insert(due, seq, e);
         }
         self.pump(ctx);
     }

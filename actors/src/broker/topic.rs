@@ -97,7 +97,16 @@ pub(crate) struct TopicPublish {
     pub(crate) parts: Vec<PublishPart>,
 }
 
-/// Picks queues for a topic's messages.
+/// FNV-1a 64 of a message group: stable across processes and releases,
+/// so a group keeps its queue after a restart.
+fn group_hash(g: &str) -> u64 {
+    g.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Picks queues for a topic's messages: round robin, or by message group
+/// for ordered messages.
 pub(crate) struct TopicActor {
     queues: Vec<Addr<QueueActor>>,
     next: usize,
@@ -122,8 +131,15 @@ impl Handler<TopicPublish> for TopicActor {
         for part in msg.parts {
             let mut split: Vec<Vec<(usize, BusMessage)>> = (0..n).map(|_| Vec::new()).collect();
             for m in part.messages {
-                split[self.next % n].push(m);
-                self.next = self.next.wrapping_add(1);
+                // Ordered messages: one queue per message group, stably.
+                let q = match m.1.message_group() {
+                    Some(g) => (group_hash(g) % n as u64) as usize,
+                    None => {
+                        self.next = self.next.wrapping_add(1);
+                        self.next.wrapping_sub(1) % n
+                    }
+                };
+                split[q].push(m);
             }
             for (q, messages) in split.into_iter().enumerate() {
                 if !messages.is_empty() {
@@ -227,6 +243,8 @@ impl Handler<QueueAppend> for QueueActor {
                         message_id: m.id(),
                         queue,
                         offset: self.next_offset,
+                        // A delayed message waiting in the schedule topic.
+                        deliver_at: m.destination().and(m.deliver_at()),
                     },
                 ));
                 self.next_offset += 1;
