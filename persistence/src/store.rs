@@ -33,6 +33,8 @@ const START_PREFIX: &[u8] = b"start/";
 /// there but sled comes up without our format key, sled lost the data (a
 /// corrupt or truncated data file) and the store is refused, not re-created.
 const MARKER_FILE: &str = "weirmq.store";
+/// How long a locked data directory is waited for before it is refused.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A step of a sync, reported to the [`SyncHook`] as it completes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -352,7 +354,22 @@ impl Store {
         let shown = dir.clone().unwrap_or_else(|| PathBuf::from("<in-memory>"));
         let marker = dir.as_ref().map(|d| d.join(MARKER_FILE));
         let initialised = marker.as_ref().is_some_and(|m| m.exists());
-        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sled_cfg.open()));
+        // sled lets go of its file lock only when its last I/O thread is done
+        // with a closed database, a moment after the handle is dropped: a
+        // store reopened at once by this process can find it still locked.
+        // So a lock is waited on for up to LOCK_WAIT before it is refused.
+        let waited = std::time::Instant::now();
+        let opened = loop {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sled_cfg.open()));
+            match &r {
+                Ok(Err(sled::Error::Io(e)))
+                    if e.to_string().contains("lock") && waited.elapsed() < LOCK_WAIT =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                _ => break r,
+            }
+        };
         let db =
             match opened {
                 Ok(Ok(db)) => db,
