@@ -991,6 +991,7 @@ impl Broker for EmbeddedBroker {
             retries,
             filter: spec.filter.clone(),
             trace: h.trace.clone(),
+            ordering: spec.ordering,
         };
         let addr = GroupActor::start_in_arbiter(&self.inner.broker_arbiter, move |_| {
             GroupActor::new(setup)

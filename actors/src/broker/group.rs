@@ -23,6 +23,18 @@
 //! * `DeadLetter { reason }`: the message is copied to the group's
 //!   dead-letter topic `%DLQ%<group>`, then acked once that copy is stored.
 //!
+//! # FIFO (`Ordering::Fifo`)
+//!
+//! One message per *message group* (its queue and `message_group`, or the
+//! queue alone for messages without one) is in flight at a time: a message
+//! read while its group is busy waits in memory behind it (bounded by the
+//! span) and is handed out when the one before is acked or dead-lettered.
+//! A `Nack` is retried in place after its delay (no retry entry: the
+//! message stays in flight and unacked, so its group waits and a restart
+//! redelivers it first); other groups go on meanwhile. A group stuck on one
+//! message holds its queue's committed offset, so the others of that queue
+//! can run at most the span ahead of it.
+//!
 //! Positions are written to the store at most every 50 ms (riding in append
 //! commits), and at stop.
 //!
@@ -32,7 +44,7 @@
 //! Deliveries not settled by then are delivered again to the group's next
 //! subscription.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,9 +54,9 @@ use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 use tracing::{error, trace, warn};
 use weirmq_bus::{
-    DeliveryBatch, Error, Filter, GroupStats, Message as BusMessage, OutgoingMessage,
-    QueuePosition, RawDelivery, SendReceipt, SettleToken, Settlement, StorageError, TraceEvent,
-    TraceKind, DLQ_PROPERTIES,
+    DeliveryBatch, Error, Filter, GroupStats, Message as BusMessage, Ordering as Order,
+    OutgoingMessage, QueuePosition, RawDelivery, SendReceipt, SettleToken, Settlement,
+    StorageError, TraceEvent, TraceKind, DLQ_PROPERTIES,
 };
 use weirmq_persistence::{
     next_seq, CommitOffsets, OffsetState, PersistenceActor, QueueKey, RecordTrace, RetryEntry,
@@ -173,6 +185,16 @@ pub(crate) struct GroupSetup {
     pub(crate) filter: Filter,
     /// The topic's trace switch.
     pub(crate) trace: Arc<AtomicBool>,
+    /// Concurrent or FIFO per message group.
+    pub(crate) ordering: Order,
+}
+
+/// A FIFO subscription's unit of order: a message group in its queue, or
+/// the queue itself for messages without a group.
+type FifoKey = (u32, Option<String>);
+
+fn fifo_key(m: &BusMessage) -> FifoKey {
+    (m.queue(), m.message_group().map(str::to_string))
 }
 
 /// One consumer group's subscription to one topic. See the module docs.
@@ -202,6 +224,11 @@ pub(crate) struct GroupActor {
     trace: Arc<AtomicBool>,
     /// Trace events not yet sent to the store.
     traces: Vec<TraceRecord>,
+    /// FIFO: one message per message group in flight, in offset order.
+    fifo: bool,
+    /// FIFO: the groups with a message in flight, and their messages
+    /// waiting behind it (read already, bounded by the span).
+    fifo_busy: HashMap<FifoKey, VecDeque<Arc<BusMessage>>>,
 }
 
 impl GroupActor {
@@ -240,6 +267,8 @@ impl GroupActor {
             filter: s.filter,
             trace: s.trace,
             traces: Vec::new(),
+            fifo: s.ordering == Order::Fifo,
+            fifo_busy: HashMap::new(),
         }
     }
 
@@ -302,8 +331,22 @@ impl GroupActor {
             self.note(&m, TraceKind::Filtered, 0, None);
             return;
         }
+        if self.fifo {
+            let key = fifo_key(&m);
+            if let Some(waiting) = self.fifo_busy.get_mut(&key) {
+                // Its message group has one in flight: it waits its turn.
+                waiting.push_back(m);
+                return;
+            }
+            self.fifo_busy.insert(key, VecDeque::new());
+        }
+        self.deliver_first(m);
+    }
+
+    /// Hands out a message for the first time.
+    fn deliver_first(&mut self, m: Arc<BusMessage>) {
         let token = SettleToken::new(m.queue() as u64, m.offset());
-        q.in_flight.insert(
+        self.queues[m.queue() as usize].in_flight.insert(
             m.offset(),
             InFlight {
                 message: m.clone(),
@@ -596,10 +639,21 @@ impl GroupActor {
 
     fn acked(&mut self, queue: u32, offset: u64, ctx: &mut Context<Self>) {
         let q = &mut self.queues[queue as usize];
-        if q.in_flight.remove(&offset).is_some() {
+        let done = q.in_flight.remove(&offset);
+        if done.is_some() {
             self.in_flight -= 1;
         }
         q.ack(offset);
+        if let (true, Some(f)) = (self.fifo, done) {
+            // The next message of its group, if one waits.
+            let key = fifo_key(&f.message);
+            match self.fifo_busy.get_mut(&key).and_then(VecDeque::pop_front) {
+                Some(next) => self.deliver_first(next),
+                None => {
+                    self.fifo_busy.remove(&key);
+                }
+            }
+        }
         self.schedule_offsets(ctx);
     }
 
@@ -841,6 +895,11 @@ impl Handler<Settle> for GroupActor {
                         if let Some(f) = self.queues[queue as usize].in_flight.get_mut(&offset) {
                             f.first_failed_ms.get_or_insert_with(now_ms);
                         }
+                        if self.fifo {
+                            // Retried in place: its group waits, the others go on.
+                            ctx.run_later(delay, move |act, _| act.redeliver(queue, offset));
+                            continue;
+                        }
                     }
                     self.schedule_retry(held, delay, error, ctx);
                 }
@@ -868,6 +927,10 @@ impl Handler<ResetPositions> for GroupActor {
             q.next = target;
             q.acked_above.clear();
             q.dirty = true;
+        }
+        // Messages waiting their turn are read again from the new position.
+        for waiting in self.fifo_busy.values_mut() {
+            waiting.clear();
         }
         let positions = self.positions();
         self.pump(ctx);
