@@ -62,7 +62,7 @@ mod bus;
 pub mod prelude;
 mod subscribe;
 
-pub use bus::{Bus, BusBuilder};
+pub use bus::{Bus, BusBuilder, Transaction};
 pub use subscribe::{SubscribeBuilder, Subscription};
 pub use weirmq_actors::{Delivery, HandlerError};
 pub use weirmq_bus::{
@@ -72,9 +72,14 @@ pub use weirmq_bus::{
 };
 pub use weirmq_bus::{DeadLetter, Resend, ResendOutcome, ResendReport, ResetTo, DLQ_PROPERTIES};
 pub use weirmq_bus::{
-    MessageTrace, Ordering, Retention, RetentionReport, TraceEvent, TraceKind, SCHEDULE_TOPIC,
+    HalfMessage, MessageTrace, Ordering, Retention, RetentionReport, TraceEvent, TraceKind,
+    TransactionChecker, TransactionConfig, TransactionOutcome, HALF_TOPIC, SCHEDULE_TOPIC,
 };
 pub use weirmq_persistence::{SyncEvent, SyncHook};
+
+/// The attribute for implementing [`TransactionChecker`] (an async trait):
+/// `#[weirmq::async_trait] impl TransactionChecker for MyChecker { ... }`.
+pub use async_trait::async_trait;
 
 /// The README's Rust examples, compiled as doc tests.
 #[cfg(doctest)]

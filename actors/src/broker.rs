@@ -41,10 +41,11 @@ use tokio::sync::{mpsc, oneshot, Semaphore, SemaphorePermit, TryAcquireError};
 use tracing::{debug, info};
 use weirmq_bus::{
     validate_group_name, validate_topic_name, Broker, BrokerSubscription, Capabilities, DeadLetter,
-    Durability, Error, GroupStats, Limits, Message as BusMessage, MessageId, MessageTrace,
-    OutgoingMessage, QueuePosition, Resend, ResendOutcome, ResendReport, ResetTo, RetentionReport,
-    SendReceipt, SettleToken, Settlement, Settler, StartFrom, StorageError, SubscriptionSpec,
-    TopicConfig, TraceEvent, TraceKind, SCHEDULE_TOPIC, SYSTEM_TOPIC_PREFIX,
+    Durability, Error, GroupStats, HalfMessage, Limits, Message as BusMessage, MessageId,
+    MessageTrace, OutgoingMessage, QueuePosition, Resend, ResendOutcome, ResendReport, ResetTo,
+    RetentionReport, SendReceipt, SettleToken, Settlement, Settler, StartFrom, StorageError,
+    SubscriptionSpec, TopicConfig, TraceEvent, TraceKind, TransactionChecker, TransactionConfig,
+    TransactionOutcome, HALF_TOPIC, SCHEDULE_TOPIC, SYSTEM_TOPIC_PREFIX,
 };
 use weirmq_persistence::{
     next_seq, CommitOffsets, ConfigureTopic, CreateTopic, OffsetState, PersistenceActor,
@@ -55,11 +56,11 @@ use weirmq_persistence::{
 use group::{
     AddRetries, DeadLetterSink, GroupActor, GroupSetup, Inspect, ResetPositions, Settle, StopGroup,
 };
-use scheduler::{MoveSink, Scheduler, StopScheduler};
+use scheduler::{Checkers, EndTransaction, MoveSink, Scheduler, StopScheduler};
 use topic::{Collector, Listen, PublishPart, QueueActor, TopicActor, TopicPublish, Unlisten};
 
 /// How to open the embedded broker.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EmbeddedConfig {
     /// Where and how the store opens.
     pub store: StoreConfig,
@@ -67,6 +68,23 @@ pub struct EmbeddedConfig {
     pub limits: Limits,
     /// The most published messages waiting for their commit at once.
     pub max_pending_messages: usize,
+    /// Transaction checkers (topic, checker, config), registered before the
+    /// scheduler looks at half messages left from a previous run.
+    pub checkers: Vec<(String, Arc<dyn TransactionChecker>, TransactionConfig)>,
+}
+
+impl std::fmt::Debug for EmbeddedConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedConfig")
+            .field("store", &self.store)
+            .field("limits", &self.limits)
+            .field("max_pending_messages", &self.max_pending_messages)
+            .field(
+                "checkers",
+                &self.checkers.iter().map(|c| &c.0).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
 }
 
 impl Default for EmbeddedConfig {
@@ -75,6 +93,7 @@ impl Default for EmbeddedConfig {
             store: StoreConfig::default(),
             limits: Limits::default(),
             max_pending_messages: 65_536,
+            checkers: Vec::new(),
         }
     }
 }
@@ -151,6 +170,7 @@ struct Inner {
     max_pending: usize,
     next_listen_id: AtomicU64,
     scheduler: Mutex<Option<Addr<Scheduler>>>,
+    checkers: Checkers,
 }
 
 /// The embedded broker. Cheap to clone; every clone is the same broker.
@@ -276,12 +296,20 @@ impl EmbeddedBroker {
                 max_pending,
                 next_listen_id: AtomicU64::new(0),
                 scheduler: Mutex::new(None),
+                checkers: Arc::new(
+                    config
+                        .checkers
+                        .into_iter()
+                        .map(|(t, c, cfg)| (t, (c, cfg)))
+                        .collect(),
+                ),
             }),
         };
         let sink = broker.move_sink();
         let p = broker.inner.persistence.clone();
+        let checkers = broker.inner.checkers.clone();
         let scheduler = Scheduler::start_in_arbiter(&broker.inner.broker_arbiter, move |_| {
-            Scheduler::new(sched_reader, p, sink)
+            Scheduler::new(sched_reader, p, sink, checkers)
         });
         broker
             .inner
@@ -306,13 +334,14 @@ impl EmbeddedBroker {
                 let _room = me.admit(messages.len(), true).await?;
                 // Buffered: the entry is removed in a later commit, so a
                 // crash loses the copy only together with the removal.
-                me.publish_stamped(
-                    &h,
-                    messages.into_iter().enumerate().collect(),
-                    Durability::Buffered,
-                )
-                .await?;
-                Ok(())
+                let r = me
+                    .publish_stamped(
+                        &h,
+                        messages.into_iter().enumerate().collect(),
+                        Durability::Buffered,
+                    )
+                    .await?;
+                Ok(r.into_iter().map(|(_, r)| r).collect())
             }
             .boxed()
         })
@@ -826,6 +855,7 @@ impl EmbeddedBroker {
             remove: Vec::new(),
             resent: marks,
             unschedule: Vec::new(),
+            reschedule: Vec::new(),
             done: Box::new(move |r| {
                 let _ = tx.send(r);
             }),
@@ -1183,6 +1213,86 @@ impl Broker for EmbeddedBroker {
 
     async fn purge_dead_letters(&self, group: &str) -> Result<u64, Error> {
         self.purge_dead_letters_impl(group).await
+    }
+
+    async fn publish_half(
+        &self,
+        mut message: OutgoingMessage,
+        durability: Durability,
+    ) -> Result<HalfMessage, Error> {
+        self.check_open()?;
+        self.inner.limits.check(&message)?;
+        if message.deliver_at.is_some() {
+            return Err(Error::Unsupported {
+                feature: "a delayed transactional message (delay it after the commit instead)"
+                    .into(),
+            });
+        }
+        let dest = self.existing_or_default(&message.topic, false).await?;
+        let config = self
+            .inner
+            .checkers
+            .get(&message.topic)
+            .map(|c| c.1)
+            .unwrap_or_default();
+        // Its "delivery" time is its first check.
+        message.deliver_at = Some(std::time::SystemTime::now() + config.check_immunity);
+        let half = self.existing_or_default(HALF_TOPIC, true).await?;
+        let _room = self.admit(1, true).await?;
+        let m = BusMessage::prepare(message, half.name.clone())
+            .with_destination(dest.name.to_string())
+            .as_half();
+        let check_at_ms = m
+            .deliver_at()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut r = self
+            .publish_stamped(&half, vec![(0, m)], durability)
+            .await?;
+        let (_, receipt) = r.pop().ok_or(Error::Closed)?;
+        Ok(HalfMessage {
+            message_id: receipt.message_id,
+            topic: dest.name.to_string(),
+            offset: receipt.offset,
+            check_at_ms,
+        })
+    }
+
+    async fn end_transaction(
+        &self,
+        half: &HalfMessage,
+        outcome: TransactionOutcome,
+    ) -> Result<Option<SendReceipt>, Error> {
+        self.check_open()?;
+        let half_topic = self.known_topic(HALF_TOPIC)?;
+        let scheduler = self
+            .inner
+            .scheduler
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(Error::Closed)?;
+        scheduler
+            .send(EndTransaction {
+                half: half.clone(),
+                half_topic_id: half_topic.id,
+                outcome,
+            })
+            .await
+            .map_err(|_| Error::Closed)?
+    }
+
+    fn register_checker(
+        &self,
+        topic: &str,
+        checker: Arc<dyn TransactionChecker>,
+        config: TransactionConfig,
+    ) -> Result<(), Error> {
+        validate_topic_name(topic)?;
+        self.inner
+            .checkers
+            .insert(topic.to_string(), (checker, config));
+        Ok(())
     }
 
     async fn query_id(&self, id: MessageId) -> Result<Option<Arc<BusMessage>>, Error> {

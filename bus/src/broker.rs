@@ -36,6 +36,7 @@ use crate::filter::Filter;
 use crate::message::{Durability, Message, MessageId, OutgoingMessage, SendReceipt};
 use crate::topic::TopicConfig;
 use crate::trace::{MessageTrace, RetentionReport};
+use crate::transaction::{HalfMessage, TransactionChecker, TransactionConfig, TransactionOutcome};
 
 /// What a backend does natively.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -408,6 +409,47 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     ///
     /// A storage error, or [`Error::Unsupported`].
     async fn enforce_retention(&self) -> Result<RetentionReport, Error>;
+
+    /// Stores a half message for `message.topic`: durable, invisible to
+    /// consumers until [`Broker::end_transaction`] commits it (or the
+    /// topic's checker does). Its first check comes after the check
+    /// immunity of the checker registered for the topic (default 6 s).
+    ///
+    /// # Errors
+    ///
+    /// As [`Broker::publish`]; a delayed transactional message is
+    /// [`Error::Unsupported`].
+    async fn publish_half(
+        &self,
+        message: OutgoingMessage,
+        durability: Durability,
+    ) -> Result<HalfMessage, Error>;
+
+    /// Ends a transaction: `Commit` stores the message in its topic (same
+    /// id; the receipt is returned), `Rollback` discards it, `Unknown`
+    /// leaves it to the checker. Ending an already resolved transaction
+    /// does nothing and returns `None`.
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    async fn end_transaction(
+        &self,
+        half: &HalfMessage,
+        outcome: TransactionOutcome,
+    ) -> Result<Option<SendReceipt>, Error>;
+
+    /// Registers the checker of `topic`'s half messages (replacing any).
+    ///
+    /// # Errors
+    ///
+    /// An invalid topic name, or [`Error::Unsupported`].
+    fn register_checker(
+        &self,
+        topic: &str,
+        checker: Arc<dyn TransactionChecker>,
+        config: TransactionConfig,
+    ) -> Result<(), Error>;
 
     /// Stops every subscription, persists offsets, syncs and closes the store.
     ///

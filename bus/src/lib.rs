@@ -27,6 +27,7 @@ mod retry;
 mod sql;
 mod topic;
 mod trace;
+mod transaction;
 
 pub use broker::{
     Broker, BrokerSubscription, Capabilities, DeliveryBatch, GroupStats, Ordering, QueuePosition,
@@ -41,7 +42,8 @@ pub use error::{CodecError, Error, NameKind, PublishError, StorageError, TryPubl
 pub use event::{Codec, Event, Json};
 pub use filter::Filter;
 pub use message::{
-    Durability, Message, MessageId, OutgoingMessage, Publish, SendReceipt, SCHEDULE_TOPIC,
+    Durability, Message, MessageId, OutgoingMessage, Publish, SendReceipt, HALF_TOPIC,
+    SCHEDULE_TOPIC,
 };
 pub use retry::{Backoff, RetryPolicy};
 pub use sql::SqlExpr;
@@ -50,3 +52,4 @@ pub use topic::{
     MAX_GROUP_NAME_LEN, MAX_QUEUES, MAX_TOPIC_NAME_LEN, SYSTEM_TOPIC_PREFIX,
 };
 pub use trace::{MessageTrace, RetentionReport, TraceEvent, TraceKind};
+pub use transaction::{HalfMessage, TransactionChecker, TransactionConfig, TransactionOutcome};

@@ -292,6 +292,8 @@ pub struct SendReceipt {
 
 /// The system topic holding delayed messages until they fall due.
 pub const SCHEDULE_TOPIC: &str = "%SCHEDULE%";
+/// The system topic holding transactions' half messages.
+pub const HALF_TOPIC: &str = "%HALF%";
 
 /// A stored message: what consumers receive.
 #[derive(Clone, PartialEq, Eq)]
@@ -307,6 +309,7 @@ pub struct Message {
     message_group: Option<String>,
     deliver_at_ms: Option<u64>,
     destination: Option<String>,
+    half: bool,
     body: Vec<u8>,
 }
 
@@ -323,6 +326,7 @@ impl fmt::Debug for Message {
             .field("message_group", &self.message_group)
             .field("deliver_at_ms", &self.deliver_at_ms)
             .field("destination", &self.destination)
+            .field("half", &self.half)
             .field("body_len", &self.body.len())
             .finish()
     }
@@ -354,8 +358,22 @@ impl Message {
                     .map_or(0, |d| d.as_micros().div_ceil(1000) as u64)
             }),
             destination: None,
+            half: false,
             body: out.body,
         }
+    }
+
+    /// Marks a staged message as a transaction's *half message*: stored,
+    /// invisible to consumers until its transaction commits; `deliver_at`
+    /// is then when it is first checked.
+    pub fn as_half(mut self) -> Message {
+        self.half = true;
+        self
+    }
+
+    /// Whether this is a transaction's half message.
+    pub fn is_half(&self) -> bool {
+        self.half
     }
 
     /// Marks a message stored in a system staging topic (a delayed message
@@ -373,6 +391,9 @@ impl Message {
             queue: 0,
             offset: 0,
             destination: None,
+            half: false,
+            // A half message's time was its check time, not a delivery time.
+            deliver_at_ms: if self.half { None } else { self.deliver_at_ms },
             ..self.clone()
         }
     }
@@ -460,7 +481,8 @@ impl Message {
         out.reserve(self.size_hint());
         let v2 = self.message_group.is_some()
             || self.deliver_at_ms.is_some()
-            || self.destination.is_some();
+            || self.destination.is_some()
+            || self.half;
         out.push(if v2 { ENVELOPE_V2 } else { ENVELOPE_V1 });
         out.extend_from_slice(&self.id.0.to_be_bytes());
         out.extend_from_slice(&self.born_at_ms.to_be_bytes());
@@ -486,6 +508,7 @@ impl Message {
                 }
             }
             out.extend_from_slice(&self.deliver_at_ms.unwrap_or(0).to_be_bytes());
+            out.push(self.half as u8);
         }
     }
 
@@ -527,10 +550,12 @@ impl Message {
         }
         let body = r.bytes()?.to_vec();
         let (mut message_group, mut destination, mut deliver_at_ms) = (None, None, None);
+        let mut half = false;
         if version == ENVELOPE_V2 {
             message_group = r.opt_string()?;
             destination = r.opt_string()?;
             deliver_at_ms = Some(u64::from_be_bytes(r.array::<8>()?)).filter(|ms| *ms > 0);
+            half = r.u8()? == 1;
         }
         Ok((
             Message {
@@ -545,6 +570,7 @@ impl Message {
                 message_group,
                 deliver_at_ms,
                 destination,
+                half,
                 body,
             },
             r.pos,

@@ -36,7 +36,7 @@ use weirmq_bus::{
     Durability, Message as BusMessage, RetentionReport, StorageError, TraceEvent, TraceKind,
 };
 
-use crate::delay::{next_seq, resent_key, resent_prefix, RetryEntry, RetryKey, ScheduleEntry};
+use crate::delay::{resent_key, resent_prefix, RetryEntry, RetryKey, ScheduleEntry};
 use crate::store::{
     offsets_batch, OffsetState, QueueKey, RecordBuilder, Store, TopicSettings, TraceRecord,
 };
@@ -98,8 +98,12 @@ pub struct UpdateRetries {
     pub remove: Vec<RetryKey>,
     /// Dead letters (group, DLQ offset) to mark as resent.
     pub resent: Vec<(String, u64)>,
-    /// Delayed messages moved to their topic: their entries go.
+    /// Delayed messages moved to their topic, and transactions ended: their
+    /// entries go.
     pub unschedule: Vec<ScheduleEntry>,
+    /// Half messages checked again later: their new entries (written after
+    /// the removals).
+    pub reschedule: Vec<ScheduleEntry>,
     /// Called once, after the commit, with its outcome.
     pub done: AppendDone,
 }
@@ -404,10 +408,11 @@ impl PersistenceActor {
                                 due_ms: at
                                     .duration_since(std::time::UNIX_EPOCH)
                                     .map_or(0, |d| d.as_micros().div_ceil(1000) as u64),
-                                seq: next_seq(),
+                                seq: ScheduleEntry::seq_of(a.key.topic_id, m.offset()),
                                 topic_id: a.key.topic_id,
                                 queue: a.key.queue,
                                 offset: m.offset(),
+                                checks: m.is_half().then_some(0),
                             });
                         }
                         if a.trace {
@@ -428,11 +433,14 @@ impl PersistenceActor {
                 let delay = (!retries.is_empty() || !scheduled.is_empty()).then(|| {
                     let mut b = sled::Batch::default();
                     for e in &scheduled {
-                        b.insert(&e.key()[..], &e.value()[..]);
+                        b.insert(&e.key()[..], e.value());
                     }
                     for u in &retries {
                         for e in &u.unschedule {
                             b.remove(&e.key()[..]);
+                        }
+                        for e in &u.reschedule {
+                            b.insert(&e.key()[..], e.value());
                         }
                         for k in &u.remove {
                             b.remove(k.encode());

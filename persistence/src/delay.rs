@@ -25,22 +25,34 @@ const RETRY: u8 = b'r';
 const RESENT: u8 = b'x';
 const SCHEDULED: u8 = b'd';
 
-/// A delayed message waiting for its time.
+/// A staged message waiting for its time: a delayed message (due: deliver
+/// it), or a transaction's half message (due: check it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ScheduleEntry {
     /// When it is due (Unix milliseconds).
     pub due_ms: u64,
-    /// Makes entries unique.
+    /// Makes entries unique: [`ScheduleEntry::seq_of`] its place.
     pub seq: u64,
-    /// Where the message is stored (the schedule topic's id).
+    /// Where the message is stored (a staging topic's id).
     pub topic_id: u32,
     /// Its queue.
     pub queue: u32,
     /// Its offset.
     pub offset: u64,
+    /// For a half message, the checks made so far; `None` for a delayed
+    /// message.
+    pub checks: Option<u32>,
 }
 
 impl ScheduleEntry {
+    /// The sequence number of the entry of the message at `offset` of a
+    /// staging topic (one queue): unique, and known to whoever knows where
+    /// the message is, so a transaction can be ended by its half message's
+    /// place.
+    pub fn seq_of(topic_id: u32, offset: u64) -> u64 {
+        ((topic_id as u64) << 40) | (offset & ((1 << 40) - 1))
+    }
+
     pub(crate) fn key(&self) -> [u8; 17] {
         let mut k = [0u8; 17];
         k[0] = SCHEDULED;
@@ -49,17 +61,22 @@ impl ScheduleEntry {
         k
     }
 
-    pub(crate) fn value(&self) -> [u8; 16] {
-        let mut v = [0u8; 16];
-        v[..4].copy_from_slice(&self.topic_id.to_be_bytes());
-        v[4..8].copy_from_slice(&self.queue.to_be_bytes());
-        v[8..].copy_from_slice(&self.offset.to_be_bytes());
+    /// topic id u32 · queue u32 · offset u64, and for a half message
+    /// checks u32.
+    pub(crate) fn value(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(20);
+        v.extend_from_slice(&self.topic_id.to_be_bytes());
+        v.extend_from_slice(&self.queue.to_be_bytes());
+        v.extend_from_slice(&self.offset.to_be_bytes());
+        if let Some(c) = self.checks {
+            v.extend_from_slice(&c.to_be_bytes());
+        }
         v
     }
 
     fn decode(k: &[u8], v: &[u8]) -> Result<ScheduleEntry, StorageError> {
         let bad = || StorageError::msg("a schedule entry in the delay index is corrupt");
-        if k.len() != 17 || v.len() != 16 {
+        if k.len() != 17 || (v.len() != 16 && v.len() != 20) {
             return Err(bad());
         }
         let u64_at =
@@ -72,8 +89,29 @@ impl ScheduleEntry {
             topic_id: u32_at(v, 0),
             queue: u32_at(v, 4),
             offset: u64_at(v, 8),
+            checks: (v.len() == 20).then(|| u32_at(v, 16)),
         })
     }
+}
+
+/// The stored entry with `probe`'s seq: at `probe`'s key, or anywhere (it
+/// was moved to a later check); `None` if there is none.
+pub(crate) fn find_schedule(
+    tree: &sled::Tree,
+    probe: &ScheduleEntry,
+) -> Result<Option<ScheduleEntry>, StorageError> {
+    let read = |e| StorageError::new("reading the delay index", e);
+    let key = probe.key();
+    if let Some(v) = tree.get(key).map_err(read)? {
+        return ScheduleEntry::decode(&key, &v).map(Some);
+    }
+    for item in tree.scan_prefix([SCHEDULED]) {
+        let (k, v) = item.map_err(read)?;
+        if k.get(9..17) == Some(&probe.seq.to_be_bytes()[..]) {
+            return ScheduleEntry::decode(&k, &v).map(Some);
+        }
+    }
+    Ok(None)
 }
 
 /// Up to `limit` schedule entries in due order, after `after` (exclusive).

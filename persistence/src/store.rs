@@ -1437,6 +1437,19 @@ impl StoreReader {
         crate::delay::load_schedule(&self.delay, after, limit)
     }
 
+    /// The stored schedule entry with `probe`'s seq (at its key, or moved
+    /// to a later time), if any.
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    pub fn schedule_entry(
+        &self,
+        probe: &crate::ScheduleEntry,
+    ) -> Result<Option<crate::ScheduleEntry>, StorageError> {
+        crate::delay::find_schedule(&self.delay, probe)
+    }
+
     /// The retry entries of `group` on topic `topic_id`, in due order.
     ///
     /// # Errors

@@ -40,6 +40,11 @@ impl<T: 'static> DueQueue<T> {
         self.entries.insert((due_ms, seq), entry);
     }
 
+    /// Takes out the entry at (due ms, seq), if there.
+    pub(crate) fn remove(&mut self, due_ms: u64, seq: u64) -> Option<T> {
+        self.entries.remove(&(due_ms, seq))
+    }
+
     /// The earliest entry if it is due at `now`.
     pub(crate) fn pop_due(&mut self, now: u64) -> Option<T> {
         let (&key, _) = self.entries.first_key_value()?;

@@ -458,6 +458,7 @@ impl GroupActor {
             remove,
             resent: Vec::new(),
             unschedule: Vec::new(),
+            reschedule: Vec::new(),
             done: Box::new(move |r: Result<(), weirmq_bus::StorageError>| {
                 if let Err(e) = &r {
                     warn!(error = %e, "writing the delay index failed");

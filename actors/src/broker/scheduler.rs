@@ -15,28 +15,42 @@
 //! zero times. Entries that fell due while the process was down fire right
 //! after start, in due order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
+use dashmap::DashMap;
 use futures::future::BoxFuture;
-use tracing::{debug, error, warn};
-use weirmq_bus::{Error, Message as BusMessage, SCHEDULE_TOPIC};
+use tracing::{debug, error, info, warn};
+use weirmq_bus::{
+    Error, HalfMessage, Message as BusMessage, SendReceipt, StorageError, TransactionChecker,
+    TransactionConfig, TransactionOutcome, HALF_TOPIC, SCHEDULE_TOPIC,
+};
 use weirmq_persistence::{
     PersistenceActor, QueueKey, ScheduleEntry, Scheduled, StoreReader, UpdateRetries,
 };
 
 use super::due::{now_ms, DueQueue};
 
-/// Stores copies of due messages in their topic (named first).
-pub(crate) type MoveSink =
-    Arc<dyn Fn(String, Vec<BusMessage>) -> BoxFuture<'static, Result<(), Error>> + Send + Sync>;
+/// Stores copies of due messages in their topic (named first); returns
+/// their receipts.
+pub(crate) type MoveSink = Arc<
+    dyn Fn(String, Vec<BusMessage>) -> BoxFuture<'static, Result<Vec<SendReceipt>, Error>>
+        + Send
+        + Sync,
+>;
+
+/// The transaction checkers, by topic.
+pub(crate) type Checkers = Arc<DashMap<String, (Arc<dyn TransactionChecker>, TransactionConfig)>>;
 
 /// Entries kept in memory at most; the rest wait in the store.
 const WINDOW: usize = 4096;
 /// Due messages moved per wake-up (then the mailbox gets a turn).
 const BATCH: usize = 1024;
+/// A half message due a check whose topic has no checker is looked at
+/// again after this long (not counted as a check).
+const NO_CHECKER_RETRY: Duration = Duration::from_secs(1);
 /// A failed move is tried again after this long.
 const RETRY_MOVE: Duration = Duration::from_secs(1);
 
@@ -44,8 +58,18 @@ pub(crate) struct Scheduler {
     reader: StoreReader,
     persistence: Addr<PersistenceActor>,
     sink: MoveSink,
-    topic: Arc<str>,
+    checkers: Checkers,
+    schedule_topic: Arc<str>,
+    half_topic: Arc<str>,
     due: DueQueue<ScheduleEntry>,
+    /// Half messages this scheduler knows the current entry of (loaded, or
+    /// rescheduled after a check), by seq.
+    halves: HashMap<u64, ScheduleEntry>,
+    /// Half messages with a check in flight.
+    checking: HashSet<u64>,
+    /// Half messages ended while their check was in flight: the check's
+    /// answer is ignored.
+    ended: HashSet<u64>,
     /// The last entry loaded from the store, when some later ones were
     /// left there; `None` when every stored entry is in memory.
     loaded_to: Option<ScheduleEntry>,
@@ -66,13 +90,19 @@ impl Scheduler {
         reader: StoreReader,
         persistence: Addr<PersistenceActor>,
         sink: MoveSink,
+        checkers: Checkers,
     ) -> Self {
         Scheduler {
             reader,
             persistence,
             sink,
-            topic: Arc::from(SCHEDULE_TOPIC),
+            checkers,
+            schedule_topic: Arc::from(SCHEDULE_TOPIC),
+            half_topic: Arc::from(HALF_TOPIC),
             due: DueQueue::default(),
+            halves: HashMap::new(),
+            checking: HashSet::new(),
+            ended: HashSet::new(),
             loaded_to: None,
             load_failed: false,
         }
@@ -86,7 +116,7 @@ impl Scheduler {
                     .then(|| entries.last().copied())
                     .flatten();
                 for e in entries {
-                    self.due.insert(e.due_ms, e.seq, e);
+                    self.add(e);
                 }
                 self.load_failed = false;
             }
@@ -95,6 +125,156 @@ impl Scheduler {
                 self.load_failed = true;
             }
         }
+    }
+
+    fn add(&mut self, e: ScheduleEntry) {
+        if e.checks.is_some() {
+            self.halves.insert(e.seq, e);
+        }
+        self.due.insert(e.due_ms, e.seq, e);
+    }
+
+    /// Reads the staged message of an entry.
+    fn read(&self, entry: &ScheduleEntry) -> Result<Option<Arc<BusMessage>>, StorageError> {
+        let key = QueueKey {
+            topic_id: entry.topic_id,
+            queue: entry.queue,
+        };
+        let name = if entry.checks.is_some() {
+            &self.half_topic
+        } else {
+            &self.schedule_topic
+        };
+        Ok(self
+            .reader
+            .read_range(name, key, entry.offset, entry.offset + 1, 1)?
+            .pop())
+    }
+
+    /// Asks the topic's checker about a half message whose check is due.
+    fn check(&mut self, entry: ScheduleEntry, m: Arc<BusMessage>, ctx: &mut Context<Self>) {
+        let dest = m.destination().unwrap_or_default().to_string();
+        let Some((checker, config)) = self.checkers.get(&dest).map(|c| c.clone()) else {
+            warn!(topic = %dest, msg_id = %m.id(),
+                "a half message is due a check but its topic has no checker registered; \
+                 asking again in 1 s (register one with BusBuilder::transaction_checker)");
+            self.reschedule(entry, entry.checks.unwrap_or(0), NO_CHECKER_RETRY);
+            return;
+        };
+        self.checking.insert(entry.seq);
+        let fut = async move { checker.check(&m).await };
+        ctx.spawn(fut.into_actor(self).map(move |outcome, act, ctx| {
+            act.checking.remove(&entry.seq);
+            if act.ended.remove(&entry.seq) {
+                return; // ended by the producer meanwhile
+            }
+            let checks = entry.checks.unwrap_or(0) + 1;
+            match outcome {
+                TransactionOutcome::Commit => {
+                    info!(topic = %dest, offset = entry.offset, checks, "transaction committed by its checker");
+                    act.commit(entry, ctx, None);
+                }
+                TransactionOutcome::Rollback => {
+                    info!(topic = %dest, offset = entry.offset, checks, "transaction rolled back by its checker");
+                    act.halves.remove(&entry.seq);
+                    act.unschedule(vec![entry]);
+                }
+                TransactionOutcome::Unknown if checks >= config.max_checks => {
+                    warn!(topic = %dest, offset = entry.offset, checks,
+                        "transaction still unknown after the last check: rolled back");
+                    act.halves.remove(&entry.seq);
+                    act.unschedule(vec![entry]);
+                }
+                TransactionOutcome::Unknown => {
+                    act.reschedule(entry, checks, config.check_interval);
+                    act.due
+                        .arm(ctx, false, |a: &mut Self| &mut a.due, |a, ctx| a.pump(ctx));
+                }
+            }
+        }));
+    }
+
+    /// Moves the entry of a half message to a later check.
+    fn reschedule(&mut self, entry: ScheduleEntry, checks: u32, after: Duration) {
+        let next = ScheduleEntry {
+            due_ms: now_ms() + after.as_millis() as u64,
+            checks: Some(checks),
+            ..entry
+        };
+        self.persistence.do_send(UpdateRetries {
+            put: Vec::new(),
+            remove: Vec::new(),
+            resent: Vec::new(),
+            unschedule: vec![entry],
+            reschedule: vec![next],
+            done: Box::new(|r| {
+                if let Err(e) = r {
+                    warn!(error = %e, "rescheduling a transaction check failed");
+                }
+            }),
+        });
+        self.add(next);
+    }
+
+    /// Copies a half message to its topic, then removes its entry; answers
+    /// `reply` with the receipt.
+    fn commit(
+        &mut self,
+        entry: ScheduleEntry,
+        ctx: &mut Context<Self>,
+        reply: Option<tokio::sync::oneshot::Sender<Result<Option<SendReceipt>, Error>>>,
+    ) {
+        self.halves.remove(&entry.seq);
+        let m = match self.read(&entry) {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                error!(
+                    offset = entry.offset,
+                    "a half message is no longer stored; dropping its entry"
+                );
+                self.unschedule(vec![entry]);
+                if let Some(r) = reply {
+                    let _ = r.send(Ok(None));
+                }
+                return;
+            }
+            Err(e) => {
+                if let Some(r) = reply {
+                    let _ = r.send(Err(Error::Storage(e)));
+                }
+                return;
+            }
+        };
+        let dest = m.destination().unwrap_or_default().to_string();
+        let copy = m.for_destination(Arc::from(dest.as_str()));
+        let fut = (self.sink)(dest, vec![copy]);
+        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| match res {
+            Ok(mut receipts) => {
+                act.unschedule(vec![entry]);
+                if let Some(r) = reply {
+                    let _ = r.send(Ok(receipts.pop()));
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "committing a transaction's message failed");
+                match reply {
+                    // The producer hears of it; the checker will ask later.
+                    Some(r) => {
+                        let _ = r.send(Err(e));
+                        act.add(entry);
+                    }
+                    None => {
+                        let again = ScheduleEntry {
+                            due_ms: now_ms() + RETRY_MOVE.as_millis() as u64,
+                            ..entry
+                        };
+                        act.due.insert(again.due_ms, again.seq, entry);
+                        act.due
+                            .arm(ctx, false, |a: &mut Self| &mut a.due, |a, ctx| a.pump(ctx));
+                    }
+                }
+            }
+        }));
     }
 
     fn pump(&mut self, ctx: &mut Context<Self>) {
@@ -110,16 +290,9 @@ impl Scheduler {
                 break;
             };
             n += 1;
-            let key = QueueKey {
-                topic_id: entry.topic_id,
-                queue: entry.queue,
-            };
-            match self
-                .reader
-                .read_range(&self.topic, key, entry.offset, entry.offset + 1, 1)
-            {
-                Ok(mut found) if found.len() == 1 => {
-                    let m = found.remove(0);
+            match self.read(&entry) {
+                Ok(Some(m)) if entry.checks.is_some() => self.check(entry, m, ctx),
+                Ok(Some(m)) => {
                     let Some(dest) = m.destination() else {
                         error!(
                             offset = entry.offset,
@@ -132,11 +305,12 @@ impl Scheduler {
                     slot.0.push(m.for_destination(Arc::from(dest)));
                     slot.1.push(entry);
                 }
-                Ok(_) => {
+                Ok(None) => {
                     error!(
                         offset = entry.offset,
-                        "a delayed message is no longer stored (purged?); dropping its entry"
+                        "a staged message is no longer stored (purged?); dropping its entry"
                     );
+                    self.halves.remove(&entry.seq);
                     self.unschedule(vec![entry]);
                 }
                 Err(e) => {
@@ -149,7 +323,7 @@ impl Scheduler {
             debug!(%topic, n = messages.len(), "delayed messages due");
             let fut = (self.sink)(topic.clone(), messages);
             ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| match res {
-                Ok(()) => act.unschedule(entries),
+                Ok(_) => act.unschedule(entries),
                 Err(e) => {
                     warn!(%topic, error = %e, "moving due delayed messages failed; trying again in 1 s");
                     let again = now_ms() + RETRY_MOVE.as_millis() as u64;
@@ -182,6 +356,7 @@ impl Scheduler {
             remove: Vec::new(),
             resent: Vec::new(),
             unschedule: entries,
+            reschedule: Vec::new(),
             done: Box::new(|r| {
                 if let Err(e) = r {
                     warn!(error = %e, "removing delayed-message entries failed (they will be delivered again after a restart)");
@@ -207,7 +382,7 @@ impl Handler<Scheduled> for Scheduler {
         for e in msg.0 {
             // Past the loaded window: it is in the store, read in its turn.
             if self.loaded_to.is_none_or(|last| e <= last) {
-                self.due.insert(e.due_ms, e.seq, e);
+                self.add(e);
             }
         }
         self.pump(ctx);
@@ -224,5 +399,66 @@ impl Handler<StopScheduler> for Scheduler {
 
     fn handle(&mut self, _: StopScheduler, ctx: &mut Context<Self>) {
         ctx.stop();
+    }
+}
+
+/// Ends a transaction (from its producer).
+#[derive(Message)]
+#[rtype(result = "Result<Option<SendReceipt>, Error>")]
+pub(crate) struct EndTransaction {
+    pub(crate) half: HalfMessage,
+    pub(crate) half_topic_id: u32,
+    pub(crate) outcome: TransactionOutcome,
+}
+
+impl Handler<EndTransaction> for Scheduler {
+    type Result = ResponseFuture<Result<Option<SendReceipt>, Error>>;
+
+    fn handle(&mut self, msg: EndTransaction, ctx: &mut Context<Self>) -> Self::Result {
+        let seq = ScheduleEntry::seq_of(msg.half_topic_id, msg.half.offset);
+        if msg.outcome == TransactionOutcome::Unknown {
+            return Box::pin(async { Ok(None) });
+        }
+        // The entry as it is now: known here, or still as first written.
+        let entry = match self.halves.get(&seq).copied() {
+            Some(e) => Some(e),
+            None => {
+                let first = ScheduleEntry {
+                    due_ms: msg.half.check_at_ms,
+                    seq,
+                    topic_id: msg.half_topic_id,
+                    queue: 0,
+                    offset: msg.half.offset,
+                    checks: Some(0),
+                };
+                match self.reader.schedule_entry(&first) {
+                    Ok(found) => found,
+                    Err(e) => return Box::pin(async move { Err(Error::Storage(e)) }),
+                }
+            }
+        };
+        let Some(entry) = entry else {
+            return Box::pin(async { Ok(None) }); // resolved already
+        };
+        self.due.remove(entry.due_ms, entry.seq);
+        self.halves.remove(&seq);
+        if self.checking.contains(&seq) {
+            self.ended.insert(seq);
+        }
+        match msg.outcome {
+            TransactionOutcome::Commit => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                self.commit(entry, ctx, Some(tx));
+                Box::pin(async move { rx.await.unwrap_or(Err(Error::Closed)) })
+            }
+            _ => {
+                debug!(
+                    offset = entry.offset,
+                    "transaction rolled back by its producer"
+                );
+                self.unschedule(vec![entry]);
+                Box::pin(async { Ok(None) })
+            }
+        }
     }
 }
