@@ -72,8 +72,9 @@ pub use weirmq_bus::{
 };
 pub use weirmq_bus::{DeadLetter, Resend, ResendOutcome, ResendReport, ResetTo, DLQ_PROPERTIES};
 pub use weirmq_bus::{
-    HalfMessage, MessageTrace, Ordering, Retention, RetentionReport, TraceEvent, TraceKind,
-    TransactionChecker, TransactionConfig, TransactionOutcome, HALF_TOPIC, SCHEDULE_TOPIC,
+    HalfMessage, MessageTrace, Ordering, Retention, RetentionReport, StateBatch, StateEntries,
+    StateOp, TraceEvent, TraceKind, TransactionChecker, TransactionConfig, TransactionOutcome,
+    HALF_TOPIC, SCHEDULE_TOPIC,
 };
 pub use weirmq_persistence::{SyncEvent, SyncHook};
 

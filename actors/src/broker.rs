@@ -600,6 +600,19 @@ impl EmbeddedBroker {
         messages: Vec<(usize, BusMessage)>,
         durability: Durability,
     ) -> Result<Vec<(usize, SendReceipt)>, Error> {
+        self.publish_stamped_with(h, messages, durability, Vec::new())
+            .await
+    }
+
+    /// As `publish_stamped`, with application state written atomically with
+    /// the messages (the local outbox).
+    async fn publish_stamped_with(
+        &self,
+        h: &Topic,
+        messages: Vec<(usize, BusMessage)>,
+        durability: Durability,
+        state: Vec<weirmq_bus::StateOp>,
+    ) -> Result<Vec<(usize, SendReceipt)>, Error> {
         let n = messages.len();
         let idx: Vec<usize> = messages.iter().map(|(i, _)| *i).collect();
         let stamped: Vec<(usize, BusMessage)> = messages
@@ -609,6 +622,7 @@ impl EmbeddedBroker {
             .collect();
         let (tx, rx) = oneshot::channel();
         let part = PublishPart {
+            state,
             messages: stamped,
             durability,
             collector: Collector::new(n, tx),
@@ -1293,6 +1307,40 @@ impl Broker for EmbeddedBroker {
             .checkers
             .insert(topic.to_string(), (checker, config));
         Ok(())
+    }
+
+    async fn publish_with_state(
+        &self,
+        message: OutgoingMessage,
+        durability: Durability,
+        state: weirmq_bus::StateBatch,
+    ) -> Result<SendReceipt, Error> {
+        self.check_open()?;
+        self.inner.limits.check(&message)?;
+        if message.deliver_at.is_some() {
+            return Err(Error::Unsupported {
+                feature: "a delayed message with application state".into(),
+            });
+        }
+        let h = self.existing_or_default(&message.topic, false).await?;
+        let _room = self.admit(1, true).await?;
+        let m = BusMessage::prepare(message, h.name.clone());
+        let mut r = self
+            .publish_stamped_with(&h, vec![(0, m)], durability, state.into_ops())
+            .await?;
+        r.pop().map(|(_, r)| r).ok_or(Error::Closed)
+    }
+
+    async fn state_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        let reader = self.reader()?;
+        let key = key.to_vec();
+        blocking(move || reader.state_get(&key)).await
+    }
+
+    async fn state_scan(&self, prefix: &[u8]) -> Result<weirmq_bus::StateEntries, Error> {
+        let reader = self.reader()?;
+        let prefix = prefix.to_vec();
+        blocking(move || reader.state_scan(&prefix)).await
     }
 
     async fn query_id(&self, id: MessageId) -> Result<Option<Arc<BusMessage>>, Error> {

@@ -36,7 +36,9 @@ use crate::filter::Filter;
 use crate::message::{Durability, Message, MessageId, OutgoingMessage, SendReceipt};
 use crate::topic::TopicConfig;
 use crate::trace::{MessageTrace, RetentionReport};
-use crate::transaction::{HalfMessage, TransactionChecker, TransactionConfig, TransactionOutcome};
+use crate::transaction::{
+    HalfMessage, StateBatch, TransactionChecker, TransactionConfig, TransactionOutcome,
+};
 
 /// What a backend does natively.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -450,6 +452,35 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
         checker: Arc<dyn TransactionChecker>,
         config: TransactionConfig,
     ) -> Result<(), Error>;
+
+    /// The local outbox: stores `message` and applies `state` to the
+    /// application's state in the same store, atomically (after a crash,
+    /// both or neither).
+    ///
+    /// # Errors
+    ///
+    /// As [`Broker::publish`]; [`Error::Unsupported`] on a backend that
+    /// keeps no application state.
+    async fn publish_with_state(
+        &self,
+        message: OutgoingMessage,
+        durability: Durability,
+        state: StateBatch,
+    ) -> Result<SendReceipt, Error>;
+
+    /// Reads one key of the application's state.
+    ///
+    /// # Errors
+    ///
+    /// A storage error, or [`Error::Unsupported`].
+    async fn state_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error>;
+
+    /// The application's state under `prefix`, in key order.
+    ///
+    /// # Errors
+    ///
+    /// A storage error, or [`Error::Unsupported`].
+    async fn state_scan(&self, prefix: &[u8]) -> Result<crate::transaction::StateEntries, Error>;
 
     /// Stops every subscription, persists offsets, syncs and closes the store.
     ///

@@ -52,4 +52,7 @@ pub use topic::{
     MAX_GROUP_NAME_LEN, MAX_QUEUES, MAX_TOPIC_NAME_LEN, SYSTEM_TOPIC_PREFIX,
 };
 pub use trace::{MessageTrace, RetentionReport, TraceEvent, TraceKind};
-pub use transaction::{HalfMessage, TransactionChecker, TransactionConfig, TransactionOutcome};
+pub use transaction::{
+    HalfMessage, StateBatch, StateEntries, StateOp, TransactionChecker, TransactionConfig,
+    TransactionOutcome,
+};

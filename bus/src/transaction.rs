@@ -75,3 +75,73 @@ pub struct HalfMessage {
     /// When it is first checked (Unix ms).
     pub check_at_ms: u64,
 }
+
+/// One write to the application's own state in the bus's store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateOp {
+    /// Sets `key` to `value`.
+    Put {
+        /// The key.
+        key: Vec<u8>,
+        /// The value.
+        value: Vec<u8>,
+    },
+    /// Removes `key`.
+    Delete {
+        /// The key.
+        key: Vec<u8>,
+    },
+}
+
+/// Writes to the application's state committed atomically with a message
+/// (the *local outbox*): after a crash at any point, both are stored or
+/// neither is.
+///
+/// # Examples
+///
+/// ```
+/// use weirmq_bus::StateBatch;
+/// let batch = StateBatch::new()
+///     .put("order/42", r#"{"state":"created"}"#)
+///     .delete("cart/7");
+/// assert_eq!(batch.ops().len(), 2);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StateBatch {
+    ops: Vec<StateOp>,
+}
+
+impl StateBatch {
+    /// No writes.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets `key` to `value`.
+    pub fn put(mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
+        self.ops.push(StateOp::Put {
+            key: key.into(),
+            value: value.into(),
+        });
+        self
+    }
+
+    /// Removes `key`.
+    pub fn delete(mut self, key: impl Into<Vec<u8>>) -> Self {
+        self.ops.push(StateOp::Delete { key: key.into() });
+        self
+    }
+
+    /// The writes, in order.
+    pub fn ops(&self) -> &[StateOp] {
+        &self.ops
+    }
+
+    /// Takes the writes out.
+    pub fn into_ops(self) -> Vec<StateOp> {
+        self.ops
+    }
+}
+
+/// Key-value pairs of the application's state, in key order.
+pub type StateEntries = Vec<(Vec<u8>, Vec<u8>)>;

@@ -54,6 +54,9 @@ pub struct Append {
     pub durability: Durability,
     /// Record a `Published` trace event for each message.
     pub trace: bool,
+    /// Writes to the application's state, committed atomically with these
+    /// messages (the local outbox); usually empty.
+    pub state: Vec<weirmq_bus::StateOp>,
     /// Called once, after the commit (and sync), with its outcome.
     pub done: AppendDone,
 }
@@ -399,9 +402,33 @@ impl PersistenceActor {
             (None, Some(store)) => {
                 let mut records = RecordBuilder::default();
                 let mut sync = false;
+                let mut nrecords = 0;
+                let mut early: Result<(), StorageError> = Ok(());
                 for a in &appends {
+                    if a.state.is_empty() {
+                        for m in &a.messages {
+                            records.push(a.key, m.offset(), m);
+                        }
+                    } else if early.is_ok() {
+                        // The local outbox: what came before it first, then
+                        // its messages and the application's writes in one
+                        // sled transaction (both or neither survive a crash).
+                        let before = std::mem::take(&mut records).finish();
+                        nrecords += before.closed.len();
+                        let index = store.index_records(before.closed);
+                        early = store.write(before.log, index, None, None, None);
+                        if early.is_ok() {
+                            let mut own = RecordBuilder::default();
+                            for m in &a.messages {
+                                own.push(a.key, m.offset(), m);
+                            }
+                            let own = own.finish();
+                            nrecords += own.closed.len();
+                            let index = store.index_records(own.closed);
+                            early = store.write_with_state(own.log, &a.state, index);
+                        }
+                    }
                     for m in &a.messages {
-                        records.push(a.key, m.offset(), m);
                         if let (Some(_), Some(at)) = (m.destination(), m.deliver_at()) {
                             scheduled.push(ScheduleEntry {
                                 // Rounded up: never delivered before its time.
@@ -426,7 +453,7 @@ impl PersistenceActor {
                     sync |= a.durability == Durability::Flushed;
                 }
                 let records = records.finish();
-                let nrecords = records.closed.len();
+                nrecords += records.closed.len();
                 let index = store.index_records(records.closed);
                 let trace_batch = (!traces.is_empty()).then(|| store.trace_batch(&traces));
                 let off = (!offsets.is_empty()).then(|| offsets_batch(&offsets));
@@ -454,8 +481,8 @@ impl PersistenceActor {
                     }
                     b
                 });
-                let r = store
-                    .write(records.log, index, trace_batch, delay, off)
+                let r = early
+                    .and_then(|()| store.write(records.log, index, trace_batch, delay, off))
                     .and_then(|()| {
                         if sync && self.durable {
                             store.sync()

@@ -289,6 +289,8 @@ pub struct Recovery {
 pub struct Store {
     db: sled::Db,
     log: sled::Tree,
+    /// The application's own state (the local outbox).
+    state: sled::Tree,
     index: sled::Tree,
     trace: sled::Tree,
     offsets: sled::Tree,
@@ -385,6 +387,7 @@ impl Store {
                 .map_err(|e| data_dir_err(&shown, format!("cannot open tree `{name}`: {e}")))
         };
         let log = tree("log")?;
+        let state = tree("app-state")?;
         let index = tree("index")?;
         let trace = tree("trace")?;
         let offsets = tree("offsets")?;
@@ -448,6 +451,7 @@ impl Store {
         let mut store = Store {
             db,
             log,
+            state,
             index,
             trace,
             offsets,
@@ -630,6 +634,7 @@ impl Store {
     pub fn reader(&self) -> StoreReader {
         StoreReader {
             log: self.log.clone(),
+            state: self.state.clone(),
             index: self.index.clone(),
             trace: self.trace.clone(),
             meta: self.meta.clone(),
@@ -846,6 +851,44 @@ impl Store {
             self.offsets
                 .apply_batch(o)
                 .map_err(storage("writing consumer offsets"))?;
+        }
+        Ok(())
+    }
+
+    /// Writes a commit's log records together with the application's state
+    /// writes in one sled transaction; then their index summaries.
+    pub(crate) fn write_with_state(
+        &mut self,
+        log: sled::Batch,
+        ops: &[weirmq_bus::StateOp],
+        index: Option<sled::Batch>,
+    ) -> Result<(), StorageError> {
+        use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+        let r: Result<(), TransactionError<()>> =
+            (&self.log, &self.state).transaction(|(log_tx, state_tx)| {
+                log_tx.apply_batch(&log)?;
+                for op in ops {
+                    match op {
+                        weirmq_bus::StateOp::Put { key, value } => {
+                            state_tx.insert(key.as_slice(), value.as_slice())?;
+                        }
+                        weirmq_bus::StateOp::Delete { key } => {
+                            state_tx.remove(key.as_slice())?;
+                        }
+                    }
+                }
+                Ok::<(), ConflictableTransactionError<()>>(())
+            });
+        r.map_err(|e| match e {
+            TransactionError::Storage(e) => {
+                StorageError::new("writing a message with application state", e)
+            }
+            TransactionError::Abort(()) => StorageError::msg("an outbox transaction was aborted"),
+        })?;
+        if let Some(i) = index {
+            self.index
+                .apply_batch(i)
+                .map_err(storage("writing the index"))?;
         }
         Ok(())
     }
@@ -1148,6 +1191,7 @@ pub(crate) fn offsets_batch(entries: &HashMap<(String, QueueKey), OffsetState>) 
 #[derive(Clone)]
 pub struct StoreReader {
     log: sled::Tree,
+    state: sled::Tree,
     index: sled::Tree,
     trace: sled::Tree,
     meta: sled::Tree,
@@ -1421,6 +1465,34 @@ impl StoreReader {
             .range(key.trace_key(offset, 0)..=key.trace_key(offset, u64::MAX))
             .values()
             .map(|v| decode_trace(&v.map_err(storage("reading the trace"))?))
+            .collect()
+    }
+
+    /// One key of the application's state.
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    pub fn state_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self
+            .state
+            .get(key)
+            .map_err(storage("reading application state"))?
+            .map(|v| v.to_vec()))
+    }
+
+    /// The application's state under `prefix`, in key order.
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    pub fn state_scan(&self, prefix: &[u8]) -> Result<weirmq_bus::StateEntries, StorageError> {
+        self.state
+            .scan_prefix(prefix)
+            .map(|kv| {
+                kv.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .map_err(storage("reading application state"))
+            })
             .collect()
     }
 

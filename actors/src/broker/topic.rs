@@ -87,6 +87,9 @@ pub(crate) struct PublishPart {
     pub(crate) messages: Vec<(usize, BusMessage)>,
     pub(crate) durability: Durability,
     pub(crate) collector: Arc<Collector>,
+    /// Application state written atomically with these messages (the local
+    /// outbox); empty for plain publishes.
+    pub(crate) state: Vec<weirmq_bus::StateOp>,
 }
 
 /// The publishes to one topic gathered since the last send: concurrent
@@ -128,7 +131,7 @@ impl Handler<TopicPublish> for TopicActor {
     fn handle(&mut self, msg: TopicPublish, _: &mut Context<Self>) {
         let n = self.queues.len();
         let mut per_queue: Vec<Vec<PublishPart>> = (0..n).map(|_| Vec::new()).collect();
-        for part in msg.parts {
+        for mut part in msg.parts {
             let mut split: Vec<Vec<(usize, BusMessage)>> = (0..n).map(|_| Vec::new()).collect();
             for m in part.messages {
                 // Ordered messages: one queue per message group, stably.
@@ -147,6 +150,8 @@ impl Handler<TopicPublish> for TopicActor {
                         messages,
                         durability: part.durability,
                         collector: part.collector.clone(),
+                        // With the first queue's share: one transaction.
+                        state: std::mem::take(&mut part.state),
                     });
                 }
             }
@@ -230,7 +235,9 @@ impl Handler<QueueAppend> for QueueActor {
         let mut durability = Durability::Buffered;
         let mut stored = Vec::new();
         let mut reports = Vec::with_capacity(msg.parts.len());
+        let mut state = Vec::new();
         for part in msg.parts {
+            state.extend(part.state);
             if part.durability == Durability::Flushed {
                 durability = Durability::Flushed;
             }
@@ -261,6 +268,7 @@ impl Handler<QueueAppend> for QueueActor {
             messages: stored,
             durability,
             trace: self.trace.load(Ordering::Relaxed),
+            state,
             done: Box::new(move |result| match result {
                 Ok(()) => {
                     // Before the publishers hear of it: a group subscribing
