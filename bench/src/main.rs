@@ -508,6 +508,106 @@ async fn retention_under_load(name: &str, n: u64, live: u64, payload: usize) {
     bus.shutdown().await.expect("shutdown");
 }
 
+/// Records how late each delayed message arrived (µs after its due time;
+/// for a message without a delay, after its publish).
+struct LateSink {
+    count: Arc<AtomicU64>,
+    lat: Arc<Mutex<Vec<u32>>>,
+}
+
+impl Actor for LateSink {
+    type Context = Context<Self>;
+}
+
+impl Handler<Delivery<BenchEvent>> for LateSink {
+    type Result = Result<(), HandlerError>;
+    fn handle(&mut self, d: Delivery<BenchEvent>, _: &mut Context<Self>) -> Self::Result {
+        let us = match d.message().deliver_at() {
+            Some(due) => std::time::SystemTime::now()
+                .duration_since(due)
+                .map_or(0, |late| late.as_micros().min(u32::MAX as u128) as u32),
+            None => since_us(d.event().sent_ns),
+        };
+        self.lat.lock().unwrap_or_else(|p| p.into_inner()).push(us);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Delayed-message precision: `n` messages due over a `spread`, published
+/// at once from 64 tasks; the latencies are how late each arrived after its
+/// due time. The baseline, in the same run: the same messages without a
+/// delay (publish to handler).
+async fn delay_lateness(name: &str, n: u64, spread: Duration, payload: usize) {
+    for delayed in [false, true] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let bus = open(Store::Buffered, dir.path()).await;
+        let count = Arc::new(AtomicU64::new(0));
+        let lat = Arc::new(Mutex::new(Vec::with_capacity(n as usize)));
+        let (c, l) = (count.clone(), lat.clone());
+        let sub = bus
+            .subscribe::<BenchEvent>("late")
+            .max_in_flight(4096)
+            .max_in_flight_per_member(64)
+            .members(4, move || LateSink {
+                count: c.clone(),
+                lat: l.clone(),
+            })
+            .start()
+            .await
+            .expect("subscribe");
+        let pad = "x".repeat(payload.saturating_sub(30));
+        let start = Instant::now();
+        let base = std::time::SystemTime::now() + Duration::from_millis(200);
+        let per = n / 64;
+        let tasks: Vec<_> = (0..64u64)
+            .map(|t| {
+                let (bus, pad) = (bus.clone(), pad.clone());
+                actix::spawn(async move {
+                    for i in 0..per {
+                        let mut opts = Publish::new();
+                        if delayed {
+                            let k = i * 64 + t;
+                            let at = spread.as_micros() as u64 * k / (per * 64);
+                            opts = opts.deliver_at(base + Duration::from_micros(at));
+                        }
+                        bus.publish_with(
+                            &BenchEvent {
+                                sent_ns: now_ns(),
+                                pad: pad.clone(),
+                            },
+                            opts,
+                        )
+                        .await
+                        .expect("publish");
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("publisher");
+        }
+        let total = per * 64;
+        while count.load(Ordering::Relaxed) < total {
+            actix::clock::sleep(Duration::from_micros(200)).await;
+        }
+        let lats = std::mem::take(&mut *lat.lock().unwrap_or_else(|p| p.into_inner()));
+        let label = if delayed {
+            format!("{name}/lateness_after_due")
+        } else {
+            format!("{name}/no_delay_e2e")
+        };
+        let r = Res::new(&label, total, payload, start.elapsed()).latencies(lats);
+        if delayed {
+            r.print()
+        } else {
+            r.baseline().print()
+        }
+        sub.drain().await.expect("drain");
+        bus.shutdown().await.expect("shutdown");
+    }
+}
+
 // ---------------------------------------------------------------- baselines
 
 fn sled_baseline(name: &str, dir: &Path, n: u64, payload: usize, batch: usize, flush: bool) -> Res {
@@ -746,6 +846,10 @@ enum Scenario {
         n: u64,
         live: u64,
     },
+    Delay {
+        n: u64,
+        spread: Duration,
+    },
     Nats {
         consume: bool,
         n: u64,
@@ -839,6 +943,13 @@ fn scenarios(q: bool, payload: usize) -> Vec<(String, Scenario)> {
         ));
     }
     v.push((
+        "delay".into(),
+        Scenario::Delay {
+            n: scale(q, 100_000),
+            spread: Duration::from_secs(if q { 1 } else { 5 }),
+        },
+    ));
+    v.push((
         "retention".into(),
         Scenario::Retention {
             n: scale(q, 1_000_000),
@@ -913,6 +1024,7 @@ fn run_one(name: &str, scenario: Scenario, payload: usize) -> Result<(), String>
                 Scenario::Retention { n, live } => {
                     retention_under_load(name, n, live, payload).await
                 }
+                Scenario::Delay { n, spread } => delay_lateness(name, n, spread, payload).await,
                 Scenario::Sled { .. } | Scenario::Nats { .. } => unreachable!("handled above"),
             }
         }),
