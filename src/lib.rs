@@ -87,6 +87,11 @@ pub use async_trait::async_trait;
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 
+/// The Rust examples of `docs/message-types.md`, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/message-types.md")]
+pub struct MessageTypesDocDoctests;
+
 /// The Rust examples of `docs/retention-query-trace.md`, compiled as doc tests.
 #[cfg(doctest)]
 #[doc = include_str!("../docs/retention-query-trace.md")]
