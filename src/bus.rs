@@ -488,6 +488,19 @@ impl Bus {
             .await
     }
 
+    /// Writes to the application's state atomically, without a message
+    /// (with the bus's default durability). See [`Bus::publish_with_state`].
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    pub async fn write_state(&self, state: StateBatch) -> Result<(), Error> {
+        self.inner
+            .broker
+            .write_state(state, self.inner.durability)
+            .await
+    }
+
     /// One key of the application's state (see [`Bus::publish_with_state`]).
     ///
     /// # Errors

@@ -234,3 +234,33 @@ async fn half_messages_and_their_checks_survive_a_restart() {
     sub.drain().await.unwrap();
     bus.shutdown().await.unwrap();
 }
+
+#[actix::test]
+async fn application_state_is_written_read_and_survives_a_reopen() {
+    let dir = temp_dir();
+    {
+        let bus = Bus::builder().data_dir(dir.path()).open().await.unwrap();
+        bus.write_state(
+            weirmq::StateBatch::new()
+                .put("order/1", "created")
+                .put("order/2", "created")
+                .put("user/9", "x"),
+        )
+        .await
+        .unwrap();
+        bus.write_state(
+            weirmq::StateBatch::new()
+                .put("order/1", "paid")
+                .delete("order/2"),
+        )
+        .await
+        .unwrap();
+        bus.shutdown().await.unwrap();
+    }
+    let bus = Bus::builder().data_dir(dir.path()).open().await.unwrap();
+    assert_eq!(bus.state_get(b"order/1").await.unwrap().unwrap(), b"paid");
+    assert_eq!(bus.state_get(b"order/2").await.unwrap(), None);
+    let orders = bus.state_scan(b"order/").await.unwrap();
+    assert_eq!(orders, vec![(b"order/1".to_vec(), b"paid".to_vec())]);
+    bus.shutdown().await.unwrap();
+}

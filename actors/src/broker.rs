@@ -1331,6 +1331,31 @@ impl Broker for EmbeddedBroker {
         r.pop().map(|(_, r)| r).ok_or(Error::Closed)
     }
 
+    async fn write_state(
+        &self,
+        state: weirmq_bus::StateBatch,
+        durability: Durability,
+    ) -> Result<(), Error> {
+        self.check_open()?;
+        let (tx, rx) = oneshot::channel();
+        // An append without messages: the state ops alone, in one
+        // transaction, in commit order with everything else.
+        self.inner.persistence.do_send(weirmq_persistence::Append {
+            key: QueueKey {
+                topic_id: u32::MAX,
+                queue: 0,
+            },
+            messages: Vec::new(),
+            durability,
+            trace: false,
+            state: state.into_ops(),
+            done: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        });
+        rx.await.map_err(|_| Error::Closed)?.map_err(Error::Storage)
+    }
+
     async fn state_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
         let reader = self.reader()?;
         let key = key.to_vec();

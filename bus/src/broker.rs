@@ -468,6 +468,14 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
         state: StateBatch,
     ) -> Result<SendReceipt, Error>;
 
+    /// Applies `state` to the application's state atomically, without a
+    /// message.
+    ///
+    /// # Errors
+    ///
+    /// A storage error, or [`Error::Unsupported`].
+    async fn write_state(&self, state: StateBatch, durability: Durability) -> Result<(), Error>;
+
     /// Reads one key of the application's state.
     ///
     /// # Errors
