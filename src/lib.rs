@@ -61,6 +61,8 @@
 mod bus;
 pub mod prelude;
 mod subscribe;
+#[cfg(feature = "web")]
+pub mod web;
 
 pub use bus::{Bus, BusBuilder, Transaction};
 pub use subscribe::{SubscribeBuilder, Subscription};
@@ -86,6 +88,11 @@ pub use async_trait::async_trait;
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+/// The Rust examples of `docs/actix.md`, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/actix.md")]
+pub struct ActixDocDoctests;
 
 /// The Rust examples of `docs/message-types.md`, compiled as doc tests.
 #[cfg(doctest)]

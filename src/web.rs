@@ -1,0 +1,154 @@
+//! actix-web integration (cargo feature `web`, on by default).
+//!
+//! A [`Bus`](crate::Bus) is an `Arc` inside: share it as `web::Data<Bus>` and
+//! publish from a handler with one `.await`. Return [`HttpError`] from
+//! handlers and `?` turns every [`Error`] into the right HTTP response:
+//!
+//! | error | status |
+//! |---|---|
+//! | invalid names, limits, filters, configuration, delays; an event that does not encode | 400 Bad Request |
+//! | a body over the size limit | 413 Payload Too Large |
+//! | a topic or subscription conflict | 409 Conflict |
+//! | `Busy` (the store is not keeping up) | 503 Service Unavailable, `Retry-After: 1` |
+//! | `Closed` (shutting down) | 503 Service Unavailable |
+//! | `Unsupported` | 501 Not Implemented |
+//! | storage and data-directory errors | 500 Internal Server Error |
+//!
+//! The body is JSON: `{"error": "<kind>", "message": "<what to do>"}`.
+//!
+//! ```no_run
+//! use actix_web::{post, web, HttpResponse};
+//! use weirmq::prelude::*;
+//! use weirmq::web::HttpError;
+//!
+//! #[derive(Serialize, Deserialize, Debug)]
+//! struct UserRegistered { user_id: u64 }
+//! impl Event for UserRegistered { const TOPIC: &'static str = "user-registered"; }
+//!
+//! #[post("/users/{id}")]
+//! async fn register(bus: web::Data<Bus>, id: web::Path<u64>) -> Result<HttpResponse, HttpError> {
+//!     let receipt = bus.publish(&UserRegistered { user_id: *id }).await?;
+//!     Ok(HttpResponse::Created().body(receipt.message_id.to_string()))
+//! }
+//! ```
+
+use std::fmt;
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+
+use crate::Error;
+
+/// A weirmq [`Error`] as an actix-web response (see the module docs for
+/// the mapping).
+#[derive(Debug)]
+pub struct HttpError(pub Error);
+
+impl From<Error> for HttpError {
+    fn from(e: Error) -> Self {
+        HttpError(e)
+    }
+}
+
+impl fmt::Display for HttpError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl HttpError {
+    /// A short name of the error's kind, for the JSON body.
+    pub fn kind(&self) -> &'static str {
+        match &self.0 {
+            Error::InvalidName { .. } => "invalid_name",
+            Error::ReservedTopic { .. } => "reserved_topic",
+            Error::BodyTooLarge { .. } => "body_too_large",
+            Error::TooManyProperties { .. } => "too_many_properties",
+            Error::PropertiesTooLarge { .. } => "properties_too_large",
+            Error::InvalidConfig { .. } => "invalid_config",
+            Error::InvalidFilter { .. } => "invalid_filter",
+            Error::TopicConflict { .. } => "topic_conflict",
+            Error::Codec(_) => "codec",
+            Error::Storage(_) => "storage",
+            Error::DataDir { .. } => "data_dir",
+            Error::AlreadySubscribed { .. } => "already_subscribed",
+            Error::DelayTooLong { .. } => "delay_too_long",
+            Error::Unsupported { .. } => "unsupported",
+            Error::Busy { .. } => "busy",
+            Error::Closed => "closed",
+            _ => "other",
+        }
+    }
+}
+
+impl ResponseError for HttpError {
+    fn status_code(&self) -> StatusCode {
+        match &self.0 {
+            Error::InvalidName { .. }
+            | Error::ReservedTopic { .. }
+            | Error::TooManyProperties { .. }
+            | Error::PropertiesTooLarge { .. }
+            | Error::InvalidConfig { .. }
+            | Error::InvalidFilter { .. }
+            | Error::DelayTooLong { .. }
+            | Error::Codec(_) => StatusCode::BAD_REQUEST,
+            Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::TopicConflict { .. } | Error::AlreadySubscribed { .. } => StatusCode::CONFLICT,
+            Error::Busy { .. } | Error::Closed => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Unsupported { .. } => StatusCode::NOT_IMPLEMENTED,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut r = HttpResponse::build(self.status_code());
+        if matches!(self.0, Error::Busy { .. }) {
+            r.insert_header(("Retry-After", "1"));
+        }
+        let body = format!(
+            r#"{{"error":{},"message":{}}}"#,
+            json_string(self.kind()),
+            json_string(&self.0.to_string())
+        );
+        r.content_type("application/json").body(body)
+    }
+}
+
+/// A JSON string literal (the facade does not depend on serde_json).
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_statuses_and_json() {
+        let busy = HttpError(Error::Busy { pending: 3 });
+        assert_eq!(busy.status_code(), StatusCode::SERVICE_UNAVAILABLE);
+        let r = busy.error_response();
+        assert_eq!(r.headers().get("Retry-After").unwrap(), "1");
+        let too_big = HttpError(Error::BodyTooLarge { size: 5, max: 4 });
+        assert_eq!(too_big.status_code(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(
+            HttpError(Error::InvalidConfig { reason: "x".into() }).status_code(),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(json_string("a\"b\\\n\u{1}"), r#""a\"b\\\n\u0001""#);
+    }
+}
