@@ -118,8 +118,9 @@ async fn orders_are_paid_or_cancelled_with_their_coupons_and_inventory_in_order(
         } else {
             assert_eq!(inventory, ["reserve", "release"], "{o}");
         }
-        // A coupon exactly for the qualifying orders.
+        // A coupon exactly for the qualifying orders, issued once.
         assert_eq!(o["coupon"].is_string(), *amount >= THRESHOLD, "{o}");
+        assert_eq!(o["coupons_issued"], u64::from(*amount >= THRESHOLD), "{o}");
         let seen: Vec<&str> = o["events_seen"]
             .as_array()
             .unwrap()

@@ -327,6 +327,7 @@ impl Handler<Delivery<OrderEvent>> for Coupons {
         // Deterministic per message: the same first attempt always fails.
         let roll = (d.message_id().as_u128() % 1000) as f64 / 1000.0;
         let fail = d.attempt() == 1 && roll < self.failure_rate;
+        let msg_id = d.message_id();
         let event = d.into_event();
         Box::pin(async move {
             let OrderEvent::Created { order } = event else {
@@ -345,9 +346,12 @@ impl Handler<Delivery<OrderEvent>> for Coupons {
                     .is_none()
             {
                 let code = format!("CPN-{}", order.id.to_uppercase());
+                // The grant is recorded under the event that caused it: an
+                // audit trail that shows a coupon was issued once.
                 bus.write_state(
                     StateBatch::new()
                         .put(coupon_key(&order.id), code.clone())
+                        .put(format!("coupon-issued/{}/{msg_id}", order.id), code.clone())
                         .put(seen_key(&order.id, "coupon", "created"), "1"),
                 )
                 .await
@@ -484,6 +488,8 @@ struct OrderView {
     amount: u64,
     state: OrderState,
     coupon: Option<String>,
+    /// How many times a coupon was issued for it (at most 1).
+    coupons_issued: usize,
     inventory: Vec<String>,
     events_seen: Vec<String>,
 }
@@ -546,6 +552,10 @@ async fn get_order(bus: web::Data<Bus>, id: web::Path<String>) -> Result<HttpRes
         .state_get(coupon_key(&order.id).as_bytes())
         .await?
         .map(|v| String::from_utf8_lossy(&v).into_owned());
+    let coupons_issued = bus
+        .state_scan(format!("coupon-issued/{}/", order.id).as_bytes())
+        .await?
+        .len();
     let inventory = bus
         .state_scan(format!("inventory/{}/", order.id).as_bytes())
         .await?
@@ -565,6 +575,7 @@ async fn get_order(bus: web::Data<Bus>, id: web::Path<String>) -> Result<HttpRes
         amount: order.amount,
         state: order.state,
         coupon,
+        coupons_issued,
         inventory,
         events_seen,
     }))
