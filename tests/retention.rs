@@ -171,7 +171,7 @@ async fn a_message_with_a_scheduled_retry_is_kept_until_the_retry_is_delivered()
     let sub = bus
         .subscribe::<Num>("retrier")
         .start_from(StartFrom::Earliest)
-        .retry(RetryPolicy::fixed(Duration::from_millis(1500), 5))
+        .retry(RetryPolicy::fixed(Duration::from_secs(3), 5))
         .members(
             1,
             recorders(
