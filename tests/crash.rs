@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use weirmq::prelude::*;
 
+mod support;
+
 const CHILD_ENV: &str = "WEIRMQ_CRASH_CHILD_DIR";
 const TOPIC: &str = "crash-test";
 
@@ -28,24 +30,13 @@ impl Event for Tick {
 }
 
 fn main() {
-    if let Ok(dir) = std::env::var(CHILD_ENV) {
-        child(&dir);
-        return;
-    }
-    let filters: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    if !filters.is_empty()
-        && !filters
-            .iter()
-            .any(|f| "crash_recovery".contains(f.as_str()))
-    {
-        println!("crash recovery: 0 passed, 0 failed");
-        return;
-    }
-    crash_recovery();
-    println!("crash recovery: 1 passed, 0 failed");
+    support::self_exec_main(
+        "crash_recovery",
+        "crash recovery",
+        CHILD_ENV,
+        |dir| child(&dir),
+        crash_recovery,
+    );
 }
 
 /// Publishes forever, printing `queue offset id` for every receipt.

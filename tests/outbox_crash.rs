@@ -10,11 +10,14 @@
 //! child continuing the same store.
 
 use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
 use weirmq::prelude::*;
 use weirmq::StateBatch;
+
+mod support;
 
 const CHILD_ENV: &str = "WEIRMQ_OUTBOX_CHILD_DIR";
 const ROUND_ENV: &str = "WEIRMQ_OUTBOX_ROUND";
@@ -29,24 +32,13 @@ impl Event for OrderCreated {
 }
 
 fn main() {
-    if let Ok(dir) = std::env::var(CHILD_ENV) {
-        child(&dir, std::env::var(ROUND_ENV).unwrap_or_default());
-        return;
-    }
-    let filters: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    if !filters.is_empty()
-        && !filters
-            .iter()
-            .any(|f| "outbox_is_all_or_nothing_under_sigkill".contains(f.as_str()))
-    {
-        println!("outbox crash: 0 passed, 0 failed");
-        return;
-    }
-    outbox_is_all_or_nothing_under_sigkill();
-    println!("outbox crash: 1 passed, 0 failed");
+    support::self_exec_main(
+        "outbox_is_all_or_nothing_under_sigkill",
+        "outbox crash",
+        CHILD_ENV,
+        |dir| child(&dir, std::env::var(ROUND_ENV).unwrap_or_default()),
+        outbox_is_all_or_nothing_under_sigkill,
+    );
 }
 
 fn child(dir: &str, round: String) {
@@ -68,6 +60,10 @@ fn child(dir: &str, round: String) {
                     )
                     .await
                     .expect("publish");
+                    if t == 0 && i == 0 {
+                        // Tell the parent writing has begun.
+                        println!("writing");
+                    }
                 }
             }));
         }
@@ -88,11 +84,18 @@ fn outbox_is_all_or_nothing_under_sigkill() {
         let mut child = Command::new(std::env::current_exe().expect("current exe"))
             .env(CHILD_ENV, dir.path())
             .env(ROUND_ENV, round.to_string())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn child");
-        let ms = 300 + (seed.wrapping_mul(round + 7).wrapping_add(round * 7919)) % 700;
+        // Wait until the child has stored its first order, then let it
+        // write for a random while: the kill point.
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("child stdout"))
+            .read_line(&mut line)
+            .expect("child stdout");
+        assert_eq!(line.trim(), "writing", "round {round}: child did not start");
+        let ms = 50 + (seed.wrapping_mul(round + 7).wrapping_add(round * 7919)) % 700;
         std::thread::sleep(Duration::from_millis(ms));
         child.kill().expect("SIGKILL");
         child.wait().expect("wait");

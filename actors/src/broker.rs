@@ -529,13 +529,16 @@ impl EmbeddedBroker {
                 self.existing_or_default(&m.topic, false).await?;
             }
         }
-        let route = |m: &OutgoingMessage| match m.deliver_at {
-            Some(_) => SCHEDULE_TOPIC.to_string(),
-            None => m.topic.clone(),
-        };
+        // The hot path: no allocation per message to pick its topic.
+        fn route(m: &OutgoingMessage) -> &str {
+            match m.deliver_at {
+                Some(_) => SCHEDULE_TOPIC,
+                None => &m.topic,
+            }
+        }
         let _room = self.admit(n, wait).await?;
-        let first = route(&messages[0]);
-        if messages.iter().all(|m| route(m) == first) {
+        if messages.iter().all(|m| route(m) == route(&messages[0])) {
+            let first = route(&messages[0]).to_string();
             let system = first == SCHEDULE_TOPIC;
             let r = self
                 .publish_to(
@@ -549,7 +552,10 @@ impl EmbeddedBroker {
         }
         let mut by_topic: HashMap<String, Vec<(usize, OutgoingMessage)>> = HashMap::new();
         for (i, m) in messages.into_iter().enumerate() {
-            by_topic.entry(route(&m)).or_default().push((i, m));
+            by_topic
+                .entry(route(&m).to_string())
+                .or_default()
+                .push((i, m));
         }
         let parts = futures::future::try_join_all(by_topic.into_iter().map(|(t, ms)| async move {
             let system = t == SCHEDULE_TOPIC;

@@ -138,8 +138,9 @@ impl Handler<TopicPublish> for TopicActor {
                 let q = match m.1.message_group() {
                     Some(g) => (group_hash(g) % n as u64) as usize,
                     None => {
+                        let q = self.next % n;
                         self.next = self.next.wrapping_add(1);
-                        self.next.wrapping_sub(1) % n
+                        q
                     }
                 };
                 split[q].push(m);
