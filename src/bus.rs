@@ -55,6 +55,8 @@ pub struct BusBuilder {
     max_pending_messages: Option<usize>,
     retention_interval: Option<Duration>,
     checkers: Vec<(String, Arc<dyn TransactionChecker>, TransactionConfig)>,
+    #[cfg(feature = "nats")]
+    nats: Option<weirmq_nats::NatsConfig>,
 }
 
 impl std::fmt::Debug for BusBuilder {
@@ -132,6 +134,32 @@ impl BusBuilder {
         self
     }
 
+    /// Uses NATS JetStream at `url` (e.g. `nats://127.0.0.1:4222`, or
+    /// several comma-separated servers of a cluster) instead of the embedded
+    /// store: the same API, handler actors and guarantees, shared by every
+    /// process connected to the server. What JetStream cannot do is
+    /// [`Error::Unsupported`]; see `docs/scaling.md`. The data-directory and
+    /// cache settings do not apply.
+    ///
+    /// ```no_run
+    /// # #[actix::main] async fn main() -> Result<(), weirmq::Error> {
+    /// let bus = weirmq::Bus::builder().nats("nats://127.0.0.1:4222").open().await?;
+    /// # bus.shutdown().await }
+    /// ```
+    #[cfg(feature = "nats")]
+    pub fn nats(mut self, url: impl Into<String>) -> Self {
+        self.nats = Some(weirmq_nats::NatsConfig::new(url));
+        self
+    }
+
+    /// As [`BusBuilder::nats`], with every JetStream setting (ack wait,
+    /// replicas). Its limits and checkers are replaced by the builder's.
+    #[cfg(feature = "nats")]
+    pub fn nats_config(mut self, config: weirmq_nats::NatsConfig) -> Self {
+        self.nats = Some(config);
+        self
+    }
+
     /// Observes every step of every sync of the store (flush, fdatasync of
     /// the data file and of blob files, directory fsync), on the persistence
     /// thread, before the publishes waiting on it are answered. For tests and
@@ -149,6 +177,21 @@ impl BusBuilder {
     /// directory, or in use; [`Error::InvalidConfig`] outside an actix
     /// `System`.
     pub async fn open(self) -> Result<Bus, Error> {
+        #[cfg(feature = "nats")]
+        if let Some(mut nats) = self.nats {
+            nats.limits = self.limits;
+            nats.checkers = self.checkers;
+            if let Some(n) = self.max_pending_messages {
+                nats.max_pending_messages = n;
+            }
+            let broker = weirmq_nats::NatsBroker::connect(nats).await?;
+            return Ok(Bus {
+                inner: Arc::new(BusInner {
+                    broker: Arc::new(broker),
+                    durability: self.durability,
+                }),
+            });
+        }
         let path = if self.in_memory {
             None
         } else {

@@ -80,6 +80,13 @@ pub use weirmq_bus::{
 };
 pub use weirmq_persistence::{SyncEvent, SyncHook};
 
+/// The NATS JetStream backend (feature `nats`): its configuration and what
+/// the connected server offers. Open it with [`BusBuilder::nats`].
+#[cfg(feature = "nats")]
+pub mod nats {
+    pub use weirmq_nats::{NatsBroker, NatsConfig, ServerFeatures};
+}
+
 /// The attribute for implementing [`TransactionChecker`] (an async trait):
 /// `#[weirmq::async_trait] impl TransactionChecker for MyChecker { ... }`.
 pub use async_trait::async_trait;

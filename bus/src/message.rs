@@ -398,6 +398,16 @@ impl Message {
         }
     }
 
+    /// This message with another message's identity: its id and birth time
+    /// (for backends: a dead letter resent as its original).
+    pub fn with_identity(mut self, id: MessageId, born_at: SystemTime) -> Message {
+        self.id = id;
+        self.born_at_ms = born_at
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self
+    }
+
     /// The message group of an ordered message.
     pub fn message_group(&self) -> Option<&str> {
         self.message_group.as_deref()

@@ -249,6 +249,16 @@ fn check_name(kind: NameKind, name: &str, max: usize) -> Result<(), Error> {
     Ok(())
 }
 
+/// The queue of an ordered message's message group among `queues`
+/// (FNV-1a 64 of the group): stable across processes, releases and
+/// backends, so a message group keeps its queue after a restart.
+pub fn queue_for_message_group(group: &str, queues: u32) -> u32 {
+    let h = group.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    (h % queues.max(1) as u64) as u32
+}
+
 /// Checks a user topic name: 1 to 127 chars of `[A-Za-z0-9_%|-]`, not
 /// starting with `%` (reserved for system topics).
 ///

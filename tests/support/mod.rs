@@ -7,6 +7,8 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod backend;
+
 use weirmq::prelude::*;
 
 /// A numbered test event.

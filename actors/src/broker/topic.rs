@@ -100,14 +100,6 @@ pub(crate) struct TopicPublish {
     pub(crate) parts: Vec<PublishPart>,
 }
 
-/// FNV-1a 64 of a message group: stable across processes and releases,
-/// so a group keeps its queue after a restart.
-fn group_hash(g: &str) -> u64 {
-    g.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
 /// Picks queues for a topic's messages: round robin, or by message group
 /// for ordered messages.
 pub(crate) struct TopicActor {
@@ -136,7 +128,7 @@ impl Handler<TopicPublish> for TopicActor {
             for m in part.messages {
                 // Ordered messages: one queue per message group, stably.
                 let q = match m.1.message_group() {
-                    Some(g) => (group_hash(g) % n as u64) as usize,
+                    Some(g) => weirmq_bus::queue_for_message_group(g, n as u32) as usize,
                     None => {
                         let q = self.next % n;
                         self.next = self.next.wrapping_add(1);

@@ -1,0 +1,149 @@
+//! How weirmq names map to JetStream streams, subjects and consumers.
+//!
+//! | weirmq | JetStream |
+//! |---|---|
+//! | topic `T` | stream `WQ_T_<T>`, subjects `wq.<T>.<queue>.<target>` |
+//! | message for every group | target `_` |
+//! | message resent to group `G` only | target `g<G>` |
+//! | group `G`, queue `q` | durable pull consumer `<G>_Q<q>`, filter `wq.<T>.<q>.>` |
+//! | dead letters of `G` | stream `WQ_SYS_DLQ`, subject `wqdlq.<G>.m` (resent marks `.r`) |
+//! | delayed message for `T` | stream `WQ_SYS_SCHEDULE`, subject `wqsched.<T>` |
+//! | half message for `T` | stream `WQ_SYS_HALF`, subject `wqhalf.<T>`; check counts in `WQ_SYS_HALFC` |
+//!
+//! Names are encoded so every weirmq name is a valid subject token and
+//! stream/consumer name, injectively: ASCII letters, digits and `-` stay,
+//! any other byte becomes `_` and two upper-case hex digits.
+
+/// Encodes a weirmq name as one subject token / stream-name part.
+pub(crate) fn enc(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 8);
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' {
+            out.push(b as char);
+        } else {
+            out.push('_');
+            out.push_str(&format!("{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Decodes [`enc`]; `None` if `s` is not an encoded name.
+pub(crate) fn dec(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'_' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Prefix of every topic stream's name.
+pub(crate) const TOPIC_STREAM_PREFIX: &str = "WQ_T_";
+/// The dead-letter stream (every group).
+pub(crate) const DLQ_STREAM: &str = "WQ_SYS_DLQ";
+/// The delayed-message stream.
+pub(crate) const SCHEDULE_STREAM: &str = "WQ_SYS_SCHEDULE";
+/// The half-message stream.
+pub(crate) const HALF_STREAM: &str = "WQ_SYS_HALF";
+/// Check counts of half messages (one message per subject).
+pub(crate) const HALF_CHECKS_STREAM: &str = "WQ_SYS_HALFC";
+/// The target token of a message for every group.
+pub(crate) const ALL_GROUPS: &str = "_";
+
+pub(crate) fn topic_stream(topic: &str) -> String {
+    format!("{TOPIC_STREAM_PREFIX}{}", enc(topic))
+}
+
+pub(crate) fn topic_subjects(topic: &str) -> String {
+    format!("wq.{}.>", enc(topic))
+}
+
+/// The subject a message of `topic` in `queue` is published to; `target`
+/// is [`ALL_GROUPS`] or [`group_target`].
+pub(crate) fn queue_subject(topic: &str, queue: u32, target: &str) -> String {
+    format!("wq.{}.{queue}.{target}", enc(topic))
+}
+
+/// Every message of one queue.
+pub(crate) fn queue_filter(topic: &str, queue: u32) -> String {
+    format!("wq.{}.{queue}.>", enc(topic))
+}
+
+/// The target token of a message meant for `group` only.
+pub(crate) fn group_target(group: &str) -> String {
+    format!("g{}", enc(group))
+}
+
+/// The queue and target of a subject made by [`queue_subject`].
+pub(crate) fn parse_queue_subject(subject: &str) -> Option<(u32, &str)> {
+    let mut parts = subject.splitn(4, '.');
+    let (_, _, q, target) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    Some((q.parse().ok()?, target))
+}
+
+pub(crate) fn consumer_name(group: &str, queue: u32) -> String {
+    format!("{}_Q{queue}", enc(group))
+}
+
+pub(crate) fn dlq_subject(group: &str) -> String {
+    format!("wqdlq.{}.m", enc(group))
+}
+
+pub(crate) fn dlq_resent_subject(group: &str) -> String {
+    format!("wqdlq.{}.r", enc(group))
+}
+
+pub(crate) fn dlq_group_filter(group: &str) -> String {
+    format!("wqdlq.{}.>", enc(group))
+}
+
+pub(crate) fn schedule_subject(topic: &str) -> String {
+    format!("wqsched.{}", enc(topic))
+}
+
+pub(crate) fn half_subject(topic: &str) -> String {
+    format!("wqhalf.{}", enc(topic))
+}
+
+pub(crate) fn half_checks_subject(seq: u64) -> String {
+    format!("wqhalfc.{seq}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoding_round_trips_and_is_subject_safe() {
+        for name in ["orders", "a_b", "%DLQ%g", "x|y", "A-z_09", "g%member-1"] {
+            let e = enc(name);
+            assert!(
+                e.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+                "{e}"
+            );
+            assert_eq!(dec(&e).as_deref(), Some(name));
+        }
+        assert_ne!(enc("a_b"), enc("a%b"));
+        assert_eq!(dec("_Z1"), None);
+    }
+
+    #[test]
+    fn queue_subjects_parse_back() {
+        let s = queue_subject("or_ders", 3, &group_target("g"));
+        assert_eq!(parse_queue_subject(&s), Some((3, "gg")));
+        assert!(s.starts_with("wq.or_5Fders.3."));
+        assert_eq!(
+            parse_queue_subject(&queue_subject("t", 0, ALL_GROUPS)),
+            Some((0, ALL_GROUPS))
+        );
+    }
+}

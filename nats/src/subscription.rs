@@ -1,0 +1,585 @@
+//! A consumer group's subscription: one fetch loop per queue over the
+//! group's durable pull consumer of that queue, one settlement task, one
+//! keep-alive task.
+//!
+//! Backpressure: a loop fetches only as many messages as it has free
+//! permits (the queue's share of `max_in_flight`); a permit is held by each
+//! unsettled delivery. The consumer's `max_ack_pending` is the same number,
+//! so the server enforces it too — across every process of the group (for
+//! FIFO it is 1: one message of a queue in flight anywhere).
+
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, AckKind};
+use dashmap::DashMap;
+use futures::{FutureExt, StreamExt};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, error, warn};
+
+use weirmq_bus::{
+    BrokerSubscription, DeliveryBatch, Error, GroupStats, Message, Ordering, OutgoingMessage,
+    RawDelivery, ResetTo, SettleToken, Settlement, Settler, StartFrom, SubscriptionSpec,
+    DLQ_PROPERTIES,
+};
+
+use crate::names::*;
+use crate::{nats_err, now_ms, Inner, TopicState};
+
+/// The most messages one fetch asks for.
+const MAX_FETCH: usize = 256;
+/// How long one fetch waits for messages before asking again.
+const FETCH_WAIT: Duration = Duration::from_secs(1);
+
+struct Entry {
+    msg: jetstream::Message,
+    message: Arc<Message>,
+    attempt: u32,
+    seq: u64,
+    _permit: OwnedSemaphorePermit,
+}
+
+#[derive(Default)]
+struct Counters {
+    delivered: AtomicU64,
+    acked: AtomicU64,
+    retried: AtomicU64,
+    dead_lettered: AtomicU64,
+    scheduled_retries: AtomicU64,
+    filtered: AtomicU64,
+}
+
+enum Command {
+    Settle(Vec<(SettleToken, Settlement)>),
+    Stop(oneshot::Sender<()>),
+}
+
+/// A running subscription's state.
+pub(crate) struct SubState {
+    spec: SubscriptionSpec,
+    inflight: DashMap<u64, Entry>,
+    next_token: AtomicU64,
+    counters: Counters,
+    /// Stream sequences nacked and not yet redelivered, with when they
+    /// first failed.
+    failures: DashMap<u64, (u64, bool)>,
+    stop_tx: watch::Sender<bool>,
+    pumps: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl SubState {
+    pub(crate) fn stats(&self) -> GroupStats {
+        let c = &self.counters;
+        let mut s = GroupStats::default();
+        s.delivered = c.delivered.load(AtomicOrdering::Relaxed);
+        s.acked = c.acked.load(AtomicOrdering::Relaxed);
+        s.retried = c.retried.load(AtomicOrdering::Relaxed);
+        s.dead_lettered = c.dead_lettered.load(AtomicOrdering::Relaxed);
+        s.in_flight = self.inflight.len() as u64;
+        s.scheduled_retries = c.scheduled_retries.load(AtomicOrdering::Relaxed);
+        s.filtered = c.filtered.load(AtomicOrdering::Relaxed);
+        s
+    }
+
+    /// Stops fetching, settles what was already settled, and gives every
+    /// delivery still unsettled back to the server at once (the next
+    /// subscription of the group gets it).
+    pub(crate) async fn stop(&self) {
+        let _ = self.stop_tx.send(true);
+        let pumps = std::mem::take(&mut *self.pumps.lock().unwrap());
+        for p in pumps {
+            let _ = p.await;
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Stop(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+#[derive(Debug)]
+struct NatsSettler {
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl Settler for NatsSettler {
+    fn settle(&self, batch: Vec<(SettleToken, Settlement)>) {
+        let _ = self.commands.send(Command::Settle(batch));
+    }
+}
+
+/// The consumer's `max_ack_pending`: the queue's share of the
+/// subscription's in-flight limit; 1 for FIFO.
+fn per_queue_limit(spec: &SubscriptionSpec, queues: u32) -> usize {
+    match spec.ordering {
+        Ordering::Fifo => 1,
+        Ordering::Concurrent => (spec.max_in_flight / queues.max(1) as usize).max(1),
+    }
+}
+
+fn consumer_config(
+    group: &str,
+    topic: &str,
+    queue: u32,
+    ack_wait: Duration,
+    max_ack_pending: usize,
+    deliver_policy: consumer::DeliverPolicy,
+) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(consumer_name(group, queue)),
+        description: Some(format!("weirmq group={group} topic={topic} queue={queue}")),
+        filter_subject: queue_filter(topic, queue),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait,
+        max_ack_pending: max_ack_pending as i64,
+        // The retry policy above the seam decides when to give up.
+        max_deliver: -1,
+        deliver_policy,
+        ..Default::default()
+    }
+}
+
+async fn ensure_consumer(
+    inner: &Inner,
+    stream: &jetstream::stream::Stream,
+    spec: &SubscriptionSpec,
+    queue: u32,
+    limit: usize,
+) -> Result<consumer::Consumer<consumer::pull::Config>, Error> {
+    let name = consumer_name(&spec.group, queue);
+    if let Ok(c) = stream.get_consumer::<consumer::pull::Config>(&name).await {
+        let have = &c.cached_info().config;
+        if have.max_ack_pending != limit as i64 || have.ack_wait != inner.ack_wait {
+            let cfg = consumer_config(
+                &spec.group,
+                &spec.topic,
+                queue,
+                inner.ack_wait,
+                limit,
+                have.deliver_policy,
+            );
+            if let Err(e) = stream.update_consumer(cfg).await {
+                warn!(group = %spec.group, queue, error = %e,
+                    "could not update the consumer's limits; using it as it is");
+            }
+        }
+        return Ok(c);
+    }
+    let policy = match spec.start {
+        StartFrom::Latest => consumer::DeliverPolicy::New,
+        StartFrom::Earliest => consumer::DeliverPolicy::All,
+    };
+    let cfg = consumer_config(
+        &spec.group,
+        &spec.topic,
+        queue,
+        inner.ack_wait,
+        limit,
+        policy,
+    );
+    match stream.create_consumer(cfg).await {
+        Ok(c) => Ok(c),
+        // Created by another process meanwhile.
+        Err(e) => stream
+            .get_consumer::<consumer::pull::Config>(&name)
+            .await
+            .map_err(|_| nats_err(format!("creating consumer {name}"), e)),
+    }
+}
+
+/// Starts a subscription.
+pub(crate) async fn start(
+    inner: Arc<Inner>,
+    spec: SubscriptionSpec,
+    topic: Arc<TopicState>,
+) -> Result<(Arc<SubState>, BrokerSubscription), Error> {
+    let queues = topic.config.queue_count();
+    let limit = per_queue_limit(&spec, queues);
+    let stream = inner.stream(&topic_stream(&spec.topic)).await?;
+    let mut consumers = Vec::with_capacity(queues as usize);
+    for q in 0..queues {
+        consumers.push(ensure_consumer(&inner, &stream, &spec, q, limit).await?);
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (commands, command_rx) = mpsc::unbounded_channel();
+    let (tx, deliveries) = mpsc::unbounded_channel();
+    let state = Arc::new(SubState {
+        spec,
+        inflight: DashMap::new(),
+        next_token: AtomicU64::new(1),
+        counters: Counters::default(),
+        failures: DashMap::new(),
+        stop_tx,
+        pumps: Mutex::new(Vec::new()),
+        commands: commands.clone(),
+    });
+    let mut pumps = Vec::new();
+    for (q, c) in consumers.into_iter().enumerate() {
+        pumps.push(tokio::spawn(pump(
+            inner.clone(),
+            state.clone(),
+            q as u32,
+            c,
+            stream.clone(),
+            tx.clone(),
+            Arc::new(Semaphore::new(limit)),
+            stop_rx.clone(),
+        )));
+    }
+    pumps.push(tokio::spawn(keep_alive(
+        inner.ack_wait,
+        state.clone(),
+        stop_rx,
+    )));
+    *state.pumps.lock().unwrap() = pumps;
+    tokio::spawn(settle_loop(inner, state.clone(), command_rx));
+    Ok((
+        state,
+        BrokerSubscription {
+            deliveries,
+            settler: Arc::new(NatsSettler { commands }),
+        },
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn pump(
+    inner: Arc<Inner>,
+    st: Arc<SubState>,
+    queue: u32,
+    consumer: consumer::Consumer<consumer::pull::Config>,
+    stream: jetstream::stream::Stream,
+    tx: mpsc::UnboundedSender<DeliveryBatch>,
+    room: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let name = consumer_name(&st.spec.group, queue);
+    let topic: Arc<str> = Arc::from(st.spec.topic.as_str());
+    let mine = group_target(&st.spec.group);
+    let mut consumer = Some(consumer);
+    while !*stop.borrow() {
+        let c = match consumer.take() {
+            Some(c) => c,
+            None => match stream
+                .get_consumer::<consumer::pull::Config>(&name)
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    debug!(consumer = %name, error = %e, "consumer not available; retrying");
+                    let _ = tokio::time::timeout(Duration::from_millis(200), stop.changed()).await;
+                    continue;
+                }
+            },
+        };
+        let first = tokio::select! {
+            p = room.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = stop.changed() => break,
+        };
+        let mut permits = vec![first];
+        while permits.len() < MAX_FETCH {
+            match room.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        let batch = c
+            .batch()
+            .max_messages(permits.len())
+            .expires(FETCH_WAIT)
+            .messages()
+            .await;
+        let mut msgs = match batch {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(consumer = %name, error = %e, "fetch failed; retrying");
+                let _ = tokio::time::timeout(Duration::from_millis(200), stop.changed()).await;
+                continue;
+            }
+        };
+        let mut healthy = true;
+        'batch: while let Some(next) = msgs.next().await {
+            let mut out = Vec::new();
+            let mut next = Some(next);
+            while let Some(item) = next.take() {
+                match item {
+                    Ok(m) => {
+                        let Some(permit) = permits.pop() else {
+                            // More than asked for (cannot happen): give it back.
+                            let _ = m.ack_with(AckKind::Nak(None)).await;
+                            continue;
+                        };
+                        let stopping = *stop.borrow();
+                        if let Some(d) =
+                            accept(&inner, &st, queue, &topic, &mine, m, permit, stopping).await
+                        {
+                            out.push(d);
+                        }
+                    }
+                    Err(e) => {
+                        debug!(consumer = %name, error = %e, "fetch ended");
+                        healthy = false;
+                        if !out.is_empty() && tx.send(std::mem::take(&mut out)).is_err() {
+                            return;
+                        }
+                        break 'batch;
+                    }
+                }
+                // Whatever else has arrived goes in the same batch.
+                next = msgs.next().now_or_never().flatten();
+            }
+            if !out.is_empty() && tx.send(out).is_err() {
+                return;
+            }
+        }
+        if healthy {
+            consumer = Some(c);
+        } else {
+            let _ = tokio::time::timeout(Duration::from_millis(100), stop.changed()).await;
+        }
+    }
+}
+
+/// Takes one fetched message: skips what is not for this group, filters,
+/// and turns the rest into a delivery holding `permit`.
+#[allow(clippy::too_many_arguments)]
+async fn accept(
+    inner: &Inner,
+    st: &SubState,
+    queue: u32,
+    topic: &Arc<str>,
+    mine: &str,
+    m: jetstream::Message,
+    permit: OwnedSemaphorePermit,
+    stopping: bool,
+) -> Option<RawDelivery> {
+    let (seq, delivered) = match m.info() {
+        Ok(i) => (i.stream_sequence, i.delivered.max(1) as u32),
+        Err(e) => {
+            warn!(error = %e, "a fetched message has no JetStream metadata; ignoring it");
+            return None;
+        }
+    };
+    let target = parse_queue_subject(&m.subject)
+        .map(|(_, t)| t.to_string())
+        .unwrap_or_else(|| ALL_GROUPS.to_string());
+    if target != ALL_GROUPS && target != mine {
+        // A resend meant for another group.
+        let _ = m.ack().await;
+        return None;
+    }
+    if stopping {
+        let _ = m.ack_with(AckKind::Nak(None)).await;
+        return None;
+    }
+    let message = match Message::decode_envelope(topic.clone(), queue, seq, &m.payload) {
+        Ok((message, _)) => message,
+        Err(e) => {
+            error!(topic = %topic, queue, seq, error = %e,
+                "a message in the topic's stream is not a weirmq envelope; dead-lettering it");
+            let mut dl = OutgoingMessage::new(st.spec.topic.clone(), m.payload.to_vec());
+            let now = now_ms().to_string();
+            for (k, v) in DLQ_PROPERTIES.iter().zip([
+                st.spec.topic.clone(),
+                queue.to_string(),
+                seq.to_string(),
+                String::new(),
+                format!("not a weirmq message: {e}"),
+                delivered.to_string(),
+                now.clone(),
+                now,
+            ]) {
+                dl.properties.insert((*k).to_string(), v);
+            }
+            match inner.store_dead_letter(&st.spec.group, dl).await {
+                Ok(()) => {
+                    st.counters.dead_lettered.fetch_add(1, AtomicOrdering::Relaxed);
+                    let _ = m.ack_with(AckKind::Term).await;
+                }
+                Err(e) => {
+                    warn!(error = %e, "could not dead-letter an undecodable message; retrying later");
+                    let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                }
+            }
+            return None;
+        }
+    };
+    if !st.spec.filter.matches(&message) {
+        st.counters.filtered.fetch_add(1, AtomicOrdering::Relaxed);
+        let _ = m.ack().await;
+        return None;
+    }
+    if let Some(mut f) = st.failures.get_mut(&seq) {
+        if f.1 {
+            f.1 = false;
+            st.counters
+                .scheduled_retries
+                .fetch_sub(1, AtomicOrdering::Relaxed);
+        }
+    }
+    let token = st.next_token.fetch_add(1, AtomicOrdering::Relaxed);
+    let message = Arc::new(message);
+    st.inflight.insert(
+        token,
+        Entry {
+            msg: m,
+            message: message.clone(),
+            attempt: delivered,
+            seq,
+            _permit: permit,
+        },
+    );
+    st.counters.delivered.fetch_add(1, AtomicOrdering::Relaxed);
+    Some(RawDelivery {
+        message,
+        attempt: delivered,
+        token: SettleToken::new(token, queue as u64),
+    })
+}
+
+async fn settle_loop(
+    inner: Arc<Inner>,
+    st: Arc<SubState>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+) {
+    while let Some(cmd) = commands.recv().await {
+        match cmd {
+            Command::Settle(batch) => {
+                for (token, s) in batch {
+                    let Some((_, e)) = st.inflight.remove(&token.parts().0) else {
+                        continue;
+                    };
+                    settle_one(&inner, &st, e, s).await;
+                }
+            }
+            Command::Stop(done) => {
+                let left: Vec<u64> = st.inflight.iter().map(|e| *e.key()).collect();
+                for t in left {
+                    if let Some((_, e)) = st.inflight.remove(&t) {
+                        let _ = e.msg.ack_with(AckKind::Nak(None)).await;
+                    }
+                }
+                let _ = inner.client.flush().await;
+                let _ = done.send(());
+                return;
+            }
+        }
+    }
+}
+
+async fn settle_one(inner: &Inner, st: &SubState, e: Entry, s: Settlement) {
+    let c = &st.counters;
+    match s {
+        Settlement::Ack => {
+            if let Err(err) = e.msg.ack().await {
+                warn!(error = %err, "ack not sent; the message will be redelivered");
+            }
+            st.failures.remove(&e.seq);
+            c.acked.fetch_add(1, AtomicOrdering::Relaxed);
+        }
+        Settlement::Nack { delay, .. } => {
+            let kind = if delay.is_zero() {
+                AckKind::Nak(None)
+            } else {
+                AckKind::Nak(Some(delay))
+            };
+            if let Err(err) = e.msg.ack_with(kind).await {
+                warn!(error = %err, "nak not sent; the message comes back after the ack wait");
+            }
+            st.failures.entry(e.seq).or_insert((now_ms(), false)).1 = true;
+            c.retried.fetch_add(1, AtomicOrdering::Relaxed);
+            c.scheduled_retries.fetch_add(1, AtomicOrdering::Relaxed);
+        }
+        Settlement::DeadLetter { reason } => {
+            let m = &e.message;
+            let mut dl = OutgoingMessage::new(String::new(), m.body().to_vec());
+            dl.tag = m.tag().map(str::to_string);
+            dl.keys = m.keys().to_vec();
+            dl.properties = m.properties().clone();
+            let now = now_ms();
+            let first = st.failures.remove(&e.seq).map_or(now, |(_, f)| f.0);
+            for (k, v) in DLQ_PROPERTIES.iter().zip([
+                st.spec.topic.clone(),
+                m.queue().to_string(),
+                m.offset().to_string(),
+                m.id().to_string(),
+                reason,
+                e.attempt.to_string(),
+                first.to_string(),
+                now.to_string(),
+            ]) {
+                dl.properties.insert((*k).to_string(), v);
+            }
+            match inner.store_dead_letter(&st.spec.group, dl).await {
+                Ok(()) => {
+                    let _ = e.msg.ack_with(AckKind::Term).await;
+                    c.dead_lettered.fetch_add(1, AtomicOrdering::Relaxed);
+                }
+                Err(err) => {
+                    error!(error = %err, msg_id = %m.id(),
+                        "could not store the dead letter; the message will be delivered again");
+                    let _ = e.msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                }
+            }
+        }
+    }
+}
+
+/// Tells the server every ack-wait/3 that unsettled deliveries are still
+/// being worked on, so a slow handler is not raced by a redelivery.
+async fn keep_alive(ack_wait: Duration, st: Arc<SubState>, mut stop: watch::Receiver<bool>) {
+    let every = (ack_wait / 3).max(Duration::from_millis(300));
+    loop {
+        if tokio::time::timeout(every, stop.changed()).await.is_ok() {
+            return;
+        }
+        let msgs: Vec<jetstream::Message> =
+            st.inflight.iter().map(|e| e.value().msg.clone()).collect();
+        for m in msgs {
+            let _ = m.ack_with(AckKind::Progress).await;
+        }
+    }
+}
+
+/// Moves `group`'s consumers of every queue of `topic` to `to` by
+/// recreating them (JetStream cannot move a durable consumer's start); a
+/// running subscription's fetch loops pick the new ones up.
+pub(crate) async fn reset(
+    inner: &Inner,
+    group: &str,
+    topic: &TopicState,
+    to: ResetTo,
+    running: Option<&SubState>,
+) -> Result<(), Error> {
+    let name = topic.config.name();
+    let stream = inner.stream(&topic_stream(name)).await?;
+    let policy = match to {
+        ResetTo::Earliest => consumer::DeliverPolicy::All,
+        ResetTo::Latest => consumer::DeliverPolicy::New,
+        ResetTo::Time(t) => consumer::DeliverPolicy::ByStartTime {
+            start_time: time::OffsetDateTime::from(t),
+        },
+    };
+    for q in 0..topic.config.queue_count() {
+        let cname = consumer_name(group, q);
+        let limit = match stream.get_consumer::<consumer::pull::Config>(&cname).await {
+            Ok(c) => c.cached_info().config.max_ack_pending.max(1) as usize,
+            Err(_) => running.map_or(16, |s| per_queue_limit(&s.spec, topic.config.queue_count())),
+        };
+        let _ = stream.delete_consumer(&cname).await;
+        let cfg = consumer_config(group, name, q, inner.ack_wait, limit, policy);
+        stream
+            .create_consumer(cfg)
+            .await
+            .map_err(|e| nats_err(format!("recreating consumer {cname}"), e))?;
+    }
+    if let Some(s) = running {
+        // Deliveries from the old consumers finish; their settlements go
+        // nowhere. Forget their retry bookkeeping.
+        s.failures.clear();
+        s.counters.scheduled_retries.store(0, AtomicOrdering::Relaxed);
+    }
+    Ok(())
+}

@@ -1,0 +1,321 @@
+//! The library mechanisms behind delayed and transactional messages on
+//! JetStream (2.9 has no message schedules): a *forwarder* that moves due
+//! delayed messages to their topic and a *checker* that asks transaction
+//! checkers about half messages left open. Both are durable pull consumers
+//! shared by every process on the server, so any live process does the
+//! work; each message waits for its time as a `Nak` with that delay.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_nats::jetstream::{self, consumer, AckKind};
+use bytes::Bytes;
+use futures::StreamExt;
+use tracing::{debug, error, info, warn};
+
+use weirmq_bus::{
+    Error, HalfMessage, Message, OutgoingMessage, SendReceipt, TopicConfig, TransactionOutcome,
+    HALF_TOPIC, SCHEDULE_TOPIC,
+};
+
+use crate::names::*;
+use crate::{is_not_found, nats_err, now_ms, Inner};
+
+/// How long a half message waits when no process here has a checker for
+/// its topic (another process may).
+const NO_CHECKER_RETRY: Duration = Duration::from_secs(5);
+
+pub(crate) fn start(inner: Arc<Inner>) -> Vec<tokio::task::JoinHandle<()>> {
+    let h = inner.handle.clone();
+    vec![
+        h.spawn(run_loop(inner.clone(), SCHEDULE_STREAM, "forwarder", Kind::Forward)),
+        h.spawn(run_loop(inner, HALF_STREAM, "checker", Kind::Check)),
+    ]
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Forward,
+    Check,
+}
+
+async fn run_loop(inner: Arc<Inner>, stream_name: &'static str, durable: &'static str, kind: Kind) {
+    let mut stop = inner.stop.subscribe();
+    let mut consumer = None;
+    while !*stop.borrow() {
+        let c = match consumer.take() {
+            Some(c) => c,
+            None => match open_consumer(&inner, stream_name, durable).await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(stream = stream_name, error = %e, "system consumer unavailable; retrying");
+                    let _ = tokio::time::timeout(Duration::from_secs(1), stop.changed()).await;
+                    continue;
+                }
+            },
+        };
+        let batch = c
+            .batch()
+            .max_messages(256)
+            .expires(Duration::from_secs(1))
+            .messages()
+            .await;
+        let mut msgs = match batch {
+            Ok(m) => m,
+            Err(e) => {
+                debug!(stream = stream_name, error = %e, "system fetch failed");
+                let _ = tokio::time::timeout(Duration::from_millis(200), stop.changed()).await;
+                continue;
+            }
+        };
+        let mut healthy = true;
+        while let Some(m) = msgs.next().await {
+            match m {
+                Ok(m) => match kind {
+                    Kind::Forward => forward(&inner, m).await,
+                    Kind::Check => check(&inner, m).await,
+                },
+                Err(e) => {
+                    debug!(stream = stream_name, error = %e, "system fetch ended");
+                    healthy = false;
+                    break;
+                }
+            }
+        }
+        if healthy {
+            consumer = Some(c);
+        }
+    }
+}
+
+async fn open_consumer(
+    inner: &Inner,
+    stream_name: &str,
+    durable: &str,
+) -> Result<consumer::Consumer<consumer::pull::Config>, Error> {
+    let stream = inner.stream(stream_name).await?;
+    if let Ok(c) = stream.get_consumer(durable).await {
+        return Ok(c);
+    }
+    let cfg = consumer::pull::Config {
+        durable_name: Some(durable.to_string()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        // Every waiting message is pending (naked until its time).
+        max_ack_pending: -1,
+        max_deliver: -1,
+        ..Default::default()
+    };
+    match stream.create_consumer(cfg).await {
+        Ok(c) => Ok(c),
+        Err(e) => stream
+            .get_consumer(durable)
+            .await
+            .map_err(|_| nats_err(format!("creating consumer {durable} on {stream_name}"), e)),
+    }
+}
+
+fn until(at: Option<SystemTime>) -> Option<Duration> {
+    at.and_then(|t| t.duration_since(SystemTime::now()).ok())
+        .filter(|d| !d.is_zero())
+}
+
+/// A delayed message: not due → wait (nak with the rest of its delay); due
+/// → store it in its topic (same id, so a crash between the two steps does
+/// not deliver it twice within the duplicate window), then ack.
+async fn forward(inner: &Inner, m: jetstream::Message) {
+    let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+    let msg = match Message::decode_envelope(Arc::from(SCHEDULE_TOPIC), 0, seq, &m.payload) {
+        Ok((msg, _)) => msg,
+        Err(e) => {
+            error!(seq, error = %e, "a delayed message does not decode; dropping it");
+            let _ = m.ack_with(AckKind::Term).await;
+            return;
+        }
+    };
+    if let Some(wait) = until(msg.deliver_at()) {
+        let _ = m.ack_with(AckKind::Nak(Some(wait))).await;
+        return;
+    }
+    let Some(dest) = msg.destination() else {
+        error!(seq, "a delayed message names no topic; dropping it");
+        let _ = m.ack_with(AckKind::Term).await;
+        return;
+    };
+    let out = msg.for_destination(Arc::from(dest));
+    match inner.store_in_topic(vec![out], ALL_GROUPS).await {
+        Ok(_) => {
+            if let Err(e) = m.double_ack().await {
+                debug!(error = %e, "delayed message forwarded, ack lost (deduplicated if it comes again)");
+            }
+        }
+        Err(e) => {
+            warn!(seq, error = %e, "could not forward a due delayed message; retrying");
+            let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+        }
+    }
+}
+
+async fn read_checks(inner: &Inner, seq: u64) -> u32 {
+    let Ok(stream) = inner.stream(HALF_CHECKS_STREAM).await else {
+        return 0;
+    };
+    match stream
+        .get_last_raw_message_by_subject(&half_checks_subject(seq))
+        .await
+    {
+        Ok(m) => std::str::from_utf8(&m.payload)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+/// Removes a resolved half message and its check count.
+async fn resolve(inner: &Inner, seq: u64) -> Result<bool, Error> {
+    let stream = inner.stream(HALF_STREAM).await?;
+    let deleted = match stream.delete_message(seq).await {
+        Ok(d) => d,
+        Err(e) => {
+            // Already gone: resolved by someone else.
+            debug!(seq, error = %e, "half message already removed");
+            false
+        }
+    };
+    if let Ok(c) = inner.stream(HALF_CHECKS_STREAM).await {
+        let _ = c.purge().filter(half_checks_subject(seq)).await;
+    }
+    Ok(deleted)
+}
+
+async fn check(inner: &Inner, m: jetstream::Message) {
+    let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+    let half = match Message::decode_envelope(Arc::from(HALF_TOPIC), 0, seq, &m.payload) {
+        Ok((msg, _)) => msg,
+        Err(e) => {
+            error!(seq, error = %e, "a half message does not decode; dropping it");
+            let _ = m.ack_with(AckKind::Term).await;
+            return;
+        }
+    };
+    if let Some(wait) = until(half.deliver_at()) {
+        let _ = m.ack_with(AckKind::Nak(Some(wait))).await;
+        return;
+    }
+    let Some(topic) = half.destination().map(str::to_string) else {
+        let _ = m.ack_with(AckKind::Term).await;
+        return;
+    };
+    let Some((checker, cfg)) = inner.checkers.get(&topic).map(|c| c.clone()) else {
+        let _ = m.ack_with(AckKind::Nak(Some(NO_CHECKER_RETRY))).await;
+        return;
+    };
+    let checks = read_checks(inner, seq).await;
+    let msg = half.for_destination(Arc::from(topic.as_str()));
+    if checks >= cfg.max_checks {
+        warn!(topic = %topic, msg_id = %msg.id(), checks,
+            "transaction still unknown after the last check; rolling it back");
+        let _ = resolve(inner, seq).await;
+        let _ = m.ack_with(AckKind::Term).await;
+        return;
+    }
+    let outcome = checker.check(&msg).await;
+    match outcome {
+        TransactionOutcome::Commit => match inner.store_in_topic(vec![msg], ALL_GROUPS).await {
+            Ok(_) => {
+                let _ = resolve(inner, seq).await;
+                let _ = m.ack().await;
+            }
+            Err(e) => {
+                warn!(error = %e, "could not commit a checked transaction; checking again");
+                let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            }
+        },
+        TransactionOutcome::Rollback => {
+            info!(topic = %topic, msg_id = %msg.id(), "transaction rolled back by its checker");
+            let _ = resolve(inner, seq).await;
+            let _ = m.ack().await;
+        }
+        TransactionOutcome::Unknown => {
+            let counted = inner
+                .publish_raw(vec![(
+                    half_checks_subject(seq),
+                    Bytes::from((checks + 1).to_string()),
+                    format!("check-{seq}-{}", checks + 1),
+                )])
+                .await;
+            if let Err(e) = counted {
+                warn!(error = %e, "could not record a transaction check");
+            }
+            let _ = m
+                .ack_with(AckKind::Nak(Some(cfg.check_interval.max(Duration::from_millis(1)))))
+                .await;
+        }
+    }
+}
+
+pub(crate) async fn publish_half(
+    inner: Arc<Inner>,
+    mut message: OutgoingMessage,
+) -> Result<HalfMessage, Error> {
+    let t = inner
+        .topic(TopicConfig::new(message.topic.clone()), false)
+        .await?;
+    let topic = t.config.name().to_string();
+    let cfg = inner
+        .checkers
+        .get(&topic)
+        .map(|c| c.1)
+        .unwrap_or_default();
+    message.deliver_at = Some(SystemTime::now() + cfg.check_immunity);
+    let m = Message::prepare(message, Arc::from(HALF_TOPIC))
+        .as_half()
+        .with_destination(topic.clone());
+    let mut buf = Vec::new();
+    m.encode_envelope(&mut buf);
+    let seq = inner
+        .publish_raw(vec![(half_subject(&topic), Bytes::from(buf), m.id().to_string())])
+        .await?[0];
+    Ok(HalfMessage {
+        message_id: m.id(),
+        topic,
+        offset: seq,
+        check_at_ms: m
+            .deliver_at()
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map_or(now_ms(), |d| d.as_millis() as u64),
+    })
+}
+
+pub(crate) async fn end_transaction(
+    inner: Arc<Inner>,
+    half: HalfMessage,
+    outcome: TransactionOutcome,
+) -> Result<Option<SendReceipt>, Error> {
+    if outcome == TransactionOutcome::Unknown {
+        return Ok(None);
+    }
+    let stream = inner.stream(HALF_STREAM).await?;
+    let raw = match stream.get_raw_message(half.offset).await {
+        Ok(r) => r,
+        Err(e) if is_not_found(&e) => return Ok(None),
+        Err(e) => return Err(nats_err("reading a half message", e)),
+    };
+    let m = match Message::decode_envelope(Arc::from(HALF_TOPIC), 0, raw.sequence, &raw.payload) {
+        Ok((m, _)) if m.id() == half.message_id => m,
+        _ => return Ok(None),
+    };
+    match outcome {
+        TransactionOutcome::Commit => {
+            let out = m.for_destination(Arc::from(half.topic.as_str()));
+            let receipt = inner.store_in_topic(vec![out], ALL_GROUPS).await?.pop();
+            resolve(&inner, half.offset).await?;
+            Ok(receipt)
+        }
+        _ => {
+            resolve(&inner, half.offset).await?;
+            Ok(None)
+        }
+    }
+}

@@ -1,0 +1,672 @@
+//! The conformance suite: one body per behaviour, run against every
+//! backend (the embedded store and NATS JetStream), so a backend cannot
+//! silently diverge. What a backend cannot do must be a typed
+//! `Error::Unsupported` (checked at the end).
+//!
+//! `conformance!` turns each `async fn name(b: Backend)` below into
+//! `embedded::name` and `nats::name` tests.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU32, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use support::backend::Backend;
+use support::*;
+use weirmq::prelude::*;
+use weirmq::{
+    Durability, Error, Ordering, OutgoingMessage, Resend, ResendOutcome, ResetTo, TopicConfig,
+    TransactionConfig, TransactionOutcome,
+};
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[actix::test]
+                async fn $name() {
+                    super::init_tracing();
+                    super::$name(super::Backend::embedded()).await
+                }
+            )*
+        }
+        mod nats {
+            $(
+                #[actix::test]
+                async fn $name() {
+                    super::init_tracing();
+                    let Some(b) = super::Backend::nats().await else { return };
+                    super::$name(b).await
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    publish_then_consume_each_message_once,
+    members_of_a_group_share_the_work,
+    a_failed_message_is_retried_with_its_attempt_count,
+    a_poison_message_is_dead_lettered_and_resent_to_its_group_only,
+    fifo_keeps_publish_order_per_message_group,
+    delayed_messages_arrive_in_due_order_never_early,
+    transactions_commit_roll_back_and_are_checked,
+    tag_and_sql_filters_select_per_group,
+    broadcast_gives_every_member_every_message,
+    reset_replays_from_earliest_a_time_or_skips_to_latest,
+    offsets_survive_a_restart,
+    bad_input_is_a_typed_error_and_unsupported_features_say_so,
+);
+
+async fn publish(bus: &Bus, range: std::ops::Range<u64>) {
+    let events: Vec<Num> = range.map(|n| Num { n }).collect();
+    for chunk in events.chunks(100) {
+        bus.publish_batch(chunk).await.expect("publish");
+    }
+}
+
+fn ns(log: &Log) -> Vec<u64> {
+    let mut v: Vec<u64> = log.entries().iter().map(|e| e.1).collect();
+    v.sort_unstable();
+    v
+}
+
+async fn publish_then_consume_each_message_once(b: Backend) {
+    let bus = b.open().await;
+    let log = Log::default();
+    let sub = bus
+        .subscribe::<Num>("billing")
+        .start_from(StartFrom::Earliest)
+        .members(2, recorders(&log, ack_all()))
+        .start()
+        .await
+        .unwrap();
+    publish(&bus, 0..500).await;
+    delivered(&log, 500).await;
+    caught_up(&bus, "billing", Num::TOPIC).await;
+    assert_eq!(ns(&log), (0..500).collect::<Vec<_>>(), "{}", b.name());
+    assert!(log.entries().iter().all(|e| e.2 == 1), "first attempts only");
+    let stats = sub.stats().await;
+    assert_eq!((stats.delivered, stats.acked), (500, 500));
+    // Stored messages can be read back per queue.
+    let topics = bus.topics().await;
+    let t = topics.iter().find(|t| t.name() == Num::TOPIC).unwrap();
+    let mut read = 0;
+    for q in 0..t.queue_count() {
+        read += bus.read_queue(Num::TOPIC, q, 0, 1000).await.unwrap().len();
+    }
+    assert_eq!(read, 500);
+    sub.drain().await.unwrap();
+    bus.shutdown().await.unwrap();
+}
+
+async fn members_of_a_group_share_the_work(b: Backend) {
+    let bus = b.open().await;
+    let log = Log::default();
+    let slow: Behaviour = Arc::new(|_| {
+        std::thread::sleep(Duration::from_millis(1));
+        Ok(())
+    });
+    let sub = bus
+        .subscribe::<Num>("shipping")
+        .start_from(StartFrom::Earliest)
+        .members(4, recorders(&log, slow))
+        .start()
+        .await
+        .unwrap();
+    publish(&bus, 0..400).await;
+    delivered(&log, 400).await;
+    caught_up(&bus, "shipping", Num::TOPIC).await;
+    assert_eq!(ns(&log), (0..400).collect::<Vec<_>>());
+    let members: HashSet<usize> = log.entries().iter().map(|e| e.0).collect();
+    assert!(members.len() >= 2, "work spread over members: {members:?}");
+    sub.drain().await.unwrap();
+    bus.shutdown().await.unwrap();
+}
+
+async fn a_failed_message_is_retried_with_its_attempt_count(b: Backend) {
+    let bus = b.open().await;
+    let log = Log::default();
+    let sub = bus
+        .subscribe::<Num>("coupons")
+        .start_from(StartFrom::Earliest)
+        .retry(RetryPolicy::fixed(Duration::from_millis(50), 5))
+        .members(
+            2,
+            recorders(
+                &log,
+                Arc::new(|d: &Delivery<Num>| {
+                    if d.event().n % 2 == 0 && d.attempt() < 3 {
+                        Err(HandlerError::retry("not yet"))
+                    } else {
+                        Ok(())
+                    }
+                }),
+            ),
+        )
+        .start()
+        .await
+        .unwrap();
+    let started = Instant::now();
+    publish(&bus, 0..40).await;
+    delivered(&log, 80).await;
+    caught_up(&bus, "coupons", Num::TOPIC).await;
+    let mut attempts: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
+    for (_, n, a) in log.entries() {
+        attempts.entry(n).or_default().push(a);
+    }
+    for (n, mut a) in attempts {
+        a.sort_unstable();
+        let want: Vec<u32> = if n % 2 == 0 { vec![1, 2, 3] } else { vec![1] };
+        assert_eq!(a, want, "attempts of {n} on {}", b.name());
+    }
+    assert!(started.elapsed() >= Duration::from_millis(100), "two 50 ms delays");
+    let stats = sub.stats().await;
+    assert_eq!(stats.retried, 40);
+    assert_eq!(stats.acked, 40);
+    assert_eq!(bus.dead_letter_count("coupons").await.unwrap(), 0);
+    sub.drain().await.unwrap();
+    bus.shutdown().await.unwrap();
+}
+
+async fn a_poison_message_is_dead_lettered_and_resent_to_its_group_only(b: Backend) {
+    let bus = b.open().await;
+    let healed = Arc::new(AtomicU32::new(0));
+    let log = Log::default();
+    let other = Log::default();
+    let h = healed.clone();
+    let sub = bus
+        .subscribe::<Num>("invoices")
+        .start_from(StartFrom::Earliest)
+        .retry(RetryPolicy::fixed(Duration::from_millis(20), 3))
+        .members(
+            2,
+            recorders(
+                &log,
+                Arc::new(move |d: &Delivery<Num>| {
+                    if d.event().n % 10 == 0 && h.load(AtomicOrdering::SeqCst) == 0 {
+                        Err(HandlerError::retry(format!("bad invoice {}", d.event().n)))
+                    } else {
+                        Ok(())
+                    }
+                }),
+            ),
+        )
+        .start()
+        .await
+        .unwrap();
+    let bystander = bus
+        .subscribe::<Num>("audit")
+        .start_from(StartFrom::Earliest)
+        .members(1, recorders(&other, ack_all()))
+        .start()
+        .await
+        .unwrap();
+    publish(&bus, 0..50).await;
+    wait_until("5 dead letters", Duration::from_secs(30), || async {
+        bus.dead_letter_count("invoices").await.unwrap() == 5
+    })
+    .await;
+    caught_up(&bus, "invoices", Num::TOPIC).await;
+    delivered(&other, 50).await;
+    let dls = bus.dead_letters("invoices", 0, 100).await.unwrap();
+    assert_eq!(dls.len(), 5);
+    for d in &dls {
+        assert_eq!(d.attempts(), Some(3));
+        assert_eq!(d.origin_topic(), Some(Num::TOPIC));
+        assert!(d.reason().unwrap().contains("bad invoice"), "{:?}", d.reason());
+        assert!(!d.resent);
+    }
+    let ids: Vec<_> = dls.iter().map(|d| d.original_id().unwrap()).collect();
+    // Fixed: resend them all.
+    healed.store(1, AtomicOrdering::SeqCst);
+    let before = log.len();
+    let reports = bus.resend_dead_letters("invoices", Resend::All).await.unwrap();
+    assert_eq!(reports.len(), 5);
+    assert!(reports.iter().all(|r| r.outcome == ResendOutcome::Resent));
+    delivered(&log, before + 5).await;
+    caught_up(&bus, "invoices", Num::TOPIC).await;
+    let resent: Vec<_> = log.entries()[before..].to_vec();
+    assert!(resent.iter().all(|e| e.1 % 10 == 0 && e.2 == 1), "{resent:?}");
+    // Only to its own group.
+    caught_up(&bus, "audit", Num::TOPIC).await;
+    assert_eq!(other.len(), 50, "the other group did not get the resends");
+    let again = bus
+        .resend_dead_letters("invoices", Resend::Ids(vec![ids[0]]))
+        .await
+        .unwrap();
+    assert_eq!(again[0].outcome, ResendOutcome::AlreadyResent);
+    assert_eq!(bus.purge_dead_letters("invoices").await.unwrap(), 5);
+    assert_eq!(bus.dead_letter_count("invoices").await.unwrap(), 0);
+    sub.drain().await.unwrap();
+    bystander.drain().await.unwrap();
+    bus.shutdown().await.unwrap();
+}
+
+async fn fifo_keeps_publish_order_per_message_group(b: Backend) {
+    const GROUPS: u64 = 8;
+    const EACH: u64 = 25;
+    let bus = b.open().await;
+    let log = Log::default();
+    let flaky = |n: u64, attempt: u32| attempt < 3 && (n * 7 + attempt as u64) % 5 == 0;
+    let sub = bus
+        .subscribe::<Num>("fulfilment")
+        .start_from(StartFrom::Earliest)
+        .ordering(Ordering::Fifo)
+        .retry(RetryPolicy::fixed(Duration::from_millis(10), 5))
+        .members(
+            4,
+            recorders(
+                &log,
+                Arc::new(move |d: &Delivery<Num>| {
+                    if flaky(d.event().n, d.attempt()) {
+                        Err(HandlerError::retry("transient"))
+                    } else {
+                        Ok(())
+                    }
+                }),
+            ),
+        )
+        .start()
+        .await
+        .unwrap();
+    for i in 0..EACH {
+        for g in 0..GROUPS {
+            bus.publish_with(
+                &Num { n: g * 1000 + i },
+                Publish::new().message_group(format!("order-{g}")),
+            )
+            .await
+            .unwrap();
+        }
+    }
+    wait_until("every message acked", Duration::from_secs(60), || async {
+        let acked: HashSet<u64> = log
+            .entries()
+            .iter()
+            .filter(|e| !flaky(e.1, e.2))
+            .map(|e| e.1)
+            .collect();
+        acked.len() as u64 == GROUPS * EACH
+    })
+    .await;
+    let mut order: HashMap<u64, Vec<u64>> = HashMap::new();
+    for (_, n, a) in log.entries() {
+        if !flaky(n, a) {
+            order.entry(n / 1000).or_default().push(n % 1000);
+        }
+    }
+    for g in 0..GROUPS {
+        assert_eq!(
+            order[&g],
+            (0..EACH).collect::<Vec<_>>(),
+            "group {g} on {}",
+            b.name()
+        );
+    }
+    sub.drain().await.unwrap();
+    bus.shutdown().await.unwrap();
+}
+
+async fn delayed_messages_arrive_in_due_order_never_early(b: Backend) {
+    let bus = b.open().await;
+    let arrivals: Arc<Mutex<Vec<(u64, SystemTime)>>> = Arc::default();
+    let log = Log::default();
+    let a = arrivals.clone();
+    let sub = bus
+        .subscribe::<Num>("reminders")
+        .start_from(StartFrom::Earliest)
+        .members(
+            1,
+            recorders(
+                &log,
+                Arc::new(move |d: &Delivery<Num>| {
+                    a.lock().unwrap().push((d.event().n, SystemTime::now()));
+                    Ok(())
+                }),
+            ),
+        )
+        .start()
+        .await
+        .unwrap();
+    let now = SystemTime::now();
+    let due = [
+        (2, now + Duration::from_millis(1500)),
+        (1, now + Duration::from_millis(400)),
+        (0, now),
+    ];
+    for (n, at) in due {
+        let r = bus
+            .publish_with(&Num { n }, Publish::new().deliver_at(at))
+            .await
+            .unwrap();
+        assert_eq!(r.deliver_at.is_some(), n > 0);
+    }
+    delivered(&log, 3).await;
+    let got = arrivals.lock().unwrap().clone();
+    assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), vec![0, 1, 2]);
+    for (n, at) in &got {
+        let due_at = due.iter().find(|d| d.0 == *n).unwrap().1;
+        // Due times are kept to the millisecond.
+        assert!(
+            *at + Duration::from_millis(1) >= due_at,
+            "{n} arrived {:?} early on {}",
+            due_at.duration_since(*at).unwrap_or_default(),
+            b.name()
+        );
+    }
+    let too_far = bus
+        .publish_with(&Num { n: 9 }, Publish::new().delay(Duration::from_secs(48 * 3600)))
+        .await;
+    assert!(matches!(too_far, Err(Error::DelayTooLong { .. })), "{too_far:?}");
+    sub.drain().await.unwrap();
+    bus.shutdown().await.unwrap();
+}
+
+struct CommitEven(Arc<Mutex<Vec<u64>>>);
+
+#[weirmq::async_trait]
+impl weirmq::TransactionChecker for CommitEven {
+    async fn check(&self, m: &weirmq::Message) -> TransactionOutcome {
+        let n: Num = serde_json::from_slice(m.body()).unwrap();
+        self.0.lock().unwrap().push(n.n);
+        if n.n % 2 == 0 {
+            TransactionOutcome::Commit
+        } else {
+            TransactionOutcome::Rollback
+        }
+    }
+}
+
+async fn transactions_commit_roll_back_and_are_checked(b: Backend) {
+    let bus = b.open().await;
+    let checked: Arc<Mutex<Vec<u64>>> = Arc::default();
+    bus.register_checker::<Num>(
+        CommitEven(checked.clone()),
+        TransactionConfig {
+            check_immunity: Duration::from_millis(300),
+            check_interval: Duration::from_millis(200),
+            max_checks: 3,
+        },
+    )
+    .unwrap();
+    let log = Log::default();
+    let sub = bus
+        .subscribe::<Num>("ledger")
+        .start_from(StartFrom::Earliest)
+        .members(1, recorders(&log, ack_all()))
+        .start()
+        .await
+        .unwrap();
+    let outcomes = [
+        (100, TransactionOutcome::Commit),
+        (101, TransactionOutcome::Rollback),
+        (102, TransactionOutcome::Unknown),
+        (103, TransactionOutcome::Unknown),
+    ];
+    let mut ids = HashMap::new();
+    for (n, outcome) in outcomes {
+        let tx = bus
+            .publish_transactional(&Num { n }, Publish::new(), |_| async move { outcome })
+            .await
+            .unwrap();
+        assert_eq!(tx.receipt.is_some(), outcome == TransactionOutcome::Commit);
+        ids.insert(n, tx.half.message_id);
+    }
+    // 100 committed at once; 102 committed by the checker; 101 and 103 never.
+    delivered(&log, 2).await;
+    wait_until("both unknowns checked", Duration::from_secs(20), || async {
+        checked.lock().unwrap().len() >= 2
+    })
+    .await;
+    let mut seen = ns(&log);
+    seen.dedup();
+    assert_eq!(seen, vec![100, 102], "{}", b.name());
+    let mut c = checked.lock().unwrap().clone();
+    c.sort_unstable();
+    assert_eq!(c, vec![102, 103], "each unknown checked once");
+    // Ending an already resolved transaction does nothing.
+    let again = bus
+        .publish_transactional(&Num { n: 104 }, Publish::new(), |_| async {
+            TransactionOutcome::Commit
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        bus.end_transaction(&again.half, TransactionOutcome::Commit)
+            .await
+            .unwrap(),
+        None
+    );
+    delivered(&log, 3).await;
+    let ids_seen: HashSet<_> = ids.values().collect();
+    assert_eq!(ids_seen.len(), 4);
+    sub.drain().await.unwrap();
+    bus.shutdown().await.unwrap();
+}
+
+async fn tag_and_sql_filters_select_per_group(b: Backend) {
+    let bus = b.open().await;
+    let (tags, sql) = (Log::default(), Log::default());
+    let by_tag = bus
+        .subscribe::<Num>("vip-desk")
+        .start_from(StartFrom::Earliest)
+        .filter(Filter::tags("vip || gold").unwrap())
+        .members(1, recorders(&tags, ack_all()))
+        .start()
+        .await
+        .unwrap();
+    let by_sql = bus
+        .subscribe::<Num>("big-orders")
+        .start_from(StartFrom::Earliest)
+        .filter(Filter::sql("amount > 100 AND region IN ('eu', 'us')").unwrap())
+        .members(1, recorders(&sql, ack_all()))
+        .start()
+        .await
+        .unwrap();
+    let tag_of = |n: u64| ["vip", "gold", "plain", "bronze"][(n % 4) as usize];
+    let region_of = |n: u64| ["eu", "us", "apac"][(n % 3) as usize];
+    for n in 0..60u64 {
+        bus.publish_with(
+            &Num { n },
+            Publish::new()
+                .tag(tag_of(n))
+                .property("amount", (n * 5).to_string())
+                .property("region", region_of(n)),
+        )
+        .await
+        .unwrap();
+    }
+    let want_tags: Vec<u64> = (0..60).filter(|n| n % 4 < 2).collect();
+    let want_sql: Vec<u64> = (0..60)
+        .filter(|n| n * 5 > 100 && n % 3 < 2)
+        .collect();
+    delivered(&tags, want_tags.len()).await;
+    delivered(&sql, want_sql.len()).await;
+    caught_up(&bus, "vip-desk", Num::TOPIC).await;
+    caught_up(&bus, "big-orders", Num::TOPIC).await;
+    assert_eq!(ns(&tags), want_tags, "tags on {}", b.name());
+    assert_eq!(ns(&sql), want_sql, "sql on {}", b.name());
+    assert_eq!(by_tag.stats().await.filtered, 30);
+    by_tag.drain().await.unwrap();
+    by_sql.drain().await.unwrap();
+    bus.shutdown().await.unwrap();
+}
+
+async fn broadcast_gives_every_member_every_message(b: Backend) {
+    let bus = b.open().await;
+    let log = Log::default();
+    let sub = bus
+        .subscribe::<Num>("caches")
+        .start_from(StartFrom::Earliest)
+        .broadcast(["node-a", "node-b", "node-c"])
+        .members(1, recorders(&log, ack_all()))
+        .start()
+        .await
+        .unwrap();
+    publish(&bus, 0..100).await;
+    delivered(&log, 300).await;
+    for g in sub.position_groups() {
+        caught_up(&bus, g, Num::TOPIC).await;
+    }
+    let mut per_member: HashMap<usize, Vec<u64>> = HashMap::new();
+    for (m, n, _) in log.entries() {
+        per_member.entry(m).or_default().push(n);
+    }
+    assert_eq!(per_member.len(), 3);
+    for (m, mut v) in per_member {
+        v.sort_unstable();
+        assert_eq!(v, (0..100).collect::<Vec<_>>(), "member {m} on {}", b.name());
+    }
+    sub.drain().await.unwrap();
+    bus.shutdown().await.unwrap();
+}
+
+async fn reset_replays_from_earliest_a_time_or_skips_to_latest(b: Backend) {
+    let bus = b.open().await;
+    let log = Log::default();
+    let start = |log: &Log| {
+        bus.subscribe::<Num>("replay")
+            .start_from(StartFrom::Earliest)
+            .members(1, recorders(log, ack_all()))
+            .start()
+    };
+    let sub = start(&log).await.unwrap();
+    publish(&bus, 0..30).await;
+    delivered(&log, 30).await;
+    caught_up(&bus, "replay", Num::TOPIC).await;
+    // Replay everything, on a running group.
+    bus.reset_offsets("replay", Num::TOPIC, ResetTo::Earliest)
+        .await
+        .unwrap();
+    delivered(&log, 60).await;
+    caught_up(&bus, "replay", Num::TOPIC).await;
+    let counts = log.counts();
+    assert!((0..30).all(|n| counts[&n] == 2), "{counts:?}");
+    sub.drain().await.unwrap();
+
+    // From a point in time: exactly the messages published at or after it.
+    let before = SystemTime::now();
+    wait_until("the clock moved on", Duration::from_secs(1), || async {
+        SystemTime::now() > before + Duration::from_millis(20)
+    })
+    .await;
+    let t = SystemTime::now();
+    publish(&bus, 100..110).await;
+    bus.reset_offsets("replay", Num::TOPIC, ResetTo::Time(t))
+        .await
+        .unwrap();
+    let log2 = Log::default();
+    let sub = start(&log2).await.unwrap();
+    delivered(&log2, 10).await;
+    caught_up(&bus, "replay", Num::TOPIC).await;
+    assert_eq!(ns(&log2), (100..110).collect::<Vec<_>>(), "{}", b.name());
+    sub.drain().await.unwrap();
+
+    // Skip a backlog built while the group was stopped.
+    publish(&bus, 200..250).await;
+    let positions = bus
+        .reset_offsets("replay", Num::TOPIC, ResetTo::Latest)
+        .await
+        .unwrap();
+    assert_eq!(positions.iter().map(|p| p.lag).sum::<u64>(), 0);
+    let log3 = Log::default();
+    let sub = start(&log3).await.unwrap();
+    publish(&bus, 300..305).await;
+    delivered(&log3, 5).await;
+    caught_up(&bus, "replay", Num::TOPIC).await;
+    assert_eq!(ns(&log3), (300..305).collect::<Vec<_>>());
+    sub.drain().await.unwrap();
+    bus.shutdown().await.unwrap();
+}
+
+async fn offsets_survive_a_restart(b: Backend) {
+    let bus = b.open().await;
+    let log = Log::default();
+    let sub = bus
+        .subscribe::<Num>("mailer")
+        .start_from(StartFrom::Earliest)
+        .members(2, recorders(&log, ack_all()))
+        .start()
+        .await
+        .unwrap();
+    publish(&bus, 0..100).await;
+    delivered(&log, 100).await;
+    caught_up(&bus, "mailer", Num::TOPIC).await;
+    sub.drain().await.unwrap();
+    publish(&bus, 100..150).await;
+    bus.shutdown().await.unwrap();
+
+    let bus = b.open().await;
+    assert_eq!(lag(&bus, "mailer", Num::TOPIC).await, 50, "{}", b.name());
+    let log2 = Log::default();
+    let sub = bus
+        .subscribe::<Num>("mailer")
+        .members(2, recorders(&log2, ack_all()))
+        .start()
+        .await
+        .unwrap();
+    delivered(&log2, 50).await;
+    caught_up(&bus, "mailer", Num::TOPIC).await;
+    assert_eq!(ns(&log2), (100..150).collect::<Vec<_>>(), "no replay, nothing lost");
+    sub.drain().await.unwrap();
+    bus.shutdown().await.unwrap();
+}
+
+async fn bad_input_is_a_typed_error_and_unsupported_features_say_so(b: Backend) {
+    let bus = b
+        .builder()
+        .limits(weirmq::Limits {
+            max_body_bytes: 1024,
+            ..Default::default()
+        })
+        .open()
+        .await
+        .unwrap();
+    let big = bus
+        .publish_raw(OutgoingMessage::new("blobs", vec![0u8; 2048]), Durability::Flushed)
+        .await;
+    assert!(matches!(big, Err(e) if matches!(e.error, Error::BodyTooLarge { .. })));
+    let bad = bus
+        .publish_raw(OutgoingMessage::new("bad topic!", b"x".to_vec()), Durability::Flushed)
+        .await;
+    assert!(matches!(bad, Err(e) if matches!(e.error, Error::InvalidName { .. })));
+    let r = bus
+        .subscribe::<Num>("bad group!")
+        .members(1, recorders(&Log::default(), ack_all()))
+        .start()
+        .await;
+    assert!(matches!(r, Err(Error::InvalidName { .. })));
+    assert!(matches!(
+        bus.create_topic(TopicConfig::new("wide").queues(0)).await,
+        Err(Error::InvalidConfig { .. })
+    ));
+    bus.create_topic(TopicConfig::new("wide").queues(8)).await.unwrap();
+    assert!(matches!(
+        bus.create_topic(TopicConfig::new("wide").queues(4)).await,
+        Err(Error::TopicConflict { .. })
+    ));
+    // What the backend does not do is a typed `Unsupported`, never a
+    // silent difference.
+    let r = bus.publish(&Num { n: 1 }).await.unwrap();
+    let unsupported = |e: &Error| matches!(e, Error::Unsupported { .. });
+    let query = bus.query_id(r.message_id).await;
+    let outbox = bus
+        .publish_with_state(&Num { n: 2 }, Publish::new(), weirmq::StateBatch::new().put("k", "v"))
+        .await;
+    let retention = bus.enforce_retention().await;
+    if b.is_nats() {
+        assert!(matches!(&query, Err(e) if unsupported(e)), "{query:?}");
+        assert!(matches!(&outbox, Err(e) if unsupported(e)), "{outbox:?}");
+        assert!(matches!(&retention, Err(e) if unsupported(e)), "{retention:?}");
+        let msg = query.unwrap_err().to_string();
+        assert!(msg.contains("docs/scaling.md"), "{msg}");
+    } else {
+        assert!(query.unwrap().is_some());
+        outbox.unwrap();
+        retention.unwrap();
+    }
+    bus.shutdown().await.unwrap();
+}

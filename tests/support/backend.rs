@@ -1,0 +1,172 @@
+//! The backends a conformance test runs against: the embedded store in a
+//! temp dir, or a NATS JetStream server of the test's own.
+//!
+//! NATS tests start `nats-server -js -p <free port> -sd <temp dir>` (on
+//! the PATH), so they are hermetic and run in parallel. Without the binary
+//! they use `NATS_URL` if it is set (serialised, and every weirmq stream
+//! is deleted first); otherwise they fail when `WEIRMQ_REQUIRE_NATS` is set
+//! (CI sets it) and are skipped with a message saying why when it is not.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use weirmq::prelude::*;
+
+/// A NATS server started for one test, killed when dropped.
+pub struct NatsServer {
+    child: Option<Child>,
+    /// `nats://127.0.0.1:<port>`.
+    pub url: String,
+    _dir: Option<tempfile::TempDir>,
+    _shared: Option<std::sync::MutexGuard<'static, ()>>,
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+static SHARED: Mutex<()> = Mutex::new(());
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn has_nats_server() -> bool {
+    Command::new("nats-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+impl NatsServer {
+    /// Starts a JetStream server on a free port with its own store, and
+    /// waits until it accepts connections. `None` (with a message on
+    /// stderr) when there is no server to be had and the run does not
+    /// require one.
+    pub fn start() -> Option<NatsServer> {
+        if has_nats_server() {
+            return Some(Self::spawn());
+        }
+        if let Ok(url) = std::env::var("NATS_URL") {
+            let guard = SHARED.lock().unwrap_or_else(|p| p.into_inner());
+            eprintln!("nats-server is not on the PATH: using NATS_URL={url} (tests serialised)");
+            return Some(NatsServer {
+                child: None,
+                url,
+                _dir: None,
+                _shared: Some(guard),
+            });
+        }
+        let why = "nats-server is not on the PATH and NATS_URL is not set \
+                   (install it: `apt-get install nats-server`, or set NATS_URL)";
+        if std::env::var_os("WEIRMQ_REQUIRE_NATS").is_some() {
+            panic!("{why}; WEIRMQ_REQUIRE_NATS is set, so this is a failure");
+        }
+        eprintln!("SKIPPED (NATS backend): {why}");
+        None
+    }
+
+    fn spawn() -> NatsServer {
+        let dir = tempfile::Builder::new()
+            .prefix("weirmq-nats-")
+            .tempdir()
+            .expect("temp dir");
+        let port = free_port();
+        let child = Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        let server = NatsServer {
+            child: Some(child),
+            url: format!("nats://127.0.0.1:{port}"),
+            _dir: Some(dir),
+            _shared: None,
+        };
+        let end = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < end, "nats-server did not listen within 10 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        server
+    }
+
+    /// Deletes every weirmq stream (for a shared server).
+    async fn clean(&self) {
+        if self.child.is_some() {
+            return;
+        }
+        let bus = Bus::builder().nats(self.url.clone()).open().await.unwrap();
+        bus.shutdown().await.unwrap();
+        let client = async_nats::connect(&self.url).await.expect("connect");
+        let js = async_nats::jetstream::new(client);
+        use futures::StreamExt;
+        let names: Vec<String> = js
+            .stream_names()
+            .filter_map(|n| async move { n.ok() })
+            .collect()
+            .await;
+        for n in names.into_iter().filter(|n| n.starts_with("WQ_")) {
+            let _ = js.delete_stream(&n).await;
+        }
+    }
+}
+
+/// Where a conformance test's bus keeps its messages.
+pub enum Backend {
+    /// The embedded sled store in a temp dir.
+    Embedded(tempfile::TempDir),
+    /// A NATS JetStream server.
+    Nats(NatsServer),
+}
+
+impl Backend {
+    pub fn embedded() -> Backend {
+        Backend::Embedded(super::temp_dir())
+    }
+
+    /// `None` when the test is skipped (no server, not required).
+    pub async fn nats() -> Option<Backend> {
+        let server = NatsServer::start()?;
+        server.clean().await;
+        Some(Backend::Nats(server))
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Embedded(_) => "embedded",
+            Backend::Nats(_) => "nats",
+        }
+    }
+
+    pub fn is_nats(&self) -> bool {
+        matches!(self, Backend::Nats(_))
+    }
+
+    /// A builder on this backend (the same storage every time: opening
+    /// again after a shutdown is a restart).
+    pub fn builder(&self) -> weirmq::BusBuilder {
+        match self {
+            Backend::Embedded(dir) => Bus::builder().data_dir(dir.path()),
+            Backend::Nats(s) => Bus::builder().nats(s.url.clone()),
+        }
+    }
+
+    /// Opens a bus on this backend.
+    pub async fn open(&self) -> Bus {
+        self.builder().open().await.expect("open the bus")
+    }
+}
