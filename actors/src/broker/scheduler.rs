@@ -70,6 +70,10 @@ pub(crate) struct Scheduler {
     /// Half messages ended while their check was in flight: the check's
     /// answer is ignored.
     ended: HashSet<u64>,
+    /// Entries resolved (moved, committed, rolled back) whose removal from
+    /// the store is not confirmed yet: a second `end_transaction`, or a
+    /// reload of the window, must not see them as open.
+    resolving: Arc<std::sync::Mutex<HashSet<u64>>>,
     /// The last entry loaded from the store, when some later ones were
     /// left there; `None` when every stored entry is in memory.
     loaded_to: Option<ScheduleEntry>,
@@ -103,6 +107,7 @@ impl Scheduler {
             halves: HashMap::new(),
             checking: HashSet::new(),
             ended: HashSet::new(),
+            resolving: Arc::default(),
             loaded_to: None,
             load_failed: false,
         }
@@ -128,6 +133,14 @@ impl Scheduler {
     }
 
     fn add(&mut self, e: ScheduleEntry) {
+        if self
+            .resolving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&e.seq)
+        {
+            return;
+        }
         if e.checks.is_some() {
             self.halves.insert(e.seq, e);
         }
@@ -261,6 +274,10 @@ impl Scheduler {
                     // The producer hears of it; the checker will ask later.
                     Some(r) => {
                         let _ = r.send(Err(e));
+                        act.resolving
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&entry.seq);
                         act.add(entry);
                     }
                     None => {
@@ -351,15 +368,25 @@ impl Scheduler {
     }
 
     fn unschedule(&self, entries: Vec<ScheduleEntry>) {
+        let seqs: Vec<u64> = entries.iter().map(|e| e.seq).collect();
+        self.resolving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(seqs.iter().copied());
+        let resolving = self.resolving.clone();
         self.persistence.do_send(UpdateRetries {
             put: Vec::new(),
             remove: Vec::new(),
             resent: Vec::new(),
             unschedule: entries,
             reschedule: Vec::new(),
-            done: Box::new(|r| {
+            done: Box::new(move |r| {
                 if let Err(e) = r {
                     warn!(error = %e, "removing delayed-message entries failed (they will be delivered again after a restart)");
+                }
+                let mut resolving = resolving.lock().unwrap_or_else(|p| p.into_inner());
+                for s in seqs {
+                    resolving.remove(&s);
                 }
             }),
         });
@@ -416,7 +443,13 @@ impl Handler<EndTransaction> for Scheduler {
 
     fn handle(&mut self, msg: EndTransaction, ctx: &mut Context<Self>) -> Self::Result {
         let seq = ScheduleEntry::seq_of(msg.half_topic_id, msg.half.offset);
-        if msg.outcome == TransactionOutcome::Unknown {
+        if msg.outcome == TransactionOutcome::Unknown
+            || self
+                .resolving
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&seq)
+        {
             return Box::pin(async { Ok(None) });
         }
         // The entry as it is now: known here, or still as first written.
@@ -442,6 +475,11 @@ impl Handler<EndTransaction> for Scheduler {
         };
         self.due.remove(entry.due_ms, entry.seq);
         self.halves.remove(&seq);
+        // Until its removal is stored, a second end finds it resolved.
+        self.resolving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(seq);
         if self.checking.contains(&seq) {
             self.ended.insert(seq);
         }
