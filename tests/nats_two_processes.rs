@@ -1,0 +1,212 @@
+//! Two OS processes in one consumer group on one NATS JetStream server
+//! (harness = false: this binary is the test and both workers).
+//!
+//! The test starts its own `nats-server`, publishes 3,000 jobs, and starts
+//! two workers (this binary, as children) in group `workers`. Each worker
+//! writes `recv <n>` when a job is delivered and `done <n>` after handling
+//! it (then acks). Once both have done work, worker A is SIGKILLed with
+//! jobs delivered to it and not acked. Worker B must then get those jobs
+//! (after the ack wait, 2 s here) and finish every job: nothing lost.
+
+use std::collections::BTreeSet;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use weirmq::nats::NatsConfig;
+use weirmq::prelude::*;
+
+mod support;
+
+const CHILD_ENV: &str = "WEIRMQ_NATS_WORKER";
+const JOBS: u64 = 3000;
+const ACK_WAIT: Duration = Duration::from_secs(2);
+
+#[derive(Serialize, Deserialize, Debug)]
+struct Job {
+    n: u64,
+}
+
+impl Event for Job {
+    const TOPIC: &'static str = "jobs";
+}
+
+fn main() {
+    support::self_exec_main(
+        "a_killed_workers_unacked_jobs_go_to_the_other_process",
+        "nats two processes",
+        CHILD_ENV,
+        |arg| worker(&arg),
+        a_killed_workers_unacked_jobs_go_to_the_other_process,
+    );
+}
+
+fn config(url: &str) -> NatsConfig {
+    let mut c = NatsConfig::new(url);
+    c.ack_wait = ACK_WAIT;
+    c
+}
+
+struct Worker {
+    out: Arc<Mutex<std::fs::File>>,
+}
+
+impl Actor for Worker {
+    type Context = Context<Self>;
+}
+
+impl Handler<Delivery<Job>> for Worker {
+    type Result = Result<(), HandlerError>;
+
+    fn handle(&mut self, d: Delivery<Job>, _: &mut Context<Self>) -> Self::Result {
+        let n = d.event().n;
+        let mut f = self.out.lock().unwrap();
+        writeln!(f, "recv {n}").unwrap();
+        // The work: slow enough that jobs wait in flight behind it.
+        std::thread::sleep(Duration::from_millis(2));
+        writeln!(f, "done {n} {}", d.attempt()).unwrap();
+        Ok(())
+    }
+}
+
+/// `<url> <output file>`: works on `jobs` in group `workers` until killed.
+fn worker(arg: &str) {
+    let (url, path) = arg.split_once(' ').expect("url and path");
+    let out = Arc::new(Mutex::new(
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("output file"),
+    ));
+    actix::System::new().block_on(async move {
+        let bus = Bus::builder()
+            .nats_config(config(url))
+            .open()
+            .await
+            .expect("open");
+        let _sub = bus
+            .subscribe::<Job>("workers")
+            .start_from(StartFrom::Earliest)
+            .max_in_flight(64)
+            .members(1, move || Worker { out: out.clone() })
+            .start()
+            .await
+            .expect("subscribe");
+        std::future::pending::<()>().await;
+    });
+}
+
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// (received, done, redelivered) job numbers in a worker's output.
+fn read(path: &std::path::Path) -> (BTreeSet<u64>, BTreeSet<u64>, BTreeSet<u64>) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let (mut recv, mut done, mut again) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+    for line in text.lines() {
+        let mut parts = line.split(' ');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some("recv"), Some(n), _) => {
+                recv.insert(n.parse().unwrap());
+            }
+            (Some("done"), Some(n), Some(attempt)) => {
+                let n: u64 = n.parse().unwrap();
+                done.insert(n);
+                if attempt != "1" {
+                    again.insert(n);
+                }
+            }
+            // A line cut short by the kill.
+            _ => {}
+        }
+    }
+    (recv, done, again)
+}
+
+fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + deadline;
+    while !cond() {
+        assert!(Instant::now() < end, "timed out after {deadline:?} waiting until {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn a_killed_workers_unacked_jobs_go_to_the_other_process() {
+    let Some(server) = support::backend::NatsServer::start() else {
+        return;
+    };
+    let dir = support::temp_dir();
+    let (a_out, b_out) = (dir.path().join("a.log"), dir.path().join("b.log"));
+    // The jobs, published before the workers start.
+    actix::System::new().block_on(async {
+        let bus = Bus::builder()
+            .nats_config(config(&server.url))
+            .open()
+            .await
+            .unwrap();
+        let jobs: Vec<Job> = (0..JOBS).map(|n| Job { n }).collect();
+        for chunk in jobs.chunks(500) {
+            bus.publish_batch(chunk).await.unwrap();
+        }
+        bus.shutdown().await.unwrap();
+    });
+    let spawn = |out: &std::path::Path| {
+        Kill(
+            Command::new(std::env::current_exe().unwrap())
+                .env(CHILD_ENV, format!("{} {}", server.url, out.display()))
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("spawn worker"),
+        )
+    };
+    let mut a = spawn(&a_out);
+    let b = spawn(&b_out);
+    wait_for("both workers have done work", Duration::from_secs(60), || {
+        read(&a_out).1.len() >= 200 && !read(&b_out).1.is_empty()
+    });
+    a.0.kill().unwrap();
+    a.0.wait().unwrap();
+    let killed_at = Instant::now();
+    let (a_recv, a_done, _) = read(&a_out);
+    // Being handled when A died.
+    let unacked: BTreeSet<u64> = a_recv.difference(&a_done).copied().collect();
+    wait_for("every job is done by one of the workers", Duration::from_secs(120), || {
+        let (_, b_done, _) = read(&b_out);
+        a_done.union(&b_done).count() as u64 == JOBS
+    });
+    let (_, b_done, b_again) = read(&b_out);
+    let all: BTreeSet<u64> = a_done.union(&b_done).copied().collect();
+    assert_eq!(all, (0..JOBS).collect::<BTreeSet<_>>(), "no job lost");
+    assert!(
+        unacked.iter().all(|n| b_done.contains(n)),
+        "every job A received and did not finish was done by B"
+    );
+    // A held more jobs than the one it was handling (fetched, in its
+    // mailbox, unacked): the server gave them to B after the ack wait, as
+    // redeliveries.
+    assert!(
+        !b_again.is_empty(),
+        "B received some of A's unacked jobs as redeliveries"
+    );
+    let shared = a_done.len() as u64;
+    assert!(shared > 0 && shared < JOBS, "A did {shared} of {JOBS}: work was shared");
+    println!(
+        "A did {} jobs before the kill ({} being handled), B did {} ({} redelivered from A); \
+         every job done {:.1} s after the kill",
+        a_done.len(),
+        unacked.len(),
+        b_done.len(),
+        b_again.len(),
+        killed_at.elapsed().as_secs_f64()
+    );
+    drop(b);
+}
