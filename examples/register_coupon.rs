@@ -6,7 +6,10 @@
 //! each new user. Later, marketing adds a `gift-pack` group: it subscribes to
 //! the same topic and the registration code is not touched.
 //!
-//! Run: `cargo run --example register_coupon` (data in `./weirmq-data`).
+//! Run: `cargo run --example register_coupon` (data in `./weirmq-data`), or
+//! the same demo on NATS JetStream:
+//! `cargo run --example register_coupon -- --nats nats://127.0.0.1:4222`
+//! (or set `WEIRMQ_NATS_URL`). Nothing but the bus's builder changes.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -116,7 +119,19 @@ async fn wait_for(seen: &Seen, n: usize) -> bool {
 
 #[actix::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let bus = Bus::builder().open().await?; // ./weirmq-data
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let nats = match args.as_slice() {
+        [] => std::env::var("WEIRMQ_NATS_URL").ok(),
+        [flag, url] if flag == "--nats" => Some(url.clone()),
+        _ => return Err("usage: register_coupon [--nats nats://host:4222]".into()),
+    };
+    let bus = match &nats {
+        Some(url) => {
+            println!("[bus] NATS JetStream at {url}");
+            Bus::builder().nats(url.clone()).open().await?
+        }
+        None => Bus::builder().open().await?, // ./weirmq-data
+    };
     let registration = Registration { bus: bus.clone() };
 
     // The coupon service subscribes; a group that already ran resumes where it left off.
