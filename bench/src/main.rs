@@ -28,7 +28,8 @@ struct Args {
     /// Run only scenarios whose name contains this.
     #[arg(long)]
     only: Option<String>,
-    /// Skip the NATS JetStream peer (it needs `nats-server` on the PATH).
+    /// Skip the NATS scenarios, weirmq's NATS backend and the JetStream
+    /// peer (they need `nats-server` on the PATH).
     #[arg(long)]
     no_peer: bool,
     /// Payload bytes per message.
@@ -157,6 +158,8 @@ enum Store {
     Memory,
     Buffered,
     Flushed,
+    /// weirmq on NATS JetStream (a server of the scenario's own).
+    Nats,
 }
 
 impl Store {
@@ -165,6 +168,7 @@ impl Store {
             Store::Memory => "memory",
             Store::Buffered => "buffered",
             Store::Flushed => "flushed",
+            Store::Nats => "nats",
         }
     }
 }
@@ -181,14 +185,24 @@ struct Run {
     payload: usize,
 }
 
-async fn open(store: Store, dir: &Path) -> Bus {
+/// A bus on `store`; for NATS, with the server it runs on (keep it alive).
+async fn open_on(store: Store, dir: &Path) -> (Bus, Option<NatsServer>) {
     let b = Bus::builder();
-    let b = match store {
-        Store::Memory => b.in_memory().durability(Durability::Buffered),
-        Store::Buffered => b.data_dir(dir).durability(Durability::Buffered),
-        Store::Flushed => b.data_dir(dir).durability(Durability::Flushed),
+    let (b, server) = match store {
+        Store::Memory => (b.in_memory().durability(Durability::Buffered), None),
+        Store::Buffered => (b.data_dir(dir).durability(Durability::Buffered), None),
+        Store::Flushed => (b.data_dir(dir).durability(Durability::Flushed), None),
+        Store::Nats => {
+            let server = start_nats().await.expect("nats-server for the NATS backend");
+            (b.nats(server.url.clone()), Some(server))
+        }
     };
-    b.open().await.expect("open bus")
+    (b.open().await.expect("open bus"), server)
+}
+
+async fn open(store: Store, dir: &Path) -> Bus {
+    assert!(store != Store::Nats, "use open_on for NATS");
+    open_on(store, dir).await.0
 }
 
 /// Publishes `messages` from `publishers` tasks (single or batch publishes),
@@ -196,7 +210,7 @@ async fn open(store: Store, dir: &Path) -> Bus {
 /// (per publish call without groups, end to end with them).
 async fn weirmq_run(r: Run) -> Res {
     let dir = tempfile::tempdir().expect("temp dir");
-    let bus = open(r.store, dir.path()).await;
+    let (bus, _server) = open_on(r.store, dir.path()).await;
     bus.create_topic(TopicConfig::new(BenchEvent::TOPIC).queues(r.queues))
         .await
         .expect("topic");
@@ -279,7 +293,7 @@ async fn weirmq_run(r: Run) -> Res {
 /// paced every millisecond.
 async fn fixed_load(name: &str, store: Store, rate: u64, secs: f64, payload: usize) -> Res {
     let dir = tempfile::tempdir().expect("temp dir");
-    let bus = open(store, dir.path()).await;
+    let (bus, _server) = open_on(store, dir.path()).await;
     let count = Arc::new(AtomicU64::new(0));
     let lat = Arc::new(Mutex::new(Vec::new()));
     let (c, l) = (count.clone(), lat.clone());
@@ -888,7 +902,9 @@ fn scenarios(q: bool, payload: usize) -> Vec<(String, Scenario)> {
         let (n1, n64, nb) = match store {
             Store::Memory => (scale(q, 100_000), scale(q, 500_000), scale(q, 2_000_000)),
             Store::Buffered => (scale(q, 50_000), scale(q, 300_000), scale(q, 2_000_000)),
-            Store::Flushed => (scale(q, 10_000), scale(q, 300_000), scale(q, 1_000_000)),
+            Store::Flushed | Store::Nats => {
+                (scale(q, 10_000), scale(q, 300_000), scale(q, 1_000_000))
+            }
         };
         for (groups, kind) in [(0, "publish"), (1, "e2e")] {
             for (publishers, batch, n, shape) in [
@@ -913,6 +929,37 @@ fn scenarios(q: bool, payload: usize) -> Vec<(String, Scenario)> {
             }
         }
     }
+    // weirmq on NATS JetStream, beside the embedded store above and the raw
+    // JetStream peer below (same server build, same payload).
+    for (groups, kind) in [(0, "publish"), (1, "e2e")] {
+        for (publishers, batch, n, shape) in [
+            (64, 1, scale(q, 100_000), "p64/single"),
+            (4, 256, scale(q, 300_000), "p4/batch256"),
+        ] {
+            let name = format!("{kind}/nats/{shape}");
+            v.push((
+                name.clone(),
+                Scenario::Weirmq(Run {
+                    name,
+                    store: Store::Nats,
+                    publishers,
+                    batch,
+                    messages: n,
+                    groups,
+                    queues: 4,
+                    payload,
+                }),
+            ));
+        }
+    }
+    v.push((
+        "latency/nats/offered_10k".into(),
+        Scenario::FixedLoad {
+            store: Store::Nats,
+            rate: 10_000,
+            secs: if q { 2.0 } else { 10.0 },
+        },
+    ));
     for (queues, groups, name) in [
         (1, 1, "e2e/buffered/p64/single/queues1"),
         (4, 1, "e2e/buffered/p64/single/queues4"),
@@ -1051,7 +1098,7 @@ fn main() {
         .iter()
         .map(|(n, _)| n.clone())
         .filter(|n| args.only.as_deref().is_none_or(|o| n.contains(o)))
-        .filter(|n| !(args.no_peer && n.starts_with("peer/")))
+        .filter(|n| !(args.no_peer && (n.starts_with("peer/") || n.contains("/nats/"))))
         .collect();
     if args.list {
         for n in wanted {
