@@ -110,3 +110,8 @@ pub struct MessageTypesDocDoctests;
 #[cfg(doctest)]
 #[doc = include_str!("../docs/retention-query-trace.md")]
 pub struct RetentionDocDoctests;
+
+/// The Rust examples of `docs/scaling.md`, compiled as doc tests.
+#[cfg(all(doctest, feature = "nats"))]
+#[doc = include_str!("../docs/scaling.md")]
+pub struct ScalingDocDoctests;

@@ -87,7 +87,10 @@ async fn publish_then_consume_each_message_once(b: Backend) {
     delivered(&log, 500).await;
     caught_up(&bus, "billing", Num::TOPIC).await;
     assert_eq!(ns(&log), (0..500).collect::<Vec<_>>(), "{}", b.name());
-    assert!(log.entries().iter().all(|e| e.2 == 1), "first attempts only");
+    assert!(
+        log.entries().iter().all(|e| e.2 == 1),
+        "first attempts only"
+    );
     let stats = sub.stats().await;
     assert_eq!((stats.delivered, stats.acked), (500, 500));
     // Stored messages can be read back per queue.
@@ -162,7 +165,10 @@ async fn a_failed_message_is_retried_with_its_attempt_count(b: Backend) {
         let want: Vec<u32> = if n % 2 == 0 { vec![1, 2, 3] } else { vec![1] };
         assert_eq!(a, want, "attempts of {n} on {}", b.name());
     }
-    assert!(started.elapsed() >= Duration::from_millis(100), "two 50 ms delays");
+    assert!(
+        started.elapsed() >= Duration::from_millis(100),
+        "two 50 ms delays"
+    );
     let stats = sub.stats().await;
     assert_eq!(stats.retried, 40);
     assert_eq!(stats.acked, 40);
@@ -216,20 +222,30 @@ async fn a_poison_message_is_dead_lettered_and_resent_to_its_group_only(b: Backe
     for d in &dls {
         assert_eq!(d.attempts(), Some(3));
         assert_eq!(d.origin_topic(), Some(Num::TOPIC));
-        assert!(d.reason().unwrap().contains("bad invoice"), "{:?}", d.reason());
+        assert!(
+            d.reason().unwrap().contains("bad invoice"),
+            "{:?}",
+            d.reason()
+        );
         assert!(!d.resent);
     }
     let ids: Vec<_> = dls.iter().map(|d| d.original_id().unwrap()).collect();
     // Fixed: resend them all.
     healed.store(1, AtomicOrdering::SeqCst);
     let before = log.len();
-    let reports = bus.resend_dead_letters("invoices", Resend::All).await.unwrap();
+    let reports = bus
+        .resend_dead_letters("invoices", Resend::All)
+        .await
+        .unwrap();
     assert_eq!(reports.len(), 5);
     assert!(reports.iter().all(|r| r.outcome == ResendOutcome::Resent));
     delivered(&log, before + 5).await;
     caught_up(&bus, "invoices", Num::TOPIC).await;
     let resent: Vec<_> = log.entries()[before..].to_vec();
-    assert!(resent.iter().all(|e| e.1 % 10 == 0 && e.2 == 1), "{resent:?}");
+    assert!(
+        resent.iter().all(|e| e.1 % 10 == 0 && e.2 == 1),
+        "{resent:?}"
+    );
     // Only to its own group.
     caught_up(&bus, "audit", Num::TOPIC).await;
     assert_eq!(other.len(), 50, "the other group did not get the resends");
@@ -358,9 +374,15 @@ async fn delayed_messages_arrive_in_due_order_never_early(b: Backend) {
         );
     }
     let too_far = bus
-        .publish_with(&Num { n: 9 }, Publish::new().delay(Duration::from_secs(48 * 3600)))
+        .publish_with(
+            &Num { n: 9 },
+            Publish::new().delay(Duration::from_secs(48 * 3600)),
+        )
         .await;
-    assert!(matches!(too_far, Err(Error::DelayTooLong { .. })), "{too_far:?}");
+    assert!(
+        matches!(too_far, Err(Error::DelayTooLong { .. })),
+        "{too_far:?}"
+    );
     sub.drain().await.unwrap();
     bus.shutdown().await.unwrap();
 }
@@ -480,9 +502,7 @@ async fn tag_and_sql_filters_select_per_group(b: Backend) {
         .unwrap();
     }
     let want_tags: Vec<u64> = (0..60).filter(|n| n % 4 < 2).collect();
-    let want_sql: Vec<u64> = (0..60)
-        .filter(|n| n * 5 > 100 && n % 3 < 2)
-        .collect();
+    let want_sql: Vec<u64> = (0..60).filter(|n| n * 5 > 100 && n % 3 < 2).collect();
     delivered(&tags, want_tags.len()).await;
     delivered(&sql, want_sql.len()).await;
     caught_up(&bus, "vip-desk", Num::TOPIC).await;
@@ -518,7 +538,12 @@ async fn broadcast_gives_every_member_every_message(b: Backend) {
     assert_eq!(per_member.len(), 3);
     for (m, mut v) in per_member {
         v.sort_unstable();
-        assert_eq!(v, (0..100).collect::<Vec<_>>(), "member {m} on {}", b.name());
+        assert_eq!(
+            v,
+            (0..100).collect::<Vec<_>>(),
+            "member {m} on {}",
+            b.name()
+        );
     }
     sub.drain().await.unwrap();
     bus.shutdown().await.unwrap();
@@ -610,7 +635,11 @@ async fn offsets_survive_a_restart(b: Backend) {
         .unwrap();
     delivered(&log2, 50).await;
     caught_up(&bus, "mailer", Num::TOPIC).await;
-    assert_eq!(ns(&log2), (100..150).collect::<Vec<_>>(), "no replay, nothing lost");
+    assert_eq!(
+        ns(&log2),
+        (100..150).collect::<Vec<_>>(),
+        "no replay, nothing lost"
+    );
     sub.drain().await.unwrap();
     bus.shutdown().await.unwrap();
 }
@@ -626,11 +655,17 @@ async fn bad_input_is_a_typed_error_and_unsupported_features_say_so(b: Backend) 
         .await
         .unwrap();
     let big = bus
-        .publish_raw(OutgoingMessage::new("blobs", vec![0u8; 2048]), Durability::Flushed)
+        .publish_raw(
+            OutgoingMessage::new("blobs", vec![0u8; 2048]),
+            Durability::Flushed,
+        )
         .await;
     assert!(matches!(big, Err(e) if matches!(e.error, Error::BodyTooLarge { .. })));
     let bad = bus
-        .publish_raw(OutgoingMessage::new("bad topic!", b"x".to_vec()), Durability::Flushed)
+        .publish_raw(
+            OutgoingMessage::new("bad topic!", b"x".to_vec()),
+            Durability::Flushed,
+        )
         .await;
     assert!(matches!(bad, Err(e) if matches!(e.error, Error::InvalidName { .. })));
     let r = bus
@@ -643,7 +678,9 @@ async fn bad_input_is_a_typed_error_and_unsupported_features_say_so(b: Backend) 
         bus.create_topic(TopicConfig::new("wide").queues(0)).await,
         Err(Error::InvalidConfig { .. })
     ));
-    bus.create_topic(TopicConfig::new("wide").queues(8)).await.unwrap();
+    bus.create_topic(TopicConfig::new("wide").queues(8))
+        .await
+        .unwrap();
     assert!(matches!(
         bus.create_topic(TopicConfig::new("wide").queues(4)).await,
         Err(Error::TopicConflict { .. })
@@ -654,13 +691,20 @@ async fn bad_input_is_a_typed_error_and_unsupported_features_say_so(b: Backend) 
     let unsupported = |e: &Error| matches!(e, Error::Unsupported { .. });
     let query = bus.query_id(r.message_id).await;
     let outbox = bus
-        .publish_with_state(&Num { n: 2 }, Publish::new(), weirmq::StateBatch::new().put("k", "v"))
+        .publish_with_state(
+            &Num { n: 2 },
+            Publish::new(),
+            weirmq::StateBatch::new().put("k", "v"),
+        )
         .await;
     let retention = bus.enforce_retention().await;
     if b.is_nats() {
         assert!(matches!(&query, Err(e) if unsupported(e)), "{query:?}");
         assert!(matches!(&outbox, Err(e) if unsupported(e)), "{outbox:?}");
-        assert!(matches!(&retention, Err(e) if unsupported(e)), "{retention:?}");
+        assert!(
+            matches!(&retention, Err(e) if unsupported(e)),
+            "{retention:?}"
+        );
         let msg = query.unwrap_err().to_string();
         assert!(msg.contains("docs/scaling.md"), "{msg}");
     } else {

@@ -135,7 +135,10 @@ fn read(path: &std::path::Path) -> (BTreeSet<u64>, BTreeSet<u64>, BTreeSet<u64>)
 fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
     let end = Instant::now() + deadline;
     while !cond() {
-        assert!(Instant::now() < end, "timed out after {deadline:?} waiting until {what}");
+        assert!(
+            Instant::now() < end,
+            "timed out after {deadline:?} waiting until {what}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -170,19 +173,25 @@ fn a_killed_workers_unacked_jobs_go_to_the_other_process() {
     };
     let mut a = spawn(&a_out);
     let b = spawn(&b_out);
-    wait_for("both workers have done work", Duration::from_secs(60), || {
-        read(&a_out).1.len() >= 200 && !read(&b_out).1.is_empty()
-    });
+    wait_for(
+        "both workers have done work",
+        Duration::from_secs(60),
+        || read(&a_out).1.len() >= 200 && !read(&b_out).1.is_empty(),
+    );
     a.0.kill().unwrap();
     a.0.wait().unwrap();
     let killed_at = Instant::now();
     let (a_recv, a_done, _) = read(&a_out);
     // Being handled when A died.
     let unacked: BTreeSet<u64> = a_recv.difference(&a_done).copied().collect();
-    wait_for("every job is done by one of the workers", Duration::from_secs(120), || {
-        let (_, b_done, _) = read(&b_out);
-        a_done.union(&b_done).count() as u64 == JOBS
-    });
+    wait_for(
+        "every job is done by one of the workers",
+        Duration::from_secs(120),
+        || {
+            let (_, b_done, _) = read(&b_out);
+            a_done.union(&b_done).count() as u64 == JOBS
+        },
+    );
     let (_, b_done, b_again) = read(&b_out);
     let all: BTreeSet<u64> = a_done.union(&b_done).copied().collect();
     assert_eq!(all, (0..JOBS).collect::<BTreeSet<_>>(), "no job lost");
@@ -198,7 +207,10 @@ fn a_killed_workers_unacked_jobs_go_to_the_other_process() {
         "B received some of A's unacked jobs as redeliveries"
     );
     let shared = a_done.len() as u64;
-    assert!(shared > 0 && shared < JOBS, "A did {shared} of {JOBS}: work was shared");
+    assert!(
+        shared > 0 && shared < JOBS,
+        "A did {shared} of {JOBS}: work was shared"
+    );
     println!(
         "A did {} jobs before the kill ({} being handled), B did {} ({} redelivered from A); \
          every job done {:.1} s after the kill",

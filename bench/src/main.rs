@@ -193,7 +193,9 @@ async fn open_on(store: Store, dir: &Path) -> (Bus, Option<NatsServer>) {
         Store::Buffered => (b.data_dir(dir).durability(Durability::Buffered), None),
         Store::Flushed => (b.data_dir(dir).durability(Durability::Flushed), None),
         Store::Nats => {
-            let server = start_nats().await.expect("nats-server for the NATS backend");
+            let server = start_nats()
+                .await
+                .expect("nats-server for the NATS backend");
             (b.nats(server.url.clone()), Some(server))
         }
     };

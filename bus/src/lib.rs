@@ -48,8 +48,9 @@ pub use message::{
 pub use retry::{Backoff, RetryPolicy};
 pub use sql::SqlExpr;
 pub use topic::{
-    queue_for_message_group, validate_group_name, validate_topic_name, Limits, Retention, TopicConfig, DEFAULT_QUEUES,
-    MAX_GROUP_NAME_LEN, MAX_QUEUES, MAX_TOPIC_NAME_LEN, SYSTEM_TOPIC_PREFIX,
+    queue_for_message_group, validate_group_name, validate_topic_name, Limits, Retention,
+    TopicConfig, DEFAULT_QUEUES, MAX_GROUP_NAME_LEN, MAX_QUEUES, MAX_TOPIC_NAME_LEN,
+    SYSTEM_TOPIC_PREFIX,
 };
 pub use trace::{MessageTrace, RetentionReport, TraceEvent, TraceKind};
 pub use transaction::{

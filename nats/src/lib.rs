@@ -472,7 +472,10 @@ impl Inner {
         }
         let mut seqs = Vec::with_capacity(acks.len());
         for ack in futures::future::join_all(acks.into_iter().map(|a| a.into_future())).await {
-            seqs.push(ack.map_err(|e| nats_err("NATS publish not acknowledged", e))?.sequence);
+            seqs.push(
+                ack.map_err(|e| nats_err("NATS publish not acknowledged", e))?
+                    .sequence,
+            );
         }
         Ok(seqs)
     }
@@ -487,9 +490,7 @@ impl Inner {
         let mut items = Vec::with_capacity(messages.len());
         let mut places = Vec::with_capacity(messages.len());
         for m in &messages {
-            let t = self
-                .topic(TopicConfig::new(m.topic()), false)
-                .await?;
+            let t = self.topic(TopicConfig::new(m.topic()), false).await?;
             let q = t.pick_queue(m);
             let mut buf = Vec::new();
             m.encode_envelope(&mut buf);
@@ -598,12 +599,20 @@ impl Inner {
     }
 
     /// Stores a dead letter of `group` (a copy with its own id).
-    pub(crate) async fn store_dead_letter(&self, group: &str, dl: OutgoingMessage) -> Result<(), Error> {
+    pub(crate) async fn store_dead_letter(
+        &self,
+        group: &str,
+        dl: OutgoingMessage,
+    ) -> Result<(), Error> {
         let m = Message::prepare(dl, Arc::from(format!("%DLQ%{group}").as_str()));
         let mut buf = Vec::new();
         m.encode_envelope(&mut buf);
-        self.publish_raw(vec![(dlq_subject(group), Bytes::from(buf), m.id().to_string())])
-            .await?;
+        self.publish_raw(vec![(
+            dlq_subject(group),
+            Bytes::from(buf),
+            m.id().to_string(),
+        )])
+        .await?;
         Ok(())
     }
 
@@ -644,7 +653,12 @@ impl Inner {
         Ok(out)
     }
 
-    async fn dead_letters(&self, group: &str, from: u64, max: usize) -> Result<Vec<DeadLetter>, Error> {
+    async fn dead_letters(
+        &self,
+        group: &str,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<DeadLetter>, Error> {
         let stream = self.stream(DLQ_STREAM).await?;
         let resent: std::collections::HashSet<u64> = self
             .read_raw(&stream, &dlq_resent_subject(group), 1, usize::MAX)
@@ -654,7 +668,10 @@ impl Inner {
             .collect();
         let topic: Arc<str> = Arc::from(format!("%DLQ%{group}").as_str());
         let mut out = Vec::new();
-        for raw in self.read_raw(&stream, &dlq_subject(group), from, max).await? {
+        for raw in self
+            .read_raw(&stream, &dlq_subject(group), from, max)
+            .await?
+        {
             let (m, _) = Message::decode_envelope(topic.clone(), 0, raw.sequence, &raw.payload)?;
             out.push(DeadLetter {
                 dlq_offset: raw.sequence,
@@ -1139,11 +1156,7 @@ impl Broker for NatsBroker {
 }
 
 impl Inner {
-    async fn resend_one(
-        &self,
-        group: &str,
-        d: &DeadLetter,
-    ) -> Result<(), Error> {
+    async fn resend_one(&self, group: &str, d: &DeadLetter) -> Result<(), Error> {
         let (Some(topic), Some(id)) = (d.origin_topic(), d.original_id()) else {
             return Err(Error::InvalidConfig {
                 reason: "the dead letter does not say where it came from".into(),
@@ -1177,4 +1190,3 @@ impl Inner {
         Ok(())
     }
 }
-

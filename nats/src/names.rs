@@ -127,7 +127,8 @@ mod tests {
         for name in ["orders", "a_b", "%DLQ%g", "x|y", "A-z_09", "g%member-1"] {
             let e = enc(name);
             assert!(
-                e.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+                e.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
                 "{e}"
             );
             assert_eq!(dec(&e).as_deref(), Some(name));

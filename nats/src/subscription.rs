@@ -72,15 +72,19 @@ pub(crate) struct SubState {
 impl SubState {
     pub(crate) fn stats(&self) -> GroupStats {
         let c = &self.counters;
-        let mut s = GroupStats::default();
-        s.delivered = c.delivered.load(AtomicOrdering::Relaxed);
-        s.acked = c.acked.load(AtomicOrdering::Relaxed);
-        s.retried = c.retried.load(AtomicOrdering::Relaxed);
-        s.dead_lettered = c.dead_lettered.load(AtomicOrdering::Relaxed);
-        s.in_flight = self.inflight.len() as u64;
-        s.scheduled_retries = c.scheduled_retries.load(AtomicOrdering::Relaxed);
-        s.filtered = c.filtered.load(AtomicOrdering::Relaxed);
-        s
+        let load = |a: &AtomicU64| a.load(AtomicOrdering::Relaxed);
+        GroupStats {
+            delivered: load(&c.delivered),
+            acked: load(&c.acked),
+            retried: load(&c.retried),
+            dead_lettered: load(&c.dead_lettered),
+            in_flight: self.inflight.len() as u64,
+            scheduled_retries: load(&c.scheduled_retries),
+            filtered: load(&c.filtered),
+            // Retention removes messages on the server; a consumer never
+            // sees what it did not get.
+            expired: 0,
+        }
     }
 
     /// Stops fetching, settles what was already settled, and gives every
@@ -262,10 +266,7 @@ async fn pump(
     while !*stop.borrow() {
         let c = match consumer.take() {
             Some(c) => c,
-            None => match stream
-                .get_consumer::<consumer::pull::Config>(&name)
-                .await
-            {
+            None => match stream.get_consumer::<consumer::pull::Config>(&name).await {
                 Ok(c) => c,
                 Err(e) => {
                     debug!(consumer = %name, error = %e, "consumer not available; retrying");
@@ -395,7 +396,9 @@ async fn accept(
             }
             match inner.store_dead_letter(&st.spec.group, dl).await {
                 Ok(()) => {
-                    st.counters.dead_lettered.fetch_add(1, AtomicOrdering::Relaxed);
+                    st.counters
+                        .dead_lettered
+                        .fetch_add(1, AtomicOrdering::Relaxed);
                     let _ = m.ack_with(AckKind::Term).await;
                 }
                 Err(e) => {
@@ -520,7 +523,10 @@ async fn settle_one(inner: &Inner, st: &SubState, e: Entry, s: Settlement) {
                 Err(err) => {
                     error!(error = %err, msg_id = %m.id(),
                         "could not store the dead letter; the message will be delivered again");
-                    let _ = e.msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                    let _ = e
+                        .msg
+                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                        .await;
                 }
             }
         }
@@ -579,7 +585,9 @@ pub(crate) async fn reset(
         // Deliveries from the old consumers finish; their settlements go
         // nowhere. Forget their retry bookkeeping.
         s.failures.clear();
-        s.counters.scheduled_retries.store(0, AtomicOrdering::Relaxed);
+        s.counters
+            .scheduled_retries
+            .store(0, AtomicOrdering::Relaxed);
     }
     Ok(())
 }

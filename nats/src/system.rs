@@ -28,7 +28,12 @@ const NO_CHECKER_RETRY: Duration = Duration::from_secs(5);
 pub(crate) fn start(inner: Arc<Inner>) -> Vec<tokio::task::JoinHandle<()>> {
     let h = inner.handle.clone();
     vec![
-        h.spawn(run_loop(inner.clone(), SCHEDULE_STREAM, "forwarder", Kind::Forward)),
+        h.spawn(run_loop(
+            inner.clone(),
+            SCHEDULE_STREAM,
+            "forwarder",
+            Kind::Forward,
+        )),
         h.spawn(run_loop(inner, HALF_STREAM, "checker", Kind::Check)),
     ]
 }
@@ -249,7 +254,9 @@ async fn check(inner: &Inner, m: jetstream::Message) {
                 warn!(error = %e, "could not record a transaction check");
             }
             let _ = m
-                .ack_with(AckKind::Nak(Some(cfg.check_interval.max(Duration::from_millis(1)))))
+                .ack_with(AckKind::Nak(Some(
+                    cfg.check_interval.max(Duration::from_millis(1)),
+                )))
                 .await;
         }
     }
@@ -263,11 +270,7 @@ pub(crate) async fn publish_half(
         .topic(TopicConfig::new(message.topic.clone()), false)
         .await?;
     let topic = t.config.name().to_string();
-    let cfg = inner
-        .checkers
-        .get(&topic)
-        .map(|c| c.1)
-        .unwrap_or_default();
+    let cfg = inner.checkers.get(&topic).map(|c| c.1).unwrap_or_default();
     message.deliver_at = Some(SystemTime::now() + cfg.check_immunity);
     let m = Message::prepare(message, Arc::from(HALF_TOPIC))
         .as_half()
@@ -275,7 +278,11 @@ pub(crate) async fn publish_half(
     let mut buf = Vec::new();
     m.encode_envelope(&mut buf);
     let seq = inner
-        .publish_raw(vec![(half_subject(&topic), Bytes::from(buf), m.id().to_string())])
+        .publish_raw(vec![(
+            half_subject(&topic),
+            Bytes::from(buf),
+            m.id().to_string(),
+        )])
         .await?[0];
     Ok(HalfMessage {
         message_id: m.id(),

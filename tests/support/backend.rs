@@ -2,7 +2,8 @@
 //! temp dir, or a NATS JetStream server of the test's own.
 //!
 //! NATS tests start `nats-server -js -p <free port> -sd <temp dir>` (on
-//! the PATH), so they are hermetic and run in parallel. Without the binary
+//! the PATH, or the binary named by `WEIRMQ_NATS_SERVER`, e.g. a newer
+//! server), so they are hermetic and run in parallel. Without the binary
 //! they use `NATS_URL` if it is set (serialised, and every weirmq stream
 //! is deleted first); otherwise they fail when `WEIRMQ_REQUIRE_NATS` is set
 //! (CI sets it) and are skipped with a message saying why when it is not.
@@ -40,8 +41,13 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// The server binary: `WEIRMQ_NATS_SERVER`, or `nats-server` on the PATH.
+fn server_binary() -> String {
+    std::env::var("WEIRMQ_NATS_SERVER").unwrap_or_else(|_| "nats-server".into())
+}
+
 fn has_nats_server() -> bool {
-    Command::new("nats-server")
+    Command::new(server_binary())
         .arg("--version")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -83,7 +89,7 @@ impl NatsServer {
             .tempdir()
             .expect("temp dir");
         let port = free_port();
-        let child = Command::new("nats-server")
+        let child = Command::new(server_binary())
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
             .arg(dir.path())
             .stdout(Stdio::null())
@@ -98,7 +104,10 @@ impl NatsServer {
         };
         let end = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < end, "nats-server did not listen within 10 s");
+            assert!(
+                Instant::now() < end,
+                "nats-server did not listen within 10 s"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         server
