@@ -360,6 +360,22 @@ async fn delayed_messages_arrive_in_due_order_never_early(b: Backend) {
             .unwrap();
         assert_eq!(r.deliver_at.is_some(), n > 0);
     }
+    if let Backend::Nats(server) = &b {
+        // The path the delays took: the server's schedules where asked for
+        // and offered (2.12+), weirmq's forwarder otherwise.
+        let (version, staged) = server.version_and_staged_delays().await;
+        let minor: u32 = version
+            .split('.')
+            .nth(1)
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0);
+        let native = support::backend::native_schedules_asked() && minor >= 12;
+        assert_eq!(
+            staged == 0,
+            native,
+            "server {version}: {staged} staged in the forwarder"
+        );
+    }
     delivered(&log, 3).await;
     let got = arrivals.lock().unwrap().clone();
     assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), vec![0, 1, 2]);

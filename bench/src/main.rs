@@ -196,7 +196,13 @@ async fn open_on(store: Store, dir: &Path) -> (Bus, Option<NatsServer>) {
             let server = start_nats()
                 .await
                 .expect("nats-server for the NATS backend");
-            (b.nats(server.url.clone()), Some(server))
+            let mut config = weirmq::nats::NatsConfig::new(server.url.clone());
+            // WEIRMQ_NATS_SCHEDULES=1: delay with the server's message
+            // schedules (2.12+) instead of the forwarder, to compare the two
+            // paths on one server.
+            config.use_message_schedules =
+                std::env::var("WEIRMQ_NATS_SCHEDULES").is_ok_and(|v| v == "1");
+            (b.nats_config(config), Some(server))
         }
     };
     (b.open().await.expect("open bus"), server)
@@ -554,10 +560,10 @@ impl Handler<Delivery<BenchEvent>> for LateSink {
 /// at once from 64 tasks; the latencies are how late each arrived after its
 /// due time. The baseline, in the same run: the same messages without a
 /// delay (publish to handler).
-async fn delay_lateness(name: &str, n: u64, spread: Duration, payload: usize) {
+async fn delay_lateness(name: &str, store: Store, n: u64, spread: Duration, payload: usize) {
     for delayed in [false, true] {
         let dir = tempfile::tempdir().expect("temp dir");
-        let bus = open(Store::Buffered, dir.path()).await;
+        let (bus, _server) = open_on(store, dir.path()).await;
         let count = Arc::new(AtomicU64::new(0));
         let lat = Arc::new(Mutex::new(Vec::with_capacity(n as usize)));
         let (c, l) = (count.clone(), lat.clone());
@@ -709,7 +715,9 @@ fn free_port() -> u16 {
 async fn start_nats() -> Result<NatsServer, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let port = free_port();
-    let child = tokio::process::Command::new("nats-server")
+    // WEIRMQ_NATS_SERVER: another server binary (e.g. a newer version).
+    let binary = std::env::var("WEIRMQ_NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
+    let child = tokio::process::Command::new(binary)
         .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
         .arg(dir.path())
         .stdout(Stdio::null())
@@ -863,6 +871,7 @@ enum Scenario {
         live: u64,
     },
     Delay {
+        store: Store,
         n: u64,
         spread: Duration,
     },
@@ -994,7 +1003,18 @@ fn scenarios(q: bool, payload: usize) -> Vec<(String, Scenario)> {
     v.push((
         "delay".into(),
         Scenario::Delay {
+            store: Store::Buffered,
             n: scale(q, 100_000),
+            spread: Duration::from_secs(if q { 1 } else { 5 }),
+        },
+    ));
+    // On NATS: weirmq's forwarder, or the server's message schedules with
+    // WEIRMQ_NATS_SCHEDULES=1 on 2.12+ (WEIRMQ_NATS_SERVER picks the binary).
+    v.push((
+        "delay/nats".into(),
+        Scenario::Delay {
+            store: Store::Nats,
+            n: scale(q, 20_000),
             spread: Duration::from_secs(if q { 1 } else { 5 }),
         },
     ));
@@ -1073,7 +1093,9 @@ fn run_one(name: &str, scenario: Scenario, payload: usize) -> Result<(), String>
                 Scenario::Retention { n, live } => {
                     retention_under_load(name, n, live, payload).await
                 }
-                Scenario::Delay { n, spread } => delay_lateness(name, n, spread, payload).await,
+                Scenario::Delay { store, n, spread } => {
+                    delay_lateness(name, store, n, spread, payload).await
+                }
                 Scenario::Sled { .. } | Scenario::Nats { .. } => unreachable!("handled above"),
             }
         }),

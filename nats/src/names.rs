@@ -7,7 +7,8 @@
 //! | message resent to group `G` only | target `g<G>` |
 //! | group `G`, queue `q` | durable pull consumer `<G>_Q<q>`, filter `wq.<T>.<q>.>` |
 //! | dead letters of `G` | stream `WQ_SYS_DLQ`, subject `wqdlq.<G>.m` (resent marks `.r`) |
-//! | delayed message for `T` | stream `WQ_SYS_SCHEDULE`, subject `wqsched.<T>` |
+//! | delayed message for `T` (2.12+) | schedule definition `wqs.<T>.<id>` in `T`'s stream, target `wq.<T>.<queue>._` |
+//! | delayed message for `T` (before 2.12) | stream `WQ_SYS_SCHEDULE`, subject `wqsched.<T>` |
 //! | half message for `T` | stream `WQ_SYS_HALF`, subject `wqhalf.<T>`; check counts in `WQ_SYS_HALFC` |
 //!
 //! Names are encoded so every weirmq name is a valid subject token and
@@ -104,6 +105,18 @@ pub(crate) fn dlq_resent_subject(group: &str) -> String {
 
 pub(crate) fn dlq_group_filter(group: &str) -> String {
     format!("wqdlq.{}.>", enc(group))
+}
+
+/// Schedule definitions of a topic's delayed messages (2.12+), in the
+/// topic's own stream.
+pub(crate) fn schedule_definitions(topic: &str) -> String {
+    format!("wqs.{}.>", enc(topic))
+}
+
+/// The subject of one delayed message's schedule definition (its identity:
+/// one schedule per subject).
+pub(crate) fn schedule_definition_subject(topic: &str, id: weirmq_bus::MessageId) -> String {
+    format!("wqs.{}.{id}", enc(topic))
 }
 
 pub(crate) fn schedule_subject(topic: &str) -> String {

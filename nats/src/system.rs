@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::{self, consumer, AckKind};
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tracing::{debug, error, info, warn};
 
 use weirmq_bus::{
@@ -24,6 +24,9 @@ use crate::{is_not_found, nats_err, now_ms, Inner};
 /// How long a half message waits when no process here has a checker for
 /// its topic (another process may).
 const NO_CHECKER_RETRY: Duration = Duration::from_secs(5);
+/// A delayed message due within this long is held by the forwarder (a
+/// local timer) rather than handed back to the server.
+const HOLD_LOCALLY: Duration = Duration::from_secs(1);
 
 pub(crate) fn start(inner: Arc<Inner>) -> Vec<tokio::task::JoinHandle<()>> {
     let h = inner.handle.clone();
@@ -74,17 +77,33 @@ async fn run_loop(inner: Arc<Inner>, stream_name: &'static str, durable: &'stati
             }
         };
         let mut healthy = true;
-        while let Some(m) = msgs.next().await {
-            match m {
-                Ok(m) => match kind {
-                    Kind::Forward => forward(&inner, m).await,
-                    Kind::Check => check(&inner, m).await,
-                },
-                Err(e) => {
-                    debug!(stream = stream_name, error = %e, "system fetch ended");
-                    healthy = false;
-                    break;
+        'fetch: while let Some(first) = msgs.next().await {
+            // Whatever else has arrived is handled with it (the forwarder
+            // publishes a batch pipelined).
+            let mut ready = Vec::new();
+            let mut next = Some(first);
+            while let Some(item) = next.take() {
+                match item {
+                    Ok(m) => ready.push(m),
+                    Err(e) => {
+                        debug!(stream = stream_name, error = %e, "system fetch ended");
+                        healthy = false;
+                    }
                 }
+                if healthy {
+                    next = msgs.next().now_or_never().flatten();
+                }
+            }
+            match kind {
+                Kind::Forward => forward(&inner, ready).await,
+                Kind::Check => {
+                    for m in ready {
+                        check(&inner, m).await;
+                    }
+                }
+            }
+            if !healthy {
+                break 'fetch;
             }
         }
         if healthy {
@@ -125,38 +144,67 @@ fn until(at: Option<SystemTime>) -> Option<Duration> {
         .filter(|d| !d.is_zero())
 }
 
-/// A delayed message: not due → wait (nak with the rest of its delay); due
-/// → store it in its topic (same id, so a crash between the two steps does
-/// not deliver it twice within the duplicate window), then ack.
-async fn forward(inner: &Inner, m: jetstream::Message) {
-    let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
-    let msg = match Message::decode_envelope(Arc::from(SCHEDULE_TOPIC), 0, seq, &m.payload) {
-        Ok((msg, _)) => msg,
-        Err(e) => {
-            error!(seq, error = %e, "a delayed message does not decode; dropping it");
+/// Delayed messages: one not due waits (nak with the rest of its delay);
+/// due ones are stored in their topics (same id, so a crash between the two
+/// steps does not deliver one twice within the duplicate window), pipelined,
+/// then acked.
+async fn forward(inner: &Arc<Inner>, batch: Vec<jetstream::Message>) {
+    let mut due = Vec::new();
+    let mut held = Vec::new();
+    for m in batch {
+        let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let msg = match Message::decode_envelope(Arc::from(SCHEDULE_TOPIC), 0, seq, &m.payload) {
+            Ok((msg, _)) => msg,
+            Err(e) => {
+                error!(seq, error = %e, "a delayed message does not decode; dropping it");
+                let _ = m.ack_with(AckKind::Term).await;
+                continue;
+            }
+        };
+        let Some(dest) = msg.destination() else {
+            error!(seq, "a delayed message names no topic; dropping it");
             let _ = m.ack_with(AckKind::Term).await;
-            return;
+            continue;
+        };
+        let out = msg.for_destination(Arc::from(dest));
+        match until(msg.deliver_at()) {
+            // The server's redelivery after a nak is not precise (tens of
+            // ms): ask for it back a little early, then wait here.
+            Some(wait) if wait > HOLD_LOCALLY => {
+                let _ = m
+                    .ack_with(AckKind::Nak(Some(wait - HOLD_LOCALLY / 2)))
+                    .await;
+            }
+            Some(wait) => held.push((m, out, tokio::time::Instant::now() + wait)),
+            None => due.push((m, out)),
         }
-    };
-    if let Some(wait) = until(msg.deliver_at()) {
-        let _ = m.ack_with(AckKind::Nak(Some(wait))).await;
+    }
+    for (m, out, at) in held {
+        let inner = inner.clone();
+        inner.handle.clone().spawn(async move {
+            tokio::time::sleep_until(at).await;
+            store_and_ack(&inner, vec![(m, out)]).await;
+        });
+    }
+    store_and_ack(inner, due).await;
+}
+
+async fn store_and_ack(inner: &Inner, due: Vec<(jetstream::Message, Message)>) {
+    if due.is_empty() {
         return;
     }
-    let Some(dest) = msg.destination() else {
-        error!(seq, "a delayed message names no topic; dropping it");
-        let _ = m.ack_with(AckKind::Term).await;
-        return;
-    };
-    let out = msg.for_destination(Arc::from(dest));
-    match inner.store_in_topic(vec![out], ALL_GROUPS).await {
+    let (acks, out): (Vec<_>, Vec<_>) = due.into_iter().unzip();
+    match inner.store_in_topic(out, ALL_GROUPS).await {
         Ok(_) => {
-            if let Err(e) = m.double_ack().await {
-                debug!(error = %e, "delayed message forwarded, ack lost (deduplicated if it comes again)");
+            for m in acks {
+                let _ = m.ack().await;
             }
         }
         Err(e) => {
-            warn!(seq, error = %e, "could not forward a due delayed message; retrying");
-            let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            warn!(error = %e, "could not forward due delayed messages; retrying");
+            for m in acks {
+                let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            }
         }
     }
 }

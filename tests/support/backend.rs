@@ -134,6 +134,27 @@ impl NatsServer {
     }
 }
 
+/// Whether the NATS tests ask for the server's message schedules
+/// (`WEIRMQ_NATS_SCHEDULES=1`; used where the server has them, 2.12+).
+pub fn native_schedules_asked() -> bool {
+    std::env::var("WEIRMQ_NATS_SCHEDULES").is_ok_and(|v| v == "1")
+}
+
+impl NatsServer {
+    /// The server's version and how many delayed messages wait in weirmq's
+    /// forwarder stream (`WQ_SYS_SCHEDULE`).
+    pub async fn version_and_staged_delays(&self) -> (String, u64) {
+        let client = async_nats::connect(&self.url).await.expect("connect");
+        let version = client.server_info().version;
+        let js = async_nats::jetstream::new(client);
+        let staged = match js.get_stream("WQ_SYS_SCHEDULE").await {
+            Ok(mut s) => s.info().await.expect("stream info").state.messages,
+            Err(_) => 0,
+        };
+        (version, staged)
+    }
+}
+
 /// Where a conformance test's bus keeps its messages.
 pub enum Backend {
     /// The embedded sled store in a temp dir.
@@ -170,7 +191,11 @@ impl Backend {
     pub fn builder(&self) -> weirmq::BusBuilder {
         match self {
             Backend::Embedded(dir) => Bus::builder().data_dir(dir.path()),
-            Backend::Nats(s) => Bus::builder().nats(s.url.clone()),
+            Backend::Nats(s) => {
+                let mut config = weirmq::nats::NatsConfig::new(s.url.clone());
+                config.use_message_schedules = native_schedules_asked();
+                Bus::builder().nats_config(config)
+            }
         }
     }
 
