@@ -89,19 +89,23 @@ impl NatsServer {
             .tempdir()
             .expect("temp dir");
         let port = free_port();
-        let child = Command::new(server_binary())
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nats-server");
-        let server = NatsServer {
+        let child = Self::launch(port, dir.path());
+        NatsServer {
             child: Some(child),
             url: format!("nats://127.0.0.1:{port}"),
             _dir: Some(dir),
             _shared: None,
-        };
+        }
+    }
+
+    fn launch(port: u16, dir: &std::path::Path) -> Child {
+        let child = Command::new(server_binary())
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
         let end = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
@@ -110,7 +114,21 @@ impl NatsServer {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-        server
+        child
+    }
+
+    /// SIGKILLs the server and starts it again on the same port and store
+    /// (a server crash). `false` for a shared server (`NATS_URL`), which
+    /// this cannot restart.
+    pub fn crash_and_restart(&mut self) -> bool {
+        let (Some(child), Some(dir)) = (&mut self.child, &self._dir) else {
+            return false;
+        };
+        child.kill().expect("kill nats-server");
+        child.wait().expect("reap nats-server");
+        let port: u16 = self.url.rsplit(':').next().unwrap().parse().unwrap();
+        self.child = Some(Self::launch(port, dir.path()));
+        true
     }
 
     /// Deletes every weirmq stream (for a shared server).
