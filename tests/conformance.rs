@@ -51,6 +51,7 @@ conformance!(
     a_failed_message_is_retried_with_its_attempt_count,
     a_poison_message_is_dead_lettered_and_resent_to_its_group_only,
     fifo_keeps_publish_order_per_message_group,
+    fifo_a_slow_message_group_holds_back_only_itself,
     delayed_messages_arrive_in_due_order_never_early,
     transactions_commit_roll_back_and_are_checked,
     tag_and_sql_filters_select_per_group,
@@ -322,6 +323,77 @@ async fn fifo_keeps_publish_order_per_message_group(b: Backend) {
             b.name()
         );
     }
+    sub.drain().await.unwrap();
+    bus.shutdown().await.unwrap();
+}
+
+async fn fifo_a_slow_message_group_holds_back_only_itself(b: Backend) {
+    const GROUPS: u64 = 8;
+    const EACH: u64 = 10;
+    let bus = b.open().await;
+    let log = Log::default();
+    // Message 0 of message group 0 fails three times, 300 ms apart.
+    let stuck = |n: u64, attempt: u32| n == 0 && attempt <= 3;
+    let sub = bus
+        .subscribe::<Num>("packing")
+        .start_from(StartFrom::Earliest)
+        .ordering(Ordering::Fifo)
+        .retry(RetryPolicy::fixed(Duration::from_millis(300), 5))
+        .members(
+            4,
+            recorders(
+                &log,
+                Arc::new(move |d: &Delivery<Num>| {
+                    if stuck(d.event().n, d.attempt()) {
+                        Err(HandlerError::retry("warehouse busy"))
+                    } else {
+                        Ok(())
+                    }
+                }),
+            ),
+        )
+        .start()
+        .await
+        .unwrap();
+    for i in 0..EACH {
+        for g in 0..GROUPS {
+            bus.publish_with(
+                &Num { n: g * 1000 + i },
+                Publish::new().message_group(format!("order-{g}")),
+            )
+            .await
+            .unwrap();
+        }
+    }
+    wait_until("every message acked", Duration::from_secs(60), || async {
+        let ok: HashSet<u64> = log
+            .entries()
+            .iter()
+            .filter(|e| !stuck(e.1, e.2))
+            .map(|e| e.1)
+            .collect();
+        ok.len() as u64 == GROUPS * EACH
+    })
+    .await;
+    let entries = log.entries();
+    let unstuck_at = entries
+        .iter()
+        .position(|e| e.1 == 0 && !stuck(e.1, e.2))
+        .unwrap();
+    for g in 1..GROUPS {
+        let last = entries.iter().rposition(|e| e.1 / 1000 == g).unwrap();
+        assert!(
+            last < unstuck_at,
+            "message group {g} finished before group 0 got unstuck on {}",
+            b.name()
+        );
+    }
+    let group0: Vec<u64> = entries
+        .iter()
+        .filter(|e| e.1 / 1000 == 0 && !stuck(e.1, e.2))
+        .map(|e| e.1)
+        .collect();
+    assert_eq!(group0, (0..EACH).collect::<Vec<_>>(), "group 0 in order");
     sub.drain().await.unwrap();
     bus.shutdown().await.unwrap();
 }

@@ -1,5 +1,6 @@
 //! Two OS processes in one consumer group on one NATS JetStream server
-//! (harness = false: this binary is the test and both workers).
+//! (harness = false: this binary is the test and both workers), once with
+//! concurrent and once with FIFO consumption.
 //!
 //! The test starts its own `nats-server`, publishes 3,000 jobs, and starts
 //! two workers (this binary, as children) in group `workers`. Each worker
@@ -21,7 +22,7 @@ use weirmq::prelude::*;
 mod support;
 
 const CHILD_ENV: &str = "WEIRMQ_NATS_WORKER";
-const JOBS: u64 = 3000;
+const JOBS: u64 = 1600;
 const ACK_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -71,9 +72,24 @@ impl Handler<Delivery<Job>> for Worker {
     }
 }
 
-/// `<url> <output file>`: works on `jobs` in group `workers` until killed.
+/// Message groups of the FIFO round: job n is step n / GROUPS of group
+/// n % GROUPS.
+const GROUPS: u64 = 16;
+
+/// `<url> <output file> <plain|fifo>`: works on `jobs` in group `workers`
+/// until killed.
 fn worker(arg: &str) {
-    let (url, path) = arg.split_once(' ').expect("url and path");
+    let mut parts = arg.split(' ');
+    let (url, path, mode) = (
+        parts.next().expect("url"),
+        parts.next().expect("path"),
+        parts.next().expect("mode"),
+    );
+    let ordering = if mode == "fifo" {
+        weirmq::Ordering::Fifo
+    } else {
+        weirmq::Ordering::Concurrent
+    };
     let out = Arc::new(Mutex::new(
         OpenOptions::new()
             .create(true)
@@ -91,6 +107,7 @@ fn worker(arg: &str) {
             .subscribe::<Job>("workers")
             .start_from(StartFrom::Earliest)
             .max_in_flight(64)
+            .ordering(ordering)
             .members(1, move || Worker { out: out.clone() })
             .start()
             .await
@@ -132,6 +149,20 @@ fn read(path: &std::path::Path) -> (BTreeSet<u64>, BTreeSet<u64>, BTreeSet<u64>)
     (recv, done, again)
 }
 
+/// The jobs a worker finished, in the order it finished them.
+fn done_order(path: &std::path::Path) -> Vec<u64> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut p = l.split(' ');
+            match (p.next(), p.next(), p.next()) {
+                (Some("done"), Some(n), Some(_)) => n.parse().ok(),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
 fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
     let end = Instant::now() + deadline;
     while !cond() {
@@ -144,9 +175,18 @@ fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
 }
 
 fn a_killed_workers_unacked_jobs_go_to_the_other_process() {
-    let Some(server) = support::backend::NatsServer::start() else {
-        return;
-    };
+    for fifo in [false, true] {
+        let Some(server) = support::backend::NatsServer::start() else {
+            return;
+        };
+        round(&server, fifo);
+    }
+}
+
+/// Publishes the jobs, runs two workers, kills one, checks the other
+/// finishes; with `fifo`, also that each message group's jobs were done in
+/// order across the two processes.
+fn round(server: &support::backend::NatsServer, fifo: bool) {
     let dir = support::temp_dir();
     let (a_out, b_out) = (dir.path().join("a.log"), dir.path().join("b.log"));
     // The jobs, published before the workers start.
@@ -156,16 +196,35 @@ fn a_killed_workers_unacked_jobs_go_to_the_other_process() {
             .open()
             .await
             .unwrap();
-        let jobs: Vec<Job> = (0..JOBS).map(|n| Job { n }).collect();
-        for chunk in jobs.chunks(500) {
-            bus.publish_batch(chunk).await.unwrap();
+        if fifo {
+            for n in 0..JOBS {
+                bus.publish_with(
+                    &Job { n },
+                    Publish::new().message_group(format!("g{}", n % GROUPS)),
+                )
+                .await
+                .unwrap();
+            }
+        } else {
+            let jobs: Vec<Job> = (0..JOBS).map(|n| Job { n }).collect();
+            for chunk in jobs.chunks(500) {
+                bus.publish_batch(chunk).await.unwrap();
+            }
         }
         bus.shutdown().await.unwrap();
     });
     let spawn = |out: &std::path::Path| {
         Kill(
             Command::new(std::env::current_exe().unwrap())
-                .env(CHILD_ENV, format!("{} {}", server.url, out.display()))
+                .env(
+                    CHILD_ENV,
+                    format!(
+                        "{} {} {}",
+                        server.url,
+                        out.display(),
+                        if fifo { "fifo" } else { "plain" }
+                    ),
+                )
                 .stdout(Stdio::null())
                 .spawn()
                 .expect("spawn worker"),
@@ -173,10 +232,13 @@ fn a_killed_workers_unacked_jobs_go_to_the_other_process() {
     };
     let mut a = spawn(&a_out);
     let b = spawn(&b_out);
+    // Concurrent: both share the work. FIFO: a queue is owned by one
+    // process at a time (a lease); A, started first, took the queues and B
+    // waits as a standby.
     wait_for(
-        "both workers have done work",
+        "the workers have done work",
         Duration::from_secs(60),
-        || read(&a_out).1.len() >= 200 && !read(&b_out).1.is_empty(),
+        || read(&a_out).1.len() >= 200 && (fifo || !read(&b_out).1.is_empty()),
     );
     a.0.kill().unwrap();
     a.0.wait().unwrap();
@@ -211,9 +273,30 @@ fn a_killed_workers_unacked_jobs_go_to_the_other_process() {
         shared > 0 && shared < JOBS,
         "A did {shared} of {JOBS}: work was shared"
     );
+    if fifo {
+        // Per message group, A's completions then B's are the group's jobs
+        // in publish order; B may redo the one A finished but had not
+        // acked when it died.
+        let (a_order, b_order) = (done_order(&a_out), done_order(&b_out));
+        for g in 0..GROUPS {
+            let mut seen: Vec<u64> = a_order
+                .iter()
+                .chain(b_order.iter())
+                .copied()
+                .filter(|n| n % GROUPS == g)
+                .collect();
+            seen.dedup();
+            let want: Vec<u64> = (0..JOBS).filter(|n| n % GROUPS == g).collect();
+            assert_eq!(
+                seen, want,
+                "message group {g} in order across the processes"
+            );
+        }
+    }
     println!(
-        "A did {} jobs before the kill ({} being handled), B did {} ({} redelivered from A); \
-         every job done {:.1} s after the kill",
+        "{}: A did {} jobs before the kill ({} being handled), B did {} ({} redelivered \
+         from A); every job done {:.1} s after the kill",
+        if fifo { "fifo" } else { "concurrent" },
         a_done.len(),
         unacked.len(),
         b_done.len(),

@@ -31,6 +31,7 @@
 //! `docs/scaling.md`: query by id or key, trace, an on-demand retention
 //! pass (the server enforces retention itself), the local outbox.
 
+mod lease;
 mod names;
 mod subscription;
 mod system;
@@ -299,6 +300,7 @@ impl NatsBroker {
             (SCHEDULE_STREAM, "wqsched.>", -1),
             (HALF_STREAM, "wqhalf.>", -1),
             (HALF_CHECKS_STREAM, "wqhalfc.>", 1),
+            (LEASE_STREAM, "wqlease.>", 1),
         ] {
             inner
                 .system_stream(name, subjects, per_subject)

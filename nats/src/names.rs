@@ -57,6 +57,8 @@ pub(crate) const SCHEDULE_STREAM: &str = "WQ_SYS_SCHEDULE";
 pub(crate) const HALF_STREAM: &str = "WQ_SYS_HALF";
 /// Check counts of half messages (one message per subject).
 pub(crate) const HALF_CHECKS_STREAM: &str = "WQ_SYS_HALFC";
+/// FIFO queue leases (one message per subject).
+pub(crate) const LEASE_STREAM: &str = "WQ_SYS_LEASES";
 /// The target token of a message for every group.
 pub(crate) const ALL_GROUPS: &str = "_";
 

@@ -8,6 +8,7 @@
 //! so the server enforces it too — across every process of the group (for
 //! FIFO it is 1: one message of a queue in flight anywhere).
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,20 +25,50 @@ use weirmq_bus::{
     DLQ_PROPERTIES,
 };
 
+use crate::lease::Lease;
 use crate::names::*;
 use crate::{nats_err, now_ms, Inner, TopicState};
+
+/// A FIFO queue's lease outlives the ack wait by this much, so a dead
+/// owner's unacked messages are back on the server before another process
+/// takes the queue.
+const LEASE_MARGIN: Duration = Duration::from_secs(2);
+
+static NEXT_OWNER: AtomicU64 = AtomicU64::new(0);
 
 /// The most messages one fetch asks for.
 const MAX_FETCH: usize = 256;
 /// How long one fetch waits for messages before asking again.
 const FETCH_WAIT: Duration = Duration::from_secs(1);
+/// How often a process without a FIFO queue's lease tries to take it.
+const LEASE_POLL: Duration = Duration::from_millis(500);
 
 struct Entry {
     msg: jetstream::Message,
     message: Arc<Message>,
     attempt: u32,
     seq: u64,
-    _permit: OwnedSemaphorePermit,
+    queue: u32,
+    /// FIFO: the message group (`""` for none) whose turn this is.
+    fifo_key: Option<String>,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// A FIFO message fetched while its message group is busy: it waits here,
+/// unacked (the server's `max_ack_pending` bounds how many).
+struct Waiting {
+    msg: jetstream::Message,
+    message: Message,
+    attempt: u32,
+    seq: u64,
+}
+
+/// FIFO bookkeeping of one queue: which message of each message group is
+/// in flight (or waiting for its retry), and what waits behind it.
+#[derive(Default)]
+struct FifoQueue {
+    busy: HashMap<String, u64>,
+    waiting: HashMap<String, VecDeque<Waiting>>,
 }
 
 #[derive(Default)]
@@ -67,6 +98,12 @@ pub(crate) struct SubState {
     stop_tx: watch::Sender<bool>,
     pumps: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     commands: mpsc::UnboundedSender<Command>,
+    /// Where deliveries go (the settlement task releases FIFO successors).
+    tx: mpsc::UnboundedSender<DeliveryBatch>,
+    /// FIFO: per queue (empty for a concurrent subscription).
+    fifo: Vec<Mutex<FifoQueue>>,
+    /// FIFO: per queue, this process's lease on it.
+    leases: Vec<tokio::sync::Mutex<Lease>>,
 }
 
 impl SubState {
@@ -100,6 +137,88 @@ impl SubState {
         if self.commands.send(Command::Stop(tx)).is_ok() {
             let _ = rx.await;
         }
+        // Only now, with every held message handed back, may another
+        // process take the FIFO queues.
+        for l in &self.leases {
+            l.lock().await.release().await;
+        }
+    }
+
+    /// A FIFO message's turn: deliver it now if its message group is free
+    /// (or it is the group's message coming back for a retry), else keep
+    /// it waiting behind the group's current one.
+    fn fifo_admit(&self, queue: u32, w: Waiting) -> Option<RawDelivery> {
+        let key = w.message.message_group().unwrap_or("").to_string();
+        let mut f = self.fifo[queue as usize].lock().unwrap();
+        match f.busy.get(&key) {
+            Some(&seq) if seq != w.seq => {
+                let q = f.waiting.entry(key).or_default();
+                match q.iter_mut().find(|x| x.seq == w.seq) {
+                    // Redelivered after its ack wait: keep the newer handle.
+                    Some(x) => *x = w,
+                    None => q.push_back(w),
+                }
+                None
+            }
+            _ => {
+                f.busy.insert(key.clone(), w.seq);
+                drop(f);
+                Some(self.hand_out(queue, w, Some(key), None))
+            }
+        }
+    }
+
+    /// The message group `key` of `queue` is done with its current message:
+    /// the next one waiting, if any, is delivered.
+    fn fifo_release(&self, queue: u32, key: &str) {
+        let next = {
+            let mut f = self.fifo[queue as usize].lock().unwrap();
+            f.busy.remove(key);
+            let next = f.waiting.get_mut(key).and_then(VecDeque::pop_front);
+            if f.waiting.get(key).is_some_and(VecDeque::is_empty) {
+                f.waiting.remove(key);
+            }
+            if let Some(w) = &next {
+                f.busy.insert(key.to_string(), w.seq);
+            }
+            next
+        };
+        if let Some(w) = next {
+            let d = self.hand_out(queue, w, Some(key.to_string()), None);
+            let _ = self.tx.send(vec![d]);
+        }
+    }
+
+    /// Records a delivery as in flight and builds it.
+    fn hand_out(
+        &self,
+        queue: u32,
+        w: Waiting,
+        fifo_key: Option<String>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> RawDelivery {
+        let token = self.next_token.fetch_add(1, AtomicOrdering::Relaxed);
+        let message = Arc::new(w.message);
+        self.inflight.insert(
+            token,
+            Entry {
+                msg: w.msg,
+                message: message.clone(),
+                attempt: w.attempt,
+                seq: w.seq,
+                queue,
+                fifo_key,
+                _permit: permit,
+            },
+        );
+        self.counters
+            .delivered
+            .fetch_add(1, AtomicOrdering::Relaxed);
+        RawDelivery {
+            message,
+            attempt: w.attempt,
+            token: SettleToken::new(token, queue as u64),
+        }
     }
 }
 
@@ -115,12 +234,10 @@ impl Settler for NatsSettler {
 }
 
 /// The consumer's `max_ack_pending`: the queue's share of the
-/// subscription's in-flight limit; 1 for FIFO.
+/// subscription's in-flight limit (for FIFO it also bounds the messages
+/// waiting behind a busy message group).
 fn per_queue_limit(spec: &SubscriptionSpec, queues: u32) -> usize {
-    match spec.ordering {
-        Ordering::Fifo => 1,
-        Ordering::Concurrent => (spec.max_in_flight / queues.max(1) as usize).max(1),
-    }
+    (spec.max_in_flight / queues.max(1) as usize).max(1)
 }
 
 fn consumer_config(
@@ -207,6 +324,16 @@ pub(crate) async fn start(
         consumers.push(ensure_consumer(&inner, &stream, &spec, q, limit).await?);
     }
     let (stop_tx, stop_rx) = watch::channel(false);
+    let fifo = spec.ordering == Ordering::Fifo;
+    let spec_group = spec.group.clone();
+    // This subscription's name as a lease owner: unique per process and
+    // subscription.
+    let owner = format!(
+        "{}-{}-{}",
+        std::process::id(),
+        now_ms(),
+        NEXT_OWNER.fetch_add(1, AtomicOrdering::Relaxed)
+    );
     let (commands, command_rx) = mpsc::unbounded_channel();
     let (tx, deliveries) = mpsc::unbounded_channel();
     let state = Arc::new(SubState {
@@ -218,6 +345,25 @@ pub(crate) async fn start(
         stop_tx,
         pumps: Mutex::new(Vec::new()),
         commands: commands.clone(),
+        tx: tx.clone(),
+        fifo: match fifo {
+            true => (0..queues).map(|_| Mutex::default()).collect(),
+            false => Vec::new(),
+        },
+        leases: match fifo {
+            true => (0..queues)
+                .map(|q| {
+                    tokio::sync::Mutex::new(Lease::new(
+                        inner.js.clone(),
+                        &spec_group,
+                        q,
+                        owner.clone(),
+                        inner.ack_wait + LEASE_MARGIN,
+                    ))
+                })
+                .collect(),
+            false => Vec::new(),
+        },
     });
     let mut pumps = Vec::new();
     for (q, c) in consumers.into_iter().enumerate() {
@@ -275,15 +421,48 @@ async fn pump(
                 }
             },
         };
-        let first = tokio::select! {
-            p = room.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = stop.changed() => break,
-        };
-        let mut permits = vec![first];
-        while permits.len() < MAX_FETCH {
-            match room.clone().try_acquire_owned() {
-                Ok(p) => permits.push(p),
-                Err(_) => break,
+        let fifo = !st.fifo.is_empty();
+        let mut permits: Vec<Option<OwnedSemaphorePermit>> = Vec::new();
+        if fifo {
+            // One process at a time owns a FIFO queue. The server's
+            // max_ack_pending bounds what it holds (in flight, retrying,
+            // waiting behind a busy message group); no client permits, so
+            // a retry coming back always finds a fetch waiting for it.
+            let owned = st.leases[queue as usize].lock().await.ensure().await;
+            match owned {
+                Ok(true) => {}
+                Ok(false) => {
+                    let _ = tokio::time::timeout(LEASE_POLL, stop.changed()).await;
+                    consumer = Some(c);
+                    continue;
+                }
+                Err(()) => {
+                    // Lost it (renewal failed): stop handing out this
+                    // queue's messages; give back those waiting.
+                    let waiting: Vec<Waiting> = {
+                        let mut f = st.fifo[queue as usize].lock().unwrap();
+                        f.busy.clear();
+                        f.waiting.drain().flat_map(|(_, q)| q).collect()
+                    };
+                    for w in waiting {
+                        let _ = w.msg.ack_with(AckKind::Nak(None)).await;
+                    }
+                    consumer = Some(c);
+                    continue;
+                }
+            }
+            permits.resize_with(per_queue_limit(&st.spec, st.fifo.len() as u32), || None);
+        } else {
+            let first = tokio::select! {
+                p = room.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = stop.changed() => break,
+            };
+            permits.push(Some(first));
+            while permits.len() < MAX_FETCH {
+                match room.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(Some(p)),
+                    Err(_) => break,
+                }
             }
         }
         let batch = c
@@ -353,7 +532,7 @@ async fn accept(
     topic: &Arc<str>,
     mine: &str,
     m: jetstream::Message,
-    permit: OwnedSemaphorePermit,
+    permit: Option<OwnedSemaphorePermit>,
     stopping: bool,
 ) -> Option<RawDelivery> {
     let (seq, delivered) = match m.info() {
@@ -422,24 +601,17 @@ async fn accept(
                 .fetch_sub(1, AtomicOrdering::Relaxed);
         }
     }
-    let token = st.next_token.fetch_add(1, AtomicOrdering::Relaxed);
-    let message = Arc::new(message);
-    st.inflight.insert(
-        token,
-        Entry {
-            msg: m,
-            message: message.clone(),
-            attempt: delivered,
-            seq,
-            _permit: permit,
-        },
-    );
-    st.counters.delivered.fetch_add(1, AtomicOrdering::Relaxed);
-    Some(RawDelivery {
+    let w = Waiting {
+        msg: m,
         message,
         attempt: delivered,
-        token: SettleToken::new(token, queue as u64),
-    })
+        seq,
+    };
+    if st.fifo.is_empty() {
+        Some(st.hand_out(queue, w, None, permit))
+    } else {
+        st.fifo_admit(queue, w)
+    }
 }
 
 async fn settle_loop(
@@ -458,11 +630,28 @@ async fn settle_loop(
                 }
             }
             Command::Stop(done) => {
-                let left: Vec<u64> = st.inflight.iter().map(|e| *e.key()).collect();
-                for t in left {
+                // Everything still held goes back, oldest first (for FIFO
+                // the next owner gets each group's messages in order).
+                let mut left: Vec<(u64, jetstream::Message)> = Vec::new();
+                let tokens: Vec<u64> = st.inflight.iter().map(|e| *e.key()).collect();
+                for t in tokens {
                     if let Some((_, e)) = st.inflight.remove(&t) {
-                        let _ = e.msg.ack_with(AckKind::Nak(None)).await;
+                        left.push((e.seq, e.msg));
                     }
+                }
+                for f in &st.fifo {
+                    let mut f = f.lock().unwrap();
+                    f.busy.clear();
+                    left.extend(
+                        f.waiting
+                            .drain()
+                            .flat_map(|(_, q)| q)
+                            .map(|w| (w.seq, w.msg)),
+                    );
+                }
+                left.sort_by_key(|(seq, _)| *seq);
+                for (_, m) in left {
+                    let _ = m.ack_with(AckKind::Nak(None)).await;
                 }
                 let _ = inner.client.flush().await;
                 let _ = done.send(());
@@ -481,6 +670,9 @@ async fn settle_one(inner: &Inner, st: &SubState, e: Entry, s: Settlement) {
             }
             st.failures.remove(&e.seq);
             c.acked.fetch_add(1, AtomicOrdering::Relaxed);
+            if let Some(key) = &e.fifo_key {
+                st.fifo_release(e.queue, key);
+            }
         }
         Settlement::Nack { delay, .. } => {
             let kind = if delay.is_zero() {
@@ -519,6 +711,9 @@ async fn settle_one(inner: &Inner, st: &SubState, e: Entry, s: Settlement) {
                 Ok(()) => {
                     let _ = e.msg.ack_with(AckKind::Term).await;
                     c.dead_lettered.fetch_add(1, AtomicOrdering::Relaxed);
+                    if let Some(key) = &e.fifo_key {
+                        st.fifo_release(e.queue, key);
+                    }
                 }
                 Err(err) => {
                     error!(error = %err, msg_id = %m.id(),
@@ -541,8 +736,12 @@ async fn keep_alive(ack_wait: Duration, st: Arc<SubState>, mut stop: watch::Rece
         if tokio::time::timeout(every, stop.changed()).await.is_ok() {
             return;
         }
-        let msgs: Vec<jetstream::Message> =
+        let mut msgs: Vec<jetstream::Message> =
             st.inflight.iter().map(|e| e.value().msg.clone()).collect();
+        for f in &st.fifo {
+            let f = f.lock().unwrap();
+            msgs.extend(f.waiting.values().flatten().map(|w| w.msg.clone()));
+        }
         for m in msgs {
             let _ = m.ack_with(AckKind::Progress).await;
         }
