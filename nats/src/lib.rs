@@ -16,9 +16,8 @@
 //! * Retry is a `Nak` with the retry policy's delay; the attempt is
 //!   JetStream's delivery count. Dead-lettering copies the message to the
 //!   dead-letter stream, then terminates it.
-//! * FIFO: the group's consumer of each queue has `max_ack_pending = 1`,
-//!   enforced by the server across processes; a failed message is retried
-//!   in place.
+//! * FIFO: one process at a time owns a queue (a lease); it delivers one
+//!   message per message group at a time and retries a failed one in place.
 //! * Delayed messages wait in a schedule stream; a forwarder consumer in
 //!   every process naks each until it is due, then publishes it to its
 //!   topic (same id, deduplicated) — the only path on 2.9, which has no

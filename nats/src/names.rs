@@ -6,6 +6,7 @@
 //! | message for every group | target `_` |
 //! | message resent to group `G` only | target `g<G>` |
 //! | group `G`, queue `q` | durable pull consumer `<G>_Q<q>`, filter `wq.<T>.<q>.>` |
+//! | FIFO lease of `G`'s queue `q` | stream `WQ_SYS_LEASES`, subject `wqlease.<G>.<q>` |
 //! | dead letters of `G` | stream `WQ_SYS_DLQ`, subject `wqdlq.<G>.m` (resent marks `.r`) |
 //! | delayed message for `T` (2.12+) | schedule definition `wqs.<T>.<id>` in `T`'s stream, target `wq.<T>.<queue>._` |
 //! | delayed message for `T` (before 2.12) | stream `WQ_SYS_SCHEDULE`, subject `wqsched.<T>` |
