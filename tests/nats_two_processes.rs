@@ -8,6 +8,11 @@
 //! it (then acks). Once both have done work, worker A is SIGKILLed with
 //! jobs delivered to it and not acked. Worker B must then get those jobs
 //! (after the ack wait, 2 s here) and finish every job: nothing lost.
+//!
+//! In the FIFO round the jobs belong to 16 message groups and every 10th
+//! fails its first attempt; A owns the queues (leases) and B is a standby
+//! that takes them over after A's leases expire; each group's jobs must be
+//! done in publish order across the two processes.
 
 use std::collections::BTreeSet;
 use std::fs::OpenOptions;
@@ -52,6 +57,9 @@ fn config(url: &str) -> NatsConfig {
 
 struct Worker {
     out: Arc<Mutex<std::fs::File>>,
+    /// FIFO round: every 10th job fails its first attempt (retried in
+    /// place, 300 ms later), so retries are pending when A is killed.
+    fail_first: bool,
 }
 
 impl Actor for Worker {
@@ -65,6 +73,10 @@ impl Handler<Delivery<Job>> for Worker {
         let n = d.event().n;
         let mut f = self.out.lock().unwrap();
         writeln!(f, "recv {n}").unwrap();
+        if self.fail_first && n % 10 == 0 && d.attempt() == 1 {
+            writeln!(f, "fail {n}").unwrap();
+            return Err(HandlerError::retry("first attempt fails"));
+        }
         // The work: slow enough that jobs wait in flight behind it.
         std::thread::sleep(Duration::from_millis(2));
         writeln!(f, "done {n} {}", d.attempt()).unwrap();
@@ -85,7 +97,8 @@ fn worker(arg: &str) {
         parts.next().expect("path"),
         parts.next().expect("mode"),
     );
-    let ordering = if mode == "fifo" {
+    let fifo = mode == "fifo";
+    let ordering = if fifo {
         weirmq::Ordering::Fifo
     } else {
         weirmq::Ordering::Concurrent
@@ -108,7 +121,11 @@ fn worker(arg: &str) {
             .start_from(StartFrom::Earliest)
             .max_in_flight(64)
             .ordering(ordering)
-            .members(1, move || Worker { out: out.clone() })
+            .retry(RetryPolicy::fixed(Duration::from_millis(300), 5))
+            .members(1, move || Worker {
+                out: out.clone(),
+                fail_first: fifo,
+            })
             .start()
             .await
             .expect("subscribe");

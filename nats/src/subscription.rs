@@ -69,6 +69,19 @@ struct Waiting {
 struct FifoQueue {
     busy: HashMap<String, u64>,
     waiting: HashMap<String, VecDeque<Waiting>>,
+    /// Failed messages waiting out their retry delay here, by sequence.
+    retrying: HashMap<u64, Waiting>,
+}
+
+impl FifoQueue {
+    /// Everything held but not in a handler: given back when the queue is
+    /// let go.
+    fn drain_held(&mut self) -> Vec<Waiting> {
+        self.busy.clear();
+        let mut held: Vec<Waiting> = self.waiting.drain().flat_map(|(_, q)| q).collect();
+        held.extend(self.retrying.drain().map(|(_, w)| w));
+        held
+    }
 }
 
 #[derive(Default)]
@@ -165,6 +178,24 @@ impl SubState {
                 drop(f);
                 Some(self.hand_out(queue, w, Some(key), None))
             }
+        }
+    }
+
+    /// A FIFO message's retry delay is over: deliver it again (unless the
+    /// queue was let go meanwhile).
+    fn fifo_retry(&self, queue: u32, seq: u64) {
+        let w = self.fifo[queue as usize]
+            .lock()
+            .unwrap()
+            .retrying
+            .remove(&seq);
+        if let Some(w) = w {
+            self.counters
+                .scheduled_retries
+                .fetch_sub(1, AtomicOrdering::Relaxed);
+            let key = w.message.message_group().unwrap_or("").to_string();
+            let d = self.hand_out(queue, w, Some(key), None);
+            let _ = self.tx.send(vec![d]);
         }
     }
 
@@ -439,12 +470,9 @@ async fn pump(
                 Err(()) => {
                     // Lost it (renewal failed): stop handing out this
                     // queue's messages; give back those waiting.
-                    let waiting: Vec<Waiting> = {
-                        let mut f = st.fifo[queue as usize].lock().unwrap();
-                        f.busy.clear();
-                        f.waiting.drain().flat_map(|(_, q)| q).collect()
-                    };
-                    for w in waiting {
+                    let mut held = st.fifo[queue as usize].lock().unwrap().drain_held();
+                    held.sort_by_key(|w| w.seq);
+                    for w in held {
                         let _ = w.msg.ack_with(AckKind::Nak(None)).await;
                     }
                     consumer = Some(c);
@@ -640,14 +668,8 @@ async fn settle_loop(
                     }
                 }
                 for f in &st.fifo {
-                    let mut f = f.lock().unwrap();
-                    f.busy.clear();
-                    left.extend(
-                        f.waiting
-                            .drain()
-                            .flat_map(|(_, q)| q)
-                            .map(|w| (w.seq, w.msg)),
-                    );
+                    let held = f.lock().unwrap().drain_held();
+                    left.extend(held.into_iter().map(|w| (w.seq, w.msg)));
                 }
                 left.sort_by_key(|(seq, _)| *seq);
                 for (_, m) in left {
@@ -661,7 +683,7 @@ async fn settle_loop(
     }
 }
 
-async fn settle_one(inner: &Inner, st: &SubState, e: Entry, s: Settlement) {
+async fn settle_one(inner: &Inner, st: &Arc<SubState>, e: Entry, s: Settlement) {
     let c = &st.counters;
     match s {
         Settlement::Ack => {
@@ -673,6 +695,30 @@ async fn settle_one(inner: &Inner, st: &SubState, e: Entry, s: Settlement) {
             if let Some(key) = &e.fifo_key {
                 st.fifo_release(e.queue, key);
             }
+        }
+        Settlement::Nack { delay, .. } if e.fifo_key.is_some() => {
+            // FIFO retries in place, here: the message stays unacked (kept
+            // alive) and comes back after its delay with the next attempt.
+            // Were it nak'ed, a takeover could see later messages of its
+            // group before the server redelivers it.
+            st.failures.entry(e.seq).or_insert((now_ms(), false));
+            c.retried.fetch_add(1, AtomicOrdering::Relaxed);
+            c.scheduled_retries.fetch_add(1, AtomicOrdering::Relaxed);
+            let (queue, seq) = (e.queue, e.seq);
+            st.fifo[queue as usize].lock().unwrap().retrying.insert(
+                seq,
+                Waiting {
+                    msg: e.msg,
+                    message: (*e.message).clone(),
+                    attempt: e.attempt + 1,
+                    seq,
+                },
+            );
+            let st = st.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                st.fifo_retry(queue, seq);
+            });
         }
         Settlement::Nack { delay, .. } => {
             let kind = if delay.is_zero() {
@@ -741,6 +787,7 @@ async fn keep_alive(ack_wait: Duration, st: Arc<SubState>, mut stop: watch::Rece
         for f in &st.fifo {
             let f = f.lock().unwrap();
             msgs.extend(f.waiting.values().flatten().map(|w| w.msg.clone()));
+            msgs.extend(f.retrying.values().map(|w| w.msg.clone()));
         }
         for m in msgs {
             let _ = m.ack_with(AckKind::Progress).await;
