@@ -52,6 +52,7 @@ conformance!(
     a_poison_message_is_dead_lettered_and_resent_to_its_group_only,
     fifo_keeps_publish_order_per_message_group,
     fifo_a_slow_message_group_holds_back_only_itself,
+    fifo_replays_in_order_after_a_reset,
     delayed_messages_arrive_in_due_order_never_early,
     transactions_commit_roll_back_and_are_checked,
     tag_and_sql_filters_select_per_group,
@@ -394,6 +395,52 @@ async fn fifo_a_slow_message_group_holds_back_only_itself(b: Backend) {
         .map(|e| e.1)
         .collect();
     assert_eq!(group0, (0..EACH).collect::<Vec<_>>(), "group 0 in order");
+    sub.drain().await.unwrap();
+    bus.shutdown().await.unwrap();
+}
+
+async fn fifo_replays_in_order_after_a_reset(b: Backend) {
+    let bus = b.open().await;
+    let log = Log::default();
+    let sub = bus
+        .subscribe::<Num>("ledger-fifo")
+        .start_from(StartFrom::Earliest)
+        .ordering(Ordering::Fifo)
+        .members(2, recorders(&log, ack_all()))
+        .start()
+        .await
+        .unwrap();
+    for i in 0..10u64 {
+        for g in 0..4u64 {
+            bus.publish_with(
+                &Num { n: g * 1000 + i },
+                Publish::new().message_group(format!("acct-{g}")),
+            )
+            .await
+            .unwrap();
+        }
+    }
+    delivered(&log, 40).await;
+    caught_up(&bus, "ledger-fifo", Num::TOPIC).await;
+    bus.reset_offsets("ledger-fifo", Num::TOPIC, ResetTo::Earliest)
+        .await
+        .unwrap();
+    delivered(&log, 80).await;
+    caught_up(&bus, "ledger-fifo", Num::TOPIC).await;
+    let replay = &log.entries()[40..];
+    for g in 0..4u64 {
+        let order: Vec<u64> = replay
+            .iter()
+            .filter(|e| e.1 / 1000 == g)
+            .map(|e| e.1 % 1000)
+            .collect();
+        assert_eq!(
+            order,
+            (0..10).collect::<Vec<_>>(),
+            "group {g} on {}",
+            b.name()
+        );
+    }
     sub.drain().await.unwrap();
     bus.shutdown().await.unwrap();
 }

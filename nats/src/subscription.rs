@@ -201,9 +201,14 @@ impl SubState {
 
     /// The message group `key` of `queue` is done with its current message:
     /// the next one waiting, if any, is delivered.
-    fn fifo_release(&self, queue: u32, key: &str) {
+    fn fifo_release(&self, queue: u32, key: &str, seq: u64) {
         let next = {
             let mut f = self.fifo[queue as usize].lock().unwrap();
+            if f.busy.get(key) != Some(&seq) {
+                // A delivery from before a reset or a lost lease: the
+                // group's turn has moved on without it.
+                return;
+            }
             f.busy.remove(key);
             let next = f.waiting.get_mut(key).and_then(VecDeque::pop_front);
             if f.waiting.get(key).is_some_and(VecDeque::is_empty) {
@@ -693,7 +698,7 @@ async fn settle_one(inner: &Inner, st: &Arc<SubState>, e: Entry, s: Settlement) 
             st.failures.remove(&e.seq);
             c.acked.fetch_add(1, AtomicOrdering::Relaxed);
             if let Some(key) = &e.fifo_key {
-                st.fifo_release(e.queue, key);
+                st.fifo_release(e.queue, key, e.seq);
             }
         }
         Settlement::Nack { delay, .. } if e.fifo_key.is_some() => {
@@ -758,7 +763,7 @@ async fn settle_one(inner: &Inner, st: &Arc<SubState>, e: Entry, s: Settlement) 
                     let _ = e.msg.ack_with(AckKind::Term).await;
                     c.dead_lettered.fetch_add(1, AtomicOrdering::Relaxed);
                     if let Some(key) = &e.fifo_key {
-                        st.fifo_release(e.queue, key);
+                        st.fifo_release(e.queue, key, e.seq);
                     }
                 }
                 Err(err) => {
@@ -814,6 +819,13 @@ pub(crate) async fn reset(
             start_time: time::OffsetDateTime::from(t),
         },
     };
+    if let Some(s) = running {
+        // FIFO: what was held from the old consumers is forgotten before
+        // the new ones deliver (it comes again from them).
+        for f in &s.fifo {
+            f.lock().unwrap().drain_held();
+        }
+    }
     for q in 0..topic.config.queue_count() {
         let cname = consumer_name(group, q);
         let limit = match stream.get_consumer::<consumer::pull::Config>(&cname).await {
