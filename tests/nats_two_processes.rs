@@ -10,9 +10,10 @@
 //! (after the ack wait, 2 s here) and finish every job: nothing lost.
 //!
 //! In the FIFO round the jobs belong to 16 message groups and every 10th
-//! fails its first attempt; A owns the queues (leases) and B is a standby
-//! that takes them over after A's leases expire; each group's jobs must be
-//! done in publish order across the two processes.
+//! fails its first attempt; each queue is owned by one worker at a time (a
+//! lease); the worker that has done more is killed and the other takes its
+//! queues over after the leases expire; each group's jobs must be done in
+//! publish order across the two processes.
 
 use std::collections::BTreeSet;
 use std::fs::OpenOptions;
@@ -247,16 +248,30 @@ fn round(server: &support::backend::NatsServer, fifo: bool) {
                 .expect("spawn worker"),
         )
     };
-    let mut a = spawn(&a_out);
-    let b = spawn(&b_out);
+    let first = spawn(&a_out);
+    let second = spawn(&b_out);
     // Concurrent: both share the work. FIFO: a queue is owned by one
-    // process at a time (a lease); A, started first, took the queues and B
-    // waits as a standby.
+    // process at a time (a lease); whichever took queues works, the other
+    // may be a standby.
     wait_for(
         "the workers have done work",
         Duration::from_secs(60),
-        || read(&a_out).1.len() >= 200 && (fifo || !read(&b_out).1.is_empty()),
+        || {
+            let (a, b) = (read(&a_out).1.len(), read(&b_out).1.len());
+            if fifo {
+                a.max(b) >= 200
+            } else {
+                a >= 200 && b > 0
+            }
+        },
     );
+    // The one killed ("A" below) is the one that has done more; "B" must
+    // finish everything.
+    let (mut a, b, a_out, b_out) = if fifo && read(&b_out).1.len() > read(&a_out).1.len() {
+        (second, first, b_out, a_out)
+    } else {
+        (first, second, a_out, b_out)
+    };
     a.0.kill().unwrap();
     a.0.wait().unwrap();
     let killed_at = Instant::now();
