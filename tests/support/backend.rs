@@ -33,6 +33,8 @@ impl Drop for NatsServer {
 }
 
 static SHARED: Mutex<()> = Mutex::new(());
+/// Held while a test starts a server (see `NatsServer::spawn`).
+static STARTING: Mutex<()> = Mutex::new(());
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -88,18 +90,29 @@ impl NatsServer {
             .prefix("weirmq-nats-")
             .tempdir()
             .expect("temp dir");
-        let port = free_port();
-        let child = Self::launch(port, dir.path());
-        NatsServer {
-            child: Some(child),
-            url: format!("nats://127.0.0.1:{port}"),
-            _dir: Some(dir),
-            _shared: None,
+        // Tests start servers in parallel: one at a time picks a free port
+        // and waits until its own server listens on it (two picks of the
+        // same just-released port would otherwise race), retrying with
+        // another port if the server exits.
+        let _one_at_a_time = STARTING.lock().unwrap_or_else(|p| p.into_inner());
+        for _ in 0..5 {
+            let port = free_port();
+            if let Some(child) = Self::launch(port, dir.path()) {
+                return NatsServer {
+                    child: Some(child),
+                    url: format!("nats://127.0.0.1:{port}"),
+                    _dir: Some(dir),
+                    _shared: None,
+                };
+            }
         }
+        panic!("nats-server did not start on any of 5 free ports");
     }
 
-    fn launch(port: u16, dir: &std::path::Path) -> Child {
-        let child = Command::new(server_binary())
+    /// Starts the server on `port` and waits until it listens; `None` if
+    /// it exited (the port was taken meanwhile).
+    fn launch(port: u16, dir: &std::path::Path) -> Option<Child> {
+        let mut child = Command::new(server_binary())
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
             .arg(dir)
             .stdout(Stdio::null())
@@ -107,14 +120,19 @@ impl NatsServer {
             .spawn()
             .expect("start nats-server");
         let end = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        loop {
+            if !matches!(child.try_wait(), Ok(None)) {
+                return None;
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(child);
+            }
             assert!(
                 Instant::now() < end,
                 "nats-server did not listen within 10 s"
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-        child
     }
 
     /// SIGKILLs the server and starts it again on the same port and store
@@ -124,10 +142,15 @@ impl NatsServer {
         let (Some(child), Some(dir)) = (&mut self.child, &self._dir) else {
             return false;
         };
+        // No other test may pick this port between the kill and the restart.
+        let _one_at_a_time = STARTING.lock().unwrap_or_else(|p| p.into_inner());
         child.kill().expect("kill nats-server");
         child.wait().expect("reap nats-server");
         let port: u16 = self.url.rsplit(':').next().unwrap().parse().unwrap();
-        self.child = Some(Self::launch(port, dir.path()));
+        self.child = Some(
+            Self::launch(port, dir.path())
+                .expect("nats-server restarted on its port (was the port taken meanwhile?)"),
+        );
         true
     }
 
