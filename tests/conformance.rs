@@ -70,6 +70,21 @@ async fn publish(bus: &Bus, range: std::ops::Range<u64>) {
     }
 }
 
+/// Publishes message `i` of every message group `order-<g>` before
+/// message `i + 1` of any: n = g * 1000 + i.
+async fn publish_in_message_groups(bus: &Bus, groups: u64, each: u64) {
+    for i in 0..each {
+        for g in 0..groups {
+            bus.publish_with(
+                &Num { n: g * 1000 + i },
+                Publish::new().message_group(format!("order-{g}")),
+            )
+            .await
+            .unwrap();
+        }
+    }
+}
+
 fn ns(log: &Log) -> Vec<u64> {
     let mut v: Vec<u64> = log.entries().iter().map(|e| e.1).collect();
     v.sort_unstable();
@@ -291,16 +306,7 @@ async fn fifo_keeps_publish_order_per_message_group(b: Backend) {
         .start()
         .await
         .unwrap();
-    for i in 0..EACH {
-        for g in 0..GROUPS {
-            bus.publish_with(
-                &Num { n: g * 1000 + i },
-                Publish::new().message_group(format!("order-{g}")),
-            )
-            .await
-            .unwrap();
-        }
-    }
+    publish_in_message_groups(&bus, GROUPS, EACH).await;
     wait_until("every message acked", Duration::from_secs(60), || async {
         let acked: HashSet<u64> = log
             .entries()
@@ -357,16 +363,7 @@ async fn fifo_a_slow_message_group_holds_back_only_itself(b: Backend) {
         .start()
         .await
         .unwrap();
-    for i in 0..EACH {
-        for g in 0..GROUPS {
-            bus.publish_with(
-                &Num { n: g * 1000 + i },
-                Publish::new().message_group(format!("order-{g}")),
-            )
-            .await
-            .unwrap();
-        }
-    }
+    publish_in_message_groups(&bus, GROUPS, EACH).await;
     wait_until("every message acked", Duration::from_secs(60), || async {
         let ok: HashSet<u64> = log
             .entries()
@@ -411,16 +408,7 @@ async fn fifo_replays_in_order_after_a_reset(b: Backend) {
         .start()
         .await
         .unwrap();
-    for i in 0..10u64 {
-        for g in 0..4u64 {
-            bus.publish_with(
-                &Num { n: g * 1000 + i },
-                Publish::new().message_group(format!("acct-{g}")),
-            )
-            .await
-            .unwrap();
-        }
-    }
+    publish_in_message_groups(&bus, 4, 10).await;
     delivered(&log, 40).await;
     caught_up(&bus, "ledger-fifo", Num::TOPIC).await;
     bus.reset_offsets("ledger-fifo", Num::TOPIC, ResetTo::Earliest)
@@ -800,8 +788,11 @@ async fn unsettled_deliveries_stay_within_max_in_flight(b: Backend) {
     // The backlog stays in the store: sample the backend's count of
     // unsettled deliveries while it drains.
     let mut most = 0;
+    let end = Instant::now() + Duration::from_secs(60);
     while log.len() < 1500 {
+        assert!(Instant::now() < end, "backlog not drained within 60 s");
         most = most.max(sub.stats().await.in_flight);
+        // The sampling interval, not a synchronisation.
         actix::clock::sleep(Duration::from_millis(1)).await;
     }
     caught_up(&bus, "throttled", Num::TOPIC).await;

@@ -592,20 +592,20 @@ async fn accept(
         Err(e) => {
             error!(topic = %topic, queue, seq, error = %e,
                 "a message in the topic's stream is not a weirmq envelope; dead-lettering it");
-            let mut dl = OutgoingMessage::new(st.spec.topic.clone(), m.payload.to_vec());
-            let now = now_ms().to_string();
-            for (k, v) in DLQ_PROPERTIES.iter().zip([
-                st.spec.topic.clone(),
-                queue.to_string(),
-                seq.to_string(),
-                String::new(),
-                format!("not a weirmq message: {e}"),
-                delivered.to_string(),
-                now.clone(),
-                now,
-            ]) {
-                dl.properties.insert((*k).to_string(), v);
-            }
+            let now = now_ms();
+            let dl = with_dlq_properties(
+                OutgoingMessage::new(st.spec.topic.clone(), m.payload.to_vec()),
+                [
+                    st.spec.topic.clone(),
+                    queue.to_string(),
+                    seq.to_string(),
+                    String::new(),
+                    format!("not a weirmq message: {e}"),
+                    delivered.to_string(),
+                    now.to_string(),
+                    now.to_string(),
+                ],
+            );
             match inner.store_dead_letter(&st.spec.group, dl).await {
                 Ok(()) => {
                     st.counters
@@ -645,6 +645,15 @@ async fn accept(
     } else {
         st.fifo_admit(queue, w)
     }
+}
+
+/// A dead letter's copy: `dl` with the `DLQ_*` properties set to
+/// `values`, in `DLQ_PROPERTIES` order.
+fn with_dlq_properties(mut dl: OutgoingMessage, values: [String; 8]) -> OutgoingMessage {
+    for (k, v) in DLQ_PROPERTIES.iter().zip(values) {
+        dl.properties.insert((*k).to_string(), v);
+    }
+    dl
 }
 
 async fn settle_loop(
@@ -746,18 +755,19 @@ async fn settle_one(inner: &Inner, st: &Arc<SubState>, e: Entry, s: Settlement) 
             dl.properties = m.properties().clone();
             let now = now_ms();
             let first = st.failures.remove(&e.seq).map_or(now, |(_, f)| f.0);
-            for (k, v) in DLQ_PROPERTIES.iter().zip([
-                st.spec.topic.clone(),
-                m.queue().to_string(),
-                m.offset().to_string(),
-                m.id().to_string(),
-                reason,
-                e.attempt.to_string(),
-                first.to_string(),
-                now.to_string(),
-            ]) {
-                dl.properties.insert((*k).to_string(), v);
-            }
+            let dl = with_dlq_properties(
+                dl,
+                [
+                    st.spec.topic.clone(),
+                    m.queue().to_string(),
+                    m.offset().to_string(),
+                    m.id().to_string(),
+                    reason,
+                    e.attempt.to_string(),
+                    first.to_string(),
+                    now.to_string(),
+                ],
+            );
             match inner.store_dead_letter(&st.spec.group, dl).await {
                 Ok(()) => {
                     let _ = e.msg.ack_with(AckKind::Term).await;
