@@ -71,6 +71,7 @@ pub use weirmq_bus::{
     Backoff, Broker, Capabilities, Codec, CodecError, Durability, Error, Event, Filter, GroupStats,
     Json, Limits, Message, MessageId, NameKind, OutgoingMessage, Publish, PublishError,
     QueuePosition, RetryPolicy, SendReceipt, StartFrom, StorageError, TopicConfig, TryPublishError,
+    MAX_FILTER_BYTES, MAX_NESTING,
 };
 pub use weirmq_bus::{DeadLetter, Resend, ResendOutcome, ResendReport, ResetTo, DLQ_PROPERTIES};
 pub use weirmq_bus::{

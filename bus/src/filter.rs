@@ -42,13 +42,15 @@ impl Filter {
     /// # Errors
     ///
     /// [`Error::InvalidFilter`] naming the position of an empty tag, a lone
-    /// `|`, or a `*` mixed with tags.
+    /// `|`, or a `*` mixed with tags; also for an expression longer than
+    /// [`MAX_FILTER_BYTES`](crate::MAX_FILTER_BYTES).
     pub fn tags(expression: &str) -> Result<Filter, Error> {
         let bad = |position: usize, reason: &str| Error::InvalidFilter {
             expression: expression.to_string(),
             position,
             reason: reason.to_string(),
         };
+        crate::sql::check_size(expression)?;
         if expression.trim() == "*" {
             return Ok(Filter::All);
         }

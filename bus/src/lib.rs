@@ -46,7 +46,7 @@ pub use message::{
     SCHEDULE_TOPIC,
 };
 pub use retry::{Backoff, RetryPolicy};
-pub use sql::SqlExpr;
+pub use sql::{SqlExpr, MAX_FILTER_BYTES, MAX_NESTING};
 pub use topic::{
     queue_for_message_group, validate_group_name, validate_topic_name, Limits, Retention,
     TopicConfig, DEFAULT_QUEUES, MAX_GROUP_NAME_LEN, MAX_QUEUES, MAX_TOPIC_NAME_LEN,

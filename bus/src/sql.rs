@@ -20,6 +20,14 @@
 //! three-valued: a missing property is NULL, a comparison with NULL or of
 //! mismatched types is unknown, and only a definite `true` lets a message
 //! through. Parsing and evaluation never panic and are linear in the input.
+//!
+//! # Bounds
+//!
+//! An expression is at most [`MAX_FILTER_BYTES`] bytes and nests at most
+//! [`MAX_NESTING`] levels of parentheses and `NOT`; anything larger is an
+//! [`Error::InvalidFilter`], never a stack overflow. Chains of `AND` / `OR`
+//! are stored flat (one node with all their operands), so a long chain costs
+//! no stack depth to parse, evaluate, clone or drop.
 
 use std::fmt;
 
@@ -42,10 +50,18 @@ enum Value {
     Ident(String),
 }
 
+/// The most bytes a filter expression (SQL or tags) may have.
+pub const MAX_FILTER_BYTES: usize = 64 * 1024;
+
+/// The most levels of parentheses and `NOT` a SQL filter may nest.
+pub const MAX_NESTING: usize = 200;
+
 #[derive(Debug, Clone, PartialEq)]
 enum Node {
-    Or(Box<Node>, Box<Node>),
-    And(Box<Node>, Box<Node>),
+    /// Two or more operands, any of which is true.
+    Or(Vec<Node>),
+    /// Two or more operands, all of which are true.
+    And(Vec<Node>),
     Not(Box<Node>),
     Value(Value),
     Cmp(Value, &'static str, Value),
@@ -69,6 +85,26 @@ fn err(source: &str, position: usize, reason: impl Into<String>) -> Error {
         position,
         reason: reason.into(),
     }
+}
+
+/// Refuses an expression longer than [`MAX_FILTER_BYTES`].
+pub(crate) fn check_size(source: &str) -> Result<(), Error> {
+    if source.len() > MAX_FILTER_BYTES {
+        let mut cut = MAX_FILTER_BYTES.min(80);
+        while !source.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        return Err(Error::InvalidFilter {
+            expression: format!("{}...", &source[..cut]),
+            position: MAX_FILTER_BYTES,
+            reason: format!(
+                "the expression is {} bytes, more than the limit of {MAX_FILTER_BYTES}; \
+                 use IN (...) for long lists of values, or filter in the handler",
+                source.len()
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn lex(src: &str) -> Result<Vec<(Tok, usize)>, Error> {
@@ -179,24 +215,32 @@ impl Parser<'_> {
     }
 
     fn or(&mut self) -> Result<Node, Error> {
-        let mut left = self.and()?;
-        while self.eat_kw("OR") {
-            left = Node::Or(Box::new(left), Box::new(self.and()?));
+        let first = self.and()?;
+        if !self.peek_kw("OR") {
+            return Ok(first);
         }
-        Ok(left)
+        let mut operands = vec![first];
+        while self.eat_kw("OR") {
+            operands.push(self.and()?);
+        }
+        Ok(Node::Or(operands))
     }
 
     fn and(&mut self) -> Result<Node, Error> {
-        let mut left = self.not()?;
-        while self.eat_kw("AND") {
-            left = Node::And(Box::new(left), Box::new(self.not()?));
+        let first = self.not()?;
+        if !self.peek_kw("AND") {
+            return Ok(first);
         }
-        Ok(left)
+        let mut operands = vec![first];
+        while self.eat_kw("AND") {
+            operands.push(self.not()?);
+        }
+        Ok(Node::And(operands))
     }
 
     fn not(&mut self) -> Result<Node, Error> {
         self.depth += 1;
-        if self.depth > 200 {
+        if self.depth > MAX_NESTING {
             return Err(err(self.src, self.at(), "expression nested too deeply"));
         }
         let node = if self.eat_kw("NOT") {
@@ -288,8 +332,11 @@ impl SqlExpr {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidFilter`] with the byte position and what was expected.
+    /// [`Error::InvalidFilter`] with the byte position and what was expected;
+    /// also for an expression longer than [`MAX_FILTER_BYTES`] or nested
+    /// deeper than [`MAX_NESTING`].
     pub fn parse(source: &str) -> Result<SqlExpr, Error> {
+        check_size(source)?;
         let toks = lex(source)?;
         if toks.is_empty() {
             return Err(err(source, 0, "empty expression"));
@@ -382,16 +429,28 @@ fn truth(v: &Val) -> Option<bool> {
 
 fn eval(n: &Node, m: &Message) -> Option<bool> {
     match n {
-        Node::Or(a, b) => match (eval(a, m), eval(b, m)) {
-            (Some(true), _) | (_, Some(true)) => Some(true),
-            (Some(false), Some(false)) => Some(false),
-            _ => None,
-        },
-        Node::And(a, b) => match (eval(a, m), eval(b, m)) {
-            (Some(false), _) | (_, Some(false)) => Some(false),
-            (Some(true), Some(true)) => Some(true),
-            _ => None,
-        },
+        Node::Or(operands) => {
+            let mut unknown = false;
+            for o in operands {
+                match eval(o, m) {
+                    Some(true) => return Some(true),
+                    Some(false) => {}
+                    None => unknown = true,
+                }
+            }
+            (!unknown).then_some(false)
+        }
+        Node::And(operands) => {
+            let mut unknown = false;
+            for o in operands {
+                match eval(o, m) {
+                    Some(false) => return Some(false),
+                    Some(true) => {}
+                    None => unknown = true,
+                }
+            }
+            (!unknown).then_some(true)
+        }
         Node::Not(a) => eval(a, m).map(|b| !b),
         Node::Value(v) => truth(&resolve(v, m)),
         Node::Cmp(a, op, b) => {
