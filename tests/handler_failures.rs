@@ -256,3 +256,121 @@ async fn drain_finishes_deliveries_in_hand_before_it_returns() {
     );
     bus.shutdown().await.unwrap();
 }
+
+/// How [`Bomb`] panics on message 3.
+#[derive(Clone, Copy, Debug)]
+enum PanicIn {
+    /// In `handle`, with the delivery in hand: the actor dies.
+    Handle,
+    /// In `handle`, after taking the event out (`into_event`): the actor
+    /// dies, and the delivery was dropped before the panic.
+    HandleAfterIntoEvent,
+    /// In the future `handle` returned: the actor lives, the reply is lost.
+    Future,
+}
+
+/// Logs every delivery it starts; always panics on message 3.
+struct Bomb {
+    log: Log,
+    how: PanicIn,
+}
+
+impl Actor for Bomb {
+    type Context = Context<Self>;
+}
+
+impl Handler<Delivery<Num>> for Bomb {
+    type Result = ResponseFuture<Result<(), HandlerError>>;
+    fn handle(&mut self, d: Delivery<Num>, _: &mut Context<Self>) -> Self::Result {
+        self.log
+            .0
+            .lock()
+            .unwrap()
+            .push((0, d.event().n, d.attempt()));
+        match self.how {
+            PanicIn::Handle if d.event().n == 3 => panic!("bomb on 3 (expected by the test)"),
+            PanicIn::HandleAfterIntoEvent => {
+                let n = d.into_event().n;
+                if n == 3 {
+                    panic!("bomb on 3 after into_event (expected by the test)");
+                }
+                Box::pin(async { Ok(()) })
+            }
+            PanicIn::Future => Box::pin(async move {
+                if d.event().n == 3 {
+                    panic!("bomb on 3 in the future (expected by the test)");
+                }
+                Ok(())
+            }),
+            PanicIn::Handle => Box::pin(async { Ok(()) }),
+        }
+    }
+}
+
+/// Regression (issue 13, defect 1): when a member panicked, every delivery
+/// queued in its mailbox failed with it — with one member and a backlog,
+/// ~7 innocent messages were dead-lettered after 3 "attempts" their handler
+/// never ran. Now only the delivery that panicked counts an attempt; the
+/// others go to a live member with their attempt unchanged, at once.
+#[actix::test]
+async fn a_panicking_handler_costs_only_its_own_message_an_attempt() {
+    for how in [
+        PanicIn::Handle,
+        PanicIn::HandleAfterIntoEvent,
+        PanicIn::Future,
+    ] {
+        for members in [1, 4] {
+            let bus = bus().await;
+            // One queue (so the first batch is 0, 1, 2, ... in that order)
+            // and a backlog, so message 3's member has later ones queued in
+            // its mailbox when it panics.
+            bus.create_topic(TopicConfig::new(Num::TOPIC).queues(1))
+                .await
+                .unwrap();
+            for n in 0..40 {
+                bus.publish(&Num { n }).await.unwrap();
+            }
+            let log = Log::default();
+            let l = log.clone();
+            let sub = bus
+                .subscribe::<Num>("g")
+                .start_from(StartFrom::Earliest)
+                .retry(RetryPolicy::fixed(Duration::from_millis(10), 3))
+                .members(members, move || Bomb {
+                    log: l.clone(),
+                    how,
+                })
+                .start()
+                .await
+                .unwrap();
+            caught_up(&bus, "g", Num::TOPIC).await;
+            let case = format!("{how:?} with {members} member(s)");
+            let dead = bus.dead_letters("g", 0, 100).await.unwrap();
+            let dead_ns: Vec<u64> = dead
+                .iter()
+                .map(|d| serde_json::from_slice::<Num>(d.message.body()).unwrap().n)
+                .collect();
+            assert_eq!(
+                dead_ns,
+                vec![3],
+                "{case}: only the poison message is dead: {dead:?}"
+            );
+            assert_eq!(dead[0].attempts(), Some(3), "{case}");
+            let entries = log.entries();
+            let threes: Vec<u32> = entries.iter().filter(|e| e.1 == 3).map(|e| e.2).collect();
+            assert_eq!(threes, vec![1, 2, 3], "{case}: 3 ran once per attempt");
+            for n in (0..40).filter(|n| *n != 3) {
+                let runs: Vec<u32> = entries.iter().filter(|e| e.1 == n).map(|e| e.2).collect();
+                assert_eq!(runs, vec![1], "{case}: message {n} ran once, as attempt 1");
+            }
+            let stats = sub.stats().await;
+            assert_eq!(
+                (stats.acked, stats.retried, stats.dead_lettered),
+                (39, 2, 1),
+                "{case}"
+            );
+            sub.drain().await.unwrap();
+            bus.shutdown().await.unwrap();
+        }
+    }
+}

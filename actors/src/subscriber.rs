@@ -17,7 +17,13 @@
 //!   attempt, and after `max_attempts` the message is dead-lettered with the
 //!   last error. `HandlerError::dead_letter` dead-letters at once.
 //! * A member that died (panicked in `handle`) is replaced by a fresh one
-//!   from the factory.
+//!   from the factory. Only the delivery it panicked on counts a failed
+//!   attempt: the others that were queued in its mailbox (they never ran)
+//!   go to a live member at once, with their attempt unchanged. Which
+//!   delivery it died on is the one its handler read last (any accessor,
+//!   `into_event` included), else the first dropped while the thread
+//!   unwound, else the earliest of the dead member's that got no reply (an
+//!   actor handles its mailbox in order).
 //! * A body that does not decode into the event type is dead-lettered with
 //!   reason `decode: ...` (retrying cannot fix it) and logged; it is never
 //!   acked silently.
@@ -32,6 +38,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -50,6 +57,61 @@ pub struct Delivery<E> {
     event: E,
     message: Arc<BusMessage>,
     attempt: u32,
+    /// Tells the supervisor if this delivery is dropped by a panic.
+    _witness: PanicWitness,
+}
+
+/// Travels with a delivery and tells its member generation's [`Witness`]
+/// when the handler reads it and whether it is dropped by a panic, so the
+/// supervisor knows which of a dead member's deliveries killed it.
+struct PanicWitness {
+    slot: Arc<Witness>,
+    id: u64,
+}
+
+impl PanicWitness {
+    fn touch(&self) {
+        self.slot.last_touched.store(self.id + 1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for PanicWitness {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = self.slot.first_in_panic.compare_exchange(
+                0,
+                self.id + 1,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+}
+
+/// What one member generation's handler did with its deliveries (ids + 1;
+/// 0: none).
+///
+/// When its actor dies in a panic, the delivery being handled is dropped
+/// first while the thread unwinds (its frame is innermost), then some of
+/// the ones queued in the mailbox; a handler that let go of its delivery
+/// before panicking (`into_event`) read it last.
+#[derive(Debug, Default)]
+struct Witness {
+    first_in_panic: AtomicU64,
+    last_touched: AtomicU64,
+}
+
+impl Witness {
+    /// Which of `lost` (ids, sorted, of a dead generation's deliveries
+    /// that got no reply) the actor died on: the one its handler read last,
+    /// else the first dropped in the panic, else the earliest (a mailbox is
+    /// handled in order).
+    fn culprit(&self, lost: &[u64]) -> usize {
+        let touched = self.last_touched.load(Ordering::Relaxed);
+        let panic = self.first_in_panic.load(Ordering::Relaxed);
+        let find = |v: u64| lost.iter().position(|id| v != 0 && id + 1 == v);
+        find(touched).or_else(|| find(panic)).unwrap_or(0)
+    }
 }
 
 impl<E: fmt::Debug> fmt::Debug for Delivery<E> {
@@ -71,46 +133,57 @@ impl<E: Event> actix::Message for Delivery<E> {
 impl<E> Delivery<E> {
     /// The event.
     pub fn event(&self) -> &E {
+        self._witness.touch();
         &self.event
     }
     /// Takes the event out.
     pub fn into_event(self) -> E {
+        self._witness.touch();
         self.event
     }
     /// The stored message (id, tag, keys, properties, raw body, position).
     pub fn message(&self) -> &BusMessage {
+        self._witness.touch();
         &self.message
     }
     /// The message id: stable across redeliveries, for idempotent handlers.
     pub fn message_id(&self) -> MessageId {
+        self._witness.touch();
         self.message.id()
     }
     /// 1 for the first delivery, 2 for the first redelivery, ...
     pub fn attempt(&self) -> u32 {
+        self._witness.touch();
         self.attempt
     }
     /// The tag, if any.
     pub fn tag(&self) -> Option<&str> {
+        self._witness.touch();
         self.message.tag()
     }
     /// The business keys.
     pub fn keys(&self) -> &[String] {
+        self._witness.touch();
         self.message.keys()
     }
     /// The user properties.
     pub fn properties(&self) -> &std::collections::BTreeMap<String, String> {
+        self._witness.touch();
         self.message.properties()
     }
     /// The queue of the topic the message is in.
     pub fn queue(&self) -> u32 {
+        self._witness.touch();
         self.message.queue()
     }
     /// Its offset in that queue.
     pub fn offset(&self) -> u64 {
+        self._witness.touch();
         self.message.offset()
     }
     /// When it was published.
     pub fn born_at(&self) -> SystemTime {
+        self._witness.touch();
         self.message.born_at()
     }
 }
@@ -338,6 +411,7 @@ where
             addr: factory().start(),
             in_flight: 0,
             generation: 0,
+            panicked: Arc::default(),
         })
         .collect();
     let sup = Supervisor::<E, A> {
@@ -356,6 +430,7 @@ where
         stream_done: false,
         next: 0,
         in_hand: HashMap::new(),
+        casualties: HashMap::new(),
         next_id: 0,
         group: group.clone(),
         topic: topic.clone(),
@@ -389,6 +464,9 @@ struct Member<A: Actor> {
     addr: Addr<A>,
     in_flight: usize,
     generation: u64,
+    /// How this generation's deliveries were dropped (which one it
+    /// panicked with).
+    panicked: Arc<Witness>,
 }
 
 struct Supervisor<E, A: Actor> {
@@ -409,6 +487,10 @@ struct Supervisor<E, A: Actor> {
     /// Deliveries in members' hands, by id: the consume-timeout sweep
     /// fails those held too long (one timer for all, not one per delivery).
     in_hand: HashMap<u64, InHand>,
+    /// Deliveries whose member died before replying, by (member,
+    /// generation), with their ids: settled once every delivery that
+    /// generation held has an answer (see `resolve_casualties`).
+    casualties: HashMap<(usize, u64), Vec<(u64, InHand)>>,
     next_id: u64,
     group: String,
     topic: String,
@@ -420,6 +502,8 @@ struct InHand {
     since: Instant,
     member: usize,
     generation: u64,
+    /// How the member generation's deliveries were dropped.
+    panicked: Arc<Witness>,
     token: SettleToken,
     message: Arc<BusMessage>,
     attempt: u32,
@@ -501,19 +585,25 @@ where
             member.in_flight += 1;
             self.in_flight += 1;
             let generation = member.generation;
+            let id = self.next_id;
+            self.next_id += 1;
+            let panicked = member.panicked.clone();
             let fut = member.addr.send(Delivery {
                 event,
                 message: d.message.clone(),
                 attempt: d.attempt,
+                _witness: PanicWitness {
+                    slot: panicked.clone(),
+                    id,
+                },
             });
-            let id = self.next_id;
-            self.next_id += 1;
             self.in_hand.insert(
                 id,
                 InHand {
                     since: Instant::now(),
                     member: j,
                     generation,
+                    panicked,
                     token: d.token,
                     message: d.message,
                     attempt: d.attempt,
@@ -522,7 +612,7 @@ where
             ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
                 // Gone if the consume-timeout sweep already failed it.
                 if let Some(h) = act.in_hand.remove(&id) {
-                    act.completed(h, res, ctx);
+                    act.completed(id, h, res, ctx);
                 }
             }));
         }
@@ -539,74 +629,132 @@ where
             .collect();
         for id in expired {
             if let Some(h) = self.in_hand.remove(&id) {
-                self.completed(h, Err(MailboxError::Timeout), ctx);
+                self.completed(id, h, Err(MailboxError::Timeout), ctx);
             }
         }
     }
 
     fn completed(
         &mut self,
+        id: u64,
         h: InHand,
         res: Result<Result<(), HandlerError>, MailboxError>,
         ctx: &mut Context<Self>,
     ) {
-        let InHand {
-            member: j,
-            generation,
-            token,
-            message,
-            attempt,
-            ..
-        } = h;
-        let msg = &message;
+        let (j, generation) = (h.member, h.generation);
         self.in_flight -= 1;
         if self.members[j].generation == generation {
             self.members[j].in_flight = self.members[j].in_flight.saturating_sub(1);
         }
+        if matches!(res, Err(MailboxError::Closed)) {
+            let m = &mut self.members[j];
+            let dead = m.generation != generation || !m.addr.connected();
+            if dead {
+                // Its actor stopped: this delivery may never have run.
+                if m.generation == generation && !self.draining {
+                    warn!(group = %self.group, member = j, "handler actor stopped; restarting it");
+                    m.addr = (self.factory)().start();
+                    m.in_flight = 0;
+                    m.generation += 1;
+                    m.panicked = Arc::default();
+                }
+                self.casualties
+                    .entry((j, generation))
+                    .or_default()
+                    .push((id, h));
+            } else {
+                // The actor lives: the future it returned panicked.
+                self.failed(h, "the handler's future panicked".to_string(), ctx);
+            }
+        } else {
+            self.outcome(h, res, ctx);
+        }
+        if self.casualties.contains_key(&(j, generation)) {
+            self.resolve_casualties(j, generation, ctx);
+        }
+        self.dispatch(ctx);
+        self.maybe_finish(ctx);
+    }
+
+    /// Settles the deliveries a dead member held without replying, once
+    /// none of that generation's is outstanding: the one it panicked on
+    /// (known from its drop during the unwind, else the earliest — a member
+    /// handles its mailbox in order) is a failed attempt; the rest never
+    /// ran and go back to the front of the queue as they were.
+    fn resolve_casualties(&mut self, j: usize, generation: u64, ctx: &mut Context<Self>) {
+        if self
+            .in_hand
+            .values()
+            .any(|h| h.member == j && h.generation == generation)
+        {
+            return;
+        }
+        let Some(mut lost) = self.casualties.remove(&(j, generation)) else {
+            return;
+        };
+        lost.sort_by_key(|(id, _)| *id);
+        let ids: Vec<u64> = lost.iter().map(|(id, _)| *id).collect();
+        let culprit = lost[0].1.panicked.culprit(&ids);
+        let (_, h) = lost.remove(culprit);
+        self.failed(
+            h,
+            "the handler panicked (its actor stopped and was replaced)".to_string(),
+            ctx,
+        );
+        for (_, h) in lost.into_iter().rev() {
+            self.pending.push_front(RawDelivery {
+                message: h.message,
+                attempt: h.attempt,
+                token: h.token,
+            });
+        }
+    }
+
+    /// Settles a delivery its handler answered (or that timed out).
+    fn outcome(
+        &mut self,
+        h: InHand,
+        res: Result<Result<(), HandlerError>, MailboxError>,
+        ctx: &mut Context<Self>,
+    ) {
         let failure = match res {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) if e.is_retry() => Err(e.message().to_string()),
             Ok(Err(e)) => {
                 let reason = e.message().to_string();
-                self.settle(token, Settlement::DeadLetter { reason }, ctx);
-                self.dispatch(ctx);
-                self.maybe_finish(ctx);
+                self.settle(h.token, Settlement::DeadLetter { reason }, ctx);
                 return;
             }
             Err(MailboxError::Timeout) => Err(format!(
                 "consume timeout: the handler took longer than {:?}",
                 self.config.consume_timeout
             )),
-            Err(MailboxError::Closed) => {
-                let m = &mut self.members[j];
-                if m.generation == generation && !m.addr.connected() && !self.draining {
-                    warn!(group = %self.group, member = j, "handler actor stopped; restarting it");
-                    m.addr = (self.factory)().start();
-                    m.in_flight = 0;
-                    m.generation += 1;
-                }
-                Err("the handler panicked (or its actor stopped)".to_string())
-            }
+            Err(MailboxError::Closed) => Err("the handler's actor stopped".to_string()),
         };
-        let settlement = match failure {
-            Ok(()) => Settlement::Ack,
-            Err(error) => match self.config.retry.delay_after(attempt) {
-                Some(delay) => {
-                    warn!(group = %self.group, topic = %self.topic, msg_id = %msg.id(),
-                        attempt, ?delay, %error, "delivery failed; will retry");
-                    Settlement::Nack { delay, error }
-                }
-                None => Settlement::DeadLetter {
-                    reason: format!(
-                        "failed {attempt} of {} attempts; last error: {error}",
-                        self.config.retry.max_attempts()
-                    ),
-                },
+        match failure {
+            Ok(()) => self.settle(h.token, Settlement::Ack, ctx),
+            Err(error) => self.failed(h, error, ctx),
+        }
+    }
+
+    /// A failed attempt: retried per the policy, or dead-lettered after the
+    /// last one.
+    fn failed(&mut self, h: InHand, error: String, ctx: &mut Context<Self>) {
+        let attempt = h.attempt;
+        let settlement = match self.config.retry.delay_after(attempt) {
+            Some(delay) => {
+                warn!(group = %self.group, topic = %self.topic, msg_id = %h.message.id(),
+                    attempt, ?delay, %error, "delivery failed; will retry");
+                Settlement::Nack { delay, error }
+            }
+            None => Settlement::DeadLetter {
+                reason: format!(
+                    "failed {attempt} of {} attempts; last error: {error}",
+                    self.config.retry.max_attempts()
+                ),
             },
         };
-        self.settle(token, settlement, ctx);
-        self.dispatch(ctx);
-        self.maybe_finish(ctx);
+        self.settle(h.token, settlement, ctx);
     }
 
     fn maybe_finish(&mut self, ctx: &mut Context<Self>) {
