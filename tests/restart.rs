@@ -5,6 +5,7 @@
 mod support;
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use support::*;
@@ -115,4 +116,94 @@ async fn a_bus_can_be_reopened_many_times_and_keeps_every_message() {
         assert_eq!(got[0].id(), r.message_id);
     }
     bus.shutdown().await.unwrap();
+}
+
+/// Regression (issue 13, defect 2): a message nacked shortly before a clean
+/// drain came back twice after reopening — as attempt 1 (its offset was
+/// never committed: the drain wrote positions before the retry entry was
+/// stored and the original acked) and as attempt 2 (the retry entry). Now
+/// the group waits for its retry entries and dead letters in progress before
+/// it writes its final positions.
+#[actix::test]
+async fn after_a_clean_drain_each_unacked_message_comes_back_exactly_once_with_its_attempt() {
+    init_tracing();
+    const M: u64 = 2_500;
+    for round in 0..3 {
+        let dir = temp_dir();
+        let first = Log::default();
+        {
+            let bus = Bus::builder().data_dir(dir.path()).open().await.unwrap();
+            let events: Vec<Num> = (0..M).map(|n| Num { n }).collect();
+            bus.publish_batch(&events).await.unwrap();
+            // Every fifth message fails its first attempt; its retry is due
+            // long after the drain, so it must come back after the reopen.
+            let behaviour: Behaviour = Arc::new(|d| {
+                if d.event().n % 5 == 0 && d.attempt() == 1 {
+                    Err(HandlerError::retry("first attempts of every fifth fail"))
+                } else {
+                    Ok(())
+                }
+            });
+            let sub = bus
+                .subscribe::<Num>("worker")
+                .start_from(StartFrom::Earliest)
+                .retry(RetryPolicy::fixed(Duration::from_millis(300), 5))
+                .members(4, recorders(&first, behaviour))
+                .start()
+                .await
+                .unwrap();
+            delivered(&first, 300 + round * 400).await;
+            sub.drain().await.unwrap();
+            bus.shutdown().await.unwrap();
+        }
+        // What the first run settled: acked (Ok), or failed at attempt a
+        // (so its next delivery must be attempt a + 1).
+        let mut acked = HashSet::new();
+        let mut failed_at = std::collections::HashMap::new();
+        for (_, n, attempt) in first.entries() {
+            if n % 5 == 0 && attempt == 1 {
+                failed_at.insert(n, attempt);
+            } else {
+                acked.insert(n);
+                failed_at.remove(&n);
+            }
+        }
+        assert!(
+            !failed_at.is_empty(),
+            "round {round}: some were nacked before the drain"
+        );
+
+        let bus = Bus::builder().data_dir(dir.path()).open().await.unwrap();
+        let second = Log::default();
+        let sub = bus
+            .subscribe::<Num>("worker")
+            .retry(RetryPolicy::fixed(Duration::from_millis(10), 5))
+            .members(4, recorders(&second, ack_all()))
+            .start()
+            .await
+            .unwrap();
+        caught_up(&bus, "worker", Num::TOPIC).await;
+        let mut seen = std::collections::HashMap::new();
+        for (_, n, attempt) in second.entries() {
+            assert!(
+                !acked.contains(&n),
+                "round {round}: {n} was acked before the drain"
+            );
+            if let Some(prev) = seen.insert(n, attempt) {
+                panic!("round {round}: {n} came back twice (attempts {prev} and {attempt})");
+            }
+        }
+        for (n, a) in &failed_at {
+            assert_eq!(
+                seen.get(n),
+                Some(&(a + 1)),
+                "round {round}: {n} failed at attempt {a} comes back once as attempt {}",
+                a + 1
+            );
+        }
+        let all: HashSet<u64> = acked.iter().chain(seen.keys()).copied().collect();
+        assert_eq!(all.len() as u64, M, "round {round}: none lost");
+        sub.drain().await.unwrap();
+        bus.shutdown().await.unwrap();
+    }
 }

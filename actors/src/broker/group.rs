@@ -40,9 +40,13 @@
 //!
 //! # Shutdown
 //!
-//! [`StopGroup`] writes the positions, closes the delivery stream and stops.
-//! Deliveries not settled by then are delivered again to the group's next
-//! subscription.
+//! [`StopGroup`] closes the delivery stream, waits for the settlements
+//! still being written (retry entries, dead-letter copies: the original is
+//! acked only once they are stored), then writes the positions and stops.
+//! So after a clean stop each message is either acked, or has exactly one
+//! way back: unacked in the log (delivered again as attempt 1), or a retry
+//! entry (delivered again with its attempt). Deliveries not settled by then
+//! are delivered again to the group's next subscription.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -229,6 +233,11 @@ pub(crate) struct GroupActor {
     /// FIFO: the groups with a message in flight, and their messages
     /// waiting behind it (read already, bounded by the span).
     fifo_busy: HashMap<FifoKey, VecDeque<Arc<BusMessage>>>,
+    /// Settlements being written (retry entries, dead-letter copies) whose
+    /// original is not acked yet.
+    writing: usize,
+    /// A stop waiting for `writing` to reach 0.
+    stopping: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl GroupActor {
@@ -269,6 +278,8 @@ impl GroupActor {
             traces: Vec::new(),
             fifo: s.ordering == Order::Fifo,
             fifo_busy: HashMap::new(),
+            writing: 0,
+            stopping: None,
         }
     }
 
@@ -523,6 +534,7 @@ impl GroupActor {
         };
         let me = ctx.address();
         let stored = entry.clone();
+        self.writing += 1;
         self.update_retries(vec![entry], remove, move |ok| {
             me.do_send(RetryStored {
                 held,
@@ -721,8 +733,10 @@ impl GroupActor {
             out.properties.insert((*k).to_string(), v);
         }
         let fut = (self.dead_letters)(out);
+        self.writing += 1;
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| match res {
             Ok(_) => {
+                act.written();
                 act.stats.dead_lettered += 1;
                 act.note(&m, TraceKind::DeadLettered, attempt, Some(reason_kept));
                 if let Held::Retry { seq } = held {
@@ -733,14 +747,31 @@ impl GroupActor {
                 act.release(held, ctx);
                 act.pump(ctx);
             }
+            Err(e) if act.stopping.is_some() => {
+                // Stopping: it stays unacked, delivered again next time.
+                warn!(group = %act.group, queue, offset, error = %e,
+                    "storing a dead letter failed while the group stops; it stays unacked");
+                act.written();
+            }
             Err(e) => {
                 warn!(group = %act.group, queue, offset, error = %e,
                     "storing a dead letter failed; retrying in 5 s");
+                act.written();
                 ctx.run_later(DLQ_RETRY, move |act, ctx| {
                     act.dead_letter(held, "dead-letter retry".into(), ctx)
                 });
             }
         }));
+    }
+
+    /// A settlement write finished; a stop waiting for it may go on.
+    fn written(&mut self) {
+        self.writing -= 1;
+        if self.writing == 0 {
+            if let Some(tx) = self.stopping.take() {
+                let _ = tx.send(());
+            }
+        }
     }
 }
 
@@ -769,6 +800,7 @@ impl Handler<RetryStored> for GroupActor {
     type Result = ();
 
     fn handle(&mut self, msg: RetryStored, ctx: &mut Context<Self>) {
+        self.written();
         match (msg.ok, msg.held) {
             (true, held) => {
                 self.release(held, ctx);
@@ -1002,12 +1034,30 @@ impl Handler<StopGroup> for GroupActor {
 
     fn handle(&mut self, _: StopGroup, _: &mut Context<Self>) -> Self::Result {
         self.tx = None;
-        let entries = self.dirty_offsets();
-        let write = self.persistence.send(CommitOffsets {
-            group: self.group.clone(),
-            entries,
-            now: true,
-        });
-        Box::pin(write.into_actor(self).map(|_, _, ctx| ctx.stop()))
+        // Settlements being written ack their originals when stored: the
+        // final positions must include those acks.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.writing == 0 {
+            let _ = tx.send(());
+        } else {
+            self.stopping = Some(tx);
+        }
+        Box::pin(
+            async move {
+                let _ = rx.await;
+            }
+            .into_actor(self)
+            .then(|(), act, _| {
+                let entries = act.dirty_offsets();
+                act.persistence
+                    .send(CommitOffsets {
+                        group: act.group.clone(),
+                        entries,
+                        now: true,
+                    })
+                    .into_actor(act)
+            })
+            .map(|_, _, ctx| ctx.stop()),
+        )
     }
 }
