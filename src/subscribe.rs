@@ -3,8 +3,8 @@
 use std::marker::PhantomData;
 use std::time::Duration;
 
-use actix::{Actor, Context, Handler};
-use weirmq_actors::{start_subscriber, Delivery, SubscriberConfig, SubscriberHandle};
+use actix::{Actor, ArbiterHandle, Context, Handler};
+use weirmq_actors::{start_subscriber, Delivery, Members, SubscriberConfig, SubscriberHandle};
 use weirmq_bus::{
     validate_group_name, Error, Event, Filter, GroupStats, Ordering, QueuePosition, RetryPolicy,
     StartFrom, SubscriptionSpec,
@@ -52,8 +52,8 @@ pub struct SubscribeBuilder<E, A = ()> {
     config: SubscriberConfig,
     retry_set: bool,
     broadcast: Option<Vec<String>>,
-    members: usize,
-    factory: Option<Box<dyn Fn() -> A>>,
+    per_member_set: bool,
+    members: Option<Members<A>>,
     _event: PhantomData<fn() -> E>,
 }
 
@@ -64,7 +64,7 @@ impl<E, A> std::fmt::Debug for SubscribeBuilder<E, A> {
             .field("start", &self.start)
             .field("max_in_flight", &self.max_in_flight)
             .field("members", &self.members)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -80,8 +80,8 @@ impl<E: Event> SubscribeBuilder<E, ()> {
             config: SubscriberConfig::default(),
             retry_set: false,
             broadcast: None,
-            members: 1,
-            factory: None,
+            per_member_set: false,
+            members: None,
             _event: PhantomData,
         }
     }
@@ -89,12 +89,91 @@ impl<E: Event> SubscribeBuilder<E, ()> {
 
 impl<E: Event, A> SubscribeBuilder<E, A> {
     /// The handler actors: `n` members made by `factory`, started on the
-    /// current arbiter. A member that panics is replaced by a fresh one from
-    /// the factory.
+    /// current arbiter (where `start` runs), beside their supervisor. A
+    /// member that panics is replaced by a fresh one from the factory.
+    ///
+    /// Right for handlers that do not block their thread. A handler that
+    /// blocks (`std::thread::sleep`, blocking I/O, long computations) stalls
+    /// every actor on its arbiter — other subscriptions included: use
+    /// [`blocking_members`](Self::blocking_members) for those.
     pub fn members<B, F>(self, n: usize, factory: F) -> SubscribeBuilder<E, B>
     where
+        B: Actor<Context = Context<B>>,
         F: Fn() -> B + 'static,
     {
+        self.placed(Members::local(n, factory))
+    }
+
+    /// Handler actors that may block their thread: `n` members made by
+    /// `factory`, each on a thread (actix arbiter) of its own that the
+    /// subscription starts and stops when it ends. A blocked member holds up
+    /// only the deliveries in its own hands; other members and other
+    /// subscriptions go on. Unless
+    /// [`max_in_flight_per_member`](Self::max_in_flight_per_member) is set,
+    /// each member holds one delivery at a time (so a slow one does not sit
+    /// on deliveries an idle one could take).
+    ///
+    /// The handler is the same actix actor as for [`members`](Self::members);
+    /// the factory must be `Send + Sync` (it runs on the members' threads).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use weirmq::prelude::*;
+    /// # #[derive(Serialize, Deserialize, Debug)] struct Report(u32);
+    /// # impl Event for Report { const TOPIC: &'static str = "reports"; }
+    /// struct Renderer;
+    /// impl Actor for Renderer { type Context = Context<Self>; }
+    /// impl Handler<Delivery<Report>> for Renderer {
+    ///     type Result = Result<(), HandlerError>;
+    ///     fn handle(&mut self, d: Delivery<Report>, _: &mut Context<Self>) -> Self::Result {
+    ///         // Blocking work is fine here: this member has a thread of its own.
+    ///         std::thread::sleep(std::time::Duration::from_millis(d.event().0.into()));
+    ///         Ok(())
+    ///     }
+    /// }
+    /// # #[actix::main] async fn main() -> Result<(), weirmq::Error> {
+    /// let bus = Bus::builder().in_memory().open().await?;
+    /// let sub = bus.subscribe::<Report>("renderers")
+    ///     .blocking_members(4, || Renderer)
+    ///     .start()
+    ///     .await?;
+    /// bus.publish(&Report(5)).await?;
+    /// sub.drain().await?;
+    /// bus.shutdown().await
+    /// # }
+    /// ```
+    pub fn blocking_members<B, F>(self, n: usize, factory: F) -> SubscribeBuilder<E, B>
+    where
+        B: Actor<Context = Context<B>>,
+        F: Fn() -> B + Send + Sync + 'static,
+    {
+        let mut b = self.placed(Members::threads(n, factory));
+        if !b.per_member_set {
+            b.config.max_in_flight_per_member = 1;
+        }
+        b
+    }
+
+    /// Handler actors on an arbiter of the application's: `n` members made
+    /// by `factory`, all started on `arbiter` (the application owns it and
+    /// stops it after the subscription drained). For example one thread
+    /// shared by several subscriptions whose handlers block, or handlers
+    /// kept beside other actors of the application.
+    pub fn members_on<B, F>(
+        self,
+        arbiter: &ArbiterHandle,
+        n: usize,
+        factory: F,
+    ) -> SubscribeBuilder<E, B>
+    where
+        B: Actor<Context = Context<B>>,
+        F: Fn() -> B + Send + Sync + 'static,
+    {
+        self.placed(Members::on(arbiter.clone(), n, factory))
+    }
+
+    fn placed<B>(self, members: Members<B>) -> SubscribeBuilder<E, B> {
         SubscribeBuilder {
             bus: self.bus,
             group: self.group,
@@ -105,8 +184,8 @@ impl<E: Event, A> SubscribeBuilder<E, A> {
             config: self.config,
             retry_set: self.retry_set,
             broadcast: self.broadcast,
-            members: n,
-            factory: Some(Box::new(factory)),
+            per_member_set: self.per_member_set,
+            members: Some(members),
             _event: PhantomData,
         }
     }
@@ -144,8 +223,10 @@ impl<E: Event, A> SubscribeBuilder<E, A> {
         self
     }
 
-    /// The most deliveries in one member's hands at once (default 8).
+    /// The most deliveries in one member's hands at once (default 8; 1 for
+    /// [`blocking_members`](Self::blocking_members)).
     pub fn max_in_flight_per_member(mut self, n: usize) -> Self {
+        self.per_member_set = true;
         self.config.max_in_flight_per_member = n.max(1);
         self
     }
@@ -198,8 +279,10 @@ where
     E: Event,
     A: Actor<Context = Context<A>> + Handler<Delivery<E>>,
 {
-    /// Starts the subscription: the members and their supervisor run on the
-    /// current arbiter.
+    /// Starts the subscription: the supervisor runs on the current arbiter,
+    /// the members where [`members`](Self::members),
+    /// [`blocking_members`](Self::blocking_members) or
+    /// [`members_on`](Self::members_on) placed them.
     ///
     /// # Errors
     ///
@@ -213,8 +296,10 @@ where
     /// handed out in offset order but processed concurrently, unless the
     /// subscription is [`Ordering::Fifo`].
     pub async fn start(self) -> Result<Subscription, Error> {
-        let factory = self.factory.ok_or_else(|| Error::InvalidConfig {
-            reason: "call .members(n, factory) before .start()".into(),
+        let members = self.members.ok_or_else(|| Error::InvalidConfig {
+            reason:
+                "call .members(n, factory) (or .blocking_members / .members_on) before .start()"
+                    .into(),
         })?;
         let spec = |group: String| SubscriptionSpec {
             group,
@@ -226,14 +311,9 @@ where
         };
         let broker = self.bus.broker().clone();
         let Some(ids) = self.broadcast else {
-            let handle = start_subscriber::<E, A, _>(
-                broker,
-                spec(self.group.clone()),
-                self.members,
-                factory,
-                self.config,
-            )
-            .await?;
+            let handle =
+                start_subscriber::<E, A>(broker, spec(self.group.clone()), members, self.config)
+                    .await?;
             return Ok(Subscription {
                 bus: self.bus,
                 group: self.group,
@@ -256,15 +336,12 @@ where
         for g in &groups {
             validate_group_name(g)?;
         }
-        let factory = std::rc::Rc::new(factory);
         let mut handles = Vec::with_capacity(groups.len());
         for g in groups {
-            let f = factory.clone();
-            match start_subscriber::<E, A, _>(
+            match start_subscriber::<E, A>(
                 broker.clone(),
                 spec(g),
-                1,
-                move || f(),
+                members.clone().with_count(1),
                 config.clone(),
             )
             .await

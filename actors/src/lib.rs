@@ -23,9 +23,11 @@
 #![forbid(unsafe_code)]
 
 mod broker;
+mod members;
 mod subscriber;
 
 pub use broker::{EmbeddedBroker, EmbeddedConfig};
+pub use members::Members;
 pub use subscriber::{
     start_subscriber, Delivery, HandlerError, SubscriberConfig, SubscriberHandle,
 };

@@ -42,6 +42,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::members::{Members, Spawner};
 use actix::prelude::*;
 use tokio::sync::oneshot;
 use tracing::{error, warn};
@@ -374,25 +375,25 @@ impl SubscriberHandle {
     }
 }
 
-/// Starts a supervised consumer group on the current arbiter: `members`
-/// handler actors made by `factory`, fed by `broker`.
+/// Starts a supervised consumer group: its supervisor on the current
+/// arbiter, its handler actors where `members` places them, fed by
+/// `broker`.
 ///
 /// # Errors
 ///
-/// What [`Broker::subscribe`] returns.
-pub async fn start_subscriber<E, A, F>(
+/// What [`Broker::subscribe`] returns; [`Error::InvalidConfig`] for no
+/// members or a rate limit of 0.
+pub async fn start_subscriber<E, A>(
     broker: Arc<dyn Broker>,
     spec: SubscriptionSpec,
-    members: usize,
-    factory: F,
+    members: Members<A>,
     config: SubscriberConfig,
 ) -> Result<SubscriberHandle, Error>
 where
     E: Event,
     A: Actor<Context = Context<A>> + Handler<Delivery<E>>,
-    F: Fn() -> A + 'static,
 {
-    if members == 0 {
+    if members.count() == 0 {
         return Err(Error::InvalidConfig {
             reason: "a subscription needs at least one member".into(),
         });
@@ -406,9 +407,11 @@ where
     let topic = spec.topic.clone();
     let sub = broker.subscribe(spec).await?;
     let rx = sub.deliveries;
-    let members: Vec<Member<A>> = (0..members)
-        .map(|_| Member {
-            addr: factory().start(),
+    let count = members.count();
+    let spawner = members.into_spawner();
+    let members: Vec<Member<A>> = (0..count)
+        .map(|j| Member {
+            addr: (spawner.spawn)(j),
             in_flight: 0,
             generation: 0,
             panicked: Arc::default(),
@@ -416,7 +419,7 @@ where
         .collect();
     let sup = Supervisor::<E, A> {
         members,
-        factory: Box::new(factory),
+        spawner,
         settler: sub.settler,
         pending: VecDeque::new(),
         settlements: Vec::new(),
@@ -471,7 +474,7 @@ struct Member<A: Actor> {
 
 struct Supervisor<E, A: Actor> {
     members: Vec<Member<A>>,
-    factory: Box<dyn Fn() -> A>,
+    spawner: Spawner<A>,
     settler: Arc<dyn Settler>,
     pending: VecDeque<RawDelivery>,
     settlements: Vec<(SettleToken, Settlement)>,
@@ -653,7 +656,7 @@ where
                 // Its actor stopped: this delivery may never have run.
                 if m.generation == generation && !self.draining {
                     warn!(group = %self.group, member = j, "handler actor stopped; restarting it");
-                    m.addr = (self.factory)().start();
+                    m.addr = (self.spawner.spawn)(j);
                     m.in_flight = 0;
                     m.generation += 1;
                     m.panicked = Arc::default();
@@ -774,6 +777,10 @@ where
     A: Actor<Context = Context<A>> + Handler<Delivery<E>>,
 {
     type Context = Context<Self>;
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        self.spawner.stop_threads();
+    }
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         // A delivery fails at most a quarter of the timeout (≤ 1 s) late.
