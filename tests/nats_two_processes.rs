@@ -73,14 +73,15 @@ impl Handler<Delivery<Job>> for Worker {
     fn handle(&mut self, d: Delivery<Job>, _: &mut Context<Self>) -> Self::Result {
         let n = d.event().n;
         let mut f = self.out.lock().unwrap();
-        writeln!(f, "recv {n}").unwrap();
+        f.write_all(format!("recv {n}\n").as_bytes()).unwrap();
         if self.fail_first && n % 10 == 0 && d.attempt() == 1 {
-            writeln!(f, "fail {n}").unwrap();
+            f.write_all(format!("fail {n}\n").as_bytes()).unwrap();
             return Err(HandlerError::retry("first attempt fails"));
         }
         // The work: slow enough that jobs wait in flight behind it.
         std::thread::sleep(Duration::from_millis(2));
-        writeln!(f, "done {n} {}", d.attempt()).unwrap();
+        f.write_all(format!("done {n} {}\n", d.attempt()).as_bytes())
+            .unwrap();
         Ok(())
     }
 }
@@ -143,24 +144,45 @@ impl Drop for Kill {
     }
 }
 
+/// The complete lines of a worker's output: a line is complete once its
+/// newline is written (the worker may be writing the last one as we read,
+/// or have been killed in the middle of it).
+fn complete_lines(path: &std::path::Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let end = text.rfind('\n').map_or(0, |i| i + 1);
+    text[..end].lines().map(str::to_string).collect()
+}
+
+/// Regression (issue 13, defect 8): the reader parsed a line the worker was
+/// still writing (`recv ` → `ParseIntError { kind: Empty }`, or `recv 1`
+/// of `recv 12`). Only complete lines count.
+fn a_half_written_line_is_not_read() {
+    let dir = support::temp_dir();
+    let path = dir.path().join("w.log");
+    std::fs::write(&path, "recv 1\ndone 1 1\nrecv 12\nrecv ").unwrap();
+    let (recv, done, _) = read(&path);
+    assert_eq!(recv, BTreeSet::from([1, 12]));
+    assert_eq!(done, BTreeSet::from([1]));
+    std::fs::write(&path, "recv 1\ndone 1 1\nrecv 1").unwrap();
+    assert_eq!(read(&path).0, BTreeSet::from([1]), "`recv 1` of `recv 12` is not a job");
+}
+
 /// (received, done, redelivered) job numbers in a worker's output.
 fn read(path: &std::path::Path) -> (BTreeSet<u64>, BTreeSet<u64>, BTreeSet<u64>) {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
     let (mut recv, mut done, mut again) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
-    for line in text.lines() {
+    for line in complete_lines(path) {
         let mut parts = line.split(' ');
         match (parts.next(), parts.next(), parts.next()) {
             (Some("recv"), Some(n), _) => {
-                recv.insert(n.parse().unwrap());
+                recv.insert(n.parse().expect("a complete line"));
             }
             (Some("done"), Some(n), Some(attempt)) => {
-                let n: u64 = n.parse().unwrap();
+                let n: u64 = n.parse().expect("a complete line");
                 done.insert(n);
                 if attempt != "1" {
                     again.insert(n);
                 }
             }
-            // A line cut short by the kill.
             _ => {}
         }
     }
@@ -169,8 +191,8 @@ fn read(path: &std::path::Path) -> (BTreeSet<u64>, BTreeSet<u64>, BTreeSet<u64>)
 
 /// The jobs a worker finished, in the order it finished them.
 fn done_order(path: &std::path::Path) -> Vec<u64> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines()
+    complete_lines(path)
+        .iter()
         .filter_map(|l| {
             let mut p = l.split(' ');
             match (p.next(), p.next(), p.next()) {
@@ -193,6 +215,7 @@ fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
 }
 
 fn a_killed_workers_unacked_jobs_go_to_the_other_process() {
+    a_half_written_line_is_not_read();
     for fifo in [false, true] {
         let Some(server) = support::backend::NatsServer::start() else {
             return;
