@@ -12,10 +12,28 @@
 //! (or set `WEIRMQ_NATS_URL`). Nothing but the bus's builder changes.
 
 use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use weirmq::prelude::*;
+
+/// The decoupling demo: user registration → coupon, and a gift pack added
+/// later without touching the registration code.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Run on NATS JetStream at this URL (e.g. nats://127.0.0.1:4222)
+    /// instead of the embedded store; default: the environment variable
+    /// WEIRMQ_NATS_URL if set.
+    #[arg(long)]
+    nats: Option<String>,
+    /// The embedded store's data directory.
+    #[arg(long, default_value = "./weirmq-data")]
+    data_dir: PathBuf,
+}
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
 struct UserRegistered {
@@ -118,19 +136,25 @@ async fn wait_for(seen: &Seen, n: usize) -> bool {
 }
 
 #[actix::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let nats = match args.as_slice() {
-        [] => std::env::var("WEIRMQ_NATS_URL").ok(),
-        [flag, url] if flag == "--nats" => Some(url.clone()),
-        _ => return Err("usage: register_coupon [--nats nats://host:4222]".into()),
-    };
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("register_coupon: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let nats = args.nats.or_else(|| std::env::var("WEIRMQ_NATS_URL").ok());
     let bus = match &nats {
         Some(url) => {
             println!("[bus] NATS JetStream at {url}");
             Bus::builder().nats(url.clone()).open().await?
         }
-        None => Bus::builder().open().await?, // ./weirmq-data
+        None => Bus::builder().data_dir(&args.data_dir).open().await?,
     };
     let registration = Registration { bus: bus.clone() };
 

@@ -10,13 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use weirmq_actors::{EmbeddedBroker, EmbeddedConfig};
+use weirmq_bus::{validate_group_name, HalfMessage, StateBatch};
 use weirmq_bus::{
     Broker, DeadLetter, Durability, Error, Event, GroupStats, Limits, Message, MessageId,
     MessageTrace, OutgoingMessage, Publish, PublishError, QueuePosition, Resend, ResendReport,
     ResetTo, RetentionReport, SendReceipt, TopicConfig, TransactionChecker, TransactionConfig,
     TransactionOutcome, TryPublishError,
 };
-use weirmq_bus::{HalfMessage, StateBatch};
 use weirmq_persistence::{StoreConfig, SyncEvent, SyncHook};
 
 use crate::subscribe::SubscribeBuilder;
@@ -631,8 +631,9 @@ impl Bus {
     ///
     /// # Errors
     ///
-    /// An unknown topic, or a storage error.
+    /// An invalid group name, an unknown topic, or a storage error.
     pub async fn positions(&self, group: &str, topic: &str) -> Result<Vec<QueuePosition>, Error> {
+        validate_group_name(group)?;
         self.inner.broker.positions(group, topic).await
     }
 
@@ -661,11 +662,13 @@ impl Bus {
         topic: &str,
         to: ResetTo,
     ) -> Result<Vec<QueuePosition>, Error> {
+        validate_group_name(group)?;
         self.inner.broker.reset_offsets(group, topic, to).await
     }
 
     /// Counters of the running subscription of `group` to `topic` in this
-    /// process (zeros if none).
+    /// process (zeros if none, or if the names are not valid: no
+    /// subscription can have them).
     pub async fn group_stats(&self, group: &str, topic: &str) -> GroupStats {
         self.inner.broker.group_stats(group, topic).await
     }
@@ -693,13 +696,14 @@ impl Bus {
     ///
     /// # Errors
     ///
-    /// A storage error.
+    /// An invalid group name, or a storage error.
     pub async fn dead_letters(
         &self,
         group: &str,
         from: u64,
         max: usize,
     ) -> Result<Vec<DeadLetter>, Error> {
+        validate_group_name(group)?;
         self.inner.broker.dead_letters(group, from, max).await
     }
 
@@ -707,8 +711,9 @@ impl Bus {
     ///
     /// # Errors
     ///
-    /// A storage error.
+    /// An invalid group name, or a storage error.
     pub async fn dead_letter_count(&self, group: &str) -> Result<u64, Error> {
+        validate_group_name(group)?;
         self.inner.broker.dead_letter_count(group).await
     }
 
@@ -735,6 +740,7 @@ impl Bus {
         group: &str,
         which: Resend,
     ) -> Result<Vec<ResendReport>, Error> {
+        validate_group_name(group)?;
         self.inner.broker.resend_dead_letters(group, which).await
     }
 
@@ -742,8 +748,9 @@ impl Bus {
     ///
     /// # Errors
     ///
-    /// A storage error.
+    /// An invalid group name, or a storage error.
     pub async fn purge_dead_letters(&self, group: &str) -> Result<u64, Error> {
+        validate_group_name(group)?;
         self.inner.broker.purge_dead_letters(group).await
     }
 

@@ -164,7 +164,11 @@ fn a_half_written_line_is_not_read() {
     assert_eq!(recv, BTreeSet::from([1, 12]));
     assert_eq!(done, BTreeSet::from([1]));
     std::fs::write(&path, "recv 1\ndone 1 1\nrecv 1").unwrap();
-    assert_eq!(read(&path).0, BTreeSet::from([1]), "`recv 1` of `recv 12` is not a job");
+    assert_eq!(
+        read(&path).0,
+        BTreeSet::from([1]),
+        "`recv 1` of `recv 12` is not a job"
+    );
 }
 
 /// (received, done, redelivered) job numbers in a worker's output.

@@ -15,13 +15,6 @@ use support::*;
 
 const THRESHOLD: u64 = 10_000;
 
-/// The example binary, next to this test's in the target directory.
-fn example_binary() -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    dir.join("examples").join("order_service")
-}
-
 struct Service {
     child: Child,
     base: String,
@@ -35,7 +28,7 @@ impl Drop for Service {
 }
 
 fn start(dir: &std::path::Path) -> Service {
-    let mut child = Command::new(example_binary())
+    let mut child = Command::new(example_binary("order_service"))
         .args([
             "--port",
             "0",

@@ -5,7 +5,7 @@ mod support;
 
 use support::*;
 use weirmq::prelude::*;
-use weirmq::{Error, Limits, NameKind, OutgoingMessage};
+use weirmq::{Error, Limits, NameKind, OutgoingMessage, Resend, ResetTo};
 
 async fn stored(bus: &Bus, topic: &str) -> u64 {
     match bus.positions("probe", topic).await {
@@ -288,4 +288,56 @@ fn opening_outside_an_actix_system_is_an_error() {
         .unwrap();
     let e = rt.block_on(Bus::builder().in_memory().open()).unwrap_err();
     assert!(e.to_string().contains("actix System"), "{e}");
+}
+
+/// Regression (issue 13, defect 9): `positions` and `dead_letters` took
+/// invalid group names (`""`, `"a b"`) and answered empty, while
+/// `reset_offsets` refused them. Every call that names a group validates it
+/// the same way.
+#[actix::test]
+async fn every_call_naming_a_group_refuses_an_invalid_name() {
+    let bus = Bus::builder().in_memory().open().await.unwrap();
+    bus.publish(&Num { n: 1 }).await.unwrap();
+    for bad in ["", "a b", "tab\there", &"g".repeat(300)] {
+        let is_group_error = |e: Error| {
+            matches!(
+                e,
+                Error::InvalidName {
+                    kind: NameKind::Group,
+                    ..
+                }
+            )
+        };
+        let t = Num::TOPIC;
+        assert!(
+            is_group_error(bus.positions(bad, t).await.unwrap_err()),
+            "positions({bad:?})"
+        );
+        assert!(is_group_error(
+            bus.reset_offsets(bad, t, ResetTo::Earliest)
+                .await
+                .unwrap_err()
+        ));
+        assert!(
+            is_group_error(bus.dead_letters(bad, 0, 10).await.unwrap_err()),
+            "dead_letters({bad:?})"
+        );
+        assert!(is_group_error(
+            bus.dead_letter_count(bad).await.unwrap_err()
+        ));
+        assert!(is_group_error(
+            bus.resend_dead_letters(bad, Resend::All).await.unwrap_err()
+        ));
+        assert!(is_group_error(
+            bus.purge_dead_letters(bad).await.unwrap_err()
+        ));
+        let sub = bus
+            .subscribe::<Num>(bad)
+            .members(1, recorders(&Log::default(), ack_all()));
+        assert!(
+            is_group_error(sub.start().await.unwrap_err()),
+            "subscribe({bad:?})"
+        );
+    }
+    bus.shutdown().await.unwrap();
 }

@@ -29,6 +29,14 @@ pub fn init_tracing() {
         .try_init();
 }
 
+/// An example binary of this package, next to the running test's in the
+/// target directory (`cargo test` builds the examples).
+pub fn example_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    dir.join("examples").join(name)
+}
+
 pub fn temp_dir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("weirmq-test-")
