@@ -11,8 +11,9 @@
 //! | a topic or subscription conflict | 409 Conflict |
 //! | `Busy` (the store is not keeping up) | 503 Service Unavailable, `Retry-After: 1` |
 //! | `Closed` (shutting down) | 503 Service Unavailable |
+//! | `StoreFull` (the disk is nearly full; nothing stored) | 507 Insufficient Storage, `Retry-After: 1` |
 //! | `Unsupported` | 501 Not Implemented |
-//! | storage and data-directory errors | 500 Internal Server Error |
+//! | storage and data-directory errors, `StoreFailed` | 500 Internal Server Error |
 //!
 //! The body is JSON: `{"error": "<kind>", "message": "<what to do>"}`.
 //!
@@ -70,6 +71,8 @@ impl HttpError {
             Error::TopicConflict { .. } => "topic_conflict",
             Error::Codec(_) => "codec",
             Error::Storage(_) => "storage",
+            Error::StoreFailed { .. } => "store_failed",
+            Error::StoreFull { .. } => "store_full",
             Error::DataDir { .. } => "data_dir",
             Error::AlreadySubscribed { .. } => "already_subscribed",
             Error::DelayTooLong { .. } => "delay_too_long",
@@ -96,13 +99,14 @@ impl ResponseError for HttpError {
             Error::TopicConflict { .. } | Error::AlreadySubscribed { .. } => StatusCode::CONFLICT,
             Error::Busy { .. } | Error::Closed => StatusCode::SERVICE_UNAVAILABLE,
             Error::Unsupported { .. } => StatusCode::NOT_IMPLEMENTED,
+            Error::StoreFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
     fn error_response(&self) -> HttpResponse {
         let mut r = HttpResponse::build(self.status_code());
-        if matches!(self.0, Error::Busy { .. }) {
+        if matches!(self.0, Error::Busy { .. } | Error::StoreFull { .. }) {
             r.insert_header(("Retry-After", "1"));
         }
         let body = format!(

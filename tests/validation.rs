@@ -259,7 +259,7 @@ async fn a_corrupt_store_is_a_typed_error_not_a_panic() {
         .await
         .unwrap_err();
     assert!(matches!(e, Error::DataDir { .. }), "{e}");
-    assert!(e.to_string().contains("corrupt"), "{e}");
+    assert!(e.to_string().contains("damaged"), "{e}");
     // The refusal holds on every later open: the bus never silently starts
     // empty over a damaged store (sled itself may rewrite the damaged file
     // while recovering; see ARCHITECTURE.md).
@@ -268,7 +268,7 @@ async fn a_corrupt_store_is_a_typed_error_not_a_panic() {
         .open()
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("corrupt"), "{e}");
+    assert!(e.to_string().contains("damaged"), "{e}");
 
     // A garbled config file is refused too.
     std::fs::write(dir.path().join("conf"), b"not a sled config").unwrap();
@@ -339,5 +339,178 @@ async fn every_call_naming_a_group_refuses_an_invalid_name() {
             "subscribe({bad:?})"
         );
     }
+    bus.shutdown().await.unwrap();
+}
+
+/// No Debug formatting of inner errors, no sled internals: a message a user
+/// can act on.
+fn assert_plain(e: &Error) {
+    let text = e.to_string();
+    for bad in ["backtrace", "Some(", "Inline(", "Os {", "kind:", "Error {"] {
+        assert!(!text.contains(bad), "`{bad}` in the message: {text}");
+    }
+}
+
+/// Regression (issue 13, defect 3): a data directory holding the user's own
+/// file named `db` was taken over: sled replaced the file and an empty bus
+/// started. Now a non-empty directory without weirmq's marker is refused
+/// and left exactly as it was.
+#[actix::test]
+async fn a_directory_with_a_foreign_file_named_db_is_refused_and_left_alone() {
+    let dir = temp_dir();
+    std::fs::write(dir.path().join("db"), b"SQLite format 3\0 my precious data").unwrap();
+    let e = Bus::builder()
+        .data_dir(dir.path())
+        .open()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::DataDir { ref path, .. } if path == dir.path()),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("weirmq.store"),
+        "names the marker it looked for: {e}"
+    );
+    assert_plain(&e);
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec!["db"], "nothing added");
+    assert_eq!(
+        std::fs::read(dir.path().join("db")).unwrap(),
+        b"SQLite format 3\0 my precious data"
+    );
+}
+
+/// Regression (issue 13, defect 3): a store whose marker is there but whose
+/// sled data file is gone was reported as "holds no weirmq store; point the
+/// bus at an empty directory" — an invitation to start empty. It is a
+/// damaged store.
+#[actix::test]
+async fn a_store_whose_data_file_is_missing_is_reported_damaged() {
+    let dir = temp_dir();
+    {
+        let bus = Bus::builder().data_dir(dir.path()).open().await.unwrap();
+        bus.publish(&Num { n: 1 }).await.unwrap();
+        bus.shutdown().await.unwrap();
+    }
+    std::fs::remove_file(dir.path().join("db")).unwrap();
+    let before: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let e = Bus::builder()
+        .data_dir(dir.path())
+        .open()
+        .await
+        .unwrap_err();
+    let text = e.to_string();
+    assert!(matches!(e, Error::DataDir { .. }), "{e}");
+    assert!(
+        text.contains("damaged") && text.contains("backup"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("point the bus at an empty"),
+        "does not invite starting empty: {text}"
+    );
+    assert_plain(&e);
+    let after: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(before, after, "nothing written");
+}
+
+/// Regression (issue 13, defect 4): corruption at the start of the data
+/// file surfaced as `Read corrupted data at file offset Some(Inline(520))
+/// backtrace ()`.
+#[actix::test]
+async fn corruption_at_the_start_of_the_data_file_is_explained_plainly() {
+    let dir = temp_dir();
+    {
+        let bus = Bus::builder().data_dir(dir.path()).open().await.unwrap();
+        for n in 0..200 {
+            bus.publish(&Num { n }).await.unwrap();
+        }
+        bus.shutdown().await.unwrap();
+    }
+    let db = dir.path().join("db");
+    let mut bytes = std::fs::read(&db).unwrap();
+    for b in bytes.iter_mut().take(4096) {
+        *b = !*b;
+    }
+    std::fs::write(&db, &bytes).unwrap();
+    let e = Bus::builder()
+        .data_dir(dir.path())
+        .open()
+        .await
+        .unwrap_err();
+    let text = e.to_string();
+    assert!(matches!(e, Error::DataDir { .. }), "{e}");
+    assert!(
+        text.contains(&dir.path().display().to_string()),
+        "names the directory: {text}"
+    );
+    assert!(text.contains("backup"), "says what to do: {text}");
+    assert_plain(&e);
+}
+
+/// Found while testing defect 4: a data file damaged in the middle was
+/// "recovered" by sled as its intact prefix, and the bus opened with 1 of
+/// 200 messages, silently. Each clean shutdown now records the queues'
+/// ends, and a store that comes back shorter is refused as damaged.
+#[actix::test]
+async fn a_store_that_comes_back_shorter_than_it_was_shut_down_is_refused() {
+    let dir = temp_dir();
+    {
+        let bus = Bus::builder().data_dir(dir.path()).open().await.unwrap();
+        for n in 0..200 {
+            bus.publish(&Num { n }).await.unwrap();
+        }
+        bus.shutdown().await.unwrap();
+    }
+    let db = dir.path().join("db");
+    let mut bytes = std::fs::read(&db).unwrap();
+    for b in bytes.iter_mut().skip(1000).take(100) {
+        *b = 0;
+    }
+    std::fs::write(&db, &bytes).unwrap();
+    for _ in 0..2 {
+        let e = Bus::builder()
+            .data_dir(dir.path())
+            .open()
+            .await
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(e, Error::DataDir { .. }), "{e}");
+        assert!(
+            text.contains("damaged") && text.contains("held") && text.contains("backup"),
+            "{text}"
+        );
+        assert_plain(&e);
+    }
+}
+
+#[actix::test]
+async fn an_interrupted_initialisation_is_finished_on_the_next_open() {
+    let dir = temp_dir();
+    // What a crash right after the marker was first written leaves.
+    std::fs::write(dir.path().join("weirmq.store"), b"initialising").unwrap();
+    let bus = Bus::builder().data_dir(dir.path()).open().await.unwrap();
+    let r = bus.publish(&Num { n: 7 }).await.unwrap();
+    bus.shutdown().await.unwrap();
+    assert_eq!(
+        std::fs::read(dir.path().join("weirmq.store")).unwrap(),
+        b"weirmq-store-v1"
+    );
+    let bus = Bus::builder().data_dir(dir.path()).open().await.unwrap();
+    let got = bus
+        .read_queue(Num::TOPIC, r.queue, r.offset, 1)
+        .await
+        .unwrap();
+    assert_eq!(got[0].id(), r.message_id);
     bus.shutdown().await.unwrap();
 }

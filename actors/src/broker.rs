@@ -697,7 +697,7 @@ impl EmbeddedBroker {
         tokio::task::spawn_blocking(move || reader.read_range(&name, key, from, end, max))
             .await
             .map_err(|e| Error::Storage(StorageError::msg(e.to_string())))?
-            .map_err(Error::Storage)
+            .map_err(Error::from)
     }
 
     /// One page of `group`'s dead letters, oldest first, from DLQ offset
@@ -946,7 +946,7 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::Storage(StorageError::msg(e.to_string())))?
-        .map_err(Error::Storage)
+        .map_err(Error::from)
 }
 
 fn dlq_topic(group: &str) -> String {
@@ -1359,7 +1359,7 @@ impl Broker for EmbeddedBroker {
                 let _ = tx.send(r);
             }),
         });
-        rx.await.map_err(|_| Error::Closed)?.map_err(Error::Storage)
+        rx.await.map_err(|_| Error::Closed)?.map_err(Error::from)
     }
 
     async fn state_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
@@ -1482,7 +1482,7 @@ impl Broker for EmbeddedBroker {
         self.inner.pending.close();
         info!("weirmq embedded broker shut down");
         match result {
-            Ok(r) => r.map_err(Error::Storage),
+            Ok(r) => r.map_err(Error::from),
             Err(_) => Ok(()),
         }
     }

@@ -2,12 +2,18 @@
 //!
 //! Expected outcomes are not errors: a filtered message or a duplicate is a
 //! value. An [`Error`] means the operation did not happen: nothing was stored
-//! (validation, codec, closed bus) or the store failed (fail-stop: the bus
-//! refuses further writes rather than risk a hole in a queue log).
+//! (validation, codec, closed bus, a full disk) or the store failed
+//! (fail-stop, [`Error::StoreFailed`]: the bus refuses further writes rather
+//! than risk a hole in a queue log, until it is reopened).
+//!
+//! Every message says in plain words what happened, where (the data
+//! directory) and what to do; inner errors are shown by their `Display`,
+//! never their `Debug`.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::message::OutgoingMessage;
 
@@ -65,10 +71,17 @@ impl std::error::Error for CodecError {}
 /// waiting on it.
 #[derive(Debug, Clone)]
 pub struct StorageError {
-    /// What the store was doing.
+    /// What the store was doing ("writing the queue log").
     pub context: String,
-    /// The underlying error, if any.
+    /// The underlying error, if any (its `Display` is plain words).
     pub source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+    /// The data directory, if the store has one.
+    pub path: Option<PathBuf>,
+    /// What to do about it, if the cause tells.
+    pub advice: Option<String>,
+    /// Set when this failure stopped the store's writes (fail-stop): when.
+    /// Such an error becomes [`Error::StoreFailed`].
+    pub stopped_at: Option<SystemTime>,
 }
 
 impl StorageError {
@@ -80,6 +93,9 @@ impl StorageError {
         StorageError {
             context: context.into(),
             source: Some(Arc::new(source)),
+            path: None,
+            advice: None,
+            stopped_at: None,
         }
     }
 
@@ -88,17 +104,90 @@ impl StorageError {
         StorageError {
             context: context.into(),
             source: None,
+            path: None,
+            advice: None,
+            stopped_at: None,
         }
+    }
+
+    /// Names the data directory (unless one is named already).
+    pub fn in_dir(mut self, path: Option<&Path>) -> Self {
+        if self.path.is_none() {
+            self.path = path.map(Path::to_path_buf);
+        }
+        self
+    }
+
+    /// Says what to do (unless advice is given already).
+    pub fn with_advice(mut self, advice: impl Into<String>) -> Self {
+        self.advice.get_or_insert_with(|| advice.into());
+        self
+    }
+
+    /// Marks the failure as the one that stopped the store's writes.
+    pub fn stopping(mut self, at: SystemTime) -> Self {
+        self.stopped_at.get_or_insert(at);
+        self
+    }
+
+    /// The I/O error kind underneath, if the cause is an I/O error.
+    pub fn io_kind(&self) -> Option<std::io::ErrorKind> {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = self
+            .source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static));
+        while let Some(e) = cause {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                return Some(io.kind());
+            }
+            cause = e.source();
+        }
+        None
+    }
+
+    /// What happened (and where, if `with_path`), without the advice.
+    fn what(&self, f: &mut fmt::Formatter<'_>, with_path: bool) -> fmt::Result {
+        f.write_str(&self.context)?;
+        if let (true, Some(p)) = (with_path, &self.path) {
+            write!(f, " in `{}`", p.display())?;
+        }
+        if let Some(s) = &self.source {
+            write!(f, ": {s}")?;
+        }
+        Ok(())
     }
 }
 
 impl fmt::Display for StorageError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.source {
-            Some(s) => write!(f, "{}: {}", self.context, s),
-            None => f.write_str(&self.context),
+        self.what(f, true)?;
+        if let Some(a) = &self.advice {
+            write!(f, "; {a}")?;
         }
+        Ok(())
     }
+}
+
+/// `t` as an RFC 3339 UTC time to the second (`2026-12-02T14:03:09Z`).
+pub fn utc_time(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil from days (Howard Hinnant's algorithm), for 1970 onwards.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
 impl std::error::Error for StorageError {
@@ -172,8 +261,37 @@ pub enum Error {
     },
     /// An event could not be encoded or decoded.
     Codec(CodecError),
-    /// The store failed; the bus stops accepting writes (fail-stop).
+    /// A storage operation failed (a read, or a write the store could
+    /// refuse without stopping). The store goes on; see the message for
+    /// what to do.
     Storage(StorageError),
+    /// The store stopped accepting writes after a write or sync failed
+    /// (fail-stop: a later write could otherwise paper over a hole in a
+    /// queue log). Everything that got a receipt before the failure is
+    /// kept. Fix the cause (e.g. free disk space), then reopen the bus:
+    /// [`shutdown`](crate::Broker::shutdown) still closes the store and
+    /// answers `Ok`.
+    StoreFailed {
+        /// The data directory (`None` for an in-memory store).
+        path: Option<PathBuf>,
+        /// When the store stopped.
+        since: SystemTime,
+        /// The write or sync that failed.
+        cause: Box<StorageError>,
+    },
+    /// The filesystem holding the data directory has less free space than
+    /// the store keeps in reserve: the publish was refused before the disk
+    /// is full, and nothing was stored. The store goes on; publishes are
+    /// accepted again once there is room.
+    StoreFull {
+        /// The data directory.
+        path: PathBuf,
+        /// Bytes free on its filesystem (counting space the store freed
+        /// inside its own files and can reuse).
+        available: u64,
+        /// The reserve the store keeps free.
+        reserve: u64,
+    },
     /// The data directory cannot be used: it is corrupt, not a weirmq
     /// directory, or locked by another process.
     DataDir {
@@ -251,6 +369,35 @@ impl fmt::Display for Error {
             }
             Error::Codec(e) => write!(f, "{e}"),
             Error::Storage(e) => write!(f, "storage failure: {e}"),
+            Error::StoreFailed { path, since, cause } => {
+                write!(f, "the store")?;
+                if let Some(p) = path {
+                    write!(f, " in `{}`", p.display())?;
+                }
+                write!(f, " stopped accepting writes at {} after a failure while ", utc_time(*since))?;
+                cause.what(f, path.is_none())?;
+                if let Some(a) = &cause.advice {
+                    write!(f, "; {a}")?;
+                }
+                f.write_str(
+                    ". Everything that got a receipt before is kept; once the cause is fixed, \
+                     reopen the bus (shut it down, then open it again)",
+                )
+            }
+            Error::StoreFull {
+                path,
+                available,
+                reserve,
+            } => write!(
+                f,
+                "the filesystem holding `{}` has {} free, less than the {} the store keeps in \
+                 reserve: the publish was refused and nothing was stored. Free disk space, let \
+                 consumers catch up so retention can remove what they consumed, or lower \
+                 BusBuilder::min_free_space",
+                path.display(),
+                bytes(*available),
+                bytes(*reserve)
+            ),
             Error::DataDir { path, reason } => {
                 write!(f, "cannot use data directory `{}`: {reason}", path.display())
             }
@@ -277,11 +424,28 @@ impl fmt::Display for Error {
     }
 }
 
+/// A byte count for people: `3.2 MiB`.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} bytes")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Codec(e) => Some(e),
             Error::Storage(e) => Some(e),
+            Error::StoreFailed { cause, .. } => Some(cause.as_ref()),
             _ => None,
         }
     }
@@ -294,8 +458,17 @@ impl From<CodecError> for Error {
 }
 
 impl From<StorageError> for Error {
+    /// [`Error::StoreFailed`] if the failure stopped the store, else
+    /// [`Error::Storage`].
     fn from(e: StorageError) -> Self {
-        Error::Storage(e)
+        match e.stopped_at {
+            Some(since) => Error::StoreFailed {
+                path: e.path.clone(),
+                since,
+                cause: Box::new(e),
+            },
+            None => Error::Storage(e),
+        }
     }
 }
 
@@ -350,5 +523,37 @@ impl<E> fmt::Display for TryPublishError<E> {
 impl<E: fmt::Debug> std::error::Error for TryPublishError<E> {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         Some(&self.error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn utc_time_formats_rfc3339() {
+        assert_eq!(utc_time(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        let t = UNIX_EPOCH + Duration::from_secs(1_796_220_189); // 2026-12-02T14:03:09Z
+        assert_eq!(utc_time(t), "2026-12-02T14:03:09Z");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(utc_time(leap), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn a_fail_stop_storage_error_becomes_store_failed_and_reads_plainly() {
+        let io = std::io::Error::from_raw_os_error(28);
+        let e = StorageError::new("flushing the store", io)
+            .in_dir(Some(Path::new("/data/bus")))
+            .with_advice("the disk is full: free space on it")
+            .stopping(UNIX_EPOCH + Duration::from_secs(1_796_220_189));
+        assert_eq!(e.io_kind(), Some(std::io::ErrorKind::StorageFull));
+        let err = Error::from(e);
+        let text = err.to_string();
+        assert!(matches!(err, Error::StoreFailed { .. }), "{text}");
+        assert!(text.starts_with("the store in `/data/bus` stopped accepting writes at 2026-12-02T14:03:09Z after a failure while flushing the store: No space left on device (os error 28); the disk is full"), "{text}");
+        assert!(text.contains("reopen the bus"), "{text}");
+        assert_eq!(bytes(3 * 1024 * 1024 + 200 * 1024), "3.2 MiB");
+        assert_eq!(bytes(512), "512 bytes");
     }
 }

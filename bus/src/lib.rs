@@ -38,7 +38,9 @@ pub use dlq::{
     DLQ_FIRST_FAILED_AT_MS, DLQ_ORIGIN_MSG_ID, DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_QUEUE,
     DLQ_ORIGIN_TOPIC, DLQ_PROPERTIES, DLQ_REASON,
 };
-pub use error::{CodecError, Error, NameKind, PublishError, StorageError, TryPublishError};
+pub use error::{
+    utc_time, CodecError, Error, NameKind, PublishError, StorageError, TryPublishError,
+};
 pub use event::{Codec, Event, Json};
 pub use filter::Filter;
 pub use message::{

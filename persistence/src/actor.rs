@@ -17,13 +17,18 @@
 //! # Failure
 //!
 //! A failed write or sync is fail-stop: every waiter of that commit gets the
-//! error, and every later append is refused with it, so a queue log never
-//! gets a hole that a later commit would paper over.
+//! error, and every later write is refused with it (marked with the
+//! directory and the time it happened, so it reaches users as
+//! `Error::StoreFailed`), so a queue log never gets a hole that a later
+//! commit would paper over. The store does not come back by itself — sled
+//! refuses further writes after an I/O error too — the bus is reopened.
 //!
 //! # Shutdown
 //!
-//! [`ShutdownStore`] commits what is pending, syncs, releases the store and
-//! stops the actor.
+//! [`ShutdownStore`] commits what is pending, syncs, records the queue ends
+//! (see `data_dir`), releases the store and stops the actor. A failed store
+//! is closed without another write and answers `Ok`: what it had stored
+//! before the failure is on disk, and reopening is the way back.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -369,6 +374,24 @@ impl PersistenceActor {
         StorageError::msg("the store is closed (the bus was shut down)")
     }
 
+    /// Stops the store's writes after `e` (the first failure wins); returns
+    /// the failure every waiter and later write gets.
+    fn trip(&mut self, e: StorageError) -> StorageError {
+        if let Some(f) = &self.failed {
+            return f.clone();
+        }
+        let dir = self.store.as_ref().and_then(Store::dir);
+        let e = e.in_dir(dir).stopping(std::time::SystemTime::now());
+        error!(error = %e, "store write failed; refusing further writes until the bus is reopened");
+        self.failed = Some(e.clone());
+        e
+    }
+
+    /// `e` with the data directory named.
+    fn located(&self, e: StorageError) -> StorageError {
+        e.in_dir(self.store.as_ref().and_then(Store::dir))
+    }
+
     /// Why a write must be refused now: the store failed or is closed.
     fn refusal(&self) -> Option<StorageError> {
         match (&self.failed, &self.store) {
@@ -501,12 +524,7 @@ impl PersistenceActor {
                 r
             }
         };
-        if let Err(e) = &result {
-            if self.failed.is_none() {
-                error!(error = %e, "store write failed; refusing further writes");
-                self.failed = Some(e.clone());
-            }
-        }
+        let result = result.map_err(|e| self.trip(e));
         if result.is_ok() && !scheduled.is_empty() {
             if let Some(job) = &mut self.retention {
                 for e in &scheduled {
@@ -614,6 +632,7 @@ impl Handler<RetentionStep> for PersistenceActor {
         };
         match outcome {
             Err(e) => {
+                let e = self.located(e);
                 warn!(error = %e, "retention pass failed; the next one tries again");
                 for w in job.waiters {
                     let _ = w.send(Err(e.clone()));
@@ -677,7 +696,8 @@ impl Handler<ConfigureTopic> for PersistenceActor {
             return Err(e.clone());
         }
         let store = self.store.as_mut().ok_or_else(Self::closed)?;
-        store.write_topic(&msg.name, msg.id, msg.queues, &msg.settings)?;
+        let written = store.write_topic(&msg.name, msg.id, msg.queues, &msg.settings);
+        written.map_err(|e| self.located(e))?;
         debug!(topic = %msg.name, settings = ?msg.settings, "topic reconfigured");
         Ok(())
     }
@@ -745,8 +765,7 @@ impl Handler<CommitOffsets> for PersistenceActor {
             }
             if let (true, Some(store)) = (self.durable, self.store.as_mut()) {
                 if let Err(e) = store.sync() {
-                    error!(error = %e, "syncing consumer offsets failed; refusing further writes");
-                    self.failed = Some(e);
+                    self.trip(e);
                 }
             }
             return;
@@ -774,7 +793,8 @@ impl Handler<PurgeQueue> for PersistenceActor {
             return Err(e.clone());
         }
         let store = self.store.as_mut().ok_or_else(Self::closed)?;
-        let n = store.purge_queue(msg.key, &resent_prefix(&msg.group))?;
+        let purged = store.purge_queue(msg.key, &resent_prefix(&msg.group));
+        let n = purged.map_err(|e| self.located(e))?;
         debug!(?msg.key, group = %msg.group, purged = n, "queue purged");
         Ok(n)
     }
@@ -788,7 +808,8 @@ impl Handler<CreateTopic> for PersistenceActor {
             return Err(e.clone());
         }
         let store = self.store.as_mut().ok_or_else(Self::closed)?;
-        let id = store.create_topic(&msg.name, msg.queues, &msg.settings)?;
+        let created = store.create_topic(&msg.name, msg.queues, &msg.settings);
+        let id = created.map_err(|e| self.located(e))?;
         debug!(topic = %msg.name, id, queues = msg.queues, "topic created");
         Ok(id)
     }
@@ -817,10 +838,16 @@ impl Handler<ShutdownStore> for PersistenceActor {
             let _ = w.send(Err(Self::closed()));
         }
         let result = match (&self.failed, self.store.as_mut()) {
-            (Some(e), _) => Err(e.clone()),
-            (None, Some(store)) if self.durable => store.sync(),
+            (Some(e), _) => {
+                // Nothing more is written to a failed store: it is closed as
+                // it is, and reopening the bus is the way back.
+                warn!(error = %e, "closing a store that had stopped after a failure");
+                Ok(())
+            }
+            (None, Some(store)) if self.durable => store.sync().and_then(|()| store.record_ends()),
             _ => Ok(()),
         };
+        let result = result.map_err(|e| self.located(e));
         self.store = None;
         ctx.stop();
         debug!("store closed");

@@ -100,7 +100,7 @@ pub(crate) fn find_schedule(
     tree: &sled::Tree,
     probe: &ScheduleEntry,
 ) -> Result<Option<ScheduleEntry>, StorageError> {
-    let read = |e| StorageError::new("reading the delay index", e);
+    let read = |e| crate::failure::sled_error("reading the delay index", e);
     let key = probe.key();
     if let Some(v) = tree.get(key).map_err(read)? {
         return ScheduleEntry::decode(&key, &v).map(Some);
@@ -130,7 +130,7 @@ pub(crate) fn load_schedule(
     };
     let mut out = Vec::new();
     for item in tree.range(lo..vec![SCHEDULED + 1]).take(limit) {
-        let (k, v) = item.map_err(|e| StorageError::new("reading the delay index", e))?;
+        let (k, v) = item.map_err(|e| crate::failure::sled_error("reading the delay index", e))?;
         out.push(ScheduleEntry::decode(&k, &v)?);
     }
     Ok(out)
@@ -274,7 +274,7 @@ pub(crate) fn load_retries(
 ) -> Result<Vec<RetryEntry>, StorageError> {
     let mut out = Vec::new();
     for item in tree.scan_prefix(prefix(group, topic_id)) {
-        let (k, v) = item.map_err(|e| StorageError::new("reading the delay index", e))?;
+        let (k, v) = item.map_err(|e| crate::failure::sled_error("reading the delay index", e))?;
         out.push(RetryEntry::decode(group, topic_id, &k, &v)?);
     }
     Ok(out)
@@ -288,7 +288,7 @@ pub(crate) fn retry_floors(
     let mut out = std::collections::HashMap::new();
     let bad = || StorageError::msg("a retry entry in the delay index is corrupt");
     for item in tree.scan_prefix([RETRY]) {
-        let (k, v) = item.map_err(|e| StorageError::new("reading the delay index", e))?;
+        let (k, v) = item.map_err(|e| crate::failure::sled_error("reading the delay index", e))?;
         let topic_at = k.len().checked_sub(20).ok_or_else(bad)?;
         let topic_id = u32::from_be_bytes(k[topic_at..topic_at + 4].try_into().map_err(|_| bad())?);
         let queue = u32::from_be_bytes(v.get(..4).ok_or_else(bad)?.try_into().map_err(|_| bad())?);
@@ -305,7 +305,7 @@ pub(crate) fn retry_floors(
     }
     // Delayed messages waiting in the schedule topic stay too.
     for item in tree.scan_prefix([SCHEDULED]) {
-        let (k, v) = item.map_err(|e| StorageError::new("reading the delay index", e))?;
+        let (k, v) = item.map_err(|e| crate::failure::sled_error("reading the delay index", e))?;
         let e = ScheduleEntry::decode(&k, &v)?;
         let floor = out
             .entry(crate::QueueKey {

@@ -48,7 +48,9 @@
 #![forbid(unsafe_code)]
 
 mod actor;
+mod data_dir;
 mod delay;
+mod failure;
 mod index;
 mod store;
 

@@ -13,11 +13,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
 use std::fmt;
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use weirmq_bus::{Error, Message, MessageId, Retention, StorageError, TraceEvent};
 
+use crate::data_dir::{self, DirState};
+use crate::failure;
 use crate::index::{
     decode_trace, encode_trace, Probe, Summary, SummaryBuilder, SPAN_BYTES, SPAN_MESSAGES,
     SPAN_MILLIS,
@@ -29,10 +31,6 @@ const TOPIC_PREFIX: &[u8] = b"topic/";
 /// `start/` · topic id · queue → the queue's first kept offset (written by
 /// retention and purges; the queue's end never falls below it).
 const START_PREFIX: &[u8] = b"start/";
-/// A file beside sled's, written once the store is initialised: if it is
-/// there but sled comes up without our format key, sled lost the data (a
-/// corrupt or truncated data file) and the store is refused, not re-created.
-const MARKER_FILE: &str = "weirmq.store";
 /// How long a locked data directory is waited for before it is refused.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -318,17 +316,6 @@ impl fmt::Debug for Store {
     }
 }
 
-fn data_dir_err(path: &Path, reason: impl Into<String>) -> Error {
-    Error::DataDir {
-        path: path.to_path_buf(),
-        reason: reason.into(),
-    }
-}
-
-fn storage(context: &str) -> impl FnOnce(sled::Error) -> StorageError + '_ {
-    move |e| StorageError::new(context.to_string(), e)
-}
-
 impl Store {
     /// Opens (or creates) the store and reads what it holds.
     ///
@@ -342,20 +329,27 @@ impl Store {
         if config.cache_capacity > 0 {
             sled_cfg = sled_cfg.cache_capacity(config.cache_capacity);
         }
-        let dir = match &config.path {
+        let (dir, state) = match &config.path {
             None => {
                 sled_cfg = sled_cfg.temporary(true);
-                None
+                (None, DirState::Fresh)
             }
             Some(path) => {
-                check_dir(path)?;
+                let state = data_dir::inspect(path, FORMAT)?;
+                if state == DirState::Fresh {
+                    data_dir::begin_init(path)?;
+                }
                 sled_cfg = sled_cfg.path(path);
-                Some(path.clone())
+                (Some(path.clone()), state)
             }
         };
         let shown = dir.clone().unwrap_or_else(|| PathBuf::from("<in-memory>"));
-        let marker = dir.as_ref().map(|d| d.join(MARKER_FILE));
-        let initialised = marker.as_ref().is_some_and(|m| m.exists());
+        let damaged = |what: &str| {
+            data_dir::refuse(
+                &shown,
+                format!("the store is damaged: {what}; {}", failure::DAMAGED),
+            )
+        };
         // sled lets go of its file lock only when its last I/O thread is done
         // with a closed database, a moment after the handle is dropped: a
         // store reopened at once by this process can find it still locked.
@@ -372,22 +366,20 @@ impl Store {
                 _ => break r,
             }
         };
-        let db =
-            match opened {
-                Ok(Ok(db)) => db,
-                Ok(Err(e)) => return Err(map_open_error(&shown, e)),
-                Err(_) => return Err(data_dir_err(
-                    &shown,
-                    "the store is corrupt (sled could not read it); restore it from a backup or \
-                     move it aside to start empty",
-                )),
-            };
+        let db = match opened {
+            Ok(Ok(db)) => db,
+            Ok(Err(e)) => return Err(data_dir::open_error(&shown, e)),
+            Err(_) => return Err(damaged("sled could not read its data file `db`")),
+        };
+        let plain = |context: &str, e: sled::Error| {
+            data_dir::refuse(&shown, failure::sled_error(context, e).to_string())
+        };
         let tree = |name: &str| {
             db.open_tree(name)
-                .map_err(|e| data_dir_err(&shown, format!("cannot open tree `{name}`: {e}")))
+                .map_err(|e| plain(&format!("opening its tree `{name}`"), e))
         };
         let log = tree("log")?;
-        let state = tree("app-state")?;
+        let state_tree = tree("app-state")?;
         let index = tree("index")?;
         let trace = tree("trace")?;
         let offsets = tree("offsets")?;
@@ -395,11 +387,15 @@ impl Store {
         let delay = tree("delay")?;
         match meta
             .get(FORMAT_KEY)
-            .map_err(|e| data_dir_err(&shown, e.to_string()))?
+            .map_err(|e| plain("reading its format", e))?
         {
-            Some(v) if v.as_ref() == FORMAT => {}
+            Some(v) if v.as_ref() == FORMAT => {
+                if let (DirState::Initialising, Some(d)) = (state, &dir) {
+                    data_dir::finish_init(d, FORMAT)?;
+                }
+            }
             Some(v) => {
-                return Err(data_dir_err(
+                return Err(data_dir::refuse(
                     &shown,
                     format!(
                         "it holds store format `{}`, this build reads `{}`",
@@ -409,41 +405,40 @@ impl Store {
                 ))
             }
             None => {
-                if initialised {
-                    return Err(data_dir_err(
-                        &shown,
-                        "the store is corrupt: sled recovered none of its data (the data file \
-                         `db` is damaged or was replaced); restore the directory from a backup \
-                         or move it aside to start empty",
+                if state == DirState::Initialised {
+                    return Err(damaged(
+                        "sled recovered none of its data (the data file `db` is damaged or was \
+                         replaced)",
                     ));
                 }
                 if !log.is_empty() || !offsets.is_empty() || !meta.is_empty() {
-                    return Err(data_dir_err(
+                    return Err(data_dir::refuse(
                         &shown,
                         "it is a sled database but not a weirmq store",
                     ));
                 }
                 meta.insert(FORMAT_KEY, FORMAT)
-                    .map_err(|e| data_dir_err(&shown, e.to_string()))?;
-                if let Some(m) = &marker {
-                    db.flush()
-                        .map_err(|e| data_dir_err(&shown, e.to_string()))?;
-                    std::fs::write(m, FORMAT)
-                        .and_then(|()| File::open(m)?.sync_all())
+                    .map_err(|e| plain("writing its format", e))?;
+                if let Some(d) = &dir {
+                    db.flush().map_err(|e| plain("flushing it", e))?;
+                    File::open(d.join("db"))
+                        .and_then(|f| f.sync_all())
                         .map_err(|e| {
-                            data_dir_err(&shown, format!("cannot write `{MARKER_FILE}`: {e}"))
+                            data_dir::refuse(d, format!("cannot sync its data file: {e}"))
                         })?;
+                    data_dir::finish_init(d, FORMAT)?;
                 }
             }
         }
         let data_file = match &dir {
             Some(d) => {
-                let f = File::open(d.join("db"))
-                    .map_err(|e| data_dir_err(d, format!("cannot open its data file: {e}")))?;
+                let f = File::open(d.join("db")).map_err(|e| {
+                    data_dir::refuse(d, format!("cannot open its data file `db`: {e}"))
+                })?;
                 // Make the files sled created durable by name.
                 File::open(d)
                     .and_then(|f| f.sync_all())
-                    .map_err(|e| data_dir_err(d, format!("cannot sync the directory: {e}")))?;
+                    .map_err(|e| data_dir::refuse(d, format!("cannot sync the directory: {e}")))?;
                 Some(f)
             }
             None => None,
@@ -451,7 +446,7 @@ impl Store {
         let mut store = Store {
             db,
             log,
-            state,
+            state: state_tree,
             index,
             trace,
             offsets,
@@ -474,16 +469,38 @@ impl Store {
             hook: config.sync_hook,
             next_topic_id: 0,
         };
-        let recovery = store
-            .recover()
-            .map_err(|e| data_dir_err(&shown, format!("the store is corrupt: {e}")))?;
+        let recovery = store.recover().map_err(|e| {
+            let e = e.with_advice(failure::DAMAGED);
+            data_dir::refuse(&shown, format!("what it holds could not be read back: {e}"))
+        })?;
+        if let Some(d) = &store.dir {
+            if let Some(recorded) = data_dir::read_ends(d)? {
+                let recovered = recovery
+                    .topics
+                    .iter()
+                    .flat_map(|t| {
+                        t.ends
+                            .iter()
+                            .enumerate()
+                            .map(|(q, e)| ((t.id, q as u32), *e))
+                    })
+                    .collect();
+                data_dir::check_ends(d, &recorded, &recovered, |id| {
+                    recovery
+                        .topics
+                        .iter()
+                        .find(|t| t.id == id)
+                        .map(|t| t.name.clone())
+                })?;
+            }
+        }
         Ok((store, recovery))
     }
 
     fn recover(&mut self) -> Result<Recovery, StorageError> {
         let mut topics = Vec::new();
         for item in self.meta.scan_prefix(TOPIC_PREFIX) {
-            let (k, v) = item.map_err(storage("reading topic metadata"))?;
+            let (k, v) = item.map_err(failure::sled("reading topic metadata"))?;
             let name = String::from_utf8(k[TOPIC_PREFIX.len()..].to_vec())
                 .map_err(|_| StorageError::msg("topic name in metadata is not UTF-8"))?;
             let (id, queues, settings) = decode_topic(&name, &v)?;
@@ -518,7 +535,7 @@ impl Store {
         match last {
             None => Ok(0),
             Some(item) => {
-                let (k, v) = item.map_err(storage("reading the queue log"))?;
+                let (k, v) = item.map_err(failure::sled("reading the queue log"))?;
                 let first = offset_of(&k)?;
                 let count = record_count(&v)?;
                 // Decode the whole record: a torn or corrupt tail is found at open.
@@ -539,7 +556,7 @@ impl Store {
             .next_back()
         {
             Some(item) => {
-                let (k, v) = item.map_err(storage("reading the index"))?;
+                let (k, v) = item.map_err(failure::sled("reading the index"))?;
                 offset_of(&k)? + Summary::decode(&v)?.count as u64
             }
             None => 0,
@@ -550,7 +567,7 @@ impl Store {
         let mut written = 0usize;
         let topic: Arc<str> = Arc::from("");
         for item in self.log.range(start..=key.log_key(u64::MAX)) {
-            let (k, v) = item.map_err(storage("reading the queue log"))?;
+            let (k, v) = item.map_err(failure::sled("reading the queue log"))?;
             let first = offset_of(&k)?;
             let mut sb = SummaryBuilder::default();
             for m in decode_record(&topic, key.queue, first, &v, |_| true)? {
@@ -565,7 +582,7 @@ impl Store {
             tracing::info!(?key, spans = written, "index summaries rebuilt");
             self.index
                 .apply_batch(index)
-                .map_err(storage("writing the index"))?;
+                .map_err(failure::sled("writing the index"))?;
         }
         Ok(())
     }
@@ -633,6 +650,7 @@ impl Store {
     /// A reader sharing this store's trees.
     pub fn reader(&self) -> StoreReader {
         StoreReader {
+            dir: self.dir.clone(),
             log: self.log.clone(),
             state: self.state.clone(),
             index: self.index.clone(),
@@ -672,7 +690,7 @@ impl Store {
         key.extend_from_slice(name.as_bytes());
         self.meta
             .insert(key, encode_topic(id, queues, settings))
-            .map_err(storage("writing topic metadata"))?;
+            .map_err(failure::sled("writing topic metadata"))?;
         self.topics.insert(id, (queues, settings.clone()));
         Ok(())
     }
@@ -715,7 +733,7 @@ impl Store {
         }
         let mut total = self.spans.get(&key).map_or(0, |s| s.summary.bytes());
         for item in self.index.range(key.log_key(0)..=key.log_key(u64::MAX)) {
-            let (_, v) = item.map_err(storage("reading the index"))?;
+            let (_, v) = item.map_err(failure::sled("reading the index"))?;
             total += Summary::decode(&v)?.bytes as u64;
         }
         self.queue_bytes.insert(key, total);
@@ -751,7 +769,7 @@ impl Store {
             if let Some((k, v)) = self.close_span(key) {
                 self.index
                     .insert(&k[..], v)
-                    .map_err(storage("writing the index"))?;
+                    .map_err(failure::sled("writing the index"))?;
             }
         }
         let mut out = Expired::default();
@@ -764,7 +782,7 @@ impl Store {
                 out.more = true;
                 break;
             }
-            let (k, v) = item.map_err(storage("reading the index"))?;
+            let (k, v) = item.map_err(failure::sled("reading the index"))?;
             let first = offset_of(&k)?;
             let s = Summary::decode(&v)?;
             let end = first + s.count as u64;
@@ -774,7 +792,7 @@ impl Store {
                 break;
             }
             for r in self.log.range(key.log_key(first)..key.log_key(end)).keys() {
-                log.remove(r.map_err(storage("reading the queue log"))?);
+                log.remove(r.map_err(failure::sled("reading the queue log"))?);
             }
             index.remove(&k[..]);
             for t in self
@@ -782,7 +800,7 @@ impl Store {
                 .range(key.trace_key(first, 0)..key.trace_key(end, 0))
                 .keys()
             {
-                trace.remove(t.map_err(storage("reading the trace"))?);
+                trace.remove(t.map_err(failure::sled("reading the trace"))?);
             }
             total = total.saturating_sub(s.bytes as u64);
             out.records += 1;
@@ -793,16 +811,16 @@ impl Store {
         if let Some(start) = new_start {
             self.log
                 .apply_batch(log)
-                .map_err(storage("removing expired records"))?;
+                .map_err(failure::sled("removing expired records"))?;
             self.index
                 .apply_batch(index)
-                .map_err(storage("removing expired summaries"))?;
+                .map_err(failure::sled("removing expired summaries"))?;
             self.trace
                 .apply_batch(trace)
-                .map_err(storage("removing expired traces"))?;
+                .map_err(failure::sled("removing expired traces"))?;
             self.meta
                 .insert(key.start_key(), &start.to_be_bytes())
-                .map_err(storage("writing a queue's start"))?;
+                .map_err(failure::sled("writing a queue's start"))?;
             if let Some(b) = self.queue_bytes.get_mut(&key) {
                 *b = b.saturating_sub(out.bytes);
             }
@@ -831,26 +849,26 @@ impl Store {
     ) -> Result<(), StorageError> {
         self.log
             .apply_batch(log)
-            .map_err(storage("writing the queue log"))?;
+            .map_err(failure::sled("writing the queue log"))?;
         if let Some(i) = index {
             self.index
                 .apply_batch(i)
-                .map_err(storage("writing the record index"))?;
+                .map_err(failure::sled("writing the record index"))?;
         }
         if let Some(t) = trace {
             self.trace
                 .apply_batch(t)
-                .map_err(storage("writing the trace"))?;
+                .map_err(failure::sled("writing the trace"))?;
         }
         if let Some(d) = delay {
             self.delay
                 .apply_batch(d)
-                .map_err(storage("writing the delay index"))?;
+                .map_err(failure::sled("writing the delay index"))?;
         }
         if let Some(o) = offsets {
             self.offsets
                 .apply_batch(o)
-                .map_err(storage("writing consumer offsets"))?;
+                .map_err(failure::sled("writing consumer offsets"))?;
         }
         Ok(())
     }
@@ -881,14 +899,14 @@ impl Store {
             });
         r.map_err(|e| match e {
             TransactionError::Storage(e) => {
-                StorageError::new("writing a message with application state", e)
+                failure::sled_error("writing a message with application state", e)
             }
             TransactionError::Abort(()) => StorageError::msg("an outbox transaction was aborted"),
         })?;
         if let Some(i) = index {
             self.index
                 .apply_batch(i)
-                .map_err(storage("writing the index"))?;
+                .map_err(failure::sled("writing the index"))?;
         }
         Ok(())
     }
@@ -901,7 +919,7 @@ impl Store {
         let mut n = 0u64;
         let mut end = None;
         for item in self.log.range(key.log_key(0)..=key.log_key(u64::MAX)) {
-            let (k, v) = item.map_err(storage("reading the queue log"))?;
+            let (k, v) = item.map_err(failure::sled("reading the queue log"))?;
             let count = record_count(&v)? as u64;
             n += count;
             end = Some(offset_of(&k)? + count);
@@ -910,7 +928,7 @@ impl Store {
         }
         let mut delay = sled::Batch::default();
         for item in self.delay.scan_prefix(marks) {
-            let (k, _) = item.map_err(storage("reading the delay index"))?;
+            let (k, _) = item.map_err(failure::sled("reading the delay index"))?;
             delay.remove(k);
         }
         let mut trace = sled::Batch::default();
@@ -919,14 +937,14 @@ impl Store {
             .range(key.trace_key(0, 0)..=key.trace_key(u64::MAX, u64::MAX))
             .keys()
         {
-            trace.remove(k.map_err(storage("reading the trace"))?);
+            trace.remove(k.map_err(failure::sled("reading the trace"))?);
         }
         self.write(log, Some(index), Some(trace), Some(delay), None)?;
         if let Some(end) = end {
             // Offsets go on from where they were after a reopen.
             self.meta
                 .insert(key.start_key(), &end.to_be_bytes())
-                .map_err(storage("writing a queue's start"))?;
+                .map_err(failure::sled("writing a queue's start"))?;
         }
         self.queue_bytes.remove(&key);
         self.spans.remove(&key);
@@ -937,39 +955,41 @@ impl Store {
     /// `fdatasync` of the data file and of new blob files, then `fsync` of
     /// the blob directory if it gained files.
     pub(crate) fn sync(&mut self) -> Result<(), StorageError> {
-        self.db.flush().map_err(storage("flushing sled"))?;
+        self.db
+            .flush()
+            .map_err(failure::sled("flushing the store"))?;
         self.report(SyncEvent::Flush);
         let Some(dir) = self.dir.clone() else {
             return Ok(());
         };
         if let Some(f) = &self.data_file {
             f.sync_data()
-                .map_err(|e| StorageError::new("fdatasync of the data file", e))?;
+                .map_err(failure::io("syncing the data file (fdatasync)"))?;
             self.report(SyncEvent::DataSync(dir.join("db")));
         }
         let blobs = dir.join("blobs");
         let entries = match std::fs::read_dir(&blobs) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(StorageError::new("listing sled's blob directory", e)),
+            Err(e) => return Err(failure::io("listing the store's blob directory")(e)),
         };
         let mut present = HashSet::new();
         let mut new_files = false;
         for entry in entries {
-            let entry = entry.map_err(|e| StorageError::new("listing sled's blob directory", e))?;
+            let entry = entry.map_err(failure::io("listing the store's blob directory"))?;
             let name = entry.file_name();
             if !self.synced_blobs.contains(&name) {
                 let path = entry.path();
                 match File::open(&path) {
                     Ok(f) => {
                         f.sync_data()
-                            .map_err(|e| StorageError::new("fdatasync of a blob file", e))?;
+                            .map_err(failure::io("syncing a blob file (fdatasync)"))?;
                         self.report(SyncEvent::BlobSync(path));
                         new_files = true;
                     }
                     // sled removed it (garbage-collected) meanwhile.
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(StorageError::new("opening a blob file to sync it", e)),
+                    Err(e) => return Err(failure::io("opening a blob file to sync it")(e)),
                 }
             }
             present.insert(name);
@@ -978,10 +998,33 @@ impl Store {
         if new_files {
             File::open(&blobs)
                 .and_then(|d| d.sync_all())
-                .map_err(|e| StorageError::new("fsync of the blob directory", e))?;
+                .map_err(failure::io("syncing the blob directory (fsync)"))?;
             self.report(SyncEvent::DirSync(blobs));
         }
         Ok(())
+    }
+
+    /// The data directory (`None` in memory).
+    pub(crate) fn dir(&self) -> Option<&std::path::Path> {
+        self.dir.as_deref()
+    }
+
+    /// Records each queue's end in the data directory (at a clean
+    /// shutdown, after the last sync), so the next open can tell whether
+    /// sled lost committed data.
+    pub(crate) fn record_ends(&self) -> Result<(), StorageError> {
+        let Some(dir) = &self.dir else {
+            return Ok(());
+        };
+        let mut ends = BTreeMap::new();
+        for (&topic_id, &(queues, _)) in &self.topics {
+            for queue in 0..queues {
+                let key = QueueKey { topic_id, queue };
+                let end = self.queue_end(key)?.max(start_of(&self.meta, key)?);
+                ends.insert((topic_id, queue), end);
+            }
+        }
+        data_dir::write_ends(dir, &ends)
     }
 
     fn report(&self, event: SyncEvent) {
@@ -989,44 +1032,6 @@ impl Store {
             h(&event);
         }
     }
-}
-
-fn check_dir(path: &Path) -> Result<(), Error> {
-    match std::fs::metadata(path) {
-        Ok(m) if !m.is_dir() => Err(data_dir_err(path, "it is a file, not a directory")),
-        Ok(_) => {
-            let mut entries = std::fs::read_dir(path)
-                .map_err(|e| data_dir_err(path, format!("cannot list it: {e}")))?;
-            let empty = entries.next().is_none();
-            if !empty && !path.join("db").exists() {
-                return Err(data_dir_err(
-                    path,
-                    "it is not empty and holds no weirmq store; point the bus at an empty or \
-                     new directory",
-                ));
-            }
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(path)
-            .map_err(|e| data_dir_err(path, format!("cannot create it: {e}"))),
-        Err(e) => Err(data_dir_err(path, format!("cannot read it: {e}"))),
-    }
-}
-
-fn map_open_error(path: &Path, e: sled::Error) -> Error {
-    let text = e.to_string();
-    let reason = match e {
-        sled::Error::Io(_) if text.contains("lock") => {
-            "it is locked: another process (or another open Bus in this process) is using it; \
-             shut that one down first"
-                .to_string()
-        }
-        sled::Error::Corruption { .. } => format!(
-            "the store is corrupt ({text}); restore it from a backup or move it aside to start empty"
-        ),
-        _ => format!("sled could not open it: {text}"),
-    };
-    data_dir_err(path, reason)
 }
 
 fn offset_of(key: &[u8]) -> Result<u64, StorageError> {
@@ -1190,6 +1195,8 @@ pub(crate) fn offsets_batch(entries: &HashMap<(String, QueueKey), OffsetState>) 
 /// Reads the store from any thread. Cheap to clone.
 #[derive(Clone)]
 pub struct StoreReader {
+    /// The data directory, named in errors.
+    dir: Option<PathBuf>,
     log: sled::Tree,
     state: sled::Tree,
     index: sled::Tree,
@@ -1204,7 +1211,7 @@ pub struct StoreReader {
 fn start_of(meta: &sled::Tree, key: QueueKey) -> Result<u64, StorageError> {
     match meta
         .get(key.start_key())
-        .map_err(storage("reading a queue's start"))?
+        .map_err(failure::sled("reading a queue's start"))?
     {
         None => Ok(0),
         Some(v) => v
@@ -1236,6 +1243,18 @@ impl StoreReader {
         end: u64,
         max: usize,
     ) -> Result<Vec<Arc<Message>>, StorageError> {
+        self.read_range_here(topic, key, from, end, max)
+            .map_err(|e| e.in_dir(self.dir.as_deref()))
+    }
+
+    fn read_range_here(
+        &self,
+        topic: &Arc<str>,
+        key: QueueKey,
+        from: u64,
+        end: u64,
+        max: usize,
+    ) -> Result<Vec<Arc<Message>>, StorageError> {
         let mut out = Vec::new();
         if from >= end || max == 0 {
             return Ok(out);
@@ -1243,11 +1262,14 @@ impl StoreReader {
         let lo = key.log_key(0);
         let hi = key.log_key(u64::MAX);
         let start = match self.log.range(lo..=key.log_key(from)).next_back() {
-            Some(item) => item.map_err(storage("reading the queue log"))?.0.to_vec(),
+            Some(item) => item
+                .map_err(failure::sled("reading the queue log"))?
+                .0
+                .to_vec(),
             None => lo.to_vec(),
         };
         for item in self.log.range(start..=hi.to_vec()) {
-            let (k, v) = item.map_err(storage("reading the queue log"))?;
+            let (k, v) = item.map_err(failure::sled("reading the queue log"))?;
             let first = offset_of(&k)?;
             if first >= end || out.len() >= max {
                 break;
@@ -1270,9 +1292,14 @@ impl StoreReader {
     ///
     /// A storage error.
     pub fn count(&self, key: QueueKey) -> Result<u64, StorageError> {
+        self.count_here(key)
+            .map_err(|e| e.in_dir(self.dir.as_deref()))
+    }
+
+    fn count_here(&self, key: QueueKey) -> Result<u64, StorageError> {
         let mut n = 0;
         for item in self.log.range(key.log_key(0)..=key.log_key(u64::MAX)) {
-            let (_, v) = item.map_err(storage("reading the queue log"))?;
+            let (_, v) = item.map_err(failure::sled("reading the queue log"))?;
             n += record_count(&v)? as u64;
         }
         Ok(n)
@@ -1284,10 +1311,15 @@ impl StoreReader {
     ///
     /// A storage error.
     pub fn resent(&self, group: &str) -> Result<HashSet<u64>, StorageError> {
+        self.resent_here(group)
+            .map_err(|e| e.in_dir(self.dir.as_deref()))
+    }
+
+    fn resent_here(&self, group: &str) -> Result<HashSet<u64>, StorageError> {
         let prefix = crate::delay::resent_prefix(group);
         let mut out = HashSet::new();
         for item in self.delay.scan_prefix(&prefix) {
-            let (k, _) = item.map_err(storage("reading the delay index"))?;
+            let (k, _) = item.map_err(failure::sled("reading the delay index"))?;
             let off = k
                 .get(prefix.len()..prefix.len() + 8)
                 .and_then(|b| b.try_into().ok())
@@ -1307,6 +1339,18 @@ impl StoreReader {
     ///
     /// A storage error.
     pub fn offset_at_time(
+        &self,
+        topic: &Arc<str>,
+        key: QueueKey,
+        start: u64,
+        end: u64,
+        ms: u64,
+    ) -> Result<u64, StorageError> {
+        self.offset_at_time_here(topic, key, start, end, ms)
+            .map_err(|e| e.in_dir(self.dir.as_deref()))
+    }
+
+    fn offset_at_time_here(
         &self,
         topic: &Arc<str>,
         key: QueueKey,
@@ -1343,6 +1387,11 @@ impl StoreReader {
     ///
     /// A storage error.
     pub fn queue_start(&self, key: QueueKey) -> Result<u64, StorageError> {
+        self.queue_start_here(key)
+            .map_err(|e| e.in_dir(self.dir.as_deref()))
+    }
+
+    fn queue_start_here(&self, key: QueueKey) -> Result<u64, StorageError> {
         let recorded = start_of(&self.meta, key)?;
         match self
             .log
@@ -1350,9 +1399,9 @@ impl StoreReader {
             .next()
         {
             None => Ok(recorded),
-            Some(item) => {
-                Ok(offset_of(&item.map_err(storage("reading the queue log"))?.0)?.max(recorded))
-            }
+            Some(item) => Ok(
+                offset_of(&item.map_err(failure::sled("reading the queue log"))?.0)?.max(recorded),
+            ),
         }
     }
 
@@ -1364,6 +1413,15 @@ impl StoreReader {
     ///
     /// A storage error.
     pub fn find_id(
+        &self,
+        topics: &[(Arc<str>, u32, u32)],
+        id: MessageId,
+    ) -> Result<Option<Arc<Message>>, StorageError> {
+        self.find_id_here(topics, id)
+            .map_err(|e| e.in_dir(self.dir.as_deref()))
+    }
+
+    fn find_id_here(
         &self,
         topics: &[(Arc<str>, u32, u32)],
         id: MessageId,
@@ -1402,6 +1460,18 @@ impl StoreReader {
         key: &str,
         max: usize,
     ) -> Result<Vec<Arc<Message>>, StorageError> {
+        self.find_key_here(topic, topic_id, queues, key, max)
+            .map_err(|e| e.in_dir(self.dir.as_deref()))
+    }
+
+    fn find_key_here(
+        &self,
+        topic: &Arc<str>,
+        topic_id: u32,
+        queues: u32,
+        key: &str,
+        max: usize,
+    ) -> Result<Vec<Arc<Message>>, StorageError> {
         let mut out = Vec::new();
         for queue in 0..queues {
             let qk = QueueKey { topic_id, queue };
@@ -1429,7 +1499,7 @@ impl StoreReader {
     ) -> Result<(), StorageError> {
         let mut visit = |from: u64, to: u64| -> Result<bool, StorageError> {
             for item in self.log.range(key.log_key(from)..key.log_key(to)) {
-                let (k, record) = item.map_err(storage("reading the queue log"))?;
+                let (k, record) = item.map_err(failure::sled("reading the queue log"))?;
                 let first = offset_of(&k)?;
                 for m in decode_record(topic, key.queue, first, &record, |_| true)? {
                     if !f(&m) {
@@ -1441,7 +1511,7 @@ impl StoreReader {
         };
         let mut tail = 0;
         for item in self.index.range(key.log_key(0)..=key.log_key(u64::MAX)) {
-            let (k, v) = item.map_err(storage("reading the index"))?;
+            let (k, v) = item.map_err(failure::sled("reading the index"))?;
             let first = offset_of(&k)?;
             let summary = Summary::decode(&v)?;
             let end = first + summary.count as u64;
@@ -1461,10 +1531,15 @@ impl StoreReader {
     ///
     /// A storage error.
     pub fn trace_of(&self, key: QueueKey, offset: u64) -> Result<Vec<TraceEvent>, StorageError> {
+        self.trace_of_here(key, offset)
+            .map_err(|e| e.in_dir(self.dir.as_deref()))
+    }
+
+    fn trace_of_here(&self, key: QueueKey, offset: u64) -> Result<Vec<TraceEvent>, StorageError> {
         self.trace
             .range(key.trace_key(offset, 0)..=key.trace_key(offset, u64::MAX))
             .values()
-            .map(|v| decode_trace(&v.map_err(storage("reading the trace"))?))
+            .map(|v| decode_trace(&v.map_err(failure::sled("reading the trace"))?))
             .collect()
     }
 
@@ -1474,10 +1549,15 @@ impl StoreReader {
     ///
     /// A storage error.
     pub fn state_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        self.state_get_here(key)
+            .map_err(|e| e.in_dir(self.dir.as_deref()))
+    }
+
+    fn state_get_here(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         Ok(self
             .state
             .get(key)
-            .map_err(storage("reading application state"))?
+            .map_err(failure::sled("reading application state"))?
             .map(|v| v.to_vec()))
     }
 
@@ -1487,11 +1567,16 @@ impl StoreReader {
     ///
     /// A storage error.
     pub fn state_scan(&self, prefix: &[u8]) -> Result<weirmq_bus::StateEntries, StorageError> {
+        self.state_scan_here(prefix)
+            .map_err(|e| e.in_dir(self.dir.as_deref()))
+    }
+
+    fn state_scan_here(&self, prefix: &[u8]) -> Result<weirmq_bus::StateEntries, StorageError> {
         self.state
             .scan_prefix(prefix)
             .map(|kv| {
                 kv.map(|(k, v)| (k.to_vec(), v.to_vec()))
-                    .map_err(storage("reading application state"))
+                    .map_err(failure::sled("reading application state"))
             })
             .collect()
     }
@@ -1502,6 +1587,15 @@ impl StoreReader {
     ///
     /// A storage error.
     pub fn load_schedule(
+        &self,
+        after: Option<&crate::ScheduleEntry>,
+        limit: usize,
+    ) -> Result<Vec<crate::ScheduleEntry>, StorageError> {
+        self.load_schedule_here(after, limit)
+            .map_err(|e| e.in_dir(self.dir.as_deref()))
+    }
+
+    fn load_schedule_here(
         &self,
         after: Option<&crate::ScheduleEntry>,
         limit: usize,
@@ -1519,6 +1613,14 @@ impl StoreReader {
         &self,
         probe: &crate::ScheduleEntry,
     ) -> Result<Option<crate::ScheduleEntry>, StorageError> {
+        self.schedule_entry_here(probe)
+            .map_err(|e| e.in_dir(self.dir.as_deref()))
+    }
+
+    fn schedule_entry_here(
+        &self,
+        probe: &crate::ScheduleEntry,
+    ) -> Result<Option<crate::ScheduleEntry>, StorageError> {
         crate::delay::find_schedule(&self.delay, probe)
     }
 
@@ -1528,6 +1630,15 @@ impl StoreReader {
     ///
     /// A storage error if sled fails or an entry does not decode.
     pub fn load_retries(
+        &self,
+        group: &str,
+        topic_id: u32,
+    ) -> Result<Vec<crate::RetryEntry>, StorageError> {
+        self.load_retries_here(group, topic_id)
+            .map_err(|e| e.in_dir(self.dir.as_deref()))
+    }
+
+    fn load_retries_here(
         &self,
         group: &str,
         topic_id: u32,
@@ -1545,12 +1656,21 @@ impl StoreReader {
         group: &str,
         topic_id: u32,
     ) -> Result<HashMap<u32, OffsetState>, StorageError> {
+        self.load_offsets_here(group, topic_id)
+            .map_err(|e| e.in_dir(self.dir.as_deref()))
+    }
+
+    fn load_offsets_here(
+        &self,
+        group: &str,
+        topic_id: u32,
+    ) -> Result<HashMap<u32, OffsetState>, StorageError> {
         let mut prefix = group.as_bytes().to_vec();
         prefix.push(0);
         prefix.extend_from_slice(&topic_id.to_be_bytes());
         let mut out = HashMap::new();
         for item in self.offsets.scan_prefix(&prefix) {
-            let (k, v) = item.map_err(storage("reading consumer offsets"))?;
+            let (k, v) = item.map_err(failure::sled("reading consumer offsets"))?;
             let queue = k
                 .get(prefix.len()..prefix.len() + 4)
                 .and_then(|b| b.try_into().ok())

@@ -253,7 +253,7 @@ impl Scheduler {
             }
             Err(e) => {
                 if let Some(r) = reply {
-                    let _ = r.send(Err(Error::Storage(e)));
+                    let _ = r.send(Err(Error::from(e)));
                 }
                 return;
             }
@@ -466,7 +466,7 @@ impl Handler<EndTransaction> for Scheduler {
                 };
                 match self.reader.schedule_entry(&first) {
                     Ok(found) => found,
-                    Err(e) => return Box::pin(async move { Err(Error::Storage(e)) }),
+                    Err(e) => return Box::pin(async move { Err(Error::from(e)) }),
                 }
             }
         };

@@ -276,7 +276,7 @@ impl Handler<QueueAppend> for QueueActor {
                 }
                 Err(e) => {
                     for (collector, _) in reports {
-                        collector.fail(Error::Storage(e.clone()));
+                        collector.fail(Error::from(e.clone()));
                     }
                 }
             }),
