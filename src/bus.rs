@@ -17,7 +17,7 @@ use weirmq_bus::{
     ResetTo, RetentionReport, SendReceipt, TopicConfig, TransactionChecker, TransactionConfig,
     TransactionOutcome, TryPublishError,
 };
-use weirmq_persistence::{StoreConfig, SyncEvent, SyncHook};
+use weirmq_persistence::{DiskPolicy, StoreConfig, SyncEvent, SyncHook};
 
 use crate::subscribe::SubscribeBuilder;
 
@@ -54,6 +54,7 @@ pub struct BusBuilder {
     sync_hook: Option<SyncHook>,
     max_pending_messages: Option<usize>,
     retention_interval: Option<Duration>,
+    min_free_space: Option<u64>,
     checkers: Vec<(String, Arc<dyn TransactionChecker>, TransactionConfig)>,
     #[cfg(feature = "nats")]
     nats: Option<weirmq_nats::NatsConfig>,
@@ -102,6 +103,18 @@ impl BusBuilder {
     /// backlog in memory; it does not change what is durable.
     pub fn cache_capacity(mut self, bytes: u64) -> Self {
         self.cache_capacity = bytes;
+        self
+    }
+
+    /// The free space the embedded store keeps on its disk (default: 5% of
+    /// the filesystem holding the data directory, at most 256 MiB). Below
+    /// twice this, retention removes the oldest messages every consumer
+    /// group of their topic has acked; below it, publishes are refused with
+    /// [`Error::StoreFull`] (nothing stored) instead of filling the disk.
+    /// `0` turns the guard off: the store then writes until the disk is full
+    /// and stops ([`Error::StoreFailed`]). See `docs/delivery.md`.
+    pub fn min_free_space(mut self, bytes: u64) -> Self {
+        self.min_free_space = Some(bytes);
         self
     }
 
@@ -210,6 +223,11 @@ impl BusBuilder {
                 },
                 sync_hook: self.sync_hook,
                 retention_interval: self.retention_interval,
+                disk: match self.min_free_space {
+                    None => DiskPolicy::Default,
+                    Some(0) => DiskPolicy::Off,
+                    Some(n) => DiskPolicy::Reserve(n),
+                },
             },
             limits: self.limits,
             checkers: self.checkers,

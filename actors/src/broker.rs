@@ -47,6 +47,7 @@ use weirmq_bus::{
     SubscriptionSpec, TopicConfig, TraceEvent, TraceKind, TransactionChecker, TransactionConfig,
     TransactionOutcome, HALF_TOPIC, SCHEDULE_TOPIC, SYSTEM_TOPIC_PREFIX,
 };
+use weirmq_persistence::DiskGuard;
 use weirmq_persistence::{
     next_seq, CommitOffsets, ConfigureTopic, CreateTopic, OffsetState, PersistenceActor,
     PurgeQueue, QueueKey, RecordTrace, RetryEntry, RetryKey, RunRetention, SetScheduler,
@@ -171,6 +172,8 @@ struct Inner {
     next_listen_id: AtomicU64,
     scheduler: Mutex<Option<Addr<Scheduler>>>,
     checkers: Checkers,
+    /// Refuses publishes before the disk is full.
+    guard: DiskGuard,
 }
 
 /// The embedded broker. Cheap to clone; every clone is the same broker.
@@ -254,6 +257,7 @@ impl EmbeddedBroker {
             .await
             .map_err(|e| Error::Storage(StorageError::msg(format!("opening the store: {e}"))))??;
         let reader = store.reader();
+        let guard = store.disk_guard();
         let persistence_arbiter = Arbiter::new();
         let broker_arbiter = Arbiter::new();
         let persistence =
@@ -296,6 +300,7 @@ impl EmbeddedBroker {
                 max_pending,
                 next_listen_id: AtomicU64::new(0),
                 scheduler: Mutex::new(None),
+                guard,
                 checkers: Arc::new(
                     config
                         .checkers
@@ -321,6 +326,13 @@ impl EmbeddedBroker {
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = Some(scheduler);
         Ok(broker)
+    }
+
+    /// Refuses a user's publish when the disk is nearly full
+    /// ([`Error::StoreFull`]; see `weirmq_persistence::DiskGuard`).
+    fn disk_room(&self, messages: &[OutgoingMessage]) -> Result<(), Error> {
+        let bytes: usize = messages.iter().map(|m| m.body.len() + 64).sum();
+        self.inner.guard.admit(bytes as u64)
     }
 
     /// Where the scheduler stores delayed messages that fell due: in their
@@ -514,6 +526,7 @@ impl EmbeddedBroker {
         for m in &messages {
             self.inner.limits.check(m)?;
         }
+        self.disk_room(&messages)?;
         let n = messages.len();
         if n == 0 {
             return Ok(Vec::new());
@@ -1242,6 +1255,7 @@ impl Broker for EmbeddedBroker {
     ) -> Result<HalfMessage, Error> {
         self.check_open()?;
         self.inner.limits.check(&message)?;
+        self.disk_room(std::slice::from_ref(&message))?;
         if message.deliver_at.is_some() {
             return Err(Error::Unsupported {
                 feature: "a delayed transactional message (delay it after the commit instead)"
@@ -1323,6 +1337,7 @@ impl Broker for EmbeddedBroker {
     ) -> Result<SendReceipt, Error> {
         self.check_open()?;
         self.inner.limits.check(&message)?;
+        self.disk_room(std::slice::from_ref(&message))?;
         if message.deliver_at.is_some() {
             return Err(Error::Unsupported {
                 feature: "a delayed message with application state".into(),

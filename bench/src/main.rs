@@ -62,6 +62,11 @@ struct Res {
     /// The data directory before the measured step (retention).
     #[serde(skip_serializing_if = "Option::is_none")]
     data_dir_mb_before: Option<f64>,
+    /// The memory bound docs/delivery.md states for the scenario's
+    /// settings ("Memory": the RSS at start + 2 × cache + 96 MiB working
+    /// memory + the in-flight window); the scenario fails above it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rss_bound_mb: Option<f64>,
 }
 
 impl Res {
@@ -78,6 +83,7 @@ impl Res {
             baseline: false,
             data_dir_mb: None,
             data_dir_mb_before: None,
+            rss_bound_mb: None,
         }
     }
 
@@ -388,6 +394,69 @@ async fn peak_shaving_rss(name: &str, n: u64, payload: usize) -> Res {
         .sum();
     assert_eq!(stored, n, "messages lost in the peak-shaving scenario");
     let res = Res::new(name, n, payload, elapsed);
+    sub.drain().await.expect("drain");
+    bus.shutdown().await.expect("shutdown");
+    res
+}
+
+/// The store's cache in the drain scenario: small, so that the backlog is
+/// many times the cache and the bound is tight.
+const DRAIN_CACHE_MIB: u64 = 16;
+
+/// A backlog of `n` messages written with no consumer, then read back from
+/// the store and consumed by a group starting at the earliest offset, with
+/// a 16 MiB cache: peak RSS against the bound docs/delivery.md states.
+/// Throughput is the drain's.
+async fn backlog_drain_rss(name: &str, n: u64, payload: usize) -> Res {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bus = Bus::builder()
+        .data_dir(dir.path())
+        .durability(Durability::Buffered)
+        .cache_capacity(DRAIN_CACHE_MIB * 1024 * 1024)
+        .open()
+        .await
+        .expect("open bus");
+    let start_rss = rss_mb();
+    let pad = "x".repeat(payload.saturating_sub(30));
+    let mut sent = 0;
+    while sent < n {
+        let k = 1000.min(n - sent);
+        let events: Vec<BenchEvent> = (0..k)
+            .map(|_| BenchEvent {
+                sent_ns: now_ns(),
+                pad: pad.clone(),
+            })
+            .collect();
+        bus.publish_batch(&events).await.expect("publish");
+        sent += k;
+    }
+    let count = Arc::new(AtomicU64::new(0));
+    let lat = Arc::new(Mutex::new(Vec::new()));
+    let (c, l) = (count.clone(), lat.clone());
+    let start = Instant::now();
+    let sub = bus
+        .subscribe::<BenchEvent>("backend")
+        .start_from(StartFrom::Earliest)
+        .members(4, move || Sink {
+            count: c.clone(),
+            lat: l.clone(),
+        })
+        .start()
+        .await
+        .expect("subscribe");
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while count.load(Ordering::Relaxed) < n {
+        assert!(
+            Instant::now() < deadline,
+            "drained {} of {n} in 600 s",
+            count.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut res = Res::new(name, n, payload, start.elapsed());
+    // The default in-flight window (1,024) of decoded messages.
+    let window_mb = 1024.0 * (payload + 256) as f64 / (1024.0 * 1024.0);
+    res.rss_bound_mb = Some(start_rss + 2.0 * DRAIN_CACHE_MIB as f64 + 96.0 + window_mb);
     sub.drain().await.expect("drain");
     bus.shutdown().await.expect("shutdown");
     res
@@ -866,6 +935,10 @@ enum Scenario {
     PeakShaving {
         n: u64,
     },
+    /// A backlog of `n` written first, then read back and consumed.
+    DrainRss {
+        n: u64,
+    },
     Retention {
         n: u64,
         live: u64,
@@ -1031,6 +1104,12 @@ fn scenarios(q: bool, payload: usize) -> Vec<(String, Scenario)> {
             n: if q { 200_000 } else { 1_000_000 },
         },
     ));
+    v.push((
+        "peak_shaving/drain_rss".into(),
+        Scenario::DrainRss {
+            n: if q { 300_000 } else { 1_000_000 },
+        },
+    ));
     for (name, consume) in [
         ("peer/nats/publish/p1/pipelined256", false),
         ("peer/nats/e2e/p1/pipelined256", true),
@@ -1090,6 +1169,17 @@ fn run_one(name: &str, scenario: Scenario, payload: usize) -> Result<(), String>
                     fixed_load(name, store, rate, secs, payload).await.print()
                 }
                 Scenario::PeakShaving { n } => peak_shaving_rss(name, n, payload).await.print(),
+                Scenario::DrainRss { n } => {
+                    let res = backlog_drain_rss(name, n, payload).await;
+                    res.print();
+                    let bound = res.rss_bound_mb.unwrap_or(f64::INFINITY);
+                    if res.peak_rss_mb > bound {
+                        return Err(format!(
+                            "peak RSS {} MiB above the documented bound {bound:.1} MiB",
+                            res.peak_rss_mb
+                        ));
+                    }
+                }
                 Scenario::Retention { n, live } => {
                     retention_under_load(name, n, live, payload).await
                 }
@@ -1098,7 +1188,8 @@ fn run_one(name: &str, scenario: Scenario, payload: usize) -> Result<(), String>
                 }
                 Scenario::Sled { .. } | Scenario::Nats { .. } => unreachable!("handled above"),
             }
-        }),
+            Ok::<_, String>(())
+        })?,
     }
     Ok(())
 }

@@ -42,6 +42,7 @@ use weirmq_bus::{
 };
 
 use crate::delay::{resent_key, resent_prefix, RetryEntry, RetryKey, ScheduleEntry};
+use crate::disk::DiskGuard;
 use crate::store::{
     offsets_batch, OffsetState, QueueKey, RecordBuilder, Store, TopicSettings, TraceRecord,
 };
@@ -231,6 +232,10 @@ struct RetentionJob {
     /// The lowest offset retry entries name, per queue; kept up to date
     /// with retries written during the pass.
     floors: HashMap<QueueKey, u64>,
+    /// A pressure pass (the disk is nearly full): each queue's acked floor
+    /// (lowest committed offset of its groups); nothing at or above it, and
+    /// nothing in a queue without groups, is removed. `None`: a normal pass.
+    acked: Option<HashMap<QueueKey, u64>>,
     report: RetentionReport,
     /// The queue at the front lost messages in this pass.
     touched: bool,
@@ -278,7 +283,15 @@ pub struct PersistenceActor {
     /// next one.
     retention_next: Vec<oneshot::Sender<Result<RetentionReport, StorageError>>>,
     scheduler: Option<Recipient<Scheduled>>,
+    guard: DiskGuard,
+    /// No pressure pass before this (the last one found nothing to remove).
+    pressure_rest: Option<std::time::Instant>,
 }
+
+/// How often the disk guard measures the filesystem.
+const DISK_EVERY: Duration = Duration::from_millis(100);
+/// How long after a pressure pass that removed nothing the next may start.
+const PRESSURE_REST: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for PersistenceActor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -295,6 +308,8 @@ impl PersistenceActor {
     pub fn new(store: Store, durable: bool) -> Self {
         PersistenceActor {
             retention_every: store.retention_interval(),
+            guard: store.disk_guard(),
+            pressure_rest: None,
             store: Some(store),
             durable,
             pending: Vec::new(),
@@ -356,9 +371,63 @@ impl PersistenceActor {
         self.retention = Some(RetentionJob {
             todo,
             floors,
+            acked: None,
             report: RetentionReport::default(),
             touched: false,
             waiters,
+        });
+        ctx.notify(RetentionStep);
+    }
+
+    /// Starts a pressure pass (the disk is nearly full) unless a pass runs:
+    /// it removes the oldest acked-by-every-group messages, queue by queue
+    /// in turns, until there is room again.
+    fn start_pressure(&mut self, ctx: &mut Context<Self>) {
+        if self.retention.is_some()
+            || self.failed.is_some()
+            || self
+                .pressure_rest
+                .is_some_and(|t| std::time::Instant::now() < t)
+        {
+            return;
+        }
+        let Some(store) = self.store.as_ref() else {
+            return;
+        };
+        let plan = store.retry_floors().and_then(|mut floors| {
+            for u in &self.retries {
+                for e in &u.put {
+                    lower(&mut floors, e);
+                }
+            }
+            Ok((floors, store.acked_floors(&self.offsets)?))
+        });
+        let (floors, acked) = match plan {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %self.located(e), "planning a disk-pressure pass failed");
+                return;
+            }
+        };
+        let now = now_ms();
+        let todo = store
+            .all_queues()
+            .into_iter()
+            .filter(|k| acked.get(k).is_some_and(|f| *f > 0))
+            .map(|k| (k, Some(now), None))
+            .collect();
+        warn!(
+            available = self.guard.available(),
+            reserve = self.guard.reserve(),
+            "the disk is nearly full: removing the oldest messages every group has consumed"
+        );
+        self.retention = Some(RetentionJob {
+            todo,
+            floors,
+            acked: Some(acked),
+            report: RetentionReport::default(),
+            touched: false,
+            waiters: Vec::new(),
         });
         ctx.notify(RetentionStep);
     }
@@ -525,6 +594,14 @@ impl PersistenceActor {
             }
         };
         let result = result.map_err(|e| self.trip(e));
+        if result.is_ok() {
+            let bytes: usize = appends
+                .iter()
+                .flat_map(|a| &a.messages)
+                .map(|m| m.body().len() + 64)
+                .sum();
+            self.guard.wrote(bytes as u64);
+        }
         if result.is_ok() && !scheduled.is_empty() {
             if let Some(job) = &mut self.retention {
                 for e in &scheduled {
@@ -568,6 +645,14 @@ impl Actor for PersistenceActor {
                 act.start_retention(Vec::new(), ctx);
             }
         });
+        if self.guard.reserve().is_some() {
+            ctx.run_interval(DISK_EVERY, |act, ctx| {
+                act.guard.measure();
+                if act.guard.under_pressure() && act.store.is_some() {
+                    act.start_pressure(ctx);
+                }
+            });
+        }
     }
 }
 
@@ -598,10 +683,14 @@ impl Handler<RetentionStep> for PersistenceActor {
                     let Some(&(key, cutoff, max_bytes)) = job.todo.front() else {
                         break;
                     };
-                    let keep_from = job.floors.get(&key).copied().unwrap_or(u64::MAX);
+                    let mut keep_from = job.floors.get(&key).copied().unwrap_or(u64::MAX);
+                    if let Some(acked) = &job.acked {
+                        keep_from = keep_from.min(acked.get(&key).copied().unwrap_or(0));
+                    }
                     match store.expire(key, cutoff, max_bytes, keep_from, RETENTION_SPANS_PER_CALL)
                     {
                         Ok(x) => {
+                            self.guard.freed(x.bytes);
                             if x.messages > 0 {
                                 info!(
                                     topic_id = key.topic_id,
@@ -619,6 +708,15 @@ impl Handler<RetentionStep> for PersistenceActor {
                                 job.todo.pop_front();
                                 job.report.queues += job.touched as u32;
                                 job.touched = false;
+                            } else if job.acked.is_some() {
+                                // Pressure: queues take turns, a few spans each.
+                                job.report.queues += job.touched as u32;
+                                job.touched = false;
+                                job.todo.rotate_left(1);
+                            }
+                            if job.acked.is_some() && !self.guard.under_pressure() {
+                                job.todo.clear();
+                                break;
                             }
                         }
                         Err(e) => {
@@ -639,7 +737,17 @@ impl Handler<RetentionStep> for PersistenceActor {
                 }
             }
             Ok(()) if job.todo.is_empty() => {
-                if job.report.messages > 0 {
+                if job.acked.is_some() {
+                    info!(
+                        removed = job.report.messages,
+                        bytes = job.report.bytes,
+                        room = !self.guard.under_pressure(),
+                        "disk-pressure pass done"
+                    );
+                    // Nothing consumed was left to remove: try again later.
+                    self.pressure_rest = (job.report.messages == 0)
+                        .then(|| std::time::Instant::now() + PRESSURE_REST);
+                } else if job.report.messages > 0 {
                     debug!(?job.report, "retention pass done");
                 }
                 for w in job.waiters {

@@ -32,6 +32,29 @@ impl std::error::Error for SledFailure {
     }
 }
 
+/// An I/O error in words. sled sometimes wraps an OS error in a new
+/// `io::Error` whose message is the OS error's `Debug` (`Os { code: 28, ..
+/// }`): the OS error is found again and described by the OS.
+fn io_words(io: &std::io::Error) -> String {
+    if let Some(code) = io.raw_os_error() {
+        return std::io::Error::from_raw_os_error(code).to_string();
+    }
+    let text = io.to_string();
+    if let Some(at) = text.find("code: ") {
+        let digits: String = text[at + 6..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        if let Ok(code) = digits.parse() {
+            return std::io::Error::from_raw_os_error(code).to_string();
+        }
+    }
+    if text.contains("kind: ") || text.contains(" { ") {
+        return io.kind().to_string();
+    }
+    text
+}
+
 /// What to tell a user whose store met this I/O error.
 pub(crate) fn io_advice(kind: std::io::ErrorKind) -> Option<&'static str> {
     use std::io::ErrorKind as K;
@@ -67,7 +90,7 @@ pub(crate) fn sled_error(context: &str, e: sled::Error) -> StorageError {
             let advice = io_advice(io.kind()).map(str::to_string).unwrap_or_else(|| {
                 "check the disk and the system log (dmesg) for I/O errors".to_string()
             });
-            (io.to_string(), Some(io), advice)
+            (io_words(&io), Some(io), advice)
         }
         sled::Error::Corruption { .. } => (
             "the data file holds a damaged entry".to_string(),
@@ -120,6 +143,16 @@ mod tests {
              free space on the filesystem holding the data directory"
         );
         assert_eq!(e.io_kind(), Some(std::io::ErrorKind::StorageFull));
+        // sled's own wrapping: an io::Error whose message is Debug of the OS one.
+        let wrapped = std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            format!("{:?}", std::io::Error::from_raw_os_error(28)),
+        );
+        let text = sled_error("flushing the store", sled::Error::Io(wrapped)).to_string();
+        assert!(
+            text.starts_with("flushing the store: No space left on device (os error 28);"),
+            "{text}"
+        );
         let e = sled_error(
             "reading the queue log",
             sled::Error::Corruption { at: None, bt: () },

@@ -50,6 +50,7 @@
 mod actor;
 mod data_dir;
 mod delay;
+mod disk;
 mod failure;
 mod index;
 mod store;
@@ -59,6 +60,7 @@ pub use actor::{
     RecordTrace, RunRetention, Scheduled, SetScheduler, ShutdownStore, UpdateRetries,
 };
 pub use delay::{next_seq, RetryEntry, RetryKey, ScheduleEntry};
+pub use disk::{DiskGuard, DiskPolicy};
 pub use store::{
     OffsetState, QueueKey, RecoveredTopic, Recovery, Store, StoreConfig, StoreReader, SyncEvent,
     SyncHook, TopicSettings, TraceRecord,
