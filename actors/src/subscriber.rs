@@ -106,12 +106,19 @@ impl Witness {
     /// Which of `lost` (ids, sorted, of a dead generation's deliveries
     /// that got no reply) the actor died on: the one its handler read last,
     /// else the first dropped in the panic, else the earliest (a mailbox is
-    /// handled in order).
-    fn culprit(&self, lost: &[u64]) -> usize {
+    /// handled in order). `None` when the delivery dropped in the panic is
+    /// not among them: its reply came first, while the actor still looked
+    /// alive, and it was settled then (as a failed attempt); every one of
+    /// `lost` was sent to the dying mailbox after it and never ran.
+    fn culprit(&self, lost: &[u64]) -> Option<usize> {
         let touched = self.last_touched.load(Ordering::Relaxed);
         let panic = self.first_in_panic.load(Ordering::Relaxed);
         let find = |v: u64| lost.iter().position(|id| v != 0 && id + 1 == v);
-        find(touched).or_else(|| find(panic)).unwrap_or(0)
+        match find(touched).or_else(|| find(panic)) {
+            Some(i) => Some(i),
+            None if panic != 0 => None,
+            None => Some(0),
+        }
     }
 }
 
@@ -697,13 +704,14 @@ where
         };
         lost.sort_by_key(|(id, _)| *id);
         let ids: Vec<u64> = lost.iter().map(|(id, _)| *id).collect();
-        let culprit = lost[0].1.panicked.culprit(&ids);
-        let (_, h) = lost.remove(culprit);
-        self.failed(
-            h,
-            "the handler panicked (its actor stopped and was replaced)".to_string(),
-            ctx,
-        );
+        if let Some(culprit) = lost[0].1.panicked.culprit(&ids) {
+            let (_, h) = lost.remove(culprit);
+            self.failed(
+                h,
+                "the handler panicked (its actor stopped and was replaced)".to_string(),
+                ctx,
+            );
+        }
         for (_, h) in lost.into_iter().rev() {
             self.pending.push_front(RawDelivery {
                 message: h.message,
