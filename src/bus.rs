@@ -100,7 +100,10 @@ impl BusBuilder {
     }
 
     /// The store's page cache in bytes (default 64 MiB). More keeps more of a
-    /// backlog in memory; it does not change what is durable.
+    /// backlog in memory; it does not change what is durable. The process
+    /// may hold up to about twice this in cached pages (sled counts them
+    /// by their encoded size and evicts lazily): see `docs/delivery.md`,
+    /// "Memory", for the whole bound.
     pub fn cache_capacity(mut self, bytes: u64) -> Self {
         self.cache_capacity = bytes;
         self
