@@ -370,20 +370,8 @@ async fn peak_shaving_rss(name: &str, n: u64, payload: usize) -> Res {
         .start()
         .await
         .expect("subscribe");
-    let pad = "x".repeat(payload.saturating_sub(30));
     let start = Instant::now();
-    let mut sent = 0;
-    while sent < n {
-        let k = 1000.min(n - sent);
-        let events: Vec<BenchEvent> = (0..k)
-            .map(|_| BenchEvent {
-                sent_ns: now_ns(),
-                pad: pad.clone(),
-            })
-            .collect();
-        bus.publish_batch(&events).await.expect("publish");
-        sent += k;
-    }
+    publish_in_batches(&bus, n, payload).await;
     let elapsed = start.elapsed();
     let stored: u64 = bus
         .positions("backend", BenchEvent::TOPIC)
@@ -417,19 +405,7 @@ async fn backlog_drain_rss(name: &str, n: u64, payload: usize) -> Res {
         .await
         .expect("open bus");
     let start_rss = rss_mb();
-    let pad = "x".repeat(payload.saturating_sub(30));
-    let mut sent = 0;
-    while sent < n {
-        let k = 1000.min(n - sent);
-        let events: Vec<BenchEvent> = (0..k)
-            .map(|_| BenchEvent {
-                sent_ns: now_ns(),
-                pad: pad.clone(),
-            })
-            .collect();
-        bus.publish_batch(&events).await.expect("publish");
-        sent += k;
-    }
+    publish_in_batches(&bus, n, payload).await;
     let count = Arc::new(AtomicU64::new(0));
     let lat = Arc::new(Mutex::new(Vec::new()));
     let (c, l) = (count.clone(), lat.clone());
@@ -460,6 +436,24 @@ async fn backlog_drain_rss(name: &str, n: u64, payload: usize) -> Res {
     sub.drain().await.expect("drain");
     bus.shutdown().await.expect("shutdown");
     res
+}
+
+/// Publishes `n` events of `payload` bytes in batches of 1,000, as fast as
+/// the bus takes them.
+async fn publish_in_batches(bus: &Bus, n: u64, payload: usize) {
+    let pad = "x".repeat(payload.saturating_sub(30));
+    let mut sent = 0;
+    while sent < n {
+        let k = 1000.min(n - sent);
+        let events: Vec<BenchEvent> = (0..k)
+            .map(|_| BenchEvent {
+                sent_ns: now_ns(),
+                pad: pad.clone(),
+            })
+            .collect();
+        bus.publish_batch(&events).await.expect("publish");
+        sent += k;
+    }
 }
 
 fn dir_mb(p: &Path) -> f64 {
