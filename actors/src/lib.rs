@@ -22,11 +22,11 @@
 )]
 #![forbid(unsafe_code)]
 
-mod broker;
+mod embedded;
 mod members;
 mod subscriber;
 
-pub use broker::{EmbeddedBroker, EmbeddedConfig};
+pub use embedded::{EmbeddedBroker, EmbeddedConfig};
 pub use members::Members;
 pub use subscriber::{
     start_subscriber, Delivery, HandlerError, SubscriberConfig, SubscriberHandle,

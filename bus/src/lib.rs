@@ -2,8 +2,8 @@
 //!
 //! This crate owns everything the rest of weirmq agrees on and nothing that
 //! runs: message and topic types, the [`Event`] trait and its [`Codec`]s,
-//! validation [`Limits`], the [`Error`] types, and the [`Broker`] trait — the
-//! seam between the subscriber side (typed events, handler actors, retry
+//! validation [`Limits`], the [`Error`] types, and the [`Broker`] seam — its roles, one
+//! trait each — between the subscriber side (typed events, handler actors, retry
 //! policy) and a storage/transport backend (the embedded sled broker, later
 //! NATS JetStream).
 //!
@@ -18,25 +18,25 @@
 #![forbid(unsafe_code)]
 
 mod broker;
-mod dlq;
 mod error;
 mod event;
 mod filter;
 mod message;
 mod retry;
 mod sql;
+mod time;
 mod topic;
-mod trace;
-mod transaction;
 
 pub use broker::{
-    Broker, BrokerSubscription, Capabilities, DeliveryBatch, GroupStats, Ordering, QueuePosition,
-    RawDelivery, ResetTo, SettleToken, Settlement, Settler, StartFrom, SubscriptionSpec,
-};
-pub use dlq::{
-    DeadLetter, Resend, ResendOutcome, ResendReport, DLQ_ATTEMPTS, DLQ_DEAD_LETTERED_AT_MS,
-    DLQ_FIRST_FAILED_AT_MS, DLQ_ORIGIN_MSG_ID, DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_QUEUE,
-    DLQ_ORIGIN_TOPIC, DLQ_PROPERTIES, DLQ_REASON,
+    dlq_topic, Admin, Admission, AdmissionPermit, Broker, BrokerSubscription, Capabilities,
+    DeadLetter, DeadLetterCopy, DeadLetters, DeliveryBatch, GroupStats, HalfMessage, History,
+    MessageTrace, Ordering, Outbox, Publisher, QueuePosition, RawDelivery, Resend, ResendOutcome,
+    ResendPlan, ResendReport, ResetTo, RetentionReport, SettleToken, Settlement, Settler,
+    StartFrom, StateBatch, StateEntries, StateOp, SubscriptionSpec, Subscriptions, TraceEvent,
+    TraceKind, TransactionChecker, TransactionConfig, TransactionOutcome, Transactions,
+    DLQ_ATTEMPTS, DLQ_DEAD_LETTERED_AT_MS, DLQ_FIRST_FAILED_AT_MS, DLQ_ORIGIN_MSG_ID,
+    DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_QUEUE, DLQ_ORIGIN_TOPIC, DLQ_PROPERTIES, DLQ_REASON,
+    DLQ_TOPIC_PREFIX,
 };
 pub use error::{
     utc_time, CodecError, Error, NameKind, PublishError, StorageError, TryPublishError,
@@ -49,13 +49,9 @@ pub use message::{
 };
 pub use retry::{Backoff, RetryPolicy};
 pub use sql::{SqlExpr, MAX_FILTER_BYTES, MAX_NESTING};
+pub use time::{from_unix_ms, now_ms, unix_ms};
 pub use topic::{
     queue_for_message_group, validate_group_name, validate_topic_name, Limits, Retention,
     TopicConfig, DEFAULT_QUEUES, MAX_GROUP_NAME_LEN, MAX_QUEUES, MAX_TOPIC_NAME_LEN,
     SYSTEM_TOPIC_PREFIX,
-};
-pub use trace::{MessageTrace, RetentionReport, TraceEvent, TraceKind};
-pub use transaction::{
-    HalfMessage, StateBatch, StateEntries, StateOp, TransactionChecker, TransactionConfig,
-    TransactionOutcome,
 };

@@ -17,6 +17,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::error::StorageError;
+use crate::time::{from_unix_ms, now_ms, unix_ms};
 
 /// A message id: unique and time-ordered.
 ///
@@ -77,13 +78,6 @@ impl FromStr for MessageId {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         u128::from_str_radix(s, 16).map(MessageId)
     }
-}
-
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// How far a publish must have got before its receipt is returned.
@@ -402,9 +396,7 @@ impl Message {
     /// (for backends: a dead letter resent as its original).
     pub fn with_identity(mut self, id: MessageId, born_at: SystemTime) -> Message {
         self.id = id;
-        self.born_at_ms = born_at
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        self.born_at_ms = unix_ms(born_at);
         self
     }
 
@@ -415,8 +407,7 @@ impl Message {
 
     /// When a delayed message was (or is) due.
     pub fn deliver_at(&self) -> Option<SystemTime> {
-        self.deliver_at_ms
-            .map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
+        self.deliver_at_ms.map(from_unix_ms)
     }
 
     /// The topic a staged message (in a system topic) is for.
@@ -453,7 +444,7 @@ impl Message {
     }
     /// When the message was published.
     pub fn born_at(&self) -> SystemTime {
-        UNIX_EPOCH + Duration::from_millis(self.born_at_ms)
+        from_unix_ms(self.born_at_ms)
     }
     /// The tag, if any.
     pub fn tag(&self) -> Option<&str> {

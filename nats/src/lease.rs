@@ -17,7 +17,7 @@ use bytes::Bytes;
 use tracing::{debug, info};
 
 use crate::names::{enc, LEASE_STREAM};
-use crate::now_ms;
+use weirmq_bus::now_ms;
 
 pub(crate) struct Lease {
     js: jetstream::Context,

@@ -20,14 +20,14 @@ use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, error, warn};
 
 use weirmq_bus::{
-    BrokerSubscription, DeliveryBatch, Error, GroupStats, Message, Ordering, OutgoingMessage,
-    RawDelivery, ResetTo, SettleToken, Settlement, Settler, StartFrom, SubscriptionSpec,
-    DLQ_PROPERTIES,
+    now_ms, BrokerSubscription, DeadLetterCopy, DeliveryBatch, Error, GroupStats, Message,
+    Ordering, RawDelivery, ResetTo, SettleToken, Settlement, Settler, StartFrom, SubscriptionSpec,
 };
 
 use crate::lease::Lease;
 use crate::names::*;
-use crate::{nats_err, now_ms, Inner, TopicState};
+use crate::topics::TopicState;
+use crate::{nats_err, Inner};
 
 /// A FIFO queue's lease outlives the ack wait by this much, so a dead
 /// owner's unacked messages are back on the server before another process
@@ -593,19 +593,17 @@ async fn accept(
             error!(topic = %topic, queue, seq, error = %e,
                 "a message in the topic's stream is not a weirmq envelope; dead-lettering it");
             let now = now_ms();
-            let dl = with_dlq_properties(
-                OutgoingMessage::new(st.spec.topic.clone(), m.payload.to_vec()),
-                [
-                    st.spec.topic.clone(),
-                    queue.to_string(),
-                    seq.to_string(),
-                    String::new(),
-                    format!("not a weirmq message: {e}"),
-                    delivered.to_string(),
-                    now.to_string(),
-                    now.to_string(),
-                ],
-            );
+            let dl = DeadLetterCopy {
+                origin_topic: st.spec.topic.clone(),
+                origin_queue: queue,
+                origin_offset: seq,
+                origin_id: None,
+                reason: format!("not a weirmq message: {e}"),
+                attempts: delivered,
+                first_failed_ms: now,
+                dead_lettered_ms: now,
+            }
+            .of_bytes(&st.spec.group, m.payload.to_vec());
             match inner.store_dead_letter(&st.spec.group, dl).await {
                 Ok(()) => {
                     st.counters
@@ -645,15 +643,6 @@ async fn accept(
     } else {
         st.fifo_admit(queue, w)
     }
-}
-
-/// A dead letter's copy: `dl` with the `DLQ_*` properties set to
-/// `values`, in `DLQ_PROPERTIES` order.
-fn with_dlq_properties(mut dl: OutgoingMessage, values: [String; 8]) -> OutgoingMessage {
-    for (k, v) in DLQ_PROPERTIES.iter().zip(values) {
-        dl.properties.insert((*k).to_string(), v);
-    }
-    dl
 }
 
 async fn settle_loop(
@@ -749,25 +738,19 @@ async fn settle_one(inner: &Inner, st: &Arc<SubState>, e: Entry, s: Settlement) 
         }
         Settlement::DeadLetter { reason } => {
             let m = &e.message;
-            let mut dl = OutgoingMessage::new(String::new(), m.body().to_vec());
-            dl.tag = m.tag().map(str::to_string);
-            dl.keys = m.keys().to_vec();
-            dl.properties = m.properties().clone();
             let now = now_ms();
             let first = st.failures.remove(&e.seq).map_or(now, |(_, f)| f.0);
-            let dl = with_dlq_properties(
-                dl,
-                [
-                    st.spec.topic.clone(),
-                    m.queue().to_string(),
-                    m.offset().to_string(),
-                    m.id().to_string(),
-                    reason,
-                    e.attempt.to_string(),
-                    first.to_string(),
-                    now.to_string(),
-                ],
-            );
+            let dl = DeadLetterCopy {
+                origin_topic: st.spec.topic.clone(),
+                origin_queue: m.queue(),
+                origin_offset: m.offset(),
+                origin_id: Some(m.id()),
+                reason,
+                attempts: e.attempt,
+                first_failed_ms: first,
+                dead_lettered_ms: now,
+            }
+            .of(&st.spec.group, m);
             match inner.store_dead_letter(&st.spec.group, dl).await {
                 Ok(()) => {
                     let _ = e.msg.ack_with(AckKind::Term).await;

@@ -13,13 +13,10 @@ use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use tracing::{debug, error, info, warn};
 
-use weirmq_bus::{
-    Error, HalfMessage, Message, OutgoingMessage, SendReceipt, TopicConfig, TransactionOutcome,
-    HALF_TOPIC, SCHEDULE_TOPIC,
-};
+use weirmq_bus::{Error, Message, TransactionOutcome, HALF_TOPIC, SCHEDULE_TOPIC};
 
 use crate::names::*;
-use crate::{is_not_found, nats_err, now_ms, Inner};
+use crate::{nats_err, Inner};
 
 /// How long a half message waits when no process here has a checker for
 /// its topic (another process may).
@@ -226,7 +223,7 @@ async fn read_checks(inner: &Inner, seq: u64) -> u32 {
 }
 
 /// Removes a resolved half message and its check count.
-async fn resolve(inner: &Inner, seq: u64) -> Result<bool, Error> {
+pub(crate) async fn resolve(inner: &Inner, seq: u64) -> Result<bool, Error> {
     let stream = inner.stream(HALF_STREAM).await?;
     let deleted = match stream.delete_message(seq).await {
         Ok(d) => d,
@@ -306,71 +303,6 @@ async fn check(inner: &Inner, m: jetstream::Message) {
                     cfg.check_interval.max(Duration::from_millis(1)),
                 )))
                 .await;
-        }
-    }
-}
-
-pub(crate) async fn publish_half(
-    inner: Arc<Inner>,
-    mut message: OutgoingMessage,
-) -> Result<HalfMessage, Error> {
-    let t = inner
-        .topic(TopicConfig::new(message.topic.clone()), false)
-        .await?;
-    let topic = t.config.name().to_string();
-    let cfg = inner.checkers.get(&topic).map(|c| c.1).unwrap_or_default();
-    message.deliver_at = Some(SystemTime::now() + cfg.check_immunity);
-    let m = Message::prepare(message, Arc::from(HALF_TOPIC))
-        .as_half()
-        .with_destination(topic.clone());
-    let mut buf = Vec::new();
-    m.encode_envelope(&mut buf);
-    let seq = inner
-        .publish_raw(vec![(
-            half_subject(&topic),
-            Bytes::from(buf),
-            m.id().to_string(),
-        )])
-        .await?[0];
-    Ok(HalfMessage {
-        message_id: m.id(),
-        topic,
-        offset: seq,
-        check_at_ms: m
-            .deliver_at()
-            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-            .map_or(now_ms(), |d| d.as_millis() as u64),
-    })
-}
-
-pub(crate) async fn end_transaction(
-    inner: Arc<Inner>,
-    half: HalfMessage,
-    outcome: TransactionOutcome,
-) -> Result<Option<SendReceipt>, Error> {
-    if outcome == TransactionOutcome::Unknown {
-        return Ok(None);
-    }
-    let stream = inner.stream(HALF_STREAM).await?;
-    let raw = match stream.get_raw_message(half.offset).await {
-        Ok(r) => r,
-        Err(e) if is_not_found(&e) => return Ok(None),
-        Err(e) => return Err(nats_err("reading a half message", e)),
-    };
-    let m = match Message::decode_envelope(Arc::from(HALF_TOPIC), 0, raw.sequence, &raw.payload) {
-        Ok((m, _)) if m.id() == half.message_id => m,
-        _ => return Ok(None),
-    };
-    match outcome {
-        TransactionOutcome::Commit => {
-            let out = m.for_destination(Arc::from(half.topic.as_str()));
-            let receipt = inner.store_in_topic(vec![out], ALL_GROUPS).await?.pop();
-            resolve(&inner, half.offset).await?;
-            Ok(receipt)
-        }
-        _ => {
-            resolve(&inner, half.offset).await?;
-            Ok(None)
         }
     }
 }

@@ -53,18 +53,26 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod failures;
+mod mailbox;
+
 use actix::prelude::*;
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 use tracing::{error, trace, warn};
 use weirmq_bus::{
-    DeliveryBatch, Error, Filter, GroupStats, Message as BusMessage, Ordering as Order,
-    OutgoingMessage, QueuePosition, RawDelivery, SendReceipt, SettleToken, Settlement,
-    StorageError, TraceEvent, TraceKind, DLQ_PROPERTIES,
+    DeadLetterCopy, DeliveryBatch, Error, Filter, GroupStats, Message as BusMessage,
+    Ordering as Order, OutgoingMessage, QueuePosition, RawDelivery, SendReceipt, SettleToken,
+    Settlement, StorageError, TraceEvent, TraceKind,
 };
 use weirmq_persistence::{
     next_seq, CommitOffsets, OffsetState, PersistenceActor, QueueKey, RecordTrace, RetryEntry,
     RetryKey, StoreReader, TraceRecord, UpdateRetries,
+};
+
+use mailbox::RetryStored;
+pub(crate) use mailbox::{
+    AddRetries, Appended, HighWater, Inspect, ResetPositions, Settle, StopGroup,
 };
 
 /// Publishes a dead letter (to `%DLQ%<group>`), bypassing user-topic checks.
@@ -119,7 +127,8 @@ fn due_ms_after(delay: Duration) -> u64 {
     (now + delay).as_micros().div_ceil(1000) as u64
 }
 
-use super::due::{now_ms, DueQueue};
+use super::due::DueQueue;
+use weirmq_bus::now_ms;
 
 #[derive(Debug)]
 struct InFlight {
@@ -402,149 +411,6 @@ impl GroupActor {
         }
     }
 
-    fn take_due_retries(&mut self) {
-        let now = now_ms();
-        while self.in_flight < self.max_in_flight {
-            let Some(entry) = self.scheduled.pop_due(now) else {
-                break;
-            };
-            let key = self.key(entry.queue);
-            let found = self
-                .reader
-                .read_range(&self.topic, key, entry.offset, entry.offset + 1, 1);
-            match found {
-                Ok(mut m) if m.len() == 1 => {
-                    let message = m.remove(0);
-                    let seq = entry.key.seq;
-                    self.note(&message, TraceKind::Delivered, entry.attempt, None);
-                    self.outbox.push(RawDelivery {
-                        message: message.clone(),
-                        attempt: entry.attempt,
-                        token: SettleToken::new(RETRY_TOKEN, seq),
-                    });
-                    self.retrying.insert(seq, RetryFlight { entry, message });
-                    self.in_flight += 1;
-                    self.stats.delivered += 1;
-                }
-                Ok(_) => {
-                    self.stats.expired += 1;
-                    error!(group = %self.group, topic = %self.topic, queue = entry.queue,
-                        offset = entry.offset, attempt = entry.attempt,
-                        "a scheduled retry names a message that is no longer stored (removed by \
-                         retention while it was in flight); dropping the retry");
-                    self.update_retries(Vec::new(), vec![entry.key], |_| {});
-                }
-                Err(e) => {
-                    // Keep it: try again in a second.
-                    warn!(group = %self.group, topic = %self.topic, error = %e,
-                        "reading a due retry failed; trying again in 1 s");
-                    // (Its stored key keeps its due time; only the wake-up moves.)
-                    let seq = entry.key.seq;
-                    self.scheduled.insert(now + 1000, seq, entry);
-                    break;
-                }
-            }
-        }
-    }
-
-    /// Wakes the group at the earliest due retry (if later than now).
-    fn arm_timer(&mut self, ctx: &mut Context<Self>) {
-        let blocked = self.in_flight >= self.max_in_flight;
-        self.scheduled.arm(
-            ctx,
-            blocked,
-            |act: &mut Self| &mut act.scheduled,
-            |act, ctx| act.pump(ctx),
-        );
-    }
-
-    fn update_retries(
-        &self,
-        put: Vec<RetryEntry>,
-        remove: Vec<RetryKey>,
-        done: impl FnOnce(bool) + Send + 'static,
-    ) {
-        self.persistence.do_send(UpdateRetries {
-            put,
-            remove,
-            resent: Vec::new(),
-            unschedule: Vec::new(),
-            reschedule: Vec::new(),
-            done: Box::new(move |r: Result<(), weirmq_bus::StorageError>| {
-                if let Err(e) = &r {
-                    warn!(error = %e, "writing the delay index failed");
-                }
-                done(r.is_ok())
-            }),
-        });
-    }
-
-    /// What is known of a delivery in flight: message, attempt, first failure.
-    fn flight(&self, held: Held) -> Option<(Arc<BusMessage>, u32, Option<u64>)> {
-        match held {
-            Held::Original { queue, offset } => self
-                .queues
-                .get(queue as usize)?
-                .in_flight
-                .get(&offset)
-                .map(|f| (f.message.clone(), f.attempt, f.first_failed_ms)),
-            Held::Retry { seq } => self.retrying.get(&seq).map(|r| {
-                (
-                    r.message.clone(),
-                    r.entry.attempt,
-                    Some(r.entry.first_failed_ms),
-                )
-            }),
-        }
-    }
-
-    /// A failed delivery: store its next attempt in the delay index, then
-    /// let go of it (see the module docs).
-    fn schedule_retry(
-        &mut self,
-        held: Held,
-        delay: Duration,
-        error: String,
-        ctx: &mut Context<Self>,
-    ) {
-        let Some((message, attempt, first_failed)) = self.flight(held) else {
-            return;
-        };
-        let now = now_ms();
-        let entry = RetryEntry {
-            key: RetryKey {
-                group: self.group.clone(),
-                topic_id: self.topic_id,
-                due_ms: due_ms_after(delay),
-                seq: next_seq(),
-            },
-            queue: message.queue(),
-            offset: message.offset(),
-            attempt: attempt + 1,
-            first_failed_ms: first_failed.unwrap_or(now),
-            last_error: truncate(error, MAX_REASON),
-        };
-        let remove = match held {
-            Held::Retry { seq } => self
-                .retrying
-                .get(&seq)
-                .map(|r| vec![r.entry.key.clone()])
-                .unwrap_or_default(),
-            Held::Original { .. } => Vec::new(),
-        };
-        let me = ctx.address();
-        let stored = entry.clone();
-        self.writing += 1;
-        self.update_retries(vec![entry], remove, move |ok| {
-            me.do_send(RetryStored {
-                held,
-                entry: stored,
-                ok,
-                delay,
-            })
-        });
-    }
-
     /// Lets go of a delivery that is settled (acked, dead-lettered or
     /// rescheduled).
     fn release(&mut self, held: Held, ctx: &mut Context<Self>) {
@@ -698,72 +564,6 @@ impl GroupActor {
         entries
     }
 
-    fn dead_letter(&mut self, held: Held, reason: String, ctx: &mut Context<Self>) {
-        let Some((m, attempt, first_failed)) = self.flight(held) else {
-            return;
-        };
-        let reason = truncate(reason, MAX_REASON);
-        let reason_kept = reason.clone();
-        let (queue, offset) = (m.queue(), m.offset());
-        error!(group = %self.group, topic = %self.topic, queue, offset, msg_id = %m.id(),
-            attempt, %reason, "dead-lettering message");
-        let mut out = OutgoingMessage {
-            topic: format!("%DLQ%{}", self.group),
-            tag: m.tag().map(str::to_string),
-            keys: m.keys().to_vec(),
-            properties: m.properties().clone(),
-            // The dead-letter queue has one queue: no group needed to keep
-            // its order; the original group is in its properties.
-            message_group: None,
-            deliver_at: None,
-            body: m.body().to_vec(),
-        };
-        let now = now_ms();
-        let props = [
-            self.topic.to_string(),
-            queue.to_string(),
-            offset.to_string(),
-            m.id().to_string(),
-            reason,
-            attempt.to_string(),
-            first_failed.unwrap_or(now).to_string(),
-            now.to_string(),
-        ];
-        for (k, v) in DLQ_PROPERTIES.iter().zip(props) {
-            out.properties.insert((*k).to_string(), v);
-        }
-        let fut = (self.dead_letters)(out);
-        self.writing += 1;
-        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| match res {
-            Ok(_) => {
-                act.written();
-                act.stats.dead_lettered += 1;
-                act.note(&m, TraceKind::DeadLettered, attempt, Some(reason_kept));
-                if let Held::Retry { seq } = held {
-                    if let Some(r) = act.retrying.get(&seq) {
-                        act.update_retries(Vec::new(), vec![r.entry.key.clone()], |_| {});
-                    }
-                }
-                act.release(held, ctx);
-                act.pump(ctx);
-            }
-            Err(e) if act.stopping.is_some() => {
-                // Stopping: it stays unacked, delivered again next time.
-                warn!(group = %act.group, queue, offset, error = %e,
-                    "storing a dead letter failed while the group stops; it stays unacked");
-                act.written();
-            }
-            Err(e) => {
-                warn!(group = %act.group, queue, offset, error = %e,
-                    "storing a dead letter failed; retrying in 5 s");
-                act.written();
-                ctx.run_later(DLQ_RETRY, move |act, ctx| {
-                    act.dead_letter(held, "dead-letter retry".into(), ctx)
-                });
-            }
-        }));
-    }
-
     /// A settlement write finished; a stop waiting for it may go on.
     fn written(&mut self) {
         self.writing -= 1;
@@ -772,292 +572,5 @@ impl GroupActor {
                 let _ = tx.send(());
             }
         }
-    }
-}
-
-fn truncate(mut s: String, max: usize) -> String {
-    if s.len() > max {
-        let mut cut = max;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-    }
-    s
-}
-
-/// A retry entry was written (or not) to the delay index.
-#[derive(Message)]
-#[rtype(result = "()")]
-struct RetryStored {
-    held: Held,
-    entry: RetryEntry,
-    ok: bool,
-    delay: Duration,
-}
-
-impl Handler<RetryStored> for GroupActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: RetryStored, ctx: &mut Context<Self>) {
-        self.written();
-        match (msg.ok, msg.held) {
-            (true, held) => {
-                self.release(held, ctx);
-                let (due, seq) = (msg.entry.key.due_ms, msg.entry.key.seq);
-                self.scheduled.insert(due, seq, msg.entry);
-            }
-            // Not durable: retry from memory instead (still never lost).
-            (false, Held::Original { queue, offset }) => {
-                ctx.run_later(msg.delay, move |act, _| act.redeliver(queue, offset));
-            }
-            (false, held @ Held::Retry { .. }) => {
-                self.release(held, ctx);
-                let (due, seq) = (msg.entry.key.due_ms, msg.entry.key.seq);
-                self.scheduled.insert(due, seq, msg.entry);
-            }
-        }
-        self.pump(ctx);
-    }
-}
-
-impl Actor for GroupActor {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Context<Self>) {
-        // Positions of a new group are written at once, so a restart starts
-        // where this subscription did.
-        for q in &mut self.queues {
-            q.dirty = true;
-        }
-        self.write_offsets();
-        self.pump(ctx);
-    }
-}
-
-/// A queue's end, learned when the group starts listening.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub(crate) struct HighWater {
-    pub(crate) queue: u32,
-    pub(crate) end: u64,
-}
-
-impl Handler<HighWater> for GroupActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: HighWater, ctx: &mut Context<Self>) {
-        let q = &mut self.queues[msg.queue as usize];
-        q.end = q.end.max(msg.end);
-        self.pump(ctx);
-    }
-}
-
-/// Messages just committed to a queue.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub(crate) struct Appended {
-    pub(crate) queue: u32,
-    pub(crate) messages: Arc<[Arc<BusMessage>]>,
-}
-
-impl Handler<Appended> for GroupActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: Appended, ctx: &mut Context<Self>) {
-        let Some(last) = msg.messages.last() else {
-            return;
-        };
-        let qi = msg.queue as usize;
-        let q = &mut self.queues[qi];
-        q.end = q.end.max(last.offset() + 1);
-        // Caught up: take the pushed messages directly (the tail), no read.
-        let first = msg.messages[0].offset();
-        if q.next >= first {
-            let skip = (q.next - first) as usize;
-            let span_end = q.committed + self.max_span;
-            for m in msg.messages.iter().skip(skip) {
-                if self.in_flight >= self.max_in_flight || m.offset() >= span_end {
-                    break;
-                }
-                self.take_first(m.clone());
-            }
-        }
-        self.pump(ctx);
-    }
-}
-
-/// Settlements from the subscriber.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub(crate) struct Settle(pub(crate) Vec<(SettleToken, Settlement)>);
-
-impl Handler<Settle> for GroupActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: Settle, ctx: &mut Context<Self>) {
-        for (token, settlement) in msg.0 {
-            let held = Held::of(token);
-            let Some((m, attempt, _)) = self.flight(held) else {
-                continue; // already settled, or from a previous subscription
-            };
-            match &settlement {
-                Settlement::Ack => self.note(&m, TraceKind::Acked, attempt, None),
-                Settlement::Nack { delay, error } => self.note(
-                    &m,
-                    TraceKind::Retried,
-                    attempt,
-                    Some(format!("{error} (next attempt in {delay:?})")),
-                ),
-                // Recorded once the dead letter is stored.
-                Settlement::DeadLetter { .. } => {}
-            }
-            match settlement {
-                Settlement::Ack => {
-                    self.stats.acked += 1;
-                    if let Held::Retry { seq } = held {
-                        if let Some(r) = self.retrying.get(&seq) {
-                            self.update_retries(Vec::new(), vec![r.entry.key.clone()], |_| {});
-                        }
-                    }
-                    self.release(held, ctx);
-                }
-                Settlement::Nack { delay, error } => {
-                    self.stats.retried += 1;
-                    if let Held::Original { queue, offset } = held {
-                        if let Some(f) = self.queues[queue as usize].in_flight.get_mut(&offset) {
-                            f.first_failed_ms.get_or_insert_with(now_ms);
-                        }
-                        if self.fifo {
-                            // Retried in place: its group waits, the others go on.
-                            ctx.run_later(delay, move |act, _| act.redeliver(queue, offset));
-                            continue;
-                        }
-                    }
-                    self.schedule_retry(held, delay, error, ctx);
-                }
-                Settlement::DeadLetter { reason } => {
-                    self.dead_letter(held, reason, ctx);
-                }
-            }
-        }
-        self.pump(ctx);
-    }
-}
-
-/// Moves the group's positions (one target offset per queue); answers with
-/// the positions right after the move.
-#[derive(Message)]
-#[rtype(result = "Vec<QueuePosition>")]
-pub(crate) struct ResetPositions(pub(crate) Vec<u64>);
-
-impl Handler<ResetPositions> for GroupActor {
-    type Result = MessageResult<ResetPositions>;
-
-    fn handle(&mut self, msg: ResetPositions, ctx: &mut Context<Self>) -> Self::Result {
-        for (q, target) in self.queues.iter_mut().zip(msg.0) {
-            q.committed = target;
-            q.next = target;
-            q.acked_above.clear();
-            q.dirty = true;
-        }
-        // Messages waiting their turn are read again from the new position.
-        for waiting in self.fifo_busy.values_mut() {
-            waiting.clear();
-        }
-        let positions = self.positions();
-        self.pump(ctx);
-        MessageResult(positions)
-    }
-}
-
-/// Retry entries written by someone else (a dead-letter resend).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub(crate) struct AddRetries(pub(crate) Vec<RetryEntry>);
-
-impl Handler<AddRetries> for GroupActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: AddRetries, ctx: &mut Context<Self>) {
-        for e in msg.0 {
-            let (due, seq) = (e.key.due_ms, e.key.seq);
-            self.scheduled.insert(due, seq, e);
-        }
-        self.pump(ctx);
-    }
-}
-
-/// The group's positions and counters.
-#[derive(Message)]
-#[rtype(result = "(Vec<QueuePosition>, GroupStats)")]
-pub(crate) struct Inspect;
-
-impl Handler<Inspect> for GroupActor {
-    type Result = MessageResult<Inspect>;
-
-    fn handle(&mut self, _: Inspect, _: &mut Context<Self>) -> Self::Result {
-        let positions = self.positions();
-        let mut stats = self.stats;
-        stats.in_flight = self.in_flight as u64;
-        stats.scheduled_retries = self.scheduled.len() as u64;
-        MessageResult((positions, stats))
-    }
-}
-
-impl GroupActor {
-    fn positions(&mut self) -> Vec<QueuePosition> {
-        self.refresh_ends();
-        self.queues
-            .iter()
-            .enumerate()
-            .map(|(i, q)| QueuePosition {
-                queue: i as u32,
-                committed: q.committed,
-                max: q.end,
-                lag: q
-                    .end
-                    .saturating_sub(q.committed)
-                    .saturating_sub(q.acked_above.len() as u64),
-            })
-            .collect()
-    }
-}
-
-/// Writes positions, closes the delivery stream and stops.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub(crate) struct StopGroup;
-
-impl Handler<StopGroup> for GroupActor {
-    type Result = ResponseActFuture<Self, ()>;
-
-    fn handle(&mut self, _: StopGroup, _: &mut Context<Self>) -> Self::Result {
-        self.tx = None;
-        // Settlements being written ack their originals when stored: the
-        // final positions must include those acks.
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        if self.writing == 0 {
-            let _ = tx.send(());
-        } else {
-            self.stopping = Some(tx);
-        }
-        Box::pin(
-            async move {
-                let _ = rx.await;
-            }
-            .into_actor(self)
-            .then(|(), act, _| {
-                let entries = act.dirty_offsets();
-                act.persistence
-                    .send(CommitOffsets {
-                        group: act.group.clone(),
-                        entries,
-                        now: true,
-                    })
-                    .into_actor(act)
-            })
-            .map(|_, _, ctx| ctx.stop()),
-        )
     }
 }

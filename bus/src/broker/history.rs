@@ -4,10 +4,68 @@
 //! records one [`TraceEvent`] per step of each message's life; the events
 //! are kept as long as the message is (retention removes both), and read by
 //! message id.
+//!
+//! The history role is optional ([`Broker::history`](crate::Broker::history)):
+//! a backend that keeps no index by id or key and no event log offers none
+//! of it.
+//!
+//! # Contract
+//!
+//! * A query finds what is stored now: a message removed by retention is
+//!   `None` (or absent from a key query), never an error.
+//! * Dead-letter queues are searched too; a dead letter is a copy with an id
+//!   of its own.
+//! * [`History::enforce_retention`] removes what the topics' retention says
+//!   is due, as the backend's own schedule would, and reports it.
 
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::SystemTime;
 
-use crate::message::MessageId;
+use async_trait::async_trait;
+
+use crate::error::Error;
+use crate::message::{Message, MessageId};
+
+/// Query by id or key, message traces, and on-demand retention.
+#[async_trait]
+pub trait History: Send + Sync {
+    /// Finds a stored message by id, in any topic (dead-letter queues
+    /// included; a dead letter is a copy with its own id). `None` if it is
+    /// not stored (never was, or removed by retention).
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    async fn query_id(&self, id: MessageId) -> Result<Option<Arc<Message>>, Error>;
+
+    /// Up to `max` stored messages of `topic` carrying `key` among their
+    /// keys, oldest first.
+    ///
+    /// # Errors
+    ///
+    /// An unknown topic, a storage error.
+    async fn query_key(
+        &self,
+        topic: &str,
+        key: &str,
+        max: usize,
+    ) -> Result<Vec<Arc<Message>>, Error>;
+
+    /// The lifecycle of a stored message; `None` if it is not stored.
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    async fn trace(&self, id: MessageId) -> Result<Option<MessageTrace>, Error>;
+
+    /// Runs a retention pass now (the backend also runs them on its own
+    /// schedule) and reports what it removed.
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    async fn enforce_retention(&self) -> Result<RetentionReport, Error>;
+}
 
 /// What happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -76,11 +134,9 @@ pub struct TraceEvent {
 impl TraceEvent {
     /// An event happening now.
     pub fn now(kind: TraceKind, group: Option<&str>, attempt: u32, detail: Option<String>) -> Self {
-        let ms = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
         TraceEvent {
-            at: SystemTime::UNIX_EPOCH + Duration::from_millis(ms),
+            // To the millisecond, as it is stored.
+            at: crate::time::from_unix_ms(crate::time::now_ms()),
             kind,
             group: group.map(str::to_string),
             attempt,

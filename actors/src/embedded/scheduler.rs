@@ -31,7 +31,8 @@ use weirmq_persistence::{
     PersistenceActor, QueueKey, ScheduleEntry, Scheduled, StoreReader, UpdateRetries,
 };
 
-use super::due::{now_ms, DueQueue};
+use super::due::DueQueue;
+use weirmq_bus::now_ms;
 
 /// Stores copies of due messages in their topic (named first); returns
 /// their receipts.

@@ -8,12 +8,70 @@
 //! anything — the topic's [`TransactionChecker`] is asked later, and again,
 //! until it knows or [`TransactionConfig::max_checks`] is reached (then the
 //! message is rolled back, and that is logged).
+//!
+//! # Contract
+//!
+//! * A half message is stored durably and delivered to no one until it is
+//!   committed; committed, it is delivered as if published then, with the
+//!   same id; rolled back, never.
+//! * Ending a transaction twice does nothing the second time.
+//! * Each unresolved half message is checked at most `max_checks` times,
+//!   the first after `check_immunity`; then rolled back (and logged).
+//! * A delayed transactional message is [`Error::Unsupported`] on every
+//!   backend (delay it after the commit instead).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::message::{Message, MessageId};
+use crate::error::Error;
+use crate::message::{Durability, Message, MessageId, OutgoingMessage, SendReceipt};
+
+/// Transactional messages: half messages, their end, their checkers.
+#[async_trait]
+pub trait Transactions: Send + Sync {
+    /// Stores a half message for `message.topic`: durable, invisible to
+    /// consumers until [`Transactions::end_transaction`] commits it (or the
+    /// topic's checker does). Its first check comes after the check
+    /// immunity of the checker registered for the topic (default 6 s).
+    ///
+    /// # Errors
+    ///
+    /// As [`Publisher::publish`](crate::Publisher::publish); a delayed transactional message is
+    /// [`Error::Unsupported`].
+    async fn publish_half(
+        &self,
+        message: OutgoingMessage,
+        durability: Durability,
+    ) -> Result<HalfMessage, Error>;
+
+    /// Ends a transaction: `Commit` stores the message in its topic (same
+    /// id; the receipt is returned), `Rollback` discards it, `Unknown`
+    /// leaves it to the checker. Ending an already resolved transaction
+    /// does nothing and returns `None`.
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    async fn end_transaction(
+        &self,
+        half: &HalfMessage,
+        outcome: TransactionOutcome,
+    ) -> Result<Option<SendReceipt>, Error>;
+
+    /// Registers the checker of `topic`'s half messages (replacing any).
+    ///
+    /// # Errors
+    ///
+    /// An invalid topic name, or [`Error::Unsupported`].
+    fn register_checker(
+        &self,
+        topic: &str,
+        checker: Arc<dyn TransactionChecker>,
+        config: TransactionConfig,
+    ) -> Result<(), Error>;
+}
 
 /// What became of a local transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -75,73 +133,3 @@ pub struct HalfMessage {
     /// When it is first checked (Unix ms).
     pub check_at_ms: u64,
 }
-
-/// One write to the application's own state in the bus's store.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StateOp {
-    /// Sets `key` to `value`.
-    Put {
-        /// The key.
-        key: Vec<u8>,
-        /// The value.
-        value: Vec<u8>,
-    },
-    /// Removes `key`.
-    Delete {
-        /// The key.
-        key: Vec<u8>,
-    },
-}
-
-/// Writes to the application's state committed atomically with a message
-/// (the *local outbox*): after a crash at any point, both are stored or
-/// neither is.
-///
-/// # Examples
-///
-/// ```
-/// use weirmq_bus::StateBatch;
-/// let batch = StateBatch::new()
-///     .put("order/42", r#"{"state":"created"}"#)
-///     .delete("cart/7");
-/// assert_eq!(batch.ops().len(), 2);
-/// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct StateBatch {
-    ops: Vec<StateOp>,
-}
-
-impl StateBatch {
-    /// No writes.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Sets `key` to `value`.
-    pub fn put(mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
-        self.ops.push(StateOp::Put {
-            key: key.into(),
-            value: value.into(),
-        });
-        self
-    }
-
-    /// Removes `key`.
-    pub fn delete(mut self, key: impl Into<Vec<u8>>) -> Self {
-        self.ops.push(StateOp::Delete { key: key.into() });
-        self
-    }
-
-    /// The writes, in order.
-    pub fn ops(&self) -> &[StateOp] {
-        &self.ops
-    }
-
-    /// Takes the writes out.
-    pub fn into_ops(self) -> Vec<StateOp> {
-        self.ops
-    }
-}
-
-/// Key-value pairs of the application's state, in key order.
-pub type StateEntries = Vec<(Vec<u8>, Vec<u8>)>;

@@ -11,13 +11,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use actix::prelude::*;
-
-/// The Unix millisecond now.
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use weirmq_bus::now_ms;
 
 /// Entries by (due ms, seq), and the armed wake-up.
 #[derive(Debug)]

@@ -1,0 +1,150 @@
+//! The admin role on the embedded store (contract: `weirmq_bus::Admin`):
+//! topics, positions (from the running group actor, else the store),
+//! resets, stats and reads.
+
+use super::*;
+
+#[async_trait]
+impl Admin for EmbeddedBroker {
+    async fn ensure_topic(&self, config: TopicConfig) -> Result<TopicConfig, Error> {
+        config.validate()?;
+        let h = self.topic(config, false).await?;
+        Ok(h.config())
+    }
+
+    async fn positions(&self, group: &str, topic: &str) -> Result<Vec<QueuePosition>, Error> {
+        let running = self.running_group(group, topic);
+        if let Some(addr) = running {
+            if let Ok((p, _)) = addr.send(Inspect).await {
+                return Ok(p);
+            }
+        }
+        let h = self.known_topic(topic)?;
+        let reader = self.reader()?;
+        let stored = reader.load_offsets(group, h.id)?;
+        (0..h.queues)
+            .map(|q| {
+                let max = h.ends[q as usize].load(Ordering::Acquire);
+                let mut s = stored.get(&q).cloned().unwrap_or_default();
+                // Retention may have removed what the group has not read:
+                // it will continue at the first kept message.
+                let start = reader.queue_start(QueueKey {
+                    topic_id: h.id,
+                    queue: q,
+                })?;
+                if s.committed < start {
+                    s.committed = start;
+                    s.acked_above.retain(|o| *o >= start);
+                }
+                Ok(QueuePosition {
+                    queue: q,
+                    committed: s.committed,
+                    max,
+                    lag: max
+                        .saturating_sub(s.committed)
+                        .saturating_sub(s.acked_above.len() as u64),
+                })
+            })
+            .collect()
+    }
+
+    async fn group_stats(&self, group: &str, topic: &str) -> GroupStats {
+        let running = self.running_group(group, topic);
+        match running {
+            Some(addr) => addr.send(Inspect).await.map(|(_, s)| s).unwrap_or_default(),
+            None => GroupStats::default(),
+        }
+    }
+
+    async fn topics(&self) -> Vec<TopicConfig> {
+        let mut v: Vec<TopicConfig> = self.inner.topics.iter().map(|h| h.config()).collect();
+        v.sort_by(|a, b| a.name().cmp(b.name()));
+        v
+    }
+
+    /// System topics (`%DLQ%<group>`) can be read too.
+    async fn read_queue(
+        &self,
+        topic: &str,
+        queue: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<Arc<BusMessage>>, Error> {
+        let h = self.known_topic(topic)?;
+        if queue >= h.queues {
+            return Err(Error::InvalidConfig {
+                reason: format!("topic `{topic}` has {} queues, not {}", h.queues, queue + 1),
+            });
+        }
+        let reader = self.reader()?;
+        let end = h.ends[queue as usize].load(Ordering::Acquire);
+        let key = QueueKey {
+            topic_id: h.id,
+            queue,
+        };
+        let name = h.name.clone();
+        blocking(move || reader.read_range(&name, key, from, end, max)).await
+    }
+
+    async fn reset_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+        to: ResetTo,
+    ) -> Result<Vec<QueuePosition>, Error> {
+        validate_group_name(group)?;
+        self.check_open()?;
+        let h = self.known_topic(topic)?;
+        let reader = self.reader()?;
+        let mut targets = Vec::with_capacity(h.queues as usize);
+        for q in 0..h.queues {
+            let key = QueueKey {
+                topic_id: h.id,
+                queue: q,
+            };
+            let end = h.ends[q as usize].load(Ordering::Acquire);
+            let start = reader.queue_start(key)?;
+            targets.push(match to {
+                ResetTo::Earliest => start,
+                ResetTo::Latest => end,
+                ResetTo::Time(t) => reader.offset_at_time(&h.name, key, start, end, unix_ms(t))?,
+            });
+        }
+        let running = self.running_group(group, topic);
+        if let Some(addr) = running {
+            let positions = addr
+                .send(ResetPositions(targets.clone()))
+                .await
+                .map_err(|_| Error::Closed)?;
+            info!(group, topic, ?to, ?targets, "positions reset");
+            return Ok(positions);
+        }
+        let entries = targets
+            .iter()
+            .enumerate()
+            .map(|(q, t)| {
+                (
+                    QueueKey {
+                        topic_id: h.id,
+                        queue: q as u32,
+                    },
+                    OffsetState {
+                        committed: *t,
+                        acked_above: Vec::new(),
+                    },
+                )
+            })
+            .collect();
+        self.inner
+            .persistence
+            .send(CommitOffsets {
+                group: group.to_string(),
+                entries,
+                now: true,
+            })
+            .await
+            .map_err(|_| Error::Closed)?;
+        info!(group, topic, ?to, ?targets, "positions reset");
+        self.positions(group, topic).await
+    }
+}

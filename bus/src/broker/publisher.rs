@@ -1,0 +1,179 @@
+//! The publisher role: storing messages, and the admission every backend
+//! applies before it does.
+//!
+//! # Contract
+//!
+//! * [`Publisher::publish`] resolves only once every message of the batch is
+//!   stored with the asked [`Durability`]; the receipts are in the order of
+//!   the input. On error none of the batch is acknowledged (some may be
+//!   stored: at-least-once).
+//! * Unknown user topics are created with the defaults.
+//! * A message whose `deliver_at` has come is published at once; a later
+//!   one is invisible until then (its receipt says when).
+//! * Admission comes first, and fails before anything is stored: every
+//!   message is checked against the [`Limits`], then room is taken in the
+//!   backend's bounded pipeline ([`Admission`]); `publish` waits for room,
+//!   [`Publisher::try_publish`] answers [`Error::Busy`] at once.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
+
+use crate::error::Error;
+use crate::message::{Durability, OutgoingMessage, SendReceipt};
+use crate::topic::Limits;
+
+/// Storing messages.
+#[async_trait]
+pub trait Publisher: Send + Sync {
+    /// Stores a batch (auto-creating unknown user topics with defaults) and
+    /// returns one receipt per message, in order, once `durability` holds.
+    ///
+    /// # Errors
+    ///
+    /// Validation errors (nothing stored), [`Error::Closed`], or a storage
+    /// error.
+    async fn publish(
+        &self,
+        messages: Vec<OutgoingMessage>,
+        durability: Durability,
+    ) -> Result<Vec<SendReceipt>, Error>;
+
+    /// As [`Publisher::publish`], but returns [`Error::Busy`] at once,
+    /// storing nothing, when the backend would have to wait for room.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Busy`], or as [`Publisher::publish`].
+    async fn try_publish(
+        &self,
+        messages: Vec<OutgoingMessage>,
+        durability: Durability,
+    ) -> Result<Vec<SendReceipt>, Error>;
+}
+
+/// Publish admission, the same on every backend: the limits check, and a
+/// bound on the messages waiting to be stored (`max_pending_messages`).
+#[derive(Debug)]
+pub struct Admission {
+    limits: Limits,
+    pending: Arc<Semaphore>,
+    max_pending: usize,
+}
+
+/// Room for messages in the publish pipeline; given back when dropped.
+#[derive(Debug)]
+pub struct AdmissionPermit(#[allow(dead_code)] OwnedSemaphorePermit);
+
+impl Admission {
+    /// Admission with these limits and at most `max_pending` messages
+    /// waiting to be stored (at least 1).
+    pub fn new(limits: Limits, max_pending: usize) -> Self {
+        let max_pending = max_pending.max(1);
+        Admission {
+            limits,
+            pending: Arc::new(Semaphore::new(max_pending)),
+            max_pending,
+        }
+    }
+
+    /// The limits messages are checked against.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Checks every message against the limits, and makes a message whose
+    /// delivery time has come an ordinary one.
+    ///
+    /// # Errors
+    ///
+    /// The first message over a limit, as [`Limits::check`] says.
+    pub fn check(&self, messages: &mut [OutgoingMessage]) -> Result<(), Error> {
+        let now = SystemTime::now();
+        for m in messages.iter_mut() {
+            self.limits.check(m)?;
+            if m.deliver_at.is_some_and(|t| t <= now) {
+                m.deliver_at = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes room for `n` messages (at least 1, at most the bound): waits
+    /// for it when `wait`, else fails at once.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Busy`] (not waiting, no room), or [`Error::Closed`] once
+    /// [`Admission::close`] ran.
+    pub async fn admit(&self, n: usize, wait: bool) -> Result<AdmissionPermit, Error> {
+        let permits = n.clamp(1, self.max_pending) as u32;
+        let permit = if wait {
+            self.pending
+                .clone()
+                .acquire_many_owned(permits)
+                .await
+                .map_err(|_| Error::Closed)?
+        } else {
+            self.pending
+                .clone()
+                .try_acquire_many_owned(permits)
+                .map_err(|e| match e {
+                    TryAcquireError::Closed => Error::Closed,
+                    TryAcquireError::NoPermits => Error::Busy {
+                        pending: self.max_pending - self.pending.available_permits(),
+                    },
+                })?
+        };
+        Ok(AdmissionPermit(permit))
+    }
+
+    /// Waits until no publish is in the pipeline, and keeps it empty while
+    /// the returned permit lives (shutdown: answered before the store
+    /// closes).
+    pub async fn drain(&self) -> Option<AdmissionPermit> {
+        self.pending
+            .clone()
+            .acquire_many_owned(self.max_pending as u32)
+            .await
+            .ok()
+            .map(AdmissionPermit)
+    }
+
+    /// Refuses every later admission with [`Error::Closed`].
+    pub fn close(&self) {
+        self.pending.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn busy_when_full_and_closed_after_close() {
+        let a = Admission::new(Limits::default(), 2);
+        let held = a.admit(5, true).await.unwrap();
+        assert!(matches!(
+            a.admit(1, false).await,
+            Err(Error::Busy { pending: 2 })
+        ));
+        drop(held);
+        a.admit(1, false).await.unwrap();
+        a.close();
+        assert!(matches!(a.admit(1, true).await, Err(Error::Closed)));
+    }
+
+    #[test]
+    fn a_due_delay_is_cleared_and_limits_apply() {
+        let a = Admission::new(Limits::default(), 8);
+        let mut m = vec![OutgoingMessage::new("t", b"x".to_vec())];
+        m[0].deliver_at = Some(SystemTime::now() - std::time::Duration::from_secs(1));
+        a.check(&mut m).unwrap();
+        assert!(m[0].deliver_at.is_none());
+        let mut big = vec![OutgoingMessage::new("t", vec![0; 5 * 1024 * 1024])];
+        assert!(a.check(&mut big).is_err());
+    }
+}

@@ -1,0 +1,153 @@
+//! The admin role on JetStream (contract: `weirmq_bus::Admin`): positions
+//! are the consumers' ack floors and pending counts; reads go by stream
+//! sequence and subject.
+
+use crate::prelude::*;
+
+impl Inner {
+    pub(crate) async fn positions(
+        &self,
+        group: &str,
+        topic: &str,
+    ) -> Result<Vec<QueuePosition>, Error> {
+        let t = self.known_topic(topic).await?;
+        let mut stream = self.stream(&topic_stream(topic)).await?;
+        let last = stream
+            .info()
+            .await
+            .map_err(|e| nats_err("reading stream info", e))?
+            .state
+            .last_sequence;
+        let mut out = Vec::new();
+        for q in 0..t.config.queue_count() {
+            let pos = match stream
+                .get_consumer::<consumer::pull::Config>(&consumer_name(group, q))
+                .await
+            {
+                Ok(c) => {
+                    let info = c
+                        .get_info()
+                        .await
+                        .map_err(|e| nats_err("reading consumer info", e))?;
+                    QueuePosition {
+                        queue: q,
+                        committed: info.ack_floor.stream_sequence + 1,
+                        max: last + 1,
+                        lag: info.num_pending + info.num_ack_pending as u64,
+                    }
+                }
+                Err(_) => QueuePosition {
+                    queue: q,
+                    committed: 0,
+                    max: last + 1,
+                    lag: self
+                        .subject_count(&topic_stream(topic), &queue_filter(topic, q))
+                        .await?,
+                },
+            };
+            out.push(pos);
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl Admin for NatsBroker {
+    async fn ensure_topic(&self, config: TopicConfig) -> Result<TopicConfig, Error> {
+        config.validate()?;
+        if config.traced() {
+            return Err(Error::Unsupported {
+                feature: "message trace (TopicConfig::trace) on the NATS JetStream backend \
+                          (see docs/scaling.md)"
+                    .into(),
+            });
+        }
+        self.run(|i| async move { Ok(i.topic(config, true).await?.config.clone()) })
+            .await
+    }
+
+    async fn positions(&self, group: &str, topic: &str) -> Result<Vec<QueuePosition>, Error> {
+        let (g, t) = (group.to_string(), topic.to_string());
+        self.run(|i| async move { i.positions(&g, &t).await }).await
+    }
+
+    async fn group_stats(&self, group: &str, topic: &str) -> GroupStats {
+        self.inner
+            .subs
+            .get(&(group.to_string(), topic.to_string()))
+            .map(|s| s.stats())
+            .unwrap_or_default()
+    }
+
+    async fn topics(&self) -> Vec<TopicConfig> {
+        self.run(|i| async move {
+            use futures::StreamExt;
+            let mut names = i.js.stream_names();
+            let mut out = Vec::new();
+            while let Some(name) = names.next().await {
+                let Ok(name) = name else { break };
+                let Some(topic) = name.strip_prefix(TOPIC_STREAM_PREFIX).and_then(dec) else {
+                    continue;
+                };
+                if let Ok(t) = i.topic(TopicConfig::new(topic), false).await {
+                    out.push(t.config.clone());
+                }
+            }
+            out.sort_by(|a, b| a.name().cmp(b.name()));
+            Ok(out)
+        })
+        .await
+        .unwrap_or_default()
+    }
+
+    async fn read_queue(
+        &self,
+        topic: &str,
+        queue: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<Arc<Message>>, Error> {
+        let topic = topic.to_string();
+        self.run(move |i| async move {
+            let t = i.known_topic(&topic).await?;
+            if queue >= t.config.queue_count() {
+                return Err(Error::InvalidConfig {
+                    reason: format!(
+                        "topic `{topic}` has {} queues; there is no queue {queue}",
+                        t.config.queue_count()
+                    ),
+                });
+            }
+            let stream = i.stream(&topic_stream(&topic)).await?;
+            let name: Arc<str> = Arc::from(topic.as_str());
+            let mut out = Vec::new();
+            for raw in i
+                .read_raw(&stream, &queue_filter(&topic, queue), from, max)
+                .await?
+            {
+                let (m, _) =
+                    Message::decode_envelope(name.clone(), queue, raw.sequence, &raw.payload)?;
+                out.push(Arc::new(m));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn reset_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+        to: ResetTo,
+    ) -> Result<Vec<QueuePosition>, Error> {
+        validate_group_name(group)?;
+        let (g, t) = (group.to_string(), topic.to_string());
+        self.run(move |i| async move {
+            let state = i.known_topic(&t).await?;
+            let sub = i.subs.get(&(g.clone(), t.clone())).map(|s| s.clone());
+            subscription::reset(&i, &g, &state, to, sub.as_deref()).await?;
+            i.positions(&g, &t).await
+        })
+        .await
+    }
+}

@@ -1,0 +1,217 @@
+//! The publisher role on JetStream (contract: `weirmq_bus::Publisher`):
+//! admission, then each message to its queue's subject (the id as
+//! `Nats-Msg-Id`), a delayed one as a schedule definition in its topic's
+//! stream (2.12+) or to the schedule stream (the forwarder); publishes are
+//! pipelined and their acks awaited together.
+
+use crate::prelude::*;
+
+impl Inner {
+    /// Publishes stamped messages to `subject`s, pipelined; returns each
+    /// one's stream sequence.
+    pub(crate) async fn publish_raw(
+        &self,
+        items: Vec<(String, Bytes, String)>,
+    ) -> Result<Vec<u64>, Error> {
+        self.publish_with_headers(
+            items
+                .into_iter()
+                .map(|(s, p, id)| (s, p, id, None))
+                .collect(),
+        )
+        .await
+    }
+
+    /// As `publish_raw`, each message with extra headers.
+    pub(crate) async fn publish_with_headers(
+        &self,
+        items: Vec<(String, Bytes, String, Option<async_nats::HeaderMap>)>,
+    ) -> Result<Vec<u64>, Error> {
+        let mut acks = Vec::with_capacity(items.len());
+        for (subject, payload, msg_id, headers) in items {
+            let mut publish = jetstream::message::PublishMessage::build();
+            if let Some(h) = headers {
+                publish = publish.headers(h);
+            }
+            let publish = publish.payload(payload).message_id(msg_id);
+            acks.push(
+                self.js
+                    .send_publish(subject, publish)
+                    .await
+                    .map_err(|e| nats_err("NATS publish", e))?,
+            );
+        }
+        let mut seqs = Vec::with_capacity(acks.len());
+        for ack in futures::future::join_all(acks.into_iter().map(|a| a.into_future())).await {
+            seqs.push(
+                ack.map_err(|e| nats_err("NATS publish not acknowledged", e))?
+                    .sequence,
+            );
+        }
+        Ok(seqs)
+    }
+
+    /// Stores stamped messages in their topic (queue chosen here), as
+    /// `target`'s; returns receipts in order.
+    pub(crate) async fn store_in_topic(
+        &self,
+        messages: Vec<Message>,
+        target: &str,
+    ) -> Result<Vec<SendReceipt>, Error> {
+        let mut items = Vec::with_capacity(messages.len());
+        let mut places = Vec::with_capacity(messages.len());
+        for m in &messages {
+            let t = self.topic(TopicConfig::new(m.topic()), false).await?;
+            let q = t.pick_queue(m);
+            let mut buf = Vec::new();
+            m.encode_envelope(&mut buf);
+            items.push((
+                queue_subject(m.topic(), q, target),
+                Bytes::from(buf),
+                if target == ALL_GROUPS {
+                    m.id().to_string()
+                } else {
+                    // A resend must not be dropped as a duplicate of the original.
+                    format!("{}-{target}-{}", m.id(), now_ms())
+                },
+            ));
+            places.push(q);
+        }
+        let seqs = self.publish_raw(items).await?;
+        Ok(messages
+            .iter()
+            .zip(places)
+            .zip(seqs)
+            .map(|((m, queue), offset)| SendReceipt {
+                message_id: m.id(),
+                queue,
+                offset,
+                deliver_at: None,
+            })
+            .collect())
+    }
+
+    pub(crate) async fn publish(
+        self: Arc<Self>,
+        messages: Vec<OutgoingMessage>,
+        wait: bool,
+    ) -> Result<Vec<SendReceipt>, Error> {
+        let mut messages = messages;
+        self.admission.check(&mut messages)?;
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = messages.len();
+        let _permit = self.admission.admit(n, wait).await?;
+        let now = SystemTime::now();
+        let mut out: Vec<Option<SendReceipt>> = vec![None; n];
+        let mut plain = Vec::new();
+        let mut plain_at = Vec::new();
+        let mut delayed = Vec::new();
+        let mut scheduled = Vec::new();
+        for (i, m) in messages.into_iter().enumerate() {
+            let t = self.topic(TopicConfig::new(m.topic.clone()), false).await?;
+            let topic: Arc<str> = Arc::from(t.config.name());
+            let native = match (m.deliver_at, t.native_horizon) {
+                (Some(at), Some(h)) => at.duration_since(now).unwrap_or_default() < h,
+                _ => false,
+            };
+            if native {
+                let msg = Message::prepare(m, topic);
+                let q = t.pick_queue(&msg);
+                scheduled.push((i, q, msg));
+            } else if m.deliver_at.is_some() {
+                let msg = Message::prepare(m, Arc::from(weirmq_bus::SCHEDULE_TOPIC))
+                    .with_destination(topic.to_string());
+                delayed.push((i, msg));
+            } else {
+                plain.push(Message::prepare(m, topic));
+                plain_at.push(i);
+            }
+        }
+        if !plain.is_empty() {
+            let receipts = self.store_in_topic(plain, ALL_GROUPS).await?;
+            for (i, r) in plain_at.into_iter().zip(receipts) {
+                out[i] = Some(r);
+            }
+        }
+        if !scheduled.is_empty() {
+            // Native (2.12+): a schedule definition in the topic's own
+            // stream; the server publishes its payload to the queue's
+            // subject when due (and purges the definition).
+            let mut items = Vec::with_capacity(scheduled.len());
+            for (_, q, m) in &scheduled {
+                let mut buf = Vec::new();
+                m.encode_envelope(&mut buf);
+                let at = m.deliver_at().unwrap_or_else(SystemTime::now);
+                let at = time::OffsetDateTime::from(at)
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .map_err(|e| nats_err("formatting a schedule time", e))?;
+                let mut h = async_nats::HeaderMap::new();
+                h.insert("Nats-Schedule", format!("@at {at}").as_str());
+                h.insert(
+                    "Nats-Schedule-Target",
+                    queue_subject(m.topic(), *q, ALL_GROUPS).as_str(),
+                );
+                items.push((
+                    schedule_definition_subject(m.topic(), m.id()),
+                    Bytes::from(buf),
+                    m.id().to_string(),
+                    Some(h),
+                ));
+            }
+            let seqs = self.publish_with_headers(items).await?;
+            for ((i, q, m), seq) in scheduled.into_iter().zip(seqs) {
+                out[i] = Some(SendReceipt {
+                    message_id: m.id(),
+                    queue: q,
+                    offset: seq,
+                    deliver_at: m.deliver_at(),
+                });
+            }
+        }
+        if !delayed.is_empty() {
+            let items = delayed
+                .iter()
+                .map(|(_, m)| {
+                    let mut buf = Vec::new();
+                    m.encode_envelope(&mut buf);
+                    (
+                        schedule_subject(m.destination().unwrap_or_default()),
+                        Bytes::from(buf),
+                        m.id().to_string(),
+                    )
+                })
+                .collect();
+            let seqs = self.publish_raw(items).await?;
+            for ((i, m), seq) in delayed.into_iter().zip(seqs) {
+                out[i] = Some(SendReceipt {
+                    message_id: m.id(),
+                    queue: 0,
+                    offset: seq,
+                    deliver_at: m.deliver_at(),
+                });
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+}
+
+#[async_trait]
+impl Publisher for NatsBroker {
+    async fn publish(
+        &self,
+        messages: Vec<OutgoingMessage>,
+        _durability: Durability,
+    ) -> Result<Vec<SendReceipt>, Error> {
+        self.run(|i| i.publish(messages, true)).await
+    }
+
+    async fn try_publish(
+        &self,
+        messages: Vec<OutgoingMessage>,
+        _durability: Durability,
+    ) -> Result<Vec<SendReceipt>, Error> {
+        self.run(|i| i.publish(messages, false)).await
+    }
+}

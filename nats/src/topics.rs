@@ -1,0 +1,199 @@
+//! Topics as streams: one stream per topic, one subject per queue, the
+//! queue count kept in the stream's description; what this process knows
+//! of each ([`TopicState`]).
+
+use crate::prelude::*;
+
+pub(crate) struct TopicState {
+    pub(crate) config: TopicConfig,
+    pub(crate) next: AtomicU64,
+    /// Delayed messages up to this far ahead use the server's message
+    /// schedules (2.12+): the definition waits in the topic's stream, so it
+    /// must not outlive the stream's `max_age`, and a size-limited stream
+    /// could drop it. `None`: every delay takes the forwarder.
+    pub(crate) native_horizon: Option<Duration>,
+}
+
+impl TopicState {
+    pub(crate) fn pick_queue(&self, m: &Message) -> u32 {
+        let n = self.config.queue_count();
+        match m.message_group() {
+            Some(g) => queue_for_message_group(g, n),
+            None => (self.next.fetch_add(1, AtomicOrdering::Relaxed) % n as u64) as u32,
+        }
+    }
+}
+
+impl Inner {
+    /// The topic's state, creating its stream with `config` (or reading the
+    /// existing one's) if this process has not seen it yet.
+    pub(crate) async fn topic(
+        &self,
+        config: TopicConfig,
+        explicit: bool,
+    ) -> Result<Arc<TopicState>, Error> {
+        if let Some(t) = self.topics.get(config.name()) {
+            if explicit && t.config.queue_count() != config.queue_count() {
+                return Err(Error::TopicConflict {
+                    topic: config.name().to_string(),
+                    reason: format!(
+                        "it has {} queues, not {}",
+                        t.config.queue_count(),
+                        config.queue_count()
+                    ),
+                });
+            }
+            return Ok(t.clone());
+        }
+        let name = topic_stream(config.name());
+        let read = |name: String| async move {
+            let mut s = self.js.get_stream(&name).await.ok()?;
+            Some(
+                s.info()
+                    .await
+                    .map(|i| i.config.clone())
+                    .map_err(|e| nats_err(format!("reading stream {name}"), e)),
+            )
+        };
+        let stream_config = match read(name.clone()).await {
+            Some(c) => c?,
+            None => {
+                let r = config.retention_limits();
+                let age = r.age().unwrap_or(Duration::ZERO);
+                let mut subjects = vec![topic_subjects(config.name())];
+                if self.native_schedules {
+                    subjects.push(schedule_definitions(config.name()));
+                }
+                let s = stream::Config {
+                    name: name.clone(),
+                    subjects,
+                    storage: stream::StorageType::File,
+                    retention: stream::RetentionPolicy::Limits,
+                    max_age: age,
+                    max_bytes: r
+                        .bytes()
+                        .map_or(-1, |b| (b * config.queue_count() as u64) as i64),
+                    duplicate_window: if age.is_zero() {
+                        Duration::from_secs(120)
+                    } else {
+                        age.min(Duration::from_secs(120))
+                    },
+                    num_replicas: self.replicas,
+                    description: Some(describe(&config)),
+                    allow_message_schedules: self.native_schedules,
+                    ..Default::default()
+                };
+                match self.js.create_stream(s).await {
+                    Ok(mut s) => s
+                        .info()
+                        .await
+                        .map(|i| i.config.clone())
+                        .map_err(|e| nats_err(format!("reading stream {name}"), e))?,
+                    // Created by another process meanwhile.
+                    Err(e) => match read(name.clone()).await {
+                        Some(c) => c?,
+                        None => return Err(nats_err(format!("creating stream {name}"), e)),
+                    },
+                }
+            }
+        };
+        let stored = parse_description(config.name(), stream_config.description.as_deref())?;
+        let native_horizon = match (stream_config.max_age, stream_config.max_bytes) {
+            (_, b) if b > 0 => None,
+            (age, _) if age.is_zero() => Some(Duration::MAX),
+            // A margin for clocks and the publish itself.
+            (age, _) => age.checked_sub(Duration::from_secs(60)),
+        };
+        let native_horizon = match native_horizon {
+            Some(h) if self.native_schedules && self.enable_schedules(stream_config).await => {
+                Some(h)
+            }
+            _ => None,
+        };
+        if explicit && stored.queue_count() != config.queue_count() {
+            return Err(Error::TopicConflict {
+                topic: config.name().to_string(),
+                reason: format!(
+                    "it has {} queues, not {}",
+                    stored.queue_count(),
+                    config.queue_count()
+                ),
+            });
+        }
+        let state = Arc::new(TopicState {
+            config: stored,
+            next: AtomicU64::new(0),
+            native_horizon,
+        });
+        Ok(self
+            .topics
+            .entry(config.name().to_string())
+            .or_insert(state)
+            .clone())
+    }
+
+    /// Makes sure a topic stream takes schedule definitions (a stream made
+    /// before the server was upgraded to 2.12 does not); false, with a
+    /// warning, if the server refuses: that topic's delays then take the
+    /// forwarder.
+    pub(crate) async fn enable_schedules(&self, mut c: stream::Config) -> bool {
+        let Some(topic) = c.name.strip_prefix(TOPIC_STREAM_PREFIX).and_then(dec) else {
+            return false;
+        };
+        let defs = schedule_definitions(&topic);
+        if c.allow_message_schedules && c.subjects.contains(&defs) {
+            return true;
+        }
+        c.allow_message_schedules = true;
+        if !c.subjects.contains(&defs) {
+            c.subjects.push(defs);
+        }
+        match self.js.update_stream(c).await {
+            Ok(_) => {
+                info!(topic = %topic, "topic stream now takes message schedules (delays are native)");
+                true
+            }
+            Err(e) => {
+                warn!(topic = %topic, error = %e,
+                    "cannot enable message schedules on the topic's stream; its delays use the forwarder");
+                false
+            }
+        }
+    }
+
+    /// A topic that must exist (in this process's view or on the server).
+    pub(crate) async fn known_topic(&self, topic: &str) -> Result<Arc<TopicState>, Error> {
+        if let Some(t) = self.topics.get(topic) {
+            return Ok(t.clone());
+        }
+        if self.js.get_stream(topic_stream(topic)).await.is_err() {
+            return Err(Error::InvalidConfig {
+                reason: format!("topic `{topic}` does not exist"),
+            });
+        }
+        self.topic(TopicConfig::new(topic), false).await
+    }
+}
+
+pub(crate) fn describe(config: &TopicConfig) -> String {
+    format!(
+        "weirmq topic={} queues={}",
+        config.name(),
+        config.queue_count()
+    )
+}
+
+pub(crate) fn parse_description(topic: &str, d: Option<&str>) -> Result<TopicConfig, Error> {
+    let queues = d
+        .and_then(|d| d.strip_prefix("weirmq topic="))
+        .and_then(|rest| rest.split(" queues=").nth(1))
+        .and_then(|q| q.trim().parse::<u32>().ok())
+        .ok_or_else(|| Error::InvalidConfig {
+            reason: format!(
+                "stream {} exists but was not made by weirmq (description {d:?}); \
+                 rename or delete it",
+                topic_stream(topic)
+            ),
+        })?;
+    Ok(TopicConfig::new(topic).queues(queues))
+}

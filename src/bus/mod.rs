@@ -1,0 +1,129 @@
+//! `Bus`: the handle applications hold, and its builder.
+//!
+//! A `Bus` is cheap to clone (an `Arc`); every clone is the same bus. It
+//! encodes events with their codec on the caller's thread, and talks to the
+//! backend through the `Broker` seam only, so the same application code runs
+//! on every backend.
+//!
+//! Its methods are grouped by the seam's roles, one file each (`publisher`,
+//! `subscriptions`, `admin`, `dead_letters`, `transactions`, `outbox`,
+//! `history`). A backend that does not offer an optional role (`outbox`,
+//! `history`) is turned into [`Error::Unsupported`] here, once.
+
+mod admin;
+mod builder;
+mod dead_letters;
+mod history;
+mod outbox;
+mod publisher;
+mod subscriptions;
+mod transactions;
+
+pub use builder::BusBuilder;
+pub use transactions::Transaction;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use weirmq_actors::{EmbeddedBroker, EmbeddedConfig};
+use weirmq_bus::{validate_group_name, HalfMessage, StateBatch};
+use weirmq_bus::{
+    Broker, Capabilities, DeadLetter, Durability, Error, Event, GroupStats, History, Limits,
+    Message, MessageId, MessageTrace, Outbox, OutgoingMessage, Publish, PublishError,
+    QueuePosition, Resend, ResendReport, ResetTo, RetentionReport, SendReceipt, TopicConfig,
+    TransactionChecker, TransactionConfig, TransactionOutcome, TryPublishError,
+};
+use weirmq_persistence::{DiskPolicy, StoreConfig, SyncEvent, SyncHook};
+
+use crate::subscribe::SubscribeBuilder;
+
+#[derive(Debug)]
+struct BusInner {
+    broker: Arc<dyn Broker>,
+    durability: Durability,
+}
+
+/// The event bus. Cheap to clone; share it freely (e.g. as actix-web
+/// `web::Data<Bus>`).
+#[derive(Debug, Clone)]
+pub struct Bus {
+    inner: Arc<BusInner>,
+}
+
+impl Bus {
+    /// A builder; `Bus::builder().open().await` opens `./weirmq-data`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # #[actix::main] async fn main() -> Result<(), weirmq::Error> {
+    /// let bus = weirmq::Bus::builder().data_dir("/var/lib/my-service/bus").open().await?;
+    /// # bus.shutdown().await }
+    /// ```
+    pub fn builder() -> BusBuilder {
+        BusBuilder::default()
+    }
+
+    pub(crate) fn broker(&self) -> &Arc<dyn Broker> {
+        &self.inner.broker
+    }
+
+    /// What the backend does: durable, real syncs, dense offsets, and
+    /// whether it offers the local outbox and history (query, trace,
+    /// on-demand retention).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[actix::main] async fn main() -> Result<(), weirmq::Error> {
+    /// let bus = weirmq::Bus::builder().in_memory().open().await?;
+    /// let c = bus.capabilities();
+    /// assert!(c.outbox && c.history && !c.durable);
+    /// # bus.shutdown().await }
+    /// ```
+    pub fn capabilities(&self) -> Capabilities {
+        let broker = &self.inner.broker;
+        let mut c = broker.capabilities();
+        c.outbox = broker.outbox().is_some();
+        c.history = broker.history().is_some();
+        c
+    }
+
+    /// The backend's local outbox, or `Unsupported` naming what was asked.
+    fn outbox(&self, what: &str) -> Result<&dyn Outbox, Error> {
+        self.inner
+            .broker
+            .outbox()
+            .ok_or_else(|| self.unsupported(what))
+    }
+
+    /// The backend's history role, or `Unsupported` naming what was asked.
+    fn history(&self, what: &str) -> Result<&dyn History, Error> {
+        self.inner
+            .broker
+            .history()
+            .ok_or_else(|| self.unsupported(what))
+    }
+
+    fn unsupported(&self, what: &str) -> Error {
+        Error::Unsupported {
+            feature: format!(
+                "{what} on the {} backend (see docs/scaling.md)",
+                self.inner.broker.capabilities().backend
+            ),
+        }
+    }
+
+    /// Stops every subscription (writing positions), answers publishes in
+    /// flight, syncs and closes the store. The data directory can be opened
+    /// again once this returns. Further calls on any clone return
+    /// [`Error::Closed`].
+    ///
+    /// # Errors
+    ///
+    /// A storage error during the final sync.
+    pub async fn shutdown(&self) -> Result<(), Error> {
+        self.inner.broker.shutdown().await
+    }
+}

@@ -1,0 +1,181 @@
+//! Publishing typed events (contract: `weirmq_bus::Publisher`): encoded
+//! with the event's codec on the caller's thread, then one call to the
+//! backend.
+
+use super::*;
+
+impl Bus {
+    /// Publishes an event to its topic with the bus's default durability.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Codec`] if the event does not encode, a limit error (body
+    /// over 4 MiB, ...), [`Error::Closed`], or a storage error. Nothing is
+    /// acknowledged on error.
+    ///
+    /// # Delivery
+    ///
+    /// The receipt is returned once the message is stored with the bus's
+    /// durability (default: fsync'd). It is then delivered to every consumer
+    /// group subscribed to the topic, at least once each.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use weirmq::prelude::*;
+    /// #[derive(Serialize, Deserialize, Debug)]
+    /// struct OrderCreated { id: u64 }
+    /// impl Event for OrderCreated { const TOPIC: &'static str = "orders"; }
+    ///
+    /// # #[actix::main] async fn main() -> Result<(), weirmq::Error> {
+    /// let bus = Bus::builder().in_memory().open().await?;
+    /// let receipt = bus.publish(&OrderCreated { id: 1 }).await?;
+    /// assert_eq!(receipt.offset, 0);
+    /// # bus.shutdown().await }
+    /// ```
+    pub async fn publish<E: Event>(&self, event: &E) -> Result<SendReceipt, Error> {
+        self.publish_with(event, Publish::new()).await
+    }
+
+    /// Publishes an event with a tag, keys, properties or a durability.
+    ///
+    /// # Errors
+    ///
+    /// As [`Bus::publish`], plus invalid tag, key or property names.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use weirmq::prelude::*;
+    /// # #[derive(Serialize, Deserialize, Debug)] struct OrderCreated { id: u64 }
+    /// # impl Event for OrderCreated { const TOPIC: &'static str = "orders"; }
+    /// # #[actix::main] async fn main() -> Result<(), weirmq::Error> {
+    /// # let bus = Bus::builder().in_memory().open().await?;
+    /// bus.publish_with(
+    ///     &OrderCreated { id: 2 },
+    ///     Publish::new()
+    ///         .tag("vip")
+    ///         .key("order-2")
+    ///         .property("region", "eu")
+    ///         .durability(Durability::Buffered),
+    /// )
+    /// .await?;
+    /// # bus.shutdown().await }
+    /// ```
+    pub async fn publish_with<E: Event>(
+        &self,
+        event: &E,
+        options: Publish,
+    ) -> Result<SendReceipt, Error> {
+        let durability = options.get_durability().unwrap_or(self.inner.durability);
+        let message = options.into_message(E::TOPIC, event.encode()?);
+        let mut r = self.inner.broker.publish(vec![message], durability).await?;
+        r.pop().ok_or(Error::Closed)
+    }
+
+    /// Publishes an event if the publish pipeline has room, without waiting
+    /// for room: when the store is not keeping up it returns at once with
+    /// [`Error::Busy`] and the event, having stored nothing. Once admitted it
+    /// waits for the store like [`Bus::publish`].
+    ///
+    /// # Errors
+    ///
+    /// A [`TryPublishError`] holding the event: `Busy`, or as
+    /// [`Bus::publish`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use weirmq::prelude::*;
+    /// # #[derive(Serialize, Deserialize, Debug)] struct Click(u32);
+    /// # impl Event for Click { const TOPIC: &'static str = "clicks"; }
+    /// # #[actix::main] async fn main() -> Result<(), weirmq::Error> {
+    /// let bus = Bus::builder().in_memory().open().await?;
+    /// match bus.try_publish(Click(1)).await {
+    ///     Ok(receipt) => println!("stored at offset {}", receipt.offset),
+    ///     Err(e) if e.is_busy() => println!("shed load, keep {:?} for later", e.event),
+    ///     Err(e) => return Err(e.error),
+    /// }
+    /// # bus.shutdown().await }
+    /// ```
+    pub async fn try_publish<E: Event>(&self, event: E) -> Result<SendReceipt, TryPublishError<E>> {
+        let body = match event.encode() {
+            Ok(b) => b,
+            Err(e) => {
+                return Err(TryPublishError {
+                    event,
+                    error: e.into(),
+                })
+            }
+        };
+        let message = OutgoingMessage::new(E::TOPIC, body);
+        match self
+            .inner
+            .broker
+            .try_publish(vec![message], self.inner.durability)
+            .await
+        {
+            Ok(mut r) => r.pop().ok_or(TryPublishError {
+                event,
+                error: Error::Closed,
+            }),
+            Err(error) => Err(TryPublishError { event, error }),
+        }
+    }
+
+    /// Publishes many events in one call: one trip through the broker and,
+    /// usually, one commit. Receipts are in the order of `events`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Bus::publish`]; on error no receipt is returned (some events may
+    /// still have been stored: at-least-once).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use weirmq::prelude::*;
+    /// # #[derive(Serialize, Deserialize, Debug)] struct OrderCreated { id: u64 }
+    /// # impl Event for OrderCreated { const TOPIC: &'static str = "orders"; }
+    /// # #[actix::main] async fn main() -> Result<(), weirmq::Error> {
+    /// # let bus = Bus::builder().in_memory().open().await?;
+    /// let orders: Vec<OrderCreated> = (0..100).map(|id| OrderCreated { id }).collect();
+    /// let receipts = bus.publish_batch(&orders).await?;
+    /// assert_eq!(receipts.len(), 100);
+    /// # bus.shutdown().await }
+    /// ```
+    pub async fn publish_batch<E: Event>(&self, events: &[E]) -> Result<Vec<SendReceipt>, Error> {
+        let messages = events
+            .iter()
+            .map(|e| Ok(OutgoingMessage::new(E::TOPIC, e.encode()?)))
+            .collect::<Result<Vec<_>, Error>>()?;
+        self.inner
+            .broker
+            .publish(messages, self.inner.durability)
+            .await
+    }
+
+    /// Publishes a raw message (any body, any user topic). On error the
+    /// message is handed back.
+    ///
+    /// # Errors
+    ///
+    /// A [`PublishError`] holding the message and the reason.
+    pub async fn publish_raw(
+        &self,
+        message: OutgoingMessage,
+        durability: Durability,
+    ) -> Result<SendReceipt, PublishError> {
+        let copy = message.clone();
+        match self.inner.broker.publish(vec![message], durability).await {
+            Ok(mut r) => r.pop().ok_or(PublishError {
+                message: Box::new(copy),
+                error: Error::Closed,
+            }),
+            Err(error) => Err(PublishError {
+                message: Box::new(copy),
+                error,
+            }),
+        }
+    }
+}
