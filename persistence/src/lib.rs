@@ -10,6 +10,16 @@
 //! consumer-group logic, filters or the retry policy: those live in
 //! `weirmq-actors` and `weirmq-bus`.
 //!
+//! # Files
+//!
+//! `store/` is split along the trees: `open.rs` (open and recovery),
+//! `topics.rs` (`meta`), `log.rs`, `spans.rs` (`index`), `offsets.rs`,
+//! `delays.rs`, `trace.rs`, `app_state.rs`, `retention.rs`; `store/mod.rs`
+//! holds the handles, the named commit batch and the real sync. `actor/`
+//! holds the writer: `messages.rs` (what it takes), `mailbox.rs` (how it
+//! handles each), `commit.rs` (one commit in named steps), `fail_stop.rs`
+//! (the store or the failure that stopped it), `retention.rs`.
+//!
 //! # Layout (one sled database)
 //!
 //! | tree | key | value |
@@ -25,7 +35,7 @@
 //! | `delay` | `d` · due ms (u64) · seq (u64) | a delayed message: topic id, queue and offset of its copy in the schedule topic |
 //! | `offsets` | group · `0` · topic id (u32) · queue (u32) | committed offset (u64) + runs of offsets acked above it |
 //!
-//! One record per queue per commit batch (capped at 512 messages / 64 KiB,
+//! One record per queue per commit batch (capped at 512 messages / 8 KiB,
 //! a larger message alone) keeps sled at a few keys per commit instead of
 //! one per message; a read finds an offset with a range lookup to the record
 //! at or before it.

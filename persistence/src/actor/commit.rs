@@ -1,0 +1,219 @@
+//! One commit, in named steps: [`PersistenceActor::take_commit`] takes what
+//! is pending (up to `MAX_COMMIT_MESSAGES` messages, every offset, retry
+//! update and trace event); [`Pending::write`] turns it into the trees'
+//! batches and writes them (one sled transaction more for each local-outbox
+//! append), then syncs if any waiter asked `Flushed`;
+//! [`PersistenceActor::after_commit`] tells the disk guard, the retention
+//! pass and the scheduler, and every waiter gets the outcome.
+
+use super::*;
+
+/// What one commit writes, taken from the actor's queues.
+pub(super) struct Pending {
+    appends: Vec<Append>,
+    messages: usize,
+    offsets: HashMap<(String, QueueKey), OffsetState>,
+    retries: Vec<UpdateRetries>,
+    traces: Vec<TraceRecord>,
+    /// Staged messages (delayed, half) of these appends, for the delay index.
+    scheduled: Vec<ScheduleEntry>,
+}
+
+impl PersistenceActor {
+    /// Runs one commit of up to `MAX_COMMIT_MESSAGES` pending messages and
+    /// all pending offsets. Returns whether appends remain.
+    pub(super) fn commit(&mut self) -> bool {
+        let mut pending = self.take_commit();
+        let result = self
+            .store
+            .writable()
+            .and_then(|store| pending.write(store, self.durable));
+        let result = result.map_err(|e| self.store.trip(e));
+        self.after_commit(&result, &pending);
+        for a in pending.appends {
+            (a.done)(result.clone());
+        }
+        for u in pending.retries {
+            (u.done)(result.clone());
+        }
+        !self.pending.is_empty()
+    }
+
+    /// Takes the appends that fit in one commit, and everything else
+    /// pending.
+    fn take_commit(&mut self) -> Pending {
+        let mut take = 0;
+        let mut n = 0;
+        for a in &self.pending {
+            if take > 0 && n + a.messages.len() > MAX_COMMIT_MESSAGES {
+                break;
+            }
+            n += a.messages.len();
+            take += 1;
+        }
+        let appends: Vec<Append> = self.pending.drain(..take).collect();
+        self.pending_messages -= n;
+        let scheduled = appends.iter().flat_map(staged).collect();
+        Pending {
+            appends,
+            messages: n,
+            offsets: std::mem::take(&mut self.offsets),
+            retries: std::mem::take(&mut self.retries),
+            traces: std::mem::take(&mut self.traces),
+            scheduled,
+        }
+    }
+
+    /// After a commit: the disk guard counts what was written; staged
+    /// messages hold back a running retention pass and go to the scheduler.
+    fn after_commit(&mut self, result: &Result<(), StorageError>, pending: &Pending) {
+        if result.is_err() {
+            return;
+        }
+        let bytes: usize = pending
+            .appends
+            .iter()
+            .flat_map(|a| &a.messages)
+            .map(|m| m.body().len() + 64)
+            .sum();
+        self.guard.wrote(bytes as u64);
+        if pending.scheduled.is_empty() {
+            return;
+        }
+        if let Some(job) = &mut self.retention {
+            for e in &pending.scheduled {
+                let key = QueueKey {
+                    topic_id: e.topic_id,
+                    queue: e.queue,
+                };
+                let f = job.floors.entry(key).or_insert(e.offset);
+                *f = (*f).min(e.offset);
+            }
+        }
+        if let Some(s) = &self.scheduler {
+            s.do_send(Scheduled(pending.scheduled.clone()));
+        }
+    }
+}
+
+/// The delay-index entries of an append's staged messages (a delayed or
+/// half message names its destination and is due at a time).
+fn staged(a: &Append) -> impl Iterator<Item = ScheduleEntry> + '_ {
+    a.messages.iter().filter_map(move |m| {
+        let (Some(_), Some(at)) = (m.destination(), m.deliver_at()) else {
+            return None;
+        };
+        Some(ScheduleEntry {
+            // Rounded up: never delivered before its time.
+            due_ms: at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros().div_ceil(1000) as u64),
+            seq: ScheduleEntry::seq_of(a.key.topic_id, m.offset()),
+            topic_id: a.key.topic_id,
+            queue: a.key.queue,
+            offset: m.offset(),
+            checks: m.is_half().then_some(0),
+        })
+    })
+}
+
+impl Pending {
+    /// Writes the commit: the log records (an outbox append in a sled
+    /// transaction of its own, with what came before it written first),
+    /// then the index, trace, delay and offsets batches; then one sync if
+    /// a waiter asked `Flushed` and the store is durable.
+    fn write(&mut self, store: &mut Store, durable: bool) -> Result<(), StorageError> {
+        let mut records = RecordBuilder::default();
+        let mut nrecords = 0;
+        for a in &self.appends {
+            if a.state.is_empty() {
+                for m in &a.messages {
+                    records.push(a.key, m.offset(), m);
+                }
+            } else {
+                // The local outbox: what came before it first, then its
+                // messages and the application's writes in one sled
+                // transaction (both or neither survive a crash).
+                let before = std::mem::take(&mut records).finish();
+                nrecords += before.closed.len();
+                let index = store.index_records(before.closed);
+                store.write(CommitWrites {
+                    index,
+                    ..CommitWrites::log(before.log)
+                })?;
+                let mut own = RecordBuilder::default();
+                for m in &a.messages {
+                    own.push(a.key, m.offset(), m);
+                }
+                let own = own.finish();
+                nrecords += own.closed.len();
+                let index = store.index_records(own.closed);
+                store.write_with_state(own.log, &a.state, index)?;
+            }
+            if a.trace {
+                self.traces.extend(a.messages.iter().map(|m| TraceRecord {
+                    key: a.key,
+                    offset: m.offset(),
+                    event: TraceEvent::now(TraceKind::Published, None, 0, None),
+                }));
+            }
+        }
+        let records = records.finish();
+        nrecords += records.closed.len();
+        let writes = CommitWrites {
+            index: store.index_records(records.closed),
+            trace: (!self.traces.is_empty()).then(|| store.trace_batch(&self.traces)),
+            delay: self.delay_batch(),
+            offsets: (!self.offsets.is_empty()).then(|| offsets_batch(&self.offsets)),
+            ..CommitWrites::log(records.log)
+        };
+        store.write(writes)?;
+        let sync = self
+            .appends
+            .iter()
+            .any(|a| a.durability == Durability::Flushed);
+        if sync && durable {
+            store.sync()?;
+        }
+        trace!(
+            messages = self.messages,
+            records = nrecords,
+            offsets = self.offsets.len(),
+            traces = self.traces.len(),
+            sync,
+            "commit"
+        );
+        Ok(())
+    }
+
+    /// The delay index's changes: staged messages, and the retry updates
+    /// (unscheduled and rescheduled staged messages, removed and new retry
+    /// entries, "resent" marks).
+    fn delay_batch(&self) -> Option<sled::Batch> {
+        if self.retries.is_empty() && self.scheduled.is_empty() {
+            return None;
+        }
+        let mut b = sled::Batch::default();
+        for e in &self.scheduled {
+            b.insert(&e.key()[..], e.value());
+        }
+        for u in &self.retries {
+            for e in &u.unschedule {
+                b.remove(&e.key()[..]);
+            }
+            for e in &u.reschedule {
+                b.insert(&e.key()[..], e.value());
+            }
+            for k in &u.remove {
+                b.remove(k.encode());
+            }
+            for e in &u.put {
+                b.insert(e.key.encode(), e.encode_value());
+            }
+            for (group, offset) in &u.resent {
+                b.insert(resent_key(group, *offset), now_ms().to_be_bytes().to_vec());
+            }
+        }
+        Some(b)
+    }
+}

@@ -1,0 +1,87 @@
+//! The `app-state` tree: the application's own keys (the local outbox),
+//! written in one sled transaction with their message's record.
+
+use super::*;
+
+impl Store {
+    /// Writes a commit's log records together with the application's state
+    /// writes in one sled transaction; then their index summaries.
+    pub(crate) fn write_with_state(
+        &mut self,
+        log: sled::Batch,
+        ops: &[weirmq_bus::StateOp],
+        index: Option<sled::Batch>,
+    ) -> Result<(), StorageError> {
+        use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+        let r: Result<(), TransactionError<()>> =
+            (&self.log, &self.state).transaction(|(log_tx, state_tx)| {
+                log_tx.apply_batch(&log)?;
+                for op in ops {
+                    match op {
+                        weirmq_bus::StateOp::Put { key, value } => {
+                            state_tx.insert(key.as_slice(), value.as_slice())?;
+                        }
+                        weirmq_bus::StateOp::Delete { key } => {
+                            state_tx.remove(key.as_slice())?;
+                        }
+                    }
+                }
+                Ok::<(), ConflictableTransactionError<()>>(())
+            });
+        r.map_err(|e| match e {
+            TransactionError::Storage(e) => {
+                failure::sled_error("writing a message with application state", e)
+            }
+            TransactionError::Abort(()) => StorageError::msg("an outbox transaction was aborted"),
+        })?;
+        if let Some(i) = index {
+            self.index
+                .apply_batch(i)
+                .map_err(failure::sled("writing the index"))?;
+        }
+        Ok(())
+    }
+}
+
+impl StoreReader {
+    /// One key of the application's state.
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    pub fn state_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        self.state_get_here(key)
+            .map_err(|e| e.in_dir(self.dir.as_deref()))
+    }
+
+    pub(super) fn state_get_here(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self
+            .state
+            .get(key)
+            .map_err(failure::sled("reading application state"))?
+            .map(|v| v.to_vec()))
+    }
+
+    /// The application's state under `prefix`, in key order.
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    pub fn state_scan(&self, prefix: &[u8]) -> Result<weirmq_bus::StateEntries, StorageError> {
+        self.state_scan_here(prefix)
+            .map_err(|e| e.in_dir(self.dir.as_deref()))
+    }
+
+    pub(super) fn state_scan_here(
+        &self,
+        prefix: &[u8],
+    ) -> Result<weirmq_bus::StateEntries, StorageError> {
+        self.state
+            .scan_prefix(prefix)
+            .map(|kv| {
+                kv.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .map_err(failure::sled("reading application state"))
+            })
+            .collect()
+    }
+}
