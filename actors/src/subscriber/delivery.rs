@@ -1,0 +1,223 @@
+//! What a handler receives and returns: [`Delivery<E>`] (the decoded event
+//! with its message's metadata, and the witness that tells the supervisor
+//! which delivery a panic cost) and [`HandlerError`].
+
+use super::*;
+
+/// One message delivered to a handler actor, decoded into its event type.
+///
+/// Implement `Handler<Delivery<E>>` for your actor; return `Ok(())` to ack.
+pub struct Delivery<E> {
+    pub(super) event: E,
+    pub(super) message: Arc<BusMessage>,
+    pub(super) attempt: u32,
+    /// Tells the supervisor if this delivery is dropped by a panic.
+    pub(super) _witness: PanicWitness,
+}
+
+/// Travels with a delivery and tells its member generation's [`Witness`]
+/// when the handler reads it and whether it is dropped by a panic, so the
+/// supervisor knows which of a dead member's deliveries killed it.
+pub(super) struct PanicWitness {
+    pub(super) slot: Arc<Witness>,
+    pub(super) id: u64,
+}
+
+impl PanicWitness {
+    pub(super) fn touch(&self) {
+        self.slot.last_touched.store(self.id + 1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for PanicWitness {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = self.slot.first_in_panic.compare_exchange(
+                0,
+                self.id + 1,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+}
+
+/// What one member generation's handler did with its deliveries (ids + 1;
+/// 0: none).
+///
+/// When its actor dies in a panic, the delivery being handled is dropped
+/// first while the thread unwinds (its frame is innermost), then some of
+/// the ones queued in the mailbox; a handler that let go of its delivery
+/// before panicking (`into_event`) read it last.
+#[derive(Debug, Default)]
+pub(super) struct Witness {
+    pub(super) first_in_panic: AtomicU64,
+    pub(super) last_touched: AtomicU64,
+}
+
+impl Witness {
+    /// Which of `lost` (ids, sorted, of a dead generation's deliveries
+    /// that got no reply) the actor died on: the one its handler read last,
+    /// else the first dropped in the panic, else the earliest (a mailbox is
+    /// handled in order). `None` when the delivery dropped in the panic is
+    /// not among them: its reply came first, while the actor still looked
+    /// alive, and it was settled then (as a failed attempt); every one of
+    /// `lost` was sent to the dying mailbox after it and never ran.
+    pub(super) fn culprit(&self, lost: &[u64]) -> Option<usize> {
+        let touched = self.last_touched.load(Ordering::Relaxed);
+        let panic = self.first_in_panic.load(Ordering::Relaxed);
+        let find = |v: u64| lost.iter().position(|id| v != 0 && id + 1 == v);
+        match find(touched).or_else(|| find(panic)) {
+            Some(i) => Some(i),
+            None if panic != 0 => None,
+            None => Some(0),
+        }
+    }
+}
+
+impl<E: fmt::Debug> fmt::Debug for Delivery<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("event", &self.event)
+            .field("message_id", &self.message.id())
+            .field("queue", &self.message.queue())
+            .field("offset", &self.message.offset())
+            .field("attempt", &self.attempt)
+            .finish()
+    }
+}
+
+impl<E: Event> actix::Message for Delivery<E> {
+    type Result = Result<(), HandlerError>;
+}
+
+impl<E> Delivery<E> {
+    /// The event.
+    pub fn event(&self) -> &E {
+        self._witness.touch();
+        &self.event
+    }
+    /// Takes the event out.
+    pub fn into_event(self) -> E {
+        self._witness.touch();
+        self.event
+    }
+    /// The stored message (id, tag, keys, properties, raw body, position).
+    pub fn message(&self) -> &BusMessage {
+        self._witness.touch();
+        &self.message
+    }
+    /// The message id: stable across redeliveries, for idempotent handlers.
+    pub fn message_id(&self) -> MessageId {
+        self._witness.touch();
+        self.message.id()
+    }
+    /// 1 for the first delivery, 2 for the first redelivery, ...
+    pub fn attempt(&self) -> u32 {
+        self._witness.touch();
+        self.attempt
+    }
+    /// The tag, if any.
+    pub fn tag(&self) -> Option<&str> {
+        self._witness.touch();
+        self.message.tag()
+    }
+    /// The business keys.
+    pub fn keys(&self) -> &[String] {
+        self._witness.touch();
+        self.message.keys()
+    }
+    /// The user properties.
+    pub fn properties(&self) -> &std::collections::BTreeMap<String, String> {
+        self._witness.touch();
+        self.message.properties()
+    }
+    /// The queue of the topic the message is in.
+    pub fn queue(&self) -> u32 {
+        self._witness.touch();
+        self.message.queue()
+    }
+    /// Its offset in that queue.
+    pub fn offset(&self) -> u64 {
+        self._witness.touch();
+        self.message.offset()
+    }
+    /// When it was published.
+    pub fn born_at(&self) -> SystemTime {
+        self._witness.touch();
+        self.message.born_at()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ErrorKind {
+    Retry,
+    DeadLetter,
+}
+
+/// A handler's failure: retry later (the default, and what `?` on any error
+/// gives), or dead-letter now.
+///
+/// # Examples
+///
+/// ```
+/// use weirmq_actors::HandlerError;
+/// fn parse(s: &str) -> Result<u32, HandlerError> {
+///     let n: u32 = s.parse()?; // any std error: retry
+///     if n == 0 {
+///         return Err(HandlerError::dead_letter("zero is never valid")); // no retry
+///     }
+///     Ok(n)
+/// }
+/// assert!(parse("x").unwrap_err().is_retry());
+/// assert!(!parse("0").unwrap_err().is_retry());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerError {
+    pub(super) kind: ErrorKind,
+    pub(super) message: String,
+}
+
+impl HandlerError {
+    /// A transient failure: the message is delivered again later.
+    pub fn retry(message: impl Into<String>) -> Self {
+        HandlerError {
+            kind: ErrorKind::Retry,
+            message: message.into(),
+        }
+    }
+
+    /// A permanent failure: the message goes to the group's dead-letter
+    /// queue at once, with this reason.
+    pub fn dead_letter(reason: impl Into<String>) -> Self {
+        HandlerError {
+            kind: ErrorKind::DeadLetter,
+            message: reason.into(),
+        }
+    }
+
+    /// Whether the message will be retried.
+    pub fn is_retry(&self) -> bool {
+        self.kind == ErrorKind::Retry
+    }
+
+    /// The message or reason.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            ErrorKind::Retry => write!(f, "handler failed (will retry): {}", self.message),
+            ErrorKind::DeadLetter => write!(f, "handler dead-lettered: {}", self.message),
+        }
+    }
+}
+
+impl<E: std::error::Error + Send + Sync + 'static> From<E> for HandlerError {
+    fn from(e: E) -> Self {
+        HandlerError::retry(e.to_string())
+    }
+}

@@ -1,0 +1,221 @@
+//! The subscriber side: [`Delivery`], [`HandlerError`], and the supervisor
+//! that owns a consumer group's handler actors in this process.
+//!
+//! The supervisor lives on the arbiter where the subscription was started,
+//! beside its members. It receives delivery batches from any
+//! [`Broker`](weirmq_bus::Broker), decodes each body once into the event
+//! type, and hands each delivery to the least busy member with `send()` — so
+//! a handler's panic is seen as a failed delivery — at most
+//! `max_in_flight_per_member` at a time per member. Outcomes go back to the
+//! broker in batches (one message per mailbox drain, not per delivery).
+//!
+//! # Failure
+//!
+//! * `Ok(())` acks.
+//! * `Err(HandlerError)`, a panic, or a consume timeout is a failed attempt:
+//!   the subscription's [`RetryPolicy`] says how long until the next
+//!   attempt, and after `max_attempts` the message is dead-lettered with the
+//!   last error. `HandlerError::dead_letter` dead-letters at once.
+//! * A member that died (panicked in `handle`) is replaced by a fresh one
+//!   from the factory. Only the delivery it panicked on counts a failed
+//!   attempt: the others that were queued in its mailbox (they never ran)
+//!   go to a live member at once, with their attempt unchanged. Which
+//!   delivery it died on is the one its handler read last (any accessor,
+//!   `into_event` included), else the first dropped while the thread
+//!   unwound, else the earliest of the dead member's that got no reply (an
+//!   actor handles its mailbox in order).
+//! * A body that does not decode into the event type is dead-lettered with
+//!   reason `decode: ...` (retrying cannot fix it) and logged; it is never
+//!   acked silently.
+//!
+//! # Shutdown
+//!
+//! `drain` stops handing out deliveries, waits for those in members' hands,
+//! returns their outcomes, then ends the subscription. Deliveries received
+//! but not yet handed to a member are not settled: the group's next
+//! subscription gets them again.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::members::{Members, Spawner};
+use actix::prelude::*;
+use tokio::sync::oneshot;
+use tracing::{error, warn};
+use weirmq_bus::{
+    Broker, DeliveryBatch, Error, Event, Message as BusMessage, MessageId, RawDelivery,
+    RetryPolicy, SettleToken, Settlement, Settler, SubscriptionSpec,
+};
+
+mod delivery;
+mod supervisor;
+
+pub use delivery::{Delivery, HandlerError};
+use delivery::{PanicWitness, Witness};
+use supervisor::{Member, Supervisor, TokenBucket};
+
+/// How the supervisor treats its members.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubscriberConfig {
+    /// When a failed delivery is tried again, and when it is dead-lettered.
+    pub retry: RetryPolicy,
+    /// How long a member may take over one delivery before it counts as
+    /// failed (checked by one sweep timer, so up to a quarter of the timeout,
+    /// at most 1 s, late). The handler is not cancelled; its late result is
+    /// ignored.
+    pub consume_timeout: Duration,
+    /// The most deliveries in one member's hands at once.
+    pub max_in_flight_per_member: usize,
+    /// The most deliveries handed to members per second, for the whole
+    /// subscription (a token bucket holding at most 1/20 s of tokens, so no
+    /// 1 s window sees more than 105% of the rate). `None`: unlimited.
+    pub rate_limit: Option<u32>,
+}
+
+impl Default for SubscriberConfig {
+    fn default() -> Self {
+        SubscriberConfig {
+            retry: RetryPolicy::default(),
+            consume_timeout: Duration::from_secs(60),
+            max_in_flight_per_member: 8,
+            rate_limit: None,
+        }
+    }
+}
+
+/// A running subscription's supervisor, seen from outside.
+pub struct SubscriberHandle {
+    drain: Recipient<Drain>,
+    group: String,
+    topic: String,
+    broker: Arc<dyn Broker>,
+}
+
+impl fmt::Debug for SubscriberHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SubscriberHandle")
+            .field("group", &self.group)
+            .field("topic", &self.topic)
+            .finish()
+    }
+}
+
+impl SubscriberHandle {
+    /// The consumer group.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+    /// The topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+    /// Whether the supervisor is still running.
+    pub fn is_running(&self) -> bool {
+        self.drain.connected()
+    }
+
+    /// Finishes the deliveries in members' hands, settles them, and ends the
+    /// subscription (positions are written).
+    ///
+    /// # Errors
+    ///
+    /// A storage error while ending the subscription.
+    pub async fn drain(self) -> Result<(), Error> {
+        if let Ok(rx) = self.drain.send(Drain).await {
+            let _ = rx.await;
+        }
+        self.broker.unsubscribe(&self.group, &self.topic).await
+    }
+}
+
+/// Starts a supervised consumer group: its supervisor on the current
+/// arbiter, its handler actors where `members` places them, fed by
+/// `broker`.
+///
+/// # Errors
+///
+/// What [`Broker::subscribe`] returns; [`Error::InvalidConfig`] for no
+/// members or a rate limit of 0.
+pub async fn start_subscriber<E, A>(
+    broker: Arc<dyn Broker>,
+    spec: SubscriptionSpec,
+    members: Members<A>,
+    config: SubscriberConfig,
+) -> Result<SubscriberHandle, Error>
+where
+    E: Event,
+    A: Actor<Context = Context<A>> + Handler<Delivery<E>>,
+{
+    if members.count() == 0 {
+        return Err(Error::InvalidConfig {
+            reason: "a subscription needs at least one member".into(),
+        });
+    }
+    if config.rate_limit == Some(0) {
+        return Err(Error::InvalidConfig {
+            reason: "a rate limit is at least 1 message per second".into(),
+        });
+    }
+    let group = spec.group.clone();
+    let topic = spec.topic.clone();
+    let sub = broker.subscribe(spec).await?;
+    let rx = sub.deliveries;
+    let count = members.count();
+    let spawner = members.into_spawner();
+    let members: Vec<Member<A>> = (0..count)
+        .map(|j| Member {
+            addr: (spawner.spawn)(j),
+            in_flight: 0,
+            generation: 0,
+            panicked: Arc::default(),
+        })
+        .collect();
+    let sup = Supervisor::<E, A> {
+        members,
+        spawner,
+        settler: sub.settler,
+        pending: VecDeque::new(),
+        settlements: Vec::new(),
+        flush_queued: false,
+        in_flight: 0,
+        bucket: config.rate_limit.map(TokenBucket::new),
+        wake_queued: false,
+        config,
+        drained: None,
+        draining: false,
+        stream_done: false,
+        next: 0,
+        in_hand: HashMap::new(),
+        casualties: HashMap::new(),
+        next_id: 0,
+        group: group.clone(),
+        topic: topic.clone(),
+        _event: PhantomData,
+    };
+    let addr = Supervisor::create(move |ctx| {
+        let stream = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|batch| (batch, rx))
+        });
+        ctx.add_stream(stream);
+        sup
+    });
+    Ok(SubscriberHandle {
+        drain: addr.recipient(),
+        group,
+        topic,
+        broker,
+    })
+}
+
+/// Asks the supervisor to drain; answered with a receiver that resolves when
+/// members' deliveries are settled.
+#[derive(Debug)]
+pub(crate) struct Drain;
+
+impl actix::Message for Drain {
+    type Result = oneshot::Receiver<()>;
+}

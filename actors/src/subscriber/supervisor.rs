@@ -1,0 +1,427 @@
+//! The supervisor: decodes each batch once, hands deliveries to the least
+//! busy member (rate-limited by a token bucket if asked), restarts members
+//! that died, fails deliveries held past the consume timeout, and returns
+//! settlements in one batch per mailbox drain.
+
+use super::*;
+
+/// A token bucket: `rate` tokens per second, at most `capacity` saved up.
+#[derive(Debug)]
+pub(super) struct TokenBucket {
+    pub(super) rate: f64,
+    pub(super) capacity: f64,
+    pub(super) tokens: f64,
+    pub(super) last: Instant,
+}
+
+impl TokenBucket {
+    pub(super) fn new(per_second: u32) -> Self {
+        let rate = f64::from(per_second);
+        TokenBucket {
+            rate,
+            capacity: (rate / 20.0).max(1.0),
+            tokens: 0.0,
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes a token, or says how long until one is there.
+    pub(super) fn take(&mut self) -> Result<(), Duration> {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.capacity);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        }
+    }
+
+    pub(super) fn refund(&mut self) {
+        self.tokens = (self.tokens + 1.0).min(self.capacity);
+    }
+}
+
+pub(super) struct Member<A: Actor> {
+    pub(super) addr: Addr<A>,
+    pub(super) in_flight: usize,
+    pub(super) generation: u64,
+    /// How this generation's deliveries were dropped (which one it
+    /// panicked with).
+    pub(super) panicked: Arc<Witness>,
+}
+
+pub(super) struct Supervisor<E, A: Actor> {
+    pub(super) members: Vec<Member<A>>,
+    pub(super) spawner: Spawner<A>,
+    pub(super) settler: Arc<dyn Settler>,
+    pub(super) pending: VecDeque<RawDelivery>,
+    pub(super) settlements: Vec<(SettleToken, Settlement)>,
+    pub(super) flush_queued: bool,
+    pub(super) in_flight: usize,
+    pub(super) bucket: Option<TokenBucket>,
+    pub(super) wake_queued: bool,
+    pub(super) config: SubscriberConfig,
+    pub(super) drained: Option<oneshot::Sender<()>>,
+    pub(super) draining: bool,
+    pub(super) stream_done: bool,
+    pub(super) next: usize,
+    /// Deliveries in members' hands, by id: the consume-timeout sweep
+    /// fails those held too long (one timer for all, not one per delivery).
+    pub(super) in_hand: HashMap<u64, InHand>,
+    /// Deliveries whose member died before replying, by (member,
+    /// generation), with their ids: settled once every delivery that
+    /// generation held has an answer (see `resolve_casualties`).
+    pub(super) casualties: HashMap<(usize, u64), Vec<(u64, InHand)>>,
+    pub(super) next_id: u64,
+    pub(super) group: String,
+    pub(super) topic: String,
+    pub(super) _event: PhantomData<fn() -> E>,
+}
+
+/// A delivery in a member's hands.
+pub(super) struct InHand {
+    pub(super) since: Instant,
+    pub(super) member: usize,
+    pub(super) generation: u64,
+    /// How the member generation's deliveries were dropped.
+    pub(super) panicked: Arc<Witness>,
+    pub(super) token: SettleToken,
+    pub(super) message: Arc<BusMessage>,
+    pub(super) attempt: u32,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct FlushSettlements;
+
+impl<E, A> Supervisor<E, A>
+where
+    E: Event,
+    A: Actor<Context = Context<A>> + Handler<Delivery<E>>,
+{
+    pub(super) fn settle(&mut self, token: SettleToken, s: Settlement, ctx: &mut Context<Self>) {
+        self.settlements.push((token, s));
+        if !self.flush_queued {
+            self.flush_queued = true;
+            ctx.notify(FlushSettlements);
+        }
+    }
+
+    pub(super) fn flush(&mut self) {
+        self.flush_queued = false;
+        if !self.settlements.is_empty() {
+            self.settler.settle(std::mem::take(&mut self.settlements));
+        }
+    }
+
+    pub(super) fn dispatch(&mut self, ctx: &mut Context<Self>) {
+        if self.draining {
+            return;
+        }
+        let max = self.config.max_in_flight_per_member.max(1);
+        while !self.pending.is_empty() {
+            let n = self.members.len();
+            let Some(j) = (0..n)
+                .map(|i| (self.next + i) % n)
+                .find(|&j| self.members[j].in_flight < max)
+            else {
+                break;
+            };
+            if let Some(bucket) = &mut self.bucket {
+                if let Err(wait) = bucket.take() {
+                    if !self.wake_queued {
+                        self.wake_queued = true;
+                        ctx.run_later(wait, |act, ctx| {
+                            act.wake_queued = false;
+                            act.dispatch(ctx);
+                        });
+                    }
+                    break;
+                }
+            }
+            self.next = j + 1;
+            let Some(d) = self.pending.pop_front() else {
+                break;
+            };
+            let event = match E::decode(d.message.body()) {
+                Ok(e) => e,
+                Err(e) => {
+                    // Not handed to a member: it does not count against the rate.
+                    if let Some(bucket) = &mut self.bucket {
+                        bucket.refund();
+                    }
+                    error!(group = %self.group, topic = %self.topic, msg_id = %d.message.id(),
+                        error = %e, "body does not decode into the event type; dead-lettering");
+                    self.settle(
+                        d.token,
+                        Settlement::DeadLetter {
+                            reason: format!("decode: {e}"),
+                        },
+                        ctx,
+                    );
+                    continue;
+                }
+            };
+            let member = &mut self.members[j];
+            member.in_flight += 1;
+            self.in_flight += 1;
+            let generation = member.generation;
+            let id = self.next_id;
+            self.next_id += 1;
+            let panicked = member.panicked.clone();
+            let fut = member.addr.send(Delivery {
+                event,
+                message: d.message.clone(),
+                attempt: d.attempt,
+                _witness: PanicWitness {
+                    slot: panicked.clone(),
+                    id,
+                },
+            });
+            self.in_hand.insert(
+                id,
+                InHand {
+                    since: Instant::now(),
+                    member: j,
+                    generation,
+                    panicked,
+                    token: d.token,
+                    message: d.message,
+                    attempt: d.attempt,
+                },
+            );
+            ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
+                // Gone if the consume-timeout sweep already failed it.
+                if let Some(h) = act.in_hand.remove(&id) {
+                    act.completed(id, h, res, ctx);
+                }
+            }));
+        }
+    }
+
+    /// Fails every delivery held longer than the consume timeout.
+    pub(super) fn sweep(&mut self, ctx: &mut Context<Self>) {
+        let limit = self.config.consume_timeout;
+        let expired: Vec<u64> = self
+            .in_hand
+            .iter()
+            .filter(|(_, h)| h.since.elapsed() >= limit)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(h) = self.in_hand.remove(&id) {
+                self.completed(id, h, Err(MailboxError::Timeout), ctx);
+            }
+        }
+    }
+
+    pub(super) fn completed(
+        &mut self,
+        id: u64,
+        h: InHand,
+        res: Result<Result<(), HandlerError>, MailboxError>,
+        ctx: &mut Context<Self>,
+    ) {
+        let (j, generation) = (h.member, h.generation);
+        self.in_flight -= 1;
+        if self.members[j].generation == generation {
+            self.members[j].in_flight = self.members[j].in_flight.saturating_sub(1);
+        }
+        if matches!(res, Err(MailboxError::Closed)) {
+            let m = &mut self.members[j];
+            let dead = m.generation != generation || !m.addr.connected();
+            if dead {
+                // Its actor stopped: this delivery may never have run.
+                if m.generation == generation && !self.draining {
+                    warn!(group = %self.group, member = j, "handler actor stopped; restarting it");
+                    m.addr = (self.spawner.spawn)(j);
+                    m.in_flight = 0;
+                    m.generation += 1;
+                    m.panicked = Arc::default();
+                }
+                self.casualties
+                    .entry((j, generation))
+                    .or_default()
+                    .push((id, h));
+            } else {
+                // The actor lives: the future it returned panicked.
+                self.failed(h, "the handler's future panicked".to_string(), ctx);
+            }
+        } else {
+            self.outcome(h, res, ctx);
+        }
+        if self.casualties.contains_key(&(j, generation)) {
+            self.resolve_casualties(j, generation, ctx);
+        }
+        self.dispatch(ctx);
+        self.maybe_finish(ctx);
+    }
+
+    /// Settles the deliveries a dead member held without replying, once
+    /// none of that generation's is outstanding: the one it panicked on
+    /// (known from its drop during the unwind, else the earliest — a member
+    /// handles its mailbox in order) is a failed attempt; the rest never
+    /// ran and go back to the front of the queue as they were.
+    pub(super) fn resolve_casualties(
+        &mut self,
+        j: usize,
+        generation: u64,
+        ctx: &mut Context<Self>,
+    ) {
+        if self
+            .in_hand
+            .values()
+            .any(|h| h.member == j && h.generation == generation)
+        {
+            return;
+        }
+        let Some(mut lost) = self.casualties.remove(&(j, generation)) else {
+            return;
+        };
+        lost.sort_by_key(|(id, _)| *id);
+        let ids: Vec<u64> = lost.iter().map(|(id, _)| *id).collect();
+        if let Some(culprit) = lost[0].1.panicked.culprit(&ids) {
+            let (_, h) = lost.remove(culprit);
+            self.failed(
+                h,
+                "the handler panicked (its actor stopped and was replaced)".to_string(),
+                ctx,
+            );
+        }
+        for (_, h) in lost.into_iter().rev() {
+            self.pending.push_front(RawDelivery {
+                message: h.message,
+                attempt: h.attempt,
+                token: h.token,
+            });
+        }
+    }
+
+    /// Settles a delivery its handler answered (or that timed out).
+    pub(super) fn outcome(
+        &mut self,
+        h: InHand,
+        res: Result<Result<(), HandlerError>, MailboxError>,
+        ctx: &mut Context<Self>,
+    ) {
+        let failure = match res {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) if e.is_retry() => Err(e.message().to_string()),
+            Ok(Err(e)) => {
+                let reason = e.message().to_string();
+                self.settle(h.token, Settlement::DeadLetter { reason }, ctx);
+                return;
+            }
+            Err(MailboxError::Timeout) => Err(format!(
+                "consume timeout: the handler took longer than {:?}",
+                self.config.consume_timeout
+            )),
+            Err(MailboxError::Closed) => Err("the handler's actor stopped".to_string()),
+        };
+        match failure {
+            Ok(()) => self.settle(h.token, Settlement::Ack, ctx),
+            Err(error) => self.failed(h, error, ctx),
+        }
+    }
+
+    /// A failed attempt: retried per the policy, or dead-lettered after the
+    /// last one.
+    pub(super) fn failed(&mut self, h: InHand, error: String, ctx: &mut Context<Self>) {
+        let attempt = h.attempt;
+        let settlement = match self.config.retry.delay_after(attempt) {
+            Some(delay) => {
+                warn!(group = %self.group, topic = %self.topic, msg_id = %h.message.id(),
+                    attempt, ?delay, %error, "delivery failed; will retry");
+                Settlement::Nack { delay, error }
+            }
+            None => Settlement::DeadLetter {
+                reason: format!(
+                    "failed {attempt} of {} attempts; last error: {error}",
+                    self.config.retry.max_attempts()
+                ),
+            },
+        };
+        self.settle(h.token, settlement, ctx);
+    }
+
+    pub(super) fn maybe_finish(&mut self, ctx: &mut Context<Self>) {
+        if self.in_flight == 0 && (self.draining || self.stream_done) {
+            self.flush();
+            if let Some(tx) = self.drained.take() {
+                let _ = tx.send(());
+            }
+            ctx.stop();
+        }
+    }
+}
+
+impl<E, A> Actor for Supervisor<E, A>
+where
+    E: Event,
+    A: Actor<Context = Context<A>> + Handler<Delivery<E>>,
+{
+    type Context = Context<Self>;
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        self.spawner.stop_threads();
+    }
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // A delivery fails at most a quarter of the timeout (≤ 1 s) late.
+        let every = (self.config.consume_timeout / 4)
+            .clamp(Duration::from_millis(10), Duration::from_secs(1));
+        ctx.run_interval(every, |act, ctx| act.sweep(ctx));
+    }
+}
+
+impl<E, A> StreamHandler<DeliveryBatch> for Supervisor<E, A>
+where
+    E: Event,
+    A: Actor<Context = Context<A>> + Handler<Delivery<E>>,
+{
+    fn handle(&mut self, batch: DeliveryBatch, ctx: &mut Context<Self>) {
+        if self.draining {
+            return;
+        }
+        self.pending.extend(batch);
+        self.dispatch(ctx);
+    }
+
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        self.stream_done = true;
+        self.pending.clear();
+        self.maybe_finish(ctx);
+    }
+}
+
+impl<E, A> Handler<FlushSettlements> for Supervisor<E, A>
+where
+    E: Event,
+    A: Actor<Context = Context<A>> + Handler<Delivery<E>>,
+{
+    type Result = ();
+
+    fn handle(&mut self, _: FlushSettlements, _: &mut Context<Self>) {
+        self.flush();
+    }
+}
+
+impl<E, A> Handler<Drain> for Supervisor<E, A>
+where
+    E: Event,
+    A: Actor<Context = Context<A>> + Handler<Delivery<E>>,
+{
+    type Result = MessageResult<Drain>;
+
+    fn handle(&mut self, _: Drain, ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        self.draining = true;
+        self.pending.clear();
+        self.drained = Some(tx);
+        self.maybe_finish(ctx);
+        MessageResult(rx)
+    }
+}
