@@ -864,7 +864,12 @@ async fn bad_input_is_a_typed_error_and_unsupported_features_say_so(b: Backend) 
         )
         .await;
     let retention = bus.enforce_retention().await;
+    // ... and the backend says so before it is asked.
+    let caps = bus.capabilities();
+    assert_eq!(caps.outbox, !b.is_nats(), "{caps:?}");
+    assert_eq!(caps.history, !b.is_nats(), "{caps:?}");
     if b.is_nats() {
+        assert_eq!(caps.backend, "NATS JetStream");
         assert!(matches!(&query, Err(e) if unsupported(e)), "{query:?}");
         assert!(matches!(&outbox, Err(e) if unsupported(e)), "{outbox:?}");
         assert!(

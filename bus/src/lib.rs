@@ -33,8 +33,8 @@ pub use broker::{
     MessageTrace, Ordering, Outbox, Publisher, QueuePosition, RawDelivery, Resend, ResendOutcome,
     ResendPlan, ResendReport, ResetTo, RetentionReport, SettleToken, Settlement, Settler,
     StartFrom, StateBatch, StateEntries, StateOp, SubscriptionSpec, Subscriptions, TraceEvent,
-    TraceKind, TransactionChecker, TransactionConfig, TransactionOutcome, Transactions,
-    DLQ_ATTEMPTS, DLQ_DEAD_LETTERED_AT_MS, DLQ_FIRST_FAILED_AT_MS, DLQ_ORIGIN_MSG_ID,
+    TraceKind, TransactionChecker, TransactionCheckers, TransactionConfig, TransactionOutcome,
+    Transactions, DLQ_ATTEMPTS, DLQ_DEAD_LETTERED_AT_MS, DLQ_FIRST_FAILED_AT_MS, DLQ_ORIGIN_MSG_ID,
     DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_QUEUE, DLQ_ORIGIN_TOPIC, DLQ_PROPERTIES, DLQ_REASON,
     DLQ_TOPIC_PREFIX,
 };
@@ -49,7 +49,7 @@ pub use message::{
 };
 pub use retry::{Backoff, RetryPolicy};
 pub use sql::{SqlExpr, MAX_FILTER_BYTES, MAX_NESTING};
-pub use time::{from_unix_ms, now_ms, unix_ms};
+pub use time::{from_unix_ms, now_ms, unix_ms, unix_ms_ceil};
 pub use topic::{
     queue_for_message_group, validate_group_name, validate_topic_name, Limits, Retention,
     TopicConfig, DEFAULT_QUEUES, MAX_GROUP_NAME_LEN, MAX_QUEUES, MAX_TOPIC_NAME_LEN,

@@ -17,6 +17,13 @@ pub fn unix_ms(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// `t` in Unix milliseconds, rounded up: a due time computed with it is
+/// never early.
+pub fn unix_ms_ceil(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros().div_ceil(1000) as u64)
+}
+
 /// The instant `ms` Unix milliseconds name.
 pub fn from_unix_ms(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
@@ -31,6 +38,8 @@ mod tests {
         let t = from_unix_ms(1_796_220_189_123);
         assert_eq!(unix_ms(t), 1_796_220_189_123);
         assert_eq!(unix_ms(UNIX_EPOCH - Duration::from_secs(1)), 0);
+        let t = UNIX_EPOCH + Duration::from_micros(1_001);
+        assert_eq!((unix_ms(t), unix_ms_ceil(t)), (1, 2));
         assert!(now_ms() > 1_700_000_000_000);
     }
 }

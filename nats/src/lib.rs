@@ -72,8 +72,8 @@ mod prelude {
         DeadLetter, DeadLetters, Durability, Error, GroupStats, HalfMessage, History, Limits,
         Message, Outbox, OutgoingMessage, Publisher, QueuePosition, Resend, ResendPlan,
         ResendReport, ResetTo, SendReceipt, StorageError, SubscriptionSpec, Subscriptions,
-        TopicConfig, TransactionChecker, TransactionConfig, TransactionOutcome, Transactions,
-        HALF_TOPIC,
+        TopicConfig, TransactionChecker, TransactionCheckers, TransactionConfig,
+        TransactionOutcome, Transactions, HALF_TOPIC,
     };
 
     pub(crate) use crate::names::*;
@@ -102,7 +102,7 @@ pub(crate) struct Inner {
     /// Known topics: queue count and round-robin counter.
     topics: DashMap<String, Arc<TopicState>>,
     subs: DashMap<(String, String), Arc<SubState>>,
-    pub(crate) checkers: DashMap<String, (Arc<dyn TransactionChecker>, TransactionConfig)>,
+    pub(crate) checkers: TransactionCheckers,
     /// Limits and the bound on publishes waiting for their ack.
     pub(crate) admission: Admission,
     closed: AtomicBool,
@@ -201,15 +201,12 @@ impl NatsBroker {
             features,
             topics: DashMap::new(),
             subs: DashMap::new(),
-            checkers: DashMap::new(),
+            checkers: TransactionCheckers::new(config.checkers),
             admission: Admission::new(config.limits, config.max_pending_messages),
             closed: AtomicBool::new(false),
             stop,
             system_tasks: std::sync::Mutex::new(Vec::new()),
         });
-        for (topic, checker, cfg) in config.checkers {
-            inner.checkers.insert(topic, (checker, cfg));
-        }
         for (name, subjects, per_subject) in [
             (DLQ_STREAM, "wqdlq.>", -1),
             (SCHEDULE_STREAM, "wqsched.>", -1),

@@ -257,7 +257,7 @@ async fn check(inner: &Inner, m: jetstream::Message) {
         let _ = m.ack_with(AckKind::Term).await;
         return;
     };
-    let Some((checker, cfg)) = inner.checkers.get(&topic).map(|c| c.clone()) else {
+    let Some((checker, cfg)) = inner.checkers.get(&topic) else {
         let _ = m.ack_with(AckKind::Nak(Some(NO_CHECKER_RETRY))).await;
         return;
     };

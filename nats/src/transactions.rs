@@ -37,11 +37,7 @@ impl Transactions for NatsBroker {
         checker: Arc<dyn TransactionChecker>,
         config: TransactionConfig,
     ) -> Result<(), Error> {
-        validate_topic_name(topic)?;
-        self.inner
-            .checkers
-            .insert(topic.to_string(), (checker, config));
-        Ok(())
+        self.inner.checkers.register(topic, checker, config)
     }
 }
 
@@ -53,7 +49,7 @@ async fn publish_half(
         .topic(TopicConfig::new(message.topic.clone()), false)
         .await?;
     let topic = t.config.name().to_string();
-    let cfg = inner.checkers.get(&topic).map(|c| c.1).unwrap_or_default();
+    let cfg = inner.checkers.config(&topic);
     message.deliver_at = Some(SystemTime::now() + cfg.check_immunity);
     let m = Message::prepare(message, Arc::from(HALF_TOPIC))
         .as_half()

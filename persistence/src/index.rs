@@ -14,8 +14,6 @@
 //! The hash is FNV-1a 64 with a final mix, written here: it is stored, so it
 //! must never change with the Rust release (std's hasher may).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
 use weirmq_bus::{Message, MessageId, StorageError, TraceEvent, TraceKind};
 
 const HASHES: u64 = 7;
@@ -74,11 +72,6 @@ fn positions(h: u64, bits: u64) -> impl Iterator<Item = u64> {
     (0..HASHES).map(move |i| h1.wrapping_add(i.wrapping_mul(h2)) % bits)
 }
 
-fn ms_of(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// Builds a record's summary as its messages are added.
 #[derive(Debug, Default)]
 pub(crate) struct SummaryBuilder {
@@ -91,7 +84,7 @@ pub(crate) struct SummaryBuilder {
 
 impl SummaryBuilder {
     pub(crate) fn add(&mut self, m: &Message, stored_len: usize) {
-        let born = ms_of(m.born_at());
+        let born = weirmq_bus::unix_ms(m.born_at());
         if self.count == 0 {
             self.min_born = born;
             self.max_born = born;
@@ -196,7 +189,7 @@ impl<'a> Summary<'a> {
 /// detail (u32 length, u32::MAX = none).
 pub(crate) fn encode_trace(e: &TraceEvent) -> Vec<u8> {
     let mut v = Vec::with_capacity(32);
-    v.extend_from_slice(&ms_of(e.at).to_be_bytes());
+    v.extend_from_slice(&weirmq_bus::unix_ms(e.at).to_be_bytes());
     v.push(e.kind.code());
     v.extend_from_slice(&e.attempt.to_be_bytes());
     match &e.group {
@@ -256,7 +249,7 @@ pub(crate) fn decode_trace(v: &[u8]) -> Result<TraceEvent, StorageError> {
         Some(String::from_utf8_lossy(d).into_owned())
     };
     Ok(TraceEvent {
-        at: UNIX_EPOCH + Duration::from_millis(at),
+        at: weirmq_bus::from_unix_ms(at),
         kind,
         group,
         attempt,

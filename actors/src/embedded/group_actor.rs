@@ -121,10 +121,7 @@ struct RetryFlight {
 /// The first Unix millisecond at or after now + `delay` (rounded up, so a
 /// retry is never early).
 fn due_ms_after(delay: Duration) -> u64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    (now + delay).as_micros().div_ceil(1000) as u64
+    weirmq_bus::unix_ms_ceil(std::time::SystemTime::now() + delay)
 }
 
 use super::due::DueQueue;

@@ -1,14 +1,21 @@
 //! The embedded broker: [`EmbeddedBroker`] implements the `Broker` seam with
-//! actix actors over the sled store.
+//! actix actors over the sled store, one file per role (`publisher.rs`,
+//! `subscriptions.rs`, `admin.rs`, `dead_letters.rs`, `transactions.rs`,
+//! `outbox.rs`, `history.rs`; contracts in `weirmq_bus::broker`), beside the
+//! actors (`topic_actor.rs`, `queue_actor.rs`, `group_actor.rs`,
+//! `scheduler.rs`) and the topic registry (`topics.rs`). This file opens and
+//! shuts the broker down.
 //!
 //! # Threads
 //!
 //! * the **persistence arbiter** runs the `PersistenceActor` (the store's
 //!   only writer, group commit);
-//! * the **broker arbiter** runs every topic, queue and group actor;
-//! * the publisher's own thread validates and stamps messages, then sends one
-//!   message per publish to the topic actor, and is answered once per publish
-//!   from the persistence thread.
+//! * the **broker arbiter** runs every topic, queue and group actor, and the
+//!   scheduler;
+//! * the publisher's own thread validates and stamps messages and puts them
+//!   in the topic's outbox; the first publisher to find it empty yields once
+//!   and sends everything gathered to the topic actor as one message; each
+//!   publish is answered once from the persistence thread.
 //!
 //! # Backpressure
 //!
@@ -58,8 +65,8 @@ use weirmq_bus::{
     OutgoingMessage, Publisher, QueuePosition, Resend, ResendOutcome, ResendPlan, ResendReport,
     ResetTo, RetentionReport, SendReceipt, SettleToken, Settlement, Settler, StartFrom,
     StorageError, SubscriptionSpec, Subscriptions, TopicConfig, TraceEvent, TraceKind,
-    TransactionChecker, TransactionConfig, TransactionOutcome, Transactions, HALF_TOPIC,
-    SCHEDULE_TOPIC, SYSTEM_TOPIC_PREFIX,
+    TransactionChecker, TransactionCheckers, TransactionConfig, TransactionOutcome, Transactions,
+    HALF_TOPIC, SCHEDULE_TOPIC, SYSTEM_TOPIC_PREFIX,
 };
 use weirmq_persistence::DiskGuard;
 use weirmq_persistence::{
@@ -220,13 +227,7 @@ impl EmbeddedBroker {
                 next_listen_id: AtomicU64::new(0),
                 scheduler: Mutex::new(None),
                 guard,
-                checkers: Arc::new(
-                    config
-                        .checkers
-                        .into_iter()
-                        .map(|(t, c, cfg)| (t, (c, cfg)))
-                        .collect(),
-                ),
+                checkers: Arc::new(TransactionCheckers::new(config.checkers)),
             }),
         };
         let sink = broker.move_sink();

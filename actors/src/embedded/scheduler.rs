@@ -20,12 +20,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use dashmap::DashMap;
 use futures::future::BoxFuture;
 use tracing::{debug, error, info, warn};
 use weirmq_bus::{
-    Error, HalfMessage, Message as BusMessage, SendReceipt, StorageError, TransactionChecker,
-    TransactionConfig, TransactionOutcome, HALF_TOPIC, SCHEDULE_TOPIC,
+    Error, HalfMessage, Message as BusMessage, SendReceipt, StorageError, TransactionCheckers,
+    TransactionOutcome, HALF_TOPIC, SCHEDULE_TOPIC,
 };
 use weirmq_persistence::{
     PersistenceActor, QueueKey, ScheduleEntry, Scheduled, StoreReader, UpdateRetries,
@@ -43,7 +42,7 @@ pub(crate) type MoveSink = Arc<
 >;
 
 /// The transaction checkers, by topic.
-pub(crate) type Checkers = Arc<DashMap<String, (Arc<dyn TransactionChecker>, TransactionConfig)>>;
+pub(crate) type Checkers = Arc<TransactionCheckers>;
 
 /// Entries kept in memory at most; the rest wait in the store.
 const WINDOW: usize = 4096;
@@ -168,7 +167,7 @@ impl Scheduler {
     /// Asks the topic's checker about a half message whose check is due.
     fn check(&mut self, entry: ScheduleEntry, m: Arc<BusMessage>, ctx: &mut Context<Self>) {
         let dest = m.destination().unwrap_or_default().to_string();
-        let Some((checker, config)) = self.checkers.get(&dest).map(|c| c.clone()) else {
+        let Some((checker, config)) = self.checkers.get(&dest) else {
             warn!(topic = %dest, msg_id = %m.id(),
                 "a half message is due a check but its topic has no checker registered; \
                  asking again in 1 s (register one with BusBuilder::transaction_checker)");

@@ -22,12 +22,7 @@ impl Transactions for EmbeddedBroker {
             });
         }
         let dest = self.existing_or_default(&message.topic, false).await?;
-        let config = self
-            .inner
-            .checkers
-            .get(&message.topic)
-            .map(|c| c.1)
-            .unwrap_or_default();
+        let config = self.inner.checkers.config(&message.topic);
         // Its "delivery" time is its first check.
         message.deliver_at = Some(std::time::SystemTime::now() + config.check_immunity);
         let half = self.existing_or_default(HALF_TOPIC, true).await?;
@@ -78,10 +73,6 @@ impl Transactions for EmbeddedBroker {
         checker: Arc<dyn TransactionChecker>,
         config: TransactionConfig,
     ) -> Result<(), Error> {
-        validate_topic_name(topic)?;
-        self.inner
-            .checkers
-            .insert(topic.to_string(), (checker, config));
-        Ok(())
+        self.inner.checkers.register(topic, checker, config)
     }
 }

@@ -138,7 +138,7 @@ impl SubscriberHandle {
 ///
 /// # Errors
 ///
-/// What [`Broker::subscribe`] returns; [`Error::InvalidConfig`] for no
+/// What [`Subscriptions::subscribe`](weirmq_bus::Subscriptions::subscribe) returns; [`Error::InvalidConfig`] for no
 /// members or a rate limit of 0.
 pub async fn start_subscriber<E, A>(
     broker: Arc<dyn Broker>,

@@ -67,7 +67,8 @@ pub use subscriptions::{
     StartFrom, SubscriptionSpec, Subscriptions,
 };
 pub use transactions::{
-    HalfMessage, TransactionChecker, TransactionConfig, TransactionOutcome, Transactions,
+    HalfMessage, TransactionChecker, TransactionCheckers, TransactionConfig, TransactionOutcome,
+    Transactions,
 };
 
 /// What a backend does natively.

@@ -20,13 +20,16 @@
 //! * A delayed transactional message is [`Error::Unsupported`] on every
 //!   backend (delay it after the commit instead).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 
 use crate::error::Error;
 use crate::message::{Durability, Message, MessageId, OutgoingMessage, SendReceipt};
+use crate::topic::validate_topic_name;
 
 /// Transactional messages: half messages, their end, their checkers.
 #[async_trait]
@@ -132,4 +135,71 @@ pub struct HalfMessage {
     pub offset: u64,
     /// When it is first checked (Unix ms).
     pub check_at_ms: u64,
+}
+
+/// The transaction checkers of a backend, by topic: registered at open or
+/// later ([`Transactions::register_checker`]), asked by the backend's
+/// checker loop. The same registry on every backend.
+#[derive(Default)]
+pub struct TransactionCheckers {
+    by_topic: RwLock<HashMap<String, Registered>>,
+}
+
+/// A registered checker and its configuration.
+type Registered = (Arc<dyn TransactionChecker>, TransactionConfig);
+
+impl fmt::Debug for TransactionCheckers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let map = self.by_topic.read().unwrap_or_else(|p| p.into_inner());
+        f.debug_set().entries(map.keys()).finish()
+    }
+}
+
+impl TransactionCheckers {
+    /// A registry holding these (topic, checker, config) entries (the names
+    /// are checked when they are registered later; these come from a
+    /// builder that checked them).
+    pub fn new(entries: Vec<(String, Arc<dyn TransactionChecker>, TransactionConfig)>) -> Self {
+        TransactionCheckers {
+            by_topic: RwLock::new(
+                entries
+                    .into_iter()
+                    .map(|(t, c, cfg)| (t, (c, cfg)))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Registers the checker of `topic` (replacing any).
+    ///
+    /// # Errors
+    ///
+    /// An invalid topic name.
+    pub fn register(
+        &self,
+        topic: &str,
+        checker: Arc<dyn TransactionChecker>,
+        config: TransactionConfig,
+    ) -> Result<(), Error> {
+        validate_topic_name(topic)?;
+        self.by_topic
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(topic.to_string(), (checker, config));
+        Ok(())
+    }
+
+    /// The checker of `topic` and its configuration, if one is registered.
+    pub fn get(&self, topic: &str) -> Option<Registered> {
+        self.by_topic
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(topic)
+            .cloned()
+    }
+
+    /// The check configuration of `topic`: its checker's, or the default.
+    pub fn config(&self, topic: &str) -> TransactionConfig {
+        self.get(topic).map(|c| c.1).unwrap_or_default()
+    }
 }

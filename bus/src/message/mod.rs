@@ -14,12 +14,12 @@ use std::hash::{BuildHasher, Hasher};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 mod envelope;
 
 use crate::error::StorageError;
-use crate::time::{from_unix_ms, now_ms, unix_ms};
+use crate::time::{from_unix_ms, now_ms, unix_ms, unix_ms_ceil};
 
 /// A message id: unique and time-ordered.
 ///
@@ -343,10 +343,7 @@ impl Message {
             properties: out.properties,
             message_group: out.message_group,
             // Rounded up to the millisecond: never due before its time.
-            deliver_at_ms: out.deliver_at.map(|t| {
-                t.duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_micros().div_ceil(1000) as u64)
-            }),
+            deliver_at_ms: out.deliver_at.map(unix_ms_ceil),
             destination: None,
             half: false,
             body: out.body,

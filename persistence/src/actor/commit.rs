@@ -105,9 +105,7 @@ fn staged(a: &Append) -> impl Iterator<Item = ScheduleEntry> + '_ {
         };
         Some(ScheduleEntry {
             // Rounded up: never delivered before its time.
-            due_ms: at
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_micros().div_ceil(1000) as u64),
+            due_ms: weirmq_bus::unix_ms_ceil(at),
             seq: ScheduleEntry::seq_of(a.key.topic_id, m.offset()),
             topic_id: a.key.topic_id,
             queue: a.key.queue,

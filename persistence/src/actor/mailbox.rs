@@ -21,15 +21,7 @@ impl Handler<RecordTrace> for PersistenceActor {
             return;
         }
         self.traces.extend(msg.0);
-        if !self.commit_queued && !self.offsets_timer {
-            self.offsets_timer = true;
-            ctx.run_later(OFFSETS_DELAY, |act, ctx| {
-                act.offsets_timer = false;
-                if !act.offsets.is_empty() || !act.traces.is_empty() {
-                    act.queue_commit(ctx);
-                }
-            });
-        }
+        self.commit_soon(ctx);
     }
 }
 
@@ -112,15 +104,7 @@ impl Handler<CommitOffsets> for PersistenceActor {
             }
             return;
         }
-        if !self.commit_queued && !self.offsets_timer {
-            self.offsets_timer = true;
-            ctx.run_later(OFFSETS_DELAY, |act, ctx| {
-                act.offsets_timer = false;
-                if !act.offsets.is_empty() || !act.traces.is_empty() {
-                    act.queue_commit(ctx);
-                }
-            });
-        }
+        self.commit_soon(ctx);
     }
 }
 

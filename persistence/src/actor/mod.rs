@@ -131,6 +131,20 @@ impl PersistenceActor {
         }
     }
 
+    /// Offsets and trace events wait up to `OFFSETS_DELAY` for an append's
+    /// commit to ride in, then get a small (unsynced) commit of their own.
+    fn commit_soon(&mut self, ctx: &mut Context<Self>) {
+        if !self.commit_queued && !self.offsets_timer {
+            self.offsets_timer = true;
+            ctx.run_later(OFFSETS_DELAY, |act, ctx| {
+                act.offsets_timer = false;
+                if !act.offsets.is_empty() || !act.traces.is_empty() {
+                    act.queue_commit(ctx);
+                }
+            });
+        }
+    }
+
     fn queue_commit(&mut self, ctx: &mut Context<Self>) {
         if !self.commit_queued {
             self.commit_queued = true;

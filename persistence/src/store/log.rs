@@ -298,11 +298,7 @@ impl StoreReader {
             let born = self
                 .read_range(topic, key, mid, mid + 1, 1)?
                 .first()
-                .map(|m| {
-                    m.born_at()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_millis() as u64)
-                });
+                .map(|m| weirmq_bus::unix_ms(m.born_at()));
             match born {
                 Some(b) if b >= ms => hi = mid,
                 Some(_) => lo = mid + 1,

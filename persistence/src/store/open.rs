@@ -170,10 +170,7 @@ impl Store {
                 .retention_interval
                 .unwrap_or(std::time::Duration::from_secs(60)),
             // Increasing across restarts (unless 65,536 events per ms).
-            trace_seq: (std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64))
-                << 16,
+            trace_seq: weirmq_bus::now_ms() << 16,
             dir,
             data_file,
             synced_blobs: HashSet::new(),
