@@ -50,16 +50,13 @@ impl StoreReader {
     ///
     /// A storage error.
     pub fn state_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        self.state_get_here(key)
-            .map_err(|e| e.in_dir(self.dir.as_deref()))
-    }
-
-    pub(super) fn state_get_here(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        Ok(self
-            .state
-            .get(key)
-            .map_err(failure::sled("reading application state"))?
-            .map(|v| v.to_vec()))
+        self.located(|| {
+            Ok(self
+                .state
+                .get(key)
+                .map_err(failure::sled("reading application state"))?
+                .map(|v| v.to_vec()))
+        })
     }
 
     /// The application's state under `prefix`, in key order.
@@ -68,20 +65,14 @@ impl StoreReader {
     ///
     /// A storage error.
     pub fn state_scan(&self, prefix: &[u8]) -> Result<weirmq_bus::StateEntries, StorageError> {
-        self.state_scan_here(prefix)
-            .map_err(|e| e.in_dir(self.dir.as_deref()))
-    }
-
-    pub(super) fn state_scan_here(
-        &self,
-        prefix: &[u8],
-    ) -> Result<weirmq_bus::StateEntries, StorageError> {
-        self.state
-            .scan_prefix(prefix)
-            .map(|kv| {
-                kv.map(|(k, v)| (k.to_vec(), v.to_vec()))
-                    .map_err(failure::sled("reading application state"))
-            })
-            .collect()
+        self.located(|| {
+            self.state
+                .scan_prefix(prefix)
+                .map(|kv| {
+                    kv.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                        .map_err(failure::sled("reading application state"))
+                })
+                .collect()
+        })
     }
 }

@@ -18,23 +18,20 @@ impl StoreReader {
     ///
     /// A storage error.
     pub fn resent(&self, group: &str) -> Result<HashSet<u64>, StorageError> {
-        self.resent_here(group)
-            .map_err(|e| e.in_dir(self.dir.as_deref()))
-    }
-
-    pub(super) fn resent_here(&self, group: &str) -> Result<HashSet<u64>, StorageError> {
-        let prefix = crate::delay::resent_prefix(group);
-        let mut out = HashSet::new();
-        for item in self.delay.scan_prefix(&prefix) {
-            let (k, _) = item.map_err(failure::sled("reading the delay index"))?;
-            let off = k
-                .get(prefix.len()..prefix.len() + 8)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_be_bytes)
-                .ok_or_else(|| StorageError::msg("a resent mark is corrupt"))?;
-            out.insert(off);
-        }
-        Ok(out)
+        self.located(|| {
+            let prefix = crate::delay::resent_prefix(group);
+            let mut out = HashSet::new();
+            for item in self.delay.scan_prefix(&prefix) {
+                let (k, _) = item.map_err(failure::sled("reading the delay index"))?;
+                let off = k
+                    .get(prefix.len()..prefix.len() + 8)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_be_bytes)
+                    .ok_or_else(|| StorageError::msg("a resent mark is corrupt"))?;
+                out.insert(off);
+            }
+            Ok(out)
+        })
     }
 
     /// Up to `limit` delayed-message entries in due order, after `after`.
@@ -47,16 +44,7 @@ impl StoreReader {
         after: Option<&crate::ScheduleEntry>,
         limit: usize,
     ) -> Result<Vec<crate::ScheduleEntry>, StorageError> {
-        self.load_schedule_here(after, limit)
-            .map_err(|e| e.in_dir(self.dir.as_deref()))
-    }
-
-    pub(super) fn load_schedule_here(
-        &self,
-        after: Option<&crate::ScheduleEntry>,
-        limit: usize,
-    ) -> Result<Vec<crate::ScheduleEntry>, StorageError> {
-        crate::delay::load_schedule(&self.delay, after, limit)
+        self.located(|| crate::delay::load_schedule(&self.delay, after, limit))
     }
 
     /// The stored schedule entry with `probe`'s seq (at its key, or moved
@@ -69,15 +57,7 @@ impl StoreReader {
         &self,
         probe: &crate::ScheduleEntry,
     ) -> Result<Option<crate::ScheduleEntry>, StorageError> {
-        self.schedule_entry_here(probe)
-            .map_err(|e| e.in_dir(self.dir.as_deref()))
-    }
-
-    pub(super) fn schedule_entry_here(
-        &self,
-        probe: &crate::ScheduleEntry,
-    ) -> Result<Option<crate::ScheduleEntry>, StorageError> {
-        crate::delay::find_schedule(&self.delay, probe)
+        self.located(|| crate::delay::find_schedule(&self.delay, probe))
     }
 
     /// The retry entries of `group` on topic `topic_id`, in due order.
@@ -90,15 +70,6 @@ impl StoreReader {
         group: &str,
         topic_id: u32,
     ) -> Result<Vec<crate::RetryEntry>, StorageError> {
-        self.load_retries_here(group, topic_id)
-            .map_err(|e| e.in_dir(self.dir.as_deref()))
-    }
-
-    pub(super) fn load_retries_here(
-        &self,
-        group: &str,
-        topic_id: u32,
-    ) -> Result<Vec<crate::RetryEntry>, StorageError> {
-        crate::delay::load_retries(&self.delay, group, topic_id)
+        self.located(|| crate::delay::load_retries(&self.delay, group, topic_id))
     }
 }

@@ -202,47 +202,37 @@ impl StoreReader {
         end: u64,
         max: usize,
     ) -> Result<Vec<Arc<Message>>, StorageError> {
-        self.read_range_here(topic, key, from, end, max)
-            .map_err(|e| e.in_dir(self.dir.as_deref()))
-    }
-
-    pub(super) fn read_range_here(
-        &self,
-        topic: &Arc<str>,
-        key: QueueKey,
-        from: u64,
-        end: u64,
-        max: usize,
-    ) -> Result<Vec<Arc<Message>>, StorageError> {
-        let mut out = Vec::new();
-        if from >= end || max == 0 {
-            return Ok(out);
-        }
-        let lo = key.log_key(0);
-        let hi = key.log_key(u64::MAX);
-        let start = match self.log.range(lo..=key.log_key(from)).next_back() {
-            Some(item) => item
-                .map_err(failure::sled("reading the queue log"))?
-                .0
-                .to_vec(),
-            None => lo.to_vec(),
-        };
-        for item in self.log.range(start..=hi.to_vec()) {
-            let (k, v) = item.map_err(failure::sled("reading the queue log"))?;
-            let first = offset_of(&k)?;
-            if first >= end || out.len() >= max {
-                break;
+        self.located(|| {
+            let mut out = Vec::new();
+            if from >= end || max == 0 {
+                return Ok(out);
             }
-            let room = max - out.len();
-            let mut taken = 0usize;
-            let msgs = decode_record(topic, key.queue, first, &v, |o| {
-                let ok = o >= from && o < end && taken < room;
-                taken += ok as usize;
-                ok
-            })?;
-            out.extend(msgs);
-        }
-        Ok(out)
+            let lo = key.log_key(0);
+            let hi = key.log_key(u64::MAX);
+            let start = match self.log.range(lo..=key.log_key(from)).next_back() {
+                Some(item) => item
+                    .map_err(failure::sled("reading the queue log"))?
+                    .0
+                    .to_vec(),
+                None => lo.to_vec(),
+            };
+            for item in self.log.range(start..=hi.to_vec()) {
+                let (k, v) = item.map_err(failure::sled("reading the queue log"))?;
+                let first = offset_of(&k)?;
+                if first >= end || out.len() >= max {
+                    break;
+                }
+                let room = max - out.len();
+                let mut taken = 0usize;
+                let msgs = decode_record(topic, key.queue, first, &v, |o| {
+                    let ok = o >= from && o < end && taken < room;
+                    taken += ok as usize;
+                    ok
+                })?;
+                out.extend(msgs);
+            }
+            Ok(out)
+        })
     }
 
     /// How many messages a queue holds (counts records, decodes nothing).
@@ -251,17 +241,14 @@ impl StoreReader {
     ///
     /// A storage error.
     pub fn count(&self, key: QueueKey) -> Result<u64, StorageError> {
-        self.count_here(key)
-            .map_err(|e| e.in_dir(self.dir.as_deref()))
-    }
-
-    pub(super) fn count_here(&self, key: QueueKey) -> Result<u64, StorageError> {
-        let mut n = 0;
-        for item in self.log.range(key.log_key(0)..=key.log_key(u64::MAX)) {
-            let (_, v) = item.map_err(failure::sled("reading the queue log"))?;
-            n += record_count(&v)? as u64;
-        }
-        Ok(n)
+        self.located(|| {
+            let mut n = 0;
+            for item in self.log.range(key.log_key(0)..=key.log_key(u64::MAX)) {
+                let (_, v) = item.map_err(failure::sled("reading the queue log"))?;
+                n += record_count(&v)? as u64;
+            }
+            Ok(n)
+        })
     }
 
     /// The first offset in `[start, end)` of a queue whose message was
@@ -280,32 +267,22 @@ impl StoreReader {
         end: u64,
         ms: u64,
     ) -> Result<u64, StorageError> {
-        self.offset_at_time_here(topic, key, start, end, ms)
-            .map_err(|e| e.in_dir(self.dir.as_deref()))
-    }
-
-    pub(super) fn offset_at_time_here(
-        &self,
-        topic: &Arc<str>,
-        key: QueueKey,
-        start: u64,
-        end: u64,
-        ms: u64,
-    ) -> Result<u64, StorageError> {
-        let (mut lo, mut hi) = (start, end);
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            let born = self
-                .read_range(topic, key, mid, mid + 1, 1)?
-                .first()
-                .map(|m| weirmq_bus::unix_ms(m.born_at()));
-            match born {
-                Some(b) if b >= ms => hi = mid,
-                Some(_) => lo = mid + 1,
-                // A hole (purged range): look after it.
-                None => lo = mid + 1,
+        self.located(|| {
+            let (mut lo, mut hi) = (start, end);
+            while lo < hi {
+                let mid = lo + (hi - lo) / 2;
+                let born = self
+                    .read_range(topic, key, mid, mid + 1, 1)?
+                    .first()
+                    .map(|m| weirmq_bus::unix_ms(m.born_at()));
+                match born {
+                    Some(b) if b >= ms => hi = mid,
+                    Some(_) => lo = mid + 1,
+                    // A hole (purged range): look after it.
+                    None => lo = mid + 1,
+                }
             }
-        }
-        Ok(lo)
+            Ok(lo)
+        })
     }
 }

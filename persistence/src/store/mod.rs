@@ -345,6 +345,16 @@ pub struct StoreReader {
     delay: sled::Tree,
 }
 
+impl StoreReader {
+    /// Runs a read; its error names the data directory.
+    fn located<T>(
+        &self,
+        read: impl FnOnce() -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        read().map_err(|e| e.in_dir(self.dir.as_deref()))
+    }
+}
+
 impl fmt::Debug for StoreReader {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("StoreReader")

@@ -136,28 +136,21 @@ impl StoreReader {
         group: &str,
         topic_id: u32,
     ) -> Result<HashMap<u32, OffsetState>, StorageError> {
-        self.load_offsets_here(group, topic_id)
-            .map_err(|e| e.in_dir(self.dir.as_deref()))
-    }
-
-    pub(super) fn load_offsets_here(
-        &self,
-        group: &str,
-        topic_id: u32,
-    ) -> Result<HashMap<u32, OffsetState>, StorageError> {
-        let mut prefix = group.as_bytes().to_vec();
-        prefix.push(0);
-        prefix.extend_from_slice(&topic_id.to_be_bytes());
-        let mut out = HashMap::new();
-        for item in self.offsets.scan_prefix(&prefix) {
-            let (k, v) = item.map_err(failure::sled("reading consumer offsets"))?;
-            let queue = k
-                .get(prefix.len()..prefix.len() + 4)
-                .and_then(|b| b.try_into().ok())
-                .map(u32::from_be_bytes)
-                .ok_or_else(|| StorageError::msg("consumer offset key is corrupt"))?;
-            out.insert(queue, OffsetState::decode(&v)?);
-        }
-        Ok(out)
+        self.located(|| {
+            let mut prefix = group.as_bytes().to_vec();
+            prefix.push(0);
+            prefix.extend_from_slice(&topic_id.to_be_bytes());
+            let mut out = HashMap::new();
+            for item in self.offsets.scan_prefix(&prefix) {
+                let (k, v) = item.map_err(failure::sled("reading consumer offsets"))?;
+                let queue = k
+                    .get(prefix.len()..prefix.len() + 4)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u32::from_be_bytes)
+                    .ok_or_else(|| StorageError::msg("consumer offset key is corrupt"))?;
+                out.insert(queue, OffsetState::decode(&v)?);
+            }
+            Ok(out)
+        })
     }
 }

@@ -127,34 +127,27 @@ impl StoreReader {
         topics: &[(Arc<str>, u32, u32)],
         id: MessageId,
     ) -> Result<Option<Arc<Message>>, StorageError> {
-        self.find_id_here(topics, id)
-            .map_err(|e| e.in_dir(self.dir.as_deref()))
-    }
-
-    pub(super) fn find_id_here(
-        &self,
-        topics: &[(Arc<str>, u32, u32)],
-        id: MessageId,
-    ) -> Result<Option<Arc<Message>>, StorageError> {
-        for (name, topic_id, queues) in topics {
-            for queue in 0..*queues {
-                let key = QueueKey {
-                    topic_id: *topic_id,
-                    queue,
-                };
-                let mut found = None;
-                self.scan_matching(name, key, Probe::Id(id), |m| {
-                    if m.id() == id {
-                        found = Some(m.clone());
+        self.located(|| {
+            for (name, topic_id, queues) in topics {
+                for queue in 0..*queues {
+                    let key = QueueKey {
+                        topic_id: *topic_id,
+                        queue,
+                    };
+                    let mut found = None;
+                    self.scan_matching(name, key, Probe::Id(id), |m| {
+                        if m.id() == id {
+                            found = Some(m.clone());
+                        }
+                        found.is_none()
+                    })?;
+                    if found.is_some() {
+                        return Ok(found);
                     }
-                    found.is_none()
-                })?;
-                if found.is_some() {
-                    return Ok(found);
                 }
             }
-        }
-        Ok(None)
+            Ok(None)
+        })
     }
 
     /// Up to `max` messages of a topic's queues carrying `key`, oldest first.
@@ -170,31 +163,21 @@ impl StoreReader {
         key: &str,
         max: usize,
     ) -> Result<Vec<Arc<Message>>, StorageError> {
-        self.find_key_here(topic, topic_id, queues, key, max)
-            .map_err(|e| e.in_dir(self.dir.as_deref()))
-    }
-
-    pub(super) fn find_key_here(
-        &self,
-        topic: &Arc<str>,
-        topic_id: u32,
-        queues: u32,
-        key: &str,
-        max: usize,
-    ) -> Result<Vec<Arc<Message>>, StorageError> {
-        let mut out = Vec::new();
-        for queue in 0..queues {
-            let qk = QueueKey { topic_id, queue };
-            self.scan_matching(topic, qk, Probe::Key(key), |m| {
-                if m.keys().iter().any(|k| k == key) {
-                    out.push(m.clone());
-                }
-                true
-            })?;
-        }
-        out.sort_by_key(|m| (m.born_at(), m.queue(), m.offset()));
-        out.truncate(max);
-        Ok(out)
+        self.located(|| {
+            let mut out = Vec::new();
+            for queue in 0..queues {
+                let qk = QueueKey { topic_id, queue };
+                self.scan_matching(topic, qk, Probe::Key(key), |m| {
+                    if m.keys().iter().any(|k| k == key) {
+                        out.push(m.clone());
+                    }
+                    true
+                })?;
+            }
+            out.sort_by_key(|m| (m.born_at(), m.queue(), m.offset()));
+            out.truncate(max);
+            Ok(out)
+        })
     }
 
     /// Calls `f` on every message of the spans whose summary may contain

@@ -147,21 +147,19 @@ impl StoreReader {
     ///
     /// A storage error.
     pub fn queue_start(&self, key: QueueKey) -> Result<u64, StorageError> {
-        self.queue_start_here(key)
-            .map_err(|e| e.in_dir(self.dir.as_deref()))
-    }
-
-    pub(super) fn queue_start_here(&self, key: QueueKey) -> Result<u64, StorageError> {
-        let recorded = start_of(&self.meta, key)?;
-        match self
-            .log
-            .range(key.log_key(0)..=key.log_key(u64::MAX))
-            .next()
-        {
-            None => Ok(recorded),
-            Some(item) => Ok(
-                offset_of(&item.map_err(failure::sled("reading the queue log"))?.0)?.max(recorded),
-            ),
-        }
+        self.located(|| {
+            let recorded = start_of(&self.meta, key)?;
+            match self
+                .log
+                .range(key.log_key(0)..=key.log_key(u64::MAX))
+                .next()
+            {
+                None => Ok(recorded),
+                Some(item) => Ok(offset_of(
+                    &item.map_err(failure::sled("reading the queue log"))?.0,
+                )?
+                .max(recorded)),
+            }
+        })
     }
 }

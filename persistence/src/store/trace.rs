@@ -37,19 +37,12 @@ impl StoreReader {
     ///
     /// A storage error.
     pub fn trace_of(&self, key: QueueKey, offset: u64) -> Result<Vec<TraceEvent>, StorageError> {
-        self.trace_of_here(key, offset)
-            .map_err(|e| e.in_dir(self.dir.as_deref()))
-    }
-
-    pub(super) fn trace_of_here(
-        &self,
-        key: QueueKey,
-        offset: u64,
-    ) -> Result<Vec<TraceEvent>, StorageError> {
-        self.trace
-            .range(key.trace_key(offset, 0)..=key.trace_key(offset, u64::MAX))
-            .values()
-            .map(|v| decode_trace(&v.map_err(failure::sled("reading the trace"))?))
-            .collect()
+        self.located(|| {
+            self.trace
+                .range(key.trace_key(offset, 0)..=key.trace_key(offset, u64::MAX))
+                .values()
+                .map(|v| decode_trace(&v.map_err(failure::sled("reading the trace"))?))
+                .collect()
+        })
     }
 }
