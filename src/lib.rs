@@ -67,6 +67,7 @@ pub mod web;
 pub use bus::{Bus, BusBuilder, Transaction};
 pub use subscribe::{SubscribeBuilder, Subscription};
 pub use weirmq_actors::{Delivery, HandlerError};
+pub use weirmq_bus::metrics;
 pub use weirmq_bus::{
     Backoff, Broker, Capabilities, Codec, CodecError, Durability, Error, Event, Filter, GroupStats,
     Json, Limits, Message, MessageId, NameKind, OutgoingMessage, Publish, PublishError,
@@ -111,6 +112,11 @@ pub struct MessageTypesDocDoctests;
 #[cfg(doctest)]
 #[doc = include_str!("../docs/retention-query-trace.md")]
 pub struct RetentionDocDoctests;
+
+/// The Rust examples of `docs/observability.md`, compiled as doc tests.
+#[cfg(all(doctest, feature = "web"))]
+#[doc = include_str!("../docs/observability.md")]
+pub struct ObservabilityDocDoctests;
 
 /// The Rust examples of `docs/scaling.md`, compiled as doc tests.
 #[cfg(all(doctest, feature = "nats"))]

@@ -314,6 +314,7 @@ where
             let handle =
                 start_subscriber::<E, A>(broker, spec(self.group.clone()), members, self.config)
                     .await?;
+            self.bus.watch(&self.group, E::TOPIC);
             return Ok(Subscription {
                 bus: self.bus,
                 group: self.group,
@@ -340,13 +341,16 @@ where
         for g in groups {
             match start_subscriber::<E, A>(
                 broker.clone(),
-                spec(g),
+                spec(g.clone()),
                 members.clone().with_count(1),
                 config.clone(),
             )
             .await
             {
-                Ok(h) => handles.push(h),
+                Ok(h) => {
+                    self.bus.watch(&g, E::TOPIC);
+                    handles.push(h)
+                }
                 Err(e) => {
                     for h in handles {
                         let _ = h.drain().await;

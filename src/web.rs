@@ -17,6 +17,12 @@
 //!
 //! The body is JSON: `{"error": "<kind>", "message": "<what to do>"}`.
 //!
+//! **Metrics**: [`metrics()`] is a `GET /metrics` resource in the
+//! Prometheus text format, mounted in one line
+//! (`App::new().service(weirmq::web::metrics())`). Call [`install_metrics`]
+//! before opening the bus, so subscriptions bind their counters to the
+//! Prometheus recorder (docs/observability.md lists what is recorded).
+//!
 //! ```no_run
 //! use actix_web::{post, web, HttpResponse};
 //! use weirmq::prelude::*;
@@ -34,9 +40,12 @@
 //! ```
 
 use std::fmt;
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use actix_web::http::StatusCode;
-use actix_web::{HttpResponse, ResponseError};
+use actix_web::{web, HttpResponse, ResponseError};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::Error;
 
@@ -135,6 +144,80 @@ fn json_string(s: &str) -> String {
     }
     out.push('"');
     out
+}
+
+static PROMETHEUS: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+
+/// Installs the Prometheus recorder as this process's `metrics` recorder
+/// (the first call; later calls return the same handle), registers
+/// weirmq's metric descriptions and turns its sampled gauges on
+/// (`weirmq::metrics::describe`), and starts a thread that keeps the
+/// recorder's histograms bounded between scrapes. Call it before opening
+/// the bus.
+///
+/// # Errors
+///
+/// [`Error::InvalidConfig`] if another `metrics` recorder is installed
+/// already (then record into that one: call
+/// `weirmq::metrics::describe()` after installing it, and serve it
+/// yourself).
+pub fn install_metrics() -> Result<PrometheusHandle, Error> {
+    PROMETHEUS
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new().install_recorder().map_err(|e| {
+                format!(
+                    "cannot install the Prometheus recorder ({e}): another metrics \
+                         recorder is installed; serve that one instead"
+                )
+            })?;
+            weirmq_bus::metrics::describe();
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("weirmq-metrics".into())
+                .spawn(move || loop {
+                    std::thread::sleep(Duration::from_secs(5));
+                    upkeep.run_upkeep();
+                })
+                .map_err(|e| format!("cannot start the metrics upkeep thread: {e}"))?;
+            Ok(handle)
+        })
+        .clone()
+        .map_err(|reason| Error::InvalidConfig { reason })
+}
+
+/// `GET /metrics`: every metric of the process's Prometheus recorder
+/// ([`install_metrics`], installed on the first request if it was not), in
+/// the Prometheus text format. If another recorder is installed the
+/// endpoint answers 501 with the reason.
+///
+/// # Examples
+///
+/// ```no_run
+/// # #[actix_web::main] async fn main() -> std::io::Result<()> {
+/// weirmq::web::install_metrics().expect("no other metrics recorder");
+/// // ... open the bus, subscribe ...
+/// actix_web::HttpServer::new(|| actix_web::App::new().service(weirmq::web::metrics()))
+///     .bind(("127.0.0.1", 9100))?
+///     .run()
+///     .await
+/// # }
+/// ```
+pub fn metrics() -> actix_web::Resource {
+    web::resource("/metrics").route(web::get().to(render_metrics))
+}
+
+async fn render_metrics() -> HttpResponse {
+    match install_metrics() {
+        Ok(handle) => HttpResponse::Ok()
+            .content_type("text/plain; version=0.0.4; charset=utf-8")
+            .body(handle.render()),
+        Err(e) => HttpResponse::NotImplemented()
+            .content_type("application/json")
+            .body(format!(
+                r#"{{"error":"metrics_unavailable","message":{}}}"#,
+                json_string(&e.to_string())
+            )),
+    }
 }
 
 #[cfg(test)]

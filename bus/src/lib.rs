@@ -22,6 +22,7 @@ mod error;
 mod event;
 mod filter;
 mod message;
+pub mod metrics;
 mod retry;
 mod sql;
 mod time;

@@ -499,6 +499,9 @@ impl Running {
 /// not yet awaited). Must run inside the actix-web `System`: the bus's
 /// actors and the handler actors start on its arbiters; no second runtime.
 pub async fn start(cfg: Config) -> std::io::Result<Running> {
+    // Prometheus metrics at GET /metrics: installed before the bus opens, so
+    // every subscription's counters record into it.
+    weirmq::web::install_metrics().map_err(std::io::Error::other)?;
     let bus = Bus::builder()
         .data_dir(&cfg.data_dir)
         .open()
@@ -582,6 +585,7 @@ pub async fn start(cfg: Config) -> std::io::Result<Running> {
             .service(get_order)
             .service(admin_groups)
             .service(admin_resend)
+            .service(weirmq::web::metrics())
     })
     .workers(2)
     .bind(("127.0.0.1", cfg.port))?;

@@ -183,12 +183,7 @@ impl BusBuilder {
                 nats.max_pending_messages = n;
             }
             let broker = weirmq_nats::NatsBroker::connect(nats).await?;
-            return Ok(Bus {
-                inner: Arc::new(BusInner {
-                    broker: Arc::new(broker),
-                    durability: self.durability,
-                }),
-            });
+            return Ok(Bus::new(Arc::new(broker), self.durability));
         }
         let path = if self.in_memory {
             None
@@ -222,11 +217,6 @@ impl BusBuilder {
             config.max_pending_messages = n;
         }
         let embedded = EmbeddedBroker::open(config).await?;
-        Ok(Bus {
-            inner: Arc::new(BusInner {
-                broker: Arc::new(embedded),
-                durability: self.durability,
-            }),
-        })
+        Ok(Bus::new(Arc::new(embedded), self.durability))
     }
 }

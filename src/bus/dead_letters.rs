@@ -56,7 +56,14 @@ impl Bus {
         which: Resend,
     ) -> Result<Vec<ResendReport>, Error> {
         validate_group_name(group)?;
-        self.inner.broker.resend_dead_letters(group, which).await
+        let reports = self.inner.broker.resend_dead_letters(group, which).await?;
+        let resent = reports
+            .iter()
+            .filter(|r| r.outcome == weirmq_bus::ResendOutcome::Resent)
+            .count();
+        metrics::counter!(weirmq_bus::metrics::RESENT, "group" => group.to_string())
+            .increment(resent as u64);
+        Ok(reports)
     }
 
     /// Deletes every dead letter of `group`; returns how many were deleted.

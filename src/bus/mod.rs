@@ -16,6 +16,7 @@ mod dead_letters;
 mod history;
 mod outbox;
 mod publisher;
+mod sampler;
 mod subscriptions;
 mod transactions;
 
@@ -24,7 +25,9 @@ pub use transactions::Transaction;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use weirmq_bus::metrics as m;
 
 use weirmq_actors::{EmbeddedBroker, EmbeddedConfig};
 use weirmq_bus::{validate_group_name, HalfMessage, StateBatch};
@@ -42,6 +45,9 @@ use crate::subscribe::SubscribeBuilder;
 struct BusInner {
     broker: Arc<dyn Broker>,
     durability: Durability,
+    /// The (position group, topic) pairs subscribed through this bus: the
+    /// metrics sampler reports their lag (see `sampler.rs`).
+    watched: std::sync::Mutex<std::collections::BTreeSet<(String, String)>>,
 }
 
 /// The event bus. Cheap to clone; share it freely (e.g. as actix-web
@@ -67,6 +73,26 @@ impl Bus {
 
     pub(crate) fn broker(&self) -> &Arc<dyn Broker> {
         &self.inner.broker
+    }
+
+    /// A bus over `broker`, with its metrics sampler running.
+    fn new(broker: Arc<dyn Broker>, durability: Durability) -> Bus {
+        let inner = Arc::new(BusInner {
+            broker,
+            durability,
+            watched: Default::default(),
+        });
+        actix::spawn(sampler::run(Arc::downgrade(&inner)));
+        Bus { inner }
+    }
+
+    /// Tells the metrics sampler about a position group of a subscription.
+    pub(crate) fn watch(&self, group: &str, topic: &str) {
+        self.inner
+            .watched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((group.to_string(), topic.to_string()));
     }
 
     /// What the backend does: durable, real syncs, dense offsets, and
@@ -104,6 +130,22 @@ impl Bus {
             .broker
             .history()
             .ok_or_else(|| self.unsupported(what))
+    }
+
+    /// Records a publish's metrics: its messages, stored or not, and the
+    /// call's duration (see `weirmq_bus::metrics`).
+    fn observe_publish<T, E>(
+        operation: &'static str,
+        topic: impl Into<metrics::SharedString> + Clone,
+        messages: usize,
+        started: Instant,
+        result: &Result<T, E>,
+    ) {
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        metrics::counter!(m::PUBLISHED, "topic" => topic.clone(), "outcome" => outcome)
+            .increment(messages as u64);
+        metrics::histogram!(m::OPERATION_DURATION, "operation" => operation, "topic" => topic)
+            .record(m::seconds(started.elapsed()));
     }
 
     fn unsupported(&self, what: &str) -> Error {

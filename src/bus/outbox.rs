@@ -40,12 +40,14 @@ impl Bus {
     ) -> Result<SendReceipt, Error> {
         let durability = options.get_durability().unwrap_or(self.inner.durability);
         let message = options.into_message(E::TOPIC, event.encode()?);
-        self.outbox(
+        let outbox = self.outbox(
             "the local outbox (publish_with_state; use a transactional message with a \
              checker instead)",
-        )?
-        .publish_with_state(message, durability, state)
-        .await
+        )?;
+        let started = Instant::now();
+        let r = outbox.publish_with_state(message, durability, state).await;
+        Self::observe_publish("publish_with_state", E::TOPIC, 1, started, &r);
+        r
     }
 
     /// Writes to the application's state atomically, without a message

@@ -69,8 +69,10 @@ impl Bus {
     ) -> Result<SendReceipt, Error> {
         let durability = options.get_durability().unwrap_or(self.inner.durability);
         let message = options.into_message(E::TOPIC, event.encode()?);
-        let mut r = self.inner.broker.publish(vec![message], durability).await?;
-        r.pop().ok_or(Error::Closed)
+        let started = Instant::now();
+        let r = self.inner.broker.publish(vec![message], durability).await;
+        Self::observe_publish("publish", E::TOPIC, 1, started, &r);
+        r?.pop().ok_or(Error::Closed)
     }
 
     /// Publishes an event if the publish pipeline has room, without waiting
@@ -109,12 +111,14 @@ impl Bus {
             }
         };
         let message = OutgoingMessage::new(E::TOPIC, body);
-        match self
+        let started = Instant::now();
+        let r = self
             .inner
             .broker
             .try_publish(vec![message], self.inner.durability)
-            .await
-        {
+            .await;
+        Self::observe_publish("try_publish", E::TOPIC, 1, started, &r);
+        match r {
             Ok(mut r) => r.pop().ok_or(TryPublishError {
                 event,
                 error: Error::Closed,
@@ -149,10 +153,14 @@ impl Bus {
             .iter()
             .map(|e| Ok(OutgoingMessage::new(E::TOPIC, e.encode()?)))
             .collect::<Result<Vec<_>, Error>>()?;
-        self.inner
+        let (n, started) = (messages.len(), Instant::now());
+        let r = self
+            .inner
             .broker
             .publish(messages, self.inner.durability)
-            .await
+            .await;
+        Self::observe_publish("publish_batch", E::TOPIC, n, started, &r);
+        r
     }
 
     /// Publishes a raw message (any body, any user topic). On error the
@@ -167,7 +175,10 @@ impl Bus {
         durability: Durability,
     ) -> Result<SendReceipt, PublishError> {
         let copy = message.clone();
-        match self.inner.broker.publish(vec![message], durability).await {
+        let started = Instant::now();
+        let r = self.inner.broker.publish(vec![message], durability).await;
+        Self::observe_publish("publish", copy.topic.clone(), 1, started, &r);
+        match r {
             Ok(mut r) => r.pop().ok_or(PublishError {
                 message: Box::new(copy),
                 error: Error::Closed,

@@ -63,7 +63,10 @@ impl Bus {
     {
         let durability = options.get_durability().unwrap_or(self.inner.durability);
         let message = options.into_message(E::TOPIC, event.encode()?);
-        let half = self.inner.broker.publish_half(message, durability).await?;
+        let started = Instant::now();
+        let half = self.inner.broker.publish_half(message, durability).await;
+        Self::observe_publish("publish_half", E::TOPIC, 1, started, &half);
+        let half = half?;
         let outcome = local(half.clone()).await;
         let receipt = self.inner.broker.end_transaction(&half, outcome).await?;
         Ok(Transaction {

@@ -52,6 +52,7 @@ use weirmq_bus::{
 };
 
 mod delivery;
+mod meters;
 mod supervisor;
 
 pub use delivery::{Delivery, HandlerError};
@@ -194,6 +195,7 @@ where
         next_id: 0,
         group: group.clone(),
         topic: topic.clone(),
+        meters: meters::Meters::new(&group, &topic),
         _event: PhantomData,
     };
     let addr = Supervisor::create(move |ctx| {

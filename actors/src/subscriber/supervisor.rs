@@ -78,6 +78,8 @@ pub(super) struct Supervisor<E, A: Actor> {
     pub(super) next_id: u64,
     pub(super) group: String,
     pub(super) topic: String,
+    /// The subscription's metric handles.
+    pub(super) meters: super::meters::Meters,
     pub(super) _event: PhantomData<fn() -> E>,
 }
 
@@ -103,6 +105,7 @@ where
     A: Actor<Context = Context<A>> + Handler<Delivery<E>>,
 {
     pub(super) fn settle(&mut self, token: SettleToken, s: Settlement, ctx: &mut Context<Self>) {
+        self.meters.settled(&s);
         self.settlements.push((token, s));
         if !self.flush_queued {
             self.flush_queued = true;
@@ -165,6 +168,7 @@ where
                     continue;
                 }
             };
+            self.meters.handed_out(&d.message);
             let member = &mut self.members[j];
             member.in_flight += 1;
             self.in_flight += 1;
@@ -307,6 +311,8 @@ where
         res: Result<Result<(), HandlerError>, MailboxError>,
         ctx: &mut Context<Self>,
     ) {
+        self.meters
+            .processed(matches!(res, Ok(Ok(()))), h.since.elapsed().as_secs_f64());
         let failure = match res {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) if e.is_retry() => Err(e.message().to_string()),

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
+use metrics::Gauge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use crate::error::Error;
@@ -56,16 +57,30 @@ pub trait Publisher: Send + Sync {
 
 /// Publish admission, the same on every backend: the limits check, and a
 /// bound on the messages waiting to be stored (`max_pending_messages`).
+///
+/// The messages waiting are the gauge `weirmq.publish.pending`
+/// ([`metrics::PENDING_PUBLISHES`](crate::metrics::PENDING_PUBLISHES)).
 #[derive(Debug)]
 pub struct Admission {
     limits: Limits,
     pending: Arc<Semaphore>,
     max_pending: usize,
+    gauge: Gauge,
 }
 
 /// Room for messages in the publish pipeline; given back when dropped.
 #[derive(Debug)]
-pub struct AdmissionPermit(#[allow(dead_code)] OwnedSemaphorePermit);
+pub struct AdmissionPermit {
+    _permit: OwnedSemaphorePermit,
+    gauge: Gauge,
+    count: f64,
+}
+
+impl Drop for AdmissionPermit {
+    fn drop(&mut self) {
+        self.gauge.decrement(self.count);
+    }
+}
 
 impl Admission {
     /// Admission with these limits and at most `max_pending` messages
@@ -76,6 +91,7 @@ impl Admission {
             limits,
             pending: Arc::new(Semaphore::new(max_pending)),
             max_pending,
+            gauge: metrics::gauge!(crate::metrics::PENDING_PUBLISHES),
         }
     }
 
@@ -127,7 +143,17 @@ impl Admission {
                     },
                 })?
         };
-        Ok(AdmissionPermit(permit))
+        Ok(self.permit(permit))
+    }
+
+    fn permit(&self, permit: OwnedSemaphorePermit) -> AdmissionPermit {
+        let count = permit.num_permits() as f64;
+        self.gauge.increment(count);
+        AdmissionPermit {
+            _permit: permit,
+            gauge: self.gauge.clone(),
+            count,
+        }
     }
 
     /// Waits until no publish is in the pipeline, and keeps it empty while
@@ -139,7 +165,12 @@ impl Admission {
             .acquire_many_owned(self.max_pending as u32)
             .await
             .ok()
-            .map(AdmissionPermit)
+            .map(|p| AdmissionPermit {
+                // Not publishes: the gauge does not count them.
+                _permit: p,
+                gauge: self.gauge.clone(),
+                count: 0.0,
+            })
     }
 
     /// Refuses every later admission with [`Error::Closed`].

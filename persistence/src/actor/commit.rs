@@ -7,6 +7,7 @@
 //! pass and the scheduler, and every waiter gets the outcome.
 
 use super::*;
+use weirmq_bus::metrics as m;
 
 /// What one commit writes, taken from the actor's queues.
 pub(super) struct Pending {
@@ -170,8 +171,11 @@ impl Pending {
             .appends
             .iter()
             .any(|a| a.durability == Durability::Flushed);
+        metrics::histogram!(m::COMMIT_MESSAGES).record(self.messages as f64);
         if sync && durable {
+            let started = std::time::Instant::now();
             store.sync()?;
+            metrics::histogram!(m::SYNC_DURATION).record(m::seconds(started.elapsed()));
         }
         trace!(
             messages = self.messages,

@@ -170,5 +170,13 @@ impl Actor for PersistenceActor {
                 }
             });
         }
+        ctx.run_interval(weirmq_bus::metrics::SAMPLE_EVERY, |act, _| {
+            if !weirmq_bus::metrics::sampled() {
+                return;
+            }
+            if let Some(bytes) = act.store.store().and_then(|s| s.size_on_disk()) {
+                metrics::gauge!(weirmq_bus::metrics::STORE_BYTES).set(bytes as f64);
+            }
+        });
     }
 }

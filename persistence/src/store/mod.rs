@@ -254,6 +254,11 @@ impl Store {
     /// Makes everything written so far durable: sled `flush()`, then
     /// `fdatasync` of the data file and of new blob files, then `fsync` of
     /// the blob directory if it gained files.
+    /// The store's size on disk, if sled can tell.
+    pub(crate) fn size_on_disk(&self) -> Option<u64> {
+        self.db.size_on_disk().ok()
+    }
+
     pub(crate) fn sync(&mut self) -> Result<(), StorageError> {
         self.db
             .flush()
