@@ -158,6 +158,7 @@ fn scenarios(q: bool, payload: usize) -> Vec<(String, Scenario)> {
                         groups,
                         queues: 4,
                         payload,
+                        observed: false,
                     }),
                 ));
             }
@@ -182,6 +183,7 @@ fn scenarios(q: bool, payload: usize) -> Vec<(String, Scenario)> {
                     groups,
                     queues: 4,
                     payload,
+                    observed: false,
                 }),
             ));
         }
@@ -210,6 +212,31 @@ fn scenarios(q: bool, payload: usize) -> Vec<(String, Scenario)> {
                 groups,
                 queues,
                 payload,
+                observed: false,
+            }),
+        ));
+    }
+    // The same e2e runs observed: a Prometheus recorder and a tracing
+    // subscriber installed (compare with the plain ones of this run).
+    for (store, publishers, batch, n, shape) in [
+        (Store::Memory, 64, 1, scale(q, 500_000), "p64/single"),
+        (Store::Memory, 4, 256, scale(q, 2_000_000), "p4/batch256"),
+        (Store::Buffered, 64, 1, scale(q, 300_000), "p64/single"),
+        (Store::Nats, 4, 256, scale(q, 300_000), "p4/batch256"),
+    ] {
+        let name = format!("e2e/{}/{shape}/observed", store.name());
+        v.push((
+            name.clone(),
+            Scenario::Weirmq(Run {
+                name,
+                store,
+                publishers,
+                batch,
+                messages: n,
+                groups: 1,
+                queues: 4,
+                payload,
+                observed: true,
             }),
         ));
     }

@@ -64,6 +64,9 @@ pub(super) struct Run {
     pub(super) groups: usize,
     pub(super) queues: u32,
     pub(super) payload: usize,
+    /// With a Prometheus recorder and an INFO `tracing` subscriber
+    /// installed (the overhead of observing the bus).
+    pub(super) observed: bool,
 }
 
 /// A bus on `store`; for NATS, with the server it runs on (keep it alive).
@@ -98,6 +101,13 @@ pub(super) async fn open(store: Store, dir: &Path) -> Bus {
 /// optionally with `groups` consumer groups; reports throughput and latency
 /// (per publish call without groups, end to end with them).
 pub(super) async fn weirmq_run(r: Run) -> Res {
+    if r.observed {
+        weirmq::web::install_metrics().expect("the Prometheus recorder");
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(std::io::sink)
+            .init();
+    }
     let dir = tempfile::tempdir().expect("temp dir");
     let (bus, _server) = open_on(r.store, dir.path()).await;
     bus.create_topic(TopicConfig::new(BenchEvent::TOPIC).queues(r.queues))

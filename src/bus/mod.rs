@@ -14,6 +14,7 @@ mod admin;
 mod builder;
 mod dead_letters;
 mod history;
+mod meters;
 mod outbox;
 mod publisher;
 mod sampler;
@@ -26,8 +27,6 @@ pub use transactions::Transaction;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use weirmq_bus::metrics as m;
 
 use weirmq_actors::{EmbeddedBroker, EmbeddedConfig};
 use weirmq_bus::{validate_group_name, HalfMessage, StateBatch};
@@ -48,6 +47,8 @@ struct BusInner {
     /// The (position group, topic) pairs subscribed through this bus: the
     /// metrics sampler reports their lag (see `sampler.rs`).
     watched: std::sync::Mutex<std::collections::BTreeSet<(String, String)>>,
+    /// Publish metric handles by topic (see `meters.rs`).
+    publish_meters: dashmap::DashMap<String, meters::PublishMeters>,
 }
 
 /// The event bus. Cheap to clone; share it freely (e.g. as actix-web
@@ -81,6 +82,7 @@ impl Bus {
             broker,
             durability,
             watched: Default::default(),
+            publish_meters: Default::default(),
         });
         actix::spawn(sampler::run(Arc::downgrade(&inner)));
         Bus { inner }
@@ -135,17 +137,21 @@ impl Bus {
     /// Records a publish's metrics: its messages, stored or not, and the
     /// call's duration (see `weirmq_bus::metrics`).
     fn observe_publish<T, E>(
+        &self,
         operation: &'static str,
-        topic: impl Into<metrics::SharedString> + Clone,
+        topic: &str,
         messages: usize,
         started: Instant,
         result: &Result<T, E>,
     ) {
-        let outcome = if result.is_ok() { "ok" } else { "error" };
-        metrics::counter!(m::PUBLISHED, "topic" => topic.clone(), "outcome" => outcome)
-            .increment(messages as u64);
-        metrics::histogram!(m::OPERATION_DURATION, "operation" => operation, "topic" => topic)
-            .record(m::seconds(started.elapsed()));
+        let meters = &self.inner.publish_meters;
+        if let Some(p) = meters.get(topic) {
+            return p.record(operation, messages, result.is_ok(), started);
+        }
+        meters
+            .entry(topic.to_string())
+            .or_insert_with(|| meters::PublishMeters::new(topic))
+            .record(operation, messages, result.is_ok(), started);
     }
 
     fn unsupported(&self, what: &str) -> Error {

@@ -46,7 +46,7 @@ impl Bus {
         )?;
         let started = Instant::now();
         let r = outbox.publish_with_state(message, durability, state).await;
-        Self::observe_publish("publish_with_state", E::TOPIC, 1, started, &r);
+        self.observe_publish("publish_with_state", E::TOPIC, 1, started, &r);
         r
     }
 

@@ -65,7 +65,7 @@ impl Bus {
         let message = options.into_message(E::TOPIC, event.encode()?);
         let started = Instant::now();
         let half = self.inner.broker.publish_half(message, durability).await;
-        Self::observe_publish("publish_half", E::TOPIC, 1, started, &half);
+        self.observe_publish("publish_half", E::TOPIC, 1, started, &half);
         let half = half?;
         let outcome = local(half.clone()).await;
         let receipt = self.inner.broker.end_transaction(&half, outcome).await?;
