@@ -8,7 +8,17 @@ use std::time::Instant;
 use metrics::{Counter, Histogram};
 use weirmq_bus::metrics as m;
 
-/// The publish operations, as the `operation` label names them.
+/// A publish operation: the `operation` label, and its histogram's slot.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum PublishOp {
+    Publish,
+    TryPublish,
+    PublishBatch,
+    PublishHalf,
+    PublishWithState,
+}
+
+/// The label of each `PublishOp`, in declaration order.
 const OPERATIONS: [&str; 5] = [
     "publish",
     "try_publish",
@@ -36,21 +46,15 @@ impl PublishMeters {
         }
     }
 
-    /// Records one call of `operation` (one of `OPERATIONS`) that stored
+    /// Records one call of `operation` that stored
     /// `messages` (or failed to).
-    pub(super) fn record(
-        &self,
-        operation: &'static str,
-        messages: usize,
-        ok: bool,
-        started: Instant,
-    ) {
+    pub(super) fn record(&self, operation: PublishOp, messages: usize, ok: bool, started: Instant) {
         if ok {
             self.ok.increment(messages as u64);
         } else {
             self.error.increment(messages as u64);
         }
-        let i = OPERATIONS.iter().position(|o| *o == operation).unwrap_or(0);
+        let i = operation as usize;
         self.durations[i]
             .get_or_init(|| {
                 metrics::histogram!(m::OPERATION_DURATION, "operation" => OPERATIONS[i],

@@ -138,7 +138,7 @@ impl Bus {
     /// call's duration (see `weirmq_bus::metrics`).
     fn observe_publish<T, E>(
         &self,
-        operation: &'static str,
+        operation: meters::PublishOp,
         topic: &str,
         messages: usize,
         started: Instant,

@@ -1,6 +1,7 @@
 //! The local outbox (contract: `weirmq_bus::Outbox`; optional — a
 //! backend without it answers [`Error::Unsupported`]).
 
+use super::meters::PublishOp;
 use super::*;
 
 impl Bus {
@@ -46,7 +47,7 @@ impl Bus {
         )?;
         let started = Instant::now();
         let r = outbox.publish_with_state(message, durability, state).await;
-        self.observe_publish("publish_with_state", E::TOPIC, 1, started, &r);
+        self.observe_publish(PublishOp::PublishWithState, E::TOPIC, 1, started, &r);
         r
     }
 

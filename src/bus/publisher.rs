@@ -2,6 +2,7 @@
 //! with the event's codec on the caller's thread, then one call to the
 //! backend.
 
+use super::meters::PublishOp;
 use super::*;
 
 impl Bus {
@@ -71,7 +72,7 @@ impl Bus {
         let message = options.into_message(E::TOPIC, event.encode()?);
         let started = Instant::now();
         let r = self.inner.broker.publish(vec![message], durability).await;
-        self.observe_publish("publish", E::TOPIC, 1, started, &r);
+        self.observe_publish(PublishOp::Publish, E::TOPIC, 1, started, &r);
         r?.pop().ok_or(Error::Closed)
     }
 
@@ -117,7 +118,7 @@ impl Bus {
             .broker
             .try_publish(vec![message], self.inner.durability)
             .await;
-        self.observe_publish("try_publish", E::TOPIC, 1, started, &r);
+        self.observe_publish(PublishOp::TryPublish, E::TOPIC, 1, started, &r);
         match r {
             Ok(mut r) => r.pop().ok_or(TryPublishError {
                 event,
@@ -159,7 +160,7 @@ impl Bus {
             .broker
             .publish(messages, self.inner.durability)
             .await;
-        self.observe_publish("publish_batch", E::TOPIC, n, started, &r);
+        self.observe_publish(PublishOp::PublishBatch, E::TOPIC, n, started, &r);
         r
     }
 
@@ -177,7 +178,7 @@ impl Bus {
         let copy = message.clone();
         let started = Instant::now();
         let r = self.inner.broker.publish(vec![message], durability).await;
-        self.observe_publish("publish", &copy.topic, 1, started, &r);
+        self.observe_publish(PublishOp::Publish, &copy.topic, 1, started, &r);
         match r {
             Ok(mut r) => r.pop().ok_or(PublishError {
                 message: Box::new(copy),

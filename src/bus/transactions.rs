@@ -1,6 +1,7 @@
 //! Transactional messages (contract: `weirmq_bus::Transactions`): a half
 //! message, the local transaction, its outcome.
 
+use super::meters::PublishOp;
 use super::*;
 
 /// The result of [`Bus::publish_transactional`].
@@ -65,7 +66,7 @@ impl Bus {
         let message = options.into_message(E::TOPIC, event.encode()?);
         let started = Instant::now();
         let half = self.inner.broker.publish_half(message, durability).await;
-        self.observe_publish("publish_half", E::TOPIC, 1, started, &half);
+        self.observe_publish(PublishOp::PublishHalf, E::TOPIC, 1, started, &half);
         let half = half?;
         let outcome = local(half.clone()).await;
         let receipt = self.inner.broker.end_transaction(&half, outcome).await?;
