@@ -18,7 +18,7 @@ use support::*;
 use weirmq::prelude::*;
 use weirmq::{
     Durability, Error, Ordering, OutgoingMessage, Resend, ResendOutcome, ResetTo, TopicConfig,
-    TransactionConfig, TransactionOutcome,
+    TraceContext, TransactionConfig, TransactionOutcome,
 };
 
 macro_rules! conformance {
@@ -61,6 +61,7 @@ conformance!(
     offsets_survive_a_restart,
     unsettled_deliveries_stay_within_max_in_flight,
     bad_input_is_a_typed_error_and_unsupported_features_say_so,
+    the_trace_context_follows_a_message_through_retry_delay_transaction_and_resend,
 );
 
 async fn publish(bus: &Bus, range: std::ops::Range<u64>) {
@@ -883,5 +884,126 @@ async fn bad_input_is_a_typed_error_and_unsupported_features_say_so(b: Backend) 
         outbox.unwrap();
         retention.unwrap();
     }
+    bus.shutdown().await.unwrap();
+}
+
+/// The W3C trace context a message is published in reaches its handler
+/// unchanged — on a retry, after a delay, through a transaction, and after
+/// a dead letter is resent — and a follow-up published with
+/// `Publish::trace_parent(delivery context)` stays in the trace.
+async fn the_trace_context_follows_a_message_through_retry_delay_transaction_and_resend(
+    b: Backend,
+) {
+    let bus = b.open().await;
+    /// (n, attempt, context seen by the handler)
+    type Seen = Vec<(u64, u32, Option<TraceContext>)>;
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let healed = Arc::new(AtomicU32::new(0));
+    let (s, h) = (seen.clone(), healed.clone());
+    let log = Log::default();
+    let sub = bus
+        .subscribe::<Num>("traced")
+        .start_from(StartFrom::Earliest)
+        .retry(RetryPolicy::fixed(Duration::from_millis(20), 3))
+        .members(
+            1,
+            recorders(
+                &log,
+                Arc::new(move |d: &Delivery<Num>| {
+                    let n = d.event().n;
+                    s.lock().unwrap().push((n, d.attempt(), d.trace_context()));
+                    match n {
+                        1 if d.attempt() == 1 => Err(HandlerError::retry("first attempt fails")),
+                        2 if h.load(AtomicOrdering::SeqCst) == 0 => {
+                            Err(HandlerError::dead_letter("poison until healed"))
+                        }
+                        _ => Ok(()),
+                    }
+                }),
+            ),
+        )
+        .start()
+        .await
+        .unwrap();
+    let roots: Vec<TraceContext> = (0..5).map(|_| TraceContext::new_root()).collect();
+    let traced = |n: usize| Publish::new().trace_parent(&roots[n]);
+    bus.publish_with(&Num { n: 1 }, traced(1)).await.unwrap();
+    bus.publish_with(&Num { n: 2 }, traced(2)).await.unwrap();
+    bus.publish_with(&Num { n: 3 }, traced(3).delay(Duration::from_millis(300)))
+        .await
+        .unwrap();
+    let tx = bus
+        .publish_transactional(&Num { n: 4 }, traced(4), |_| async {
+            TransactionOutcome::Commit
+        })
+        .await
+        .unwrap();
+    assert!(tx.receipt.is_some());
+    // 1 twice, 2 once (dead-lettered), 3 and 4 once.
+    delivered(&log, 5).await;
+    wait_until(
+        "the poison message dead-lettered",
+        Duration::from_secs(20),
+        || async { bus.dead_letter_count("traced").await.unwrap() == 1 },
+    )
+    .await;
+    let dl = bus.dead_letters("traced", 0, 10).await.unwrap();
+    let dl_ctx = dl[0]
+        .message
+        .trace_context()
+        .expect("the dead letter keeps the context");
+    assert_eq!(dl_ctx.trace_id(), roots[2].trace_id(), "{}", b.name());
+    healed.store(1, AtomicOrdering::SeqCst);
+    let reports = bus
+        .resend_dead_letters("traced", Resend::All)
+        .await
+        .unwrap();
+    assert_eq!(reports[0].outcome, ResendOutcome::Resent);
+    delivered(&log, 6).await;
+    caught_up(&bus, "traced", Num::TOPIC).await;
+
+    let seen = seen.lock().unwrap().clone();
+    let mut by_n: BTreeMap<u64, Vec<(u32, TraceContext)>> = BTreeMap::new();
+    for (n, attempt, ctx) in seen {
+        let ctx = ctx.unwrap_or_else(|| panic!("{n} attempt {attempt} arrived without context"));
+        by_n.entry(n).or_default().push((attempt, ctx));
+    }
+    for (n, deliveries) in &by_n {
+        let root = &roots[*n as usize];
+        let want = if *n == 1 || *n == 2 { 2 } else { 1 };
+        assert_eq!(deliveries.len(), want, "deliveries of {n} on {}", b.name());
+        for (attempt, ctx) in deliveries {
+            assert_eq!(
+                ctx.trace_id(),
+                root.trace_id(),
+                "{n} attempt {attempt} on {}",
+                b.name()
+            );
+            // The context is the publish span's: a child of the given parent,
+            // the same one on every delivery of the message.
+            assert_ne!(ctx.span_id(), root.span_id());
+            assert_eq!(ctx.span_id(), deliveries[0].1.span_id());
+        }
+    }
+    assert_eq!(by_n[&1].iter().map(|d| d.0).collect::<Vec<_>>(), vec![1, 2]);
+    // A follow-up published as a child of what a handler saw stays in the trace.
+    let follow_up = by_n[&1][0].1.child();
+    bus.publish_with(&Num { n: 0 }, Publish::new().trace_parent(&follow_up))
+        .await
+        .unwrap();
+    let stored = bus.read_queue(Num::TOPIC, 0, 0, 1000).await.unwrap();
+    let mut all = stored;
+    for q in 1..4 {
+        all.extend(bus.read_queue(Num::TOPIC, q, 0, 1000).await.unwrap());
+    }
+    let zero = all
+        .iter()
+        .find(|m| serde_json::from_slice::<Num>(m.body()).ok() == Some(Num { n: 0 }))
+        .expect("the follow-up is stored");
+    assert_eq!(
+        zero.trace_context().unwrap().trace_id(),
+        roots[1].trace_id()
+    );
+    sub.drain().await.unwrap();
     bus.shutdown().await.unwrap();
 }

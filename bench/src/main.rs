@@ -158,7 +158,7 @@ fn scenarios(q: bool, payload: usize) -> Vec<(String, Scenario)> {
                         groups,
                         queues: 4,
                         payload,
-                        observed: false,
+                        observed: Observe::Off,
                     }),
                 ));
             }
@@ -183,7 +183,7 @@ fn scenarios(q: bool, payload: usize) -> Vec<(String, Scenario)> {
                     groups,
                     queues: 4,
                     payload,
-                    observed: false,
+                    observed: Observe::Off,
                 }),
             ));
         }
@@ -212,33 +212,36 @@ fn scenarios(q: bool, payload: usize) -> Vec<(String, Scenario)> {
                 groups,
                 queues,
                 payload,
-                observed: false,
+                observed: Observe::Off,
             }),
         ));
     }
-    // The same e2e runs observed: a Prometheus recorder and a tracing
-    // subscriber installed (compare with the plain ones of this run).
-    for (store, publishers, batch, n, shape) in [
-        (Store::Memory, 64, 1, scale(q, 500_000), "p64/single"),
-        (Store::Memory, 4, 256, scale(q, 2_000_000), "p4/batch256"),
-        (Store::Buffered, 64, 1, scale(q, 300_000), "p64/single"),
-        (Store::Nats, 4, 256, scale(q, 300_000), "p4/batch256"),
-    ] {
-        let name = format!("e2e/{}/{shape}/observed", store.name());
-        v.push((
-            name.clone(),
-            Scenario::Weirmq(Run {
-                name,
-                store,
-                publishers,
-                batch,
-                messages: n,
-                groups: 1,
-                queues: 4,
-                payload,
-                observed: true,
-            }),
-        ));
+    // The same e2e runs observed (compare with the plain ones of this run):
+    // `/observed` with a Prometheus recorder and an INFO tracing subscriber,
+    // `/traced` with weirmq's per-message spans on as well.
+    for (observed, suffix) in [(Observe::Metrics, "observed"), (Observe::Traced, "traced")] {
+        for (store, publishers, batch, n, shape) in [
+            (Store::Memory, 64, 1, scale(q, 500_000), "p64/single"),
+            (Store::Memory, 4, 256, scale(q, 2_000_000), "p4/batch256"),
+            (Store::Buffered, 64, 1, scale(q, 300_000), "p64/single"),
+            (Store::Nats, 4, 256, scale(q, 300_000), "p4/batch256"),
+        ] {
+            let name = format!("e2e/{}/{shape}/{suffix}", store.name());
+            v.push((
+                name.clone(),
+                Scenario::Weirmq(Run {
+                    name,
+                    store,
+                    publishers,
+                    batch,
+                    messages: n,
+                    groups: 1,
+                    queues: 4,
+                    payload,
+                    observed,
+                }),
+            ));
+        }
     }
     for store in [Store::Flushed, Store::Buffered] {
         v.push((

@@ -64,9 +64,22 @@ pub(super) struct Run {
     pub(super) groups: usize,
     pub(super) queues: u32,
     pub(super) payload: usize,
-    /// With a Prometheus recorder and an INFO `tracing` subscriber
-    /// installed (the overhead of observing the bus).
-    pub(super) observed: bool,
+    /// What observes the bus (the overhead of observing it).
+    pub(super) observed: Observe,
+}
+
+/// What is installed while a run observes the bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Observe {
+    /// Nothing: no recorder, no subscriber.
+    Off,
+    /// A Prometheus recorder and an INFO `tracing` subscriber, as a service
+    /// runs in production (weirmq's per-message spans, at DEBUG, are off).
+    Metrics,
+    /// As `Metrics`, with weirmq's `publish` / `process` spans turned on
+    /// (`weirmq::publish=debug,weirmq::process=debug`): every message is
+    /// traced and carries a W3C trace context.
+    Traced,
 }
 
 /// A bus on `store`; for NATS, with the server it runs on (keep it alive).
@@ -101,10 +114,18 @@ pub(super) async fn open(store: Store, dir: &Path) -> Bus {
 /// optionally with `groups` consumer groups; reports throughput and latency
 /// (per publish call without groups, end to end with them).
 pub(super) async fn weirmq_run(r: Run) -> Res {
-    if r.observed {
+    if r.observed != Observe::Off {
         weirmq::web::install_metrics().expect("the Prometheus recorder");
+        // INFO, as a service logs in production; no ANSI colours (the
+        // writer is not a terminal).
+        let filter = if r.observed == Observe::Traced {
+            "info,weirmq::publish=debug,weirmq::process=debug"
+        } else {
+            "info"
+        };
         tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::INFO)
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_ansi(false)
             .with_writer(std::io::sink)
             .init();
     }

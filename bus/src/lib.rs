@@ -27,6 +27,7 @@ mod retry;
 mod sql;
 mod time;
 mod topic;
+mod trace_context;
 
 pub use broker::{
     dlq_topic, Admin, Admission, AdmissionPermit, Broker, BrokerSubscription, Capabilities,
@@ -55,4 +56,8 @@ pub use topic::{
     queue_for_message_group, validate_group_name, validate_topic_name, Limits, Retention,
     TopicConfig, DEFAULT_QUEUES, MAX_GROUP_NAME_LEN, MAX_QUEUES, MAX_TOPIC_NAME_LEN,
     SYSTEM_TOPIC_PREFIX,
+};
+pub use trace_context::{
+    link_process, span_context, stamp_publish, SpanId, TraceContext, TraceContextError, TraceId,
+    MAX_TRACESTATE_LEN, OTEL, TRACEPARENT, TRACESTATE,
 };

@@ -380,14 +380,22 @@ impl Limits {
                 });
             }
         }
-        if m.properties.len() > self.max_properties {
+        // The trace context weirmq stamps (bounded: a 55-byte traceparent,
+        // a tracestate of at most 512) does not count against the user's
+        // limits, so turning tracing on never makes a publish fail.
+        let is_trace = |k: &str, v: &str| {
+            (k == crate::TRACEPARENT && v.len() <= 64)
+                || (k == crate::TRACESTATE && v.len() <= crate::MAX_TRACESTATE_LEN)
+        };
+        let count = m.properties.iter().filter(|(k, v)| !is_trace(k, v)).count();
+        if count > self.max_properties {
             return Err(Error::TooManyProperties {
-                count: m.properties.len(),
+                count,
                 max: self.max_properties,
             });
         }
         let mut size = 0;
-        for (k, v) in &m.properties {
+        for (k, v) in m.properties.iter().filter(|(k, v)| !is_trace(k, v)) {
             if k.is_empty() || k.len() > self.max_name_bytes {
                 return Err(Error::InvalidName {
                     kind: NameKind::Property,

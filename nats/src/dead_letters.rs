@@ -16,10 +16,11 @@ impl Inner {
         let m = Message::prepare(dl, Arc::from(dlq_topic(group).as_str()));
         let mut buf = Vec::new();
         m.encode_envelope(&mut buf);
-        self.publish_raw(vec![(
+        self.publish_with_headers(vec![(
             dlq_subject(group),
             Bytes::from(buf),
             m.id().to_string(),
+            Self::trace_headers(&m),
         )])
         .await?;
         Ok(())
@@ -69,10 +70,11 @@ impl Inner {
         let q = d.origin_queue().unwrap_or(0) % t.config.queue_count();
         let mut buf = Vec::new();
         m.encode_envelope(&mut buf);
-        self.publish_raw(vec![(
+        self.publish_with_headers(vec![(
             queue_subject(topic, q, &group_target(group)),
             Bytes::from(buf),
             format!("{}-resend-{}", m.id(), d.dlq_offset),
+            Self::trace_headers(&m),
         )])
         .await?;
         self.publish_raw(vec![(

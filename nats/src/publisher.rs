@@ -51,6 +51,20 @@ impl Inner {
         Ok(seqs)
     }
 
+    /// The headers a stored message carries besides its envelope: its W3C
+    /// trace context (`traceparent`, `tracestate`), so NATS tools and
+    /// services in other languages see the trace without decoding the
+    /// envelope (which holds the same values as properties).
+    pub(crate) fn trace_headers(m: &Message) -> Option<async_nats::HeaderMap> {
+        let tp = m.properties().get(weirmq_bus::TRACEPARENT)?;
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(weirmq_bus::TRACEPARENT, tp.as_str());
+        if let Some(ts) = m.properties().get(weirmq_bus::TRACESTATE) {
+            h.insert(weirmq_bus::TRACESTATE, ts.as_str());
+        }
+        Some(h)
+    }
+
     /// Stores stamped messages in their topic (queue chosen here), as
     /// `target`'s; returns receipts in order.
     pub(crate) async fn store_in_topic(
@@ -74,10 +88,11 @@ impl Inner {
                     // A resend must not be dropped as a duplicate of the original.
                     format!("{}-{target}-{}", m.id(), now_ms())
                 },
+                Self::trace_headers(m),
             ));
             places.push(q);
         }
-        let seqs = self.publish_raw(items).await?;
+        let seqs = self.publish_with_headers(items).await?;
         Ok(messages
             .iter()
             .zip(places)
@@ -147,7 +162,7 @@ impl Inner {
                 let at = time::OffsetDateTime::from(at)
                     .format(&time::format_description::well_known::Rfc3339)
                     .map_err(|e| nats_err("formatting a schedule time", e))?;
-                let mut h = async_nats::HeaderMap::new();
+                let mut h = Self::trace_headers(m).unwrap_or_default();
                 h.insert("Nats-Schedule", format!("@at {at}").as_str());
                 h.insert(
                     "Nats-Schedule-Target",
@@ -180,10 +195,11 @@ impl Inner {
                         schedule_subject(m.destination().unwrap_or_default()),
                         Bytes::from(buf),
                         m.id().to_string(),
+                        Self::trace_headers(m),
                     )
                 })
                 .collect();
-            let seqs = self.publish_raw(items).await?;
+            let seqs = self.publish_with_headers(items).await?;
             for ((i, m), seq) in delayed.into_iter().zip(seqs) {
                 out[i] = Some(SendReceipt {
                     message_id: m.id(),

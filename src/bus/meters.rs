@@ -27,6 +27,13 @@ const OPERATIONS: [&str; 5] = [
     "publish_with_state",
 ];
 
+impl PublishOp {
+    /// The `operation` label (and span attribute) of this operation.
+    pub(super) fn label(self) -> &'static str {
+        OPERATIONS[self as usize]
+    }
+}
+
 /// One topic's publish metrics.
 #[derive(Debug)]
 pub(super) struct PublishMeters {

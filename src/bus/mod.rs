@@ -18,6 +18,7 @@ mod meters;
 mod outbox;
 mod publisher;
 mod sampler;
+mod spans;
 mod subscriptions;
 mod transactions;
 

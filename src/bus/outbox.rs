@@ -1,6 +1,8 @@
 //! The local outbox (contract: `weirmq_bus::Outbox`; optional — a
 //! backend without it answers [`Error::Unsupported`]).
 
+use tracing::Instrument;
+
 use super::meters::PublishOp;
 use super::*;
 
@@ -40,13 +42,19 @@ impl Bus {
         state: StateBatch,
     ) -> Result<SendReceipt, Error> {
         let durability = options.get_durability().unwrap_or(self.inner.durability);
-        let message = options.into_message(E::TOPIC, event.encode()?);
+        let mut messages = [options.into_message(E::TOPIC, event.encode()?)];
+        let span = super::spans::publish_span(PublishOp::PublishWithState, E::TOPIC, &mut messages);
+        let [message] = messages;
         let outbox = self.outbox(
             "the local outbox (publish_with_state; use a transactional message with a \
              checker instead)",
         )?;
         let started = Instant::now();
-        let r = outbox.publish_with_state(message, durability, state).await;
+        let r = outbox
+            .publish_with_state(message, durability, state)
+            .instrument(span.clone())
+            .await;
+        super::spans::record_outcome(&span, &r);
         self.observe_publish(PublishOp::PublishWithState, E::TOPIC, 1, started, &r);
         r
     }

@@ -2,7 +2,10 @@
 //! with the event's codec on the caller's thread, then one call to the
 //! backend.
 
+use tracing::Instrument;
+
 use super::meters::PublishOp;
+use super::spans::{publish_span, record_outcome};
 use super::*;
 
 impl Bus {
@@ -69,9 +72,16 @@ impl Bus {
         options: Publish,
     ) -> Result<SendReceipt, Error> {
         let durability = options.get_durability().unwrap_or(self.inner.durability);
-        let message = options.into_message(E::TOPIC, event.encode()?);
+        let mut messages = vec![options.into_message(E::TOPIC, event.encode()?)];
+        let span = publish_span(PublishOp::Publish, E::TOPIC, &mut messages);
         let started = Instant::now();
-        let r = self.inner.broker.publish(vec![message], durability).await;
+        let r = self
+            .inner
+            .broker
+            .publish(messages, durability)
+            .instrument(span.clone())
+            .await;
+        record_outcome(&span, &r);
         self.observe_publish(PublishOp::Publish, E::TOPIC, 1, started, &r);
         r?.pop().ok_or(Error::Closed)
     }
@@ -111,13 +121,16 @@ impl Bus {
                 })
             }
         };
-        let message = OutgoingMessage::new(E::TOPIC, body);
+        let mut messages = vec![OutgoingMessage::new(E::TOPIC, body)];
+        let span = publish_span(PublishOp::TryPublish, E::TOPIC, &mut messages);
         let started = Instant::now();
         let r = self
             .inner
             .broker
-            .try_publish(vec![message], self.inner.durability)
+            .try_publish(messages, self.inner.durability)
+            .instrument(span.clone())
             .await;
+        record_outcome(&span, &r);
         self.observe_publish(PublishOp::TryPublish, E::TOPIC, 1, started, &r);
         match r {
             Ok(mut r) => r.pop().ok_or(TryPublishError {
@@ -150,16 +163,19 @@ impl Bus {
     /// # bus.shutdown().await }
     /// ```
     pub async fn publish_batch<E: Event>(&self, events: &[E]) -> Result<Vec<SendReceipt>, Error> {
-        let messages = events
+        let mut messages = events
             .iter()
             .map(|e| Ok(OutgoingMessage::new(E::TOPIC, e.encode()?)))
             .collect::<Result<Vec<_>, Error>>()?;
+        let span = publish_span(PublishOp::PublishBatch, E::TOPIC, &mut messages);
         let (n, started) = (messages.len(), Instant::now());
         let r = self
             .inner
             .broker
             .publish(messages, self.inner.durability)
+            .instrument(span.clone())
             .await;
+        record_outcome(&span, &r);
         self.observe_publish(PublishOp::PublishBatch, E::TOPIC, n, started, &r);
         r
     }
@@ -175,9 +191,18 @@ impl Bus {
         message: OutgoingMessage,
         durability: Durability,
     ) -> Result<SendReceipt, PublishError> {
-        let copy = message.clone();
+        let topic = message.topic.clone();
+        let mut messages = vec![message];
+        let span = publish_span(PublishOp::Publish, &topic, &mut messages);
+        let copy = messages[0].clone();
         let started = Instant::now();
-        let r = self.inner.broker.publish(vec![message], durability).await;
+        let r = self
+            .inner
+            .broker
+            .publish(messages, durability)
+            .instrument(span.clone())
+            .await;
+        record_outcome(&span, &r);
         self.observe_publish(PublishOp::Publish, &copy.topic, 1, started, &r);
         match r {
             Ok(mut r) => r.pop().ok_or(PublishError {

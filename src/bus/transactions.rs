@@ -1,6 +1,8 @@
 //! Transactional messages (contract: `weirmq_bus::Transactions`): a half
 //! message, the local transaction, its outcome.
 
+use tracing::Instrument;
+
 use super::meters::PublishOp;
 use super::*;
 
@@ -63,9 +65,17 @@ impl Bus {
         Fut: std::future::Future<Output = TransactionOutcome>,
     {
         let durability = options.get_durability().unwrap_or(self.inner.durability);
-        let message = options.into_message(E::TOPIC, event.encode()?);
+        let mut messages = [options.into_message(E::TOPIC, event.encode()?)];
+        let span = super::spans::publish_span(PublishOp::PublishHalf, E::TOPIC, &mut messages);
+        let [message] = messages;
         let started = Instant::now();
-        let half = self.inner.broker.publish_half(message, durability).await;
+        let half = self
+            .inner
+            .broker
+            .publish_half(message, durability)
+            .instrument(span.clone())
+            .await;
+        super::spans::record_outcome(&span, &half);
         self.observe_publish(PublishOp::PublishHalf, E::TOPIC, 1, started, &half);
         let half = half?;
         let outcome = local(half.clone()).await;

@@ -11,8 +11,72 @@ pub struct Delivery<E> {
     pub(super) event: E,
     pub(super) message: Arc<BusMessage>,
     pub(super) attempt: u32,
+    /// The `process <topic>` span (disabled when nothing listens).
+    pub(super) span: tracing::Span,
     /// Tells the supervisor if this delivery is dropped by a panic.
     pub(super) _witness: PanicWitness,
+}
+
+/// The `process <topic>` span of one delivery attempt (with `otel`, the
+/// OpenTelemetry messaging conventions: kind consumer; its parent the
+/// publisher's span, from the message's `traceparent`; without, weirmq's
+/// short log fields). A root of its own in `tracing`: it
+/// is not nested under whatever the supervisor's thread is doing.
+pub(super) fn process_span(group: &str, message: &BusMessage, attempt: u32) -> tracing::Span {
+    use tracing::field::Empty;
+    let span = if weirmq_bus::OTEL {
+        tracing::debug_span!(
+            target: "weirmq::process",
+            parent: None,
+            "process",
+            otel.name = %format_args!("process {}", message.topic()),
+            otel.kind = "consumer",
+            otel.status_code = Empty,
+            otel.status_description = Empty,
+            messaging.system = "weirmq",
+            messaging.operation.type = "process",
+            messaging.destination.name = %message.topic(),
+            messaging.destination.partition.id = message.queue(),
+            messaging.consumer.group.name = %group,
+            messaging.message.id = %message.id(),
+            messaging.weirmq.attempt = attempt,
+            outcome = Empty,
+            trace_id = Empty,
+            parent_id = Empty,
+        )
+    } else {
+        tracing::debug_span!(
+            target: "weirmq::process",
+            parent: None,
+            "process",
+            topic = %message.topic(),
+            %group,
+            queue = message.queue(),
+            msg_id = %message.id(),
+            attempt,
+            outcome = Empty,
+            error = Empty,
+            trace_id = Empty,
+            parent_id = Empty,
+        )
+    };
+    if !span.is_disabled() {
+        if let Some(creation) = message.trace_context() {
+            weirmq_bus::link_process(&span, &creation);
+        }
+    }
+    span
+}
+
+/// Records how a delivery attempt ended on its span: `outcome` (`ack`,
+/// `retry`, `dead_letter`) and, unless acked, an error status.
+pub(super) fn record_outcome(span: &tracing::Span, outcome: &'static str, error: Option<&str>) {
+    span.record("outcome", outcome);
+    if let Some(e) = error {
+        span.record("otel.status_code", "error");
+        span.record("otel.status_description", e);
+        span.record("error", e);
+    }
 }
 
 /// Travels with a delivery and tells its member generation's [`Witness`]
@@ -146,6 +210,25 @@ impl<E> Delivery<E> {
     pub fn born_at(&self) -> SystemTime {
         self._witness.touch();
         self.message.born_at()
+    }
+    /// The trace context the message was published in: the W3C
+    /// `traceparent` / `tracestate` of its publisher's span, kept through
+    /// retries, delays, transactions, the dead-letter queue and a resend.
+    /// `None` when it was published with tracing off and no parent given.
+    ///
+    /// Pass it to `Publish::trace_parent` to keep a follow-up message in the
+    /// same trace without the `otel` feature.
+    pub fn trace_context(&self) -> Option<weirmq_bus::TraceContext> {
+        self._witness.touch();
+        self.message.trace_context()
+    }
+    /// The `process <topic>` span of this delivery attempt (disabled when
+    /// no `tracing` subscriber listens to `weirmq::process` at DEBUG). Enter it, or
+    /// instrument your handler's future with it, to log and trace under it:
+    /// with the `otel` feature its OpenTelemetry parent is the publisher's
+    /// span. It ends when the supervisor has the handler's answer.
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
     }
 }
 

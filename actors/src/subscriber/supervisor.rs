@@ -3,6 +3,7 @@
 //! that died, fails deliveries held past the consume timeout, and returns
 //! settlements in one batch per mailbox drain.
 
+use super::delivery::record_outcome;
 use super::*;
 
 /// A token bucket: `rate` tokens per second, at most `capacity` saved up.
@@ -93,6 +94,8 @@ pub(super) struct InHand {
     pub(super) token: SettleToken,
     pub(super) message: Arc<BusMessage>,
     pub(super) attempt: u32,
+    /// The attempt's `process` span, kept open until it is settled.
+    pub(super) span: tracing::Span,
 }
 
 #[derive(Message)]
@@ -176,10 +179,12 @@ where
             let id = self.next_id;
             self.next_id += 1;
             let panicked = member.panicked.clone();
+            let span = super::delivery::process_span(&self.group, &d.message, d.attempt);
             let fut = member.addr.send(Delivery {
                 event,
                 message: d.message.clone(),
                 attempt: d.attempt,
+                span: span.clone(),
                 _witness: PanicWitness {
                     slot: panicked.clone(),
                     id,
@@ -195,6 +200,7 @@ where
                     token: d.token,
                     message: d.message,
                     attempt: d.attempt,
+                    span,
                 },
             );
             ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
@@ -318,6 +324,7 @@ where
             Ok(Err(e)) if e.is_retry() => Err(e.message().to_string()),
             Ok(Err(e)) => {
                 let reason = e.message().to_string();
+                record_outcome(&h.span, "dead_letter", Some(&reason));
                 self.settle(h.token, Settlement::DeadLetter { reason }, ctx);
                 return;
             }
@@ -328,7 +335,10 @@ where
             Err(MailboxError::Closed) => Err("the handler's actor stopped".to_string()),
         };
         match failure {
-            Ok(()) => self.settle(h.token, Settlement::Ack, ctx),
+            Ok(()) => {
+                record_outcome(&h.span, "ack", None);
+                self.settle(h.token, Settlement::Ack, ctx)
+            }
             Err(error) => self.failed(h, error, ctx),
         }
     }
@@ -337,7 +347,14 @@ where
     /// last one.
     pub(super) fn failed(&mut self, h: InHand, error: String, ctx: &mut Context<Self>) {
         let attempt = h.attempt;
-        let settlement = match self.config.retry.delay_after(attempt) {
+        let retry = self.config.retry.delay_after(attempt);
+        let outcome = if retry.is_some() {
+            "retry"
+        } else {
+            "dead_letter"
+        };
+        record_outcome(&h.span, outcome, Some(&error));
+        let settlement = match retry {
             Some(delay) => {
                 warn!(group = %self.group, topic = %self.topic, msg_id = %h.message.id(),
                     attempt, ?delay, %error, "delivery failed; will retry");

@@ -217,6 +217,17 @@ impl Publish {
         self
     }
 
+    /// Makes the publish a child of `parent` (a span of the trace it
+    /// belongs to, e.g. from an incoming request's `traceparent`, or
+    /// `Delivery::trace_context()` in a handler): the message carries the
+    /// trace id of `parent` and a new span id for its publish. Without it a
+    /// publish continues the current OpenTelemetry span's trace (`otel`
+    /// feature), else starts a trace of its own when tracing is on.
+    pub fn trace_parent(mut self, parent: &crate::TraceContext) -> Self {
+        parent.write_properties(&mut self.properties);
+        self
+    }
+
     /// Sets the durability of this publish (default: the bus's default,
     /// itself [`Durability::Flushed`] unless configured).
     pub fn durability(mut self, durability: Durability) -> Self {
@@ -450,6 +461,11 @@ impl Message {
     /// The user properties.
     pub fn properties(&self) -> &BTreeMap<String, String> {
         &self.properties
+    }
+    /// The trace context it was published in (its `traceparent` and
+    /// `tracestate` properties), if it carries a valid one.
+    pub fn trace_context(&self) -> Option<crate::TraceContext> {
+        crate::TraceContext::from_properties(&self.properties)
     }
     /// The payload.
     pub fn body(&self) -> &[u8] {
