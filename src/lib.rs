@@ -75,6 +75,7 @@ pub use weirmq_bus::{
     MAX_FILTER_BYTES, MAX_NESTING,
 };
 pub use weirmq_bus::{DeadLetter, Resend, ResendOutcome, ResendReport, ResetTo, DLQ_PROPERTIES};
+pub use weirmq_bus::{GroupTopic, QueueStats, TopicStats};
 pub use weirmq_bus::{
     HalfMessage, MessageTrace, Ordering, Retention, RetentionReport, StateBatch, StateEntries,
     StateOp, TraceEvent, TraceKind, TransactionChecker, TransactionConfig, TransactionOutcome,

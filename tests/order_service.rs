@@ -29,6 +29,7 @@ async fn orders_are_paid_or_cancelled_with_their_coupons_and_inventory_in_order(
         payment_timeout: Duration::from_millis(1500),
         coupon_threshold: THRESHOLD,
         coupon_failure_rate: 0.3,
+        admin_token: Some("test-admin-token".into()),
     })
     .await
     .expect("start");
@@ -86,24 +87,30 @@ async fn orders_are_paid_or_cancelled_with_their_coupons_and_inventory_in_order(
                     return false;
                 }
             }
-            let groups = get(&client, &format!("{base}/admin/groups")).await;
-            groups
-                .as_object()
-                .unwrap()
-                .values()
-                .all(|g| g["lag"] == 0 && g["in_flight"] == 0 && g["scheduled_retries"] == 0)
+            let groups = get(&client, &format!("{base}/admin/api/groups")).await;
+            groups.as_array().unwrap().iter().all(|g| {
+                g["lag"] == 0
+                    && g["stats"]["in_flight"] == 0
+                    && g["stats"]["scheduled_retries"] == 0
+            })
         }
     })
     .await;
 
-    let groups = get(&client, &format!("{base}/admin/groups")).await;
-    for (name, g) in groups.as_object().unwrap() {
-        assert_eq!(g["dead_letters"], 0, "{name}: {g}");
+    let groups = get(&client, &format!("{base}/admin/api/groups")).await;
+    assert_eq!(groups.as_array().unwrap().len(), 5, "{groups}");
+    for g in groups.as_array().unwrap() {
+        assert_eq!(g["dead_letters"], 0, "{g}");
     }
+    let coupon = groups
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["group"] == "coupon")
+        .unwrap();
     assert!(
-        groups["coupon"]["retried"].as_u64().unwrap() > 0,
-        "the coupon service failed now and then: {}",
-        groups["coupon"]
+        coupon["stats"]["retried"].as_u64().unwrap() > 0,
+        "the coupon service failed now and then: {coupon}"
     );
     for (id, amount, pay) in &orders {
         let o = get(&client, &format!("{base}/orders/{id}")).await;

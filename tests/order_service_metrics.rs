@@ -76,6 +76,7 @@ async fn lag_rises_while_a_group_is_stopped_and_dead_letters_are_counted() {
         payment_timeout: Duration::from_secs(30),
         coupon_threshold: 10_000,
         coupon_failure_rate: 0.0,
+        admin_token: Some("test-admin-token".into()),
     })
     .await
     .expect("start");

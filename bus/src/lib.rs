@@ -31,14 +31,14 @@ mod trace_context;
 
 pub use broker::{
     dlq_topic, Admin, Admission, AdmissionPermit, Broker, BrokerSubscription, Capabilities,
-    DeadLetter, DeadLetterCopy, DeadLetters, DeliveryBatch, GroupStats, HalfMessage, History,
-    MessageTrace, Ordering, Outbox, Publisher, QueuePosition, RawDelivery, Resend, ResendOutcome,
-    ResendPlan, ResendReport, ResetTo, RetentionReport, SettleToken, Settlement, Settler,
-    StartFrom, StateBatch, StateEntries, StateOp, SubscriptionSpec, Subscriptions, TraceEvent,
-    TraceKind, TransactionChecker, TransactionCheckers, TransactionConfig, TransactionOutcome,
-    Transactions, DLQ_ATTEMPTS, DLQ_DEAD_LETTERED_AT_MS, DLQ_FIRST_FAILED_AT_MS, DLQ_ORIGIN_MSG_ID,
-    DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_QUEUE, DLQ_ORIGIN_TOPIC, DLQ_PROPERTIES, DLQ_REASON,
-    DLQ_TOPIC_PREFIX,
+    DeadLetter, DeadLetterCopy, DeadLetters, DeliveryBatch, GroupStats, GroupTopic, HalfMessage,
+    History, MessageTrace, Ordering, Outbox, Publisher, QueuePosition, QueueStats, RawDelivery,
+    Resend, ResendOutcome, ResendPlan, ResendReport, ResetTo, RetentionReport, SettleToken,
+    Settlement, Settler, StartFrom, StateBatch, StateEntries, StateOp, SubscriptionSpec,
+    Subscriptions, TopicStats, TraceEvent, TraceKind, TransactionChecker, TransactionCheckers,
+    TransactionConfig, TransactionOutcome, Transactions, DLQ_ATTEMPTS, DLQ_DEAD_LETTERED_AT_MS,
+    DLQ_FIRST_FAILED_AT_MS, DLQ_ORIGIN_MSG_ID, DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_QUEUE,
+    DLQ_ORIGIN_TOPIC, DLQ_PROPERTIES, DLQ_REASON, DLQ_TOPIC_PREFIX,
 };
 pub use error::{
     utc_time, CodecError, Error, NameKind, PublishError, StorageError, TryPublishError,

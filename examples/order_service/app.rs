@@ -30,7 +30,6 @@
 
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -39,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use tracing::info;
 use weirmq::prelude::*;
 use weirmq::web::HttpError;
-use weirmq::{Ordering, Resend, StateBatch};
+use weirmq::{Ordering, StateBatch};
 
 /// What the service is started with.
 #[derive(Debug, Clone)]
@@ -53,6 +52,9 @@ pub struct Config {
     pub coupon_threshold: u64,
     /// How often the coupon service fails a first attempt (0.0 – 1.0).
     pub coupon_failure_rate: f64,
+    /// The admin API's bearer token (`WEIRMQ_ADMIN_TOKEN`); without one
+    /// the admin API and dashboard at `/admin/` are read-only.
+    pub admin_token: Option<String>,
 }
 
 // ------------------------------------------------------------------ events
@@ -412,46 +414,6 @@ pub const GROUPS: [(&str, &str); 5] = [
     ("payment-timeout", PaymentTimeout::TOPIC),
 ];
 
-#[get("/admin/groups")]
-async fn admin_groups(bus: web::Data<Bus>) -> Result<HttpResponse, HttpError> {
-    let mut out = BTreeMap::new();
-    for (group, topic) in GROUPS {
-        let lag: u64 = bus
-            .positions(group, topic)
-            .await?
-            .iter()
-            .map(|p| p.lag)
-            .sum();
-        let stats = bus.group_stats(group, topic).await;
-        out.insert(
-            group,
-            serde_json::json!({
-                "topic": topic,
-                "lag": lag,
-                "in_flight": stats.in_flight,
-                "retried": stats.retried,
-                "scheduled_retries": stats.scheduled_retries,
-                "dead_lettered": stats.dead_lettered,
-                "dead_letters": bus.dead_letter_count(group).await?,
-            }),
-        );
-    }
-    Ok(HttpResponse::Ok().json(out))
-}
-
-#[post("/admin/dlq/{group}/resend")]
-async fn admin_resend(
-    bus: web::Data<Bus>,
-    group: web::Path<String>,
-) -> Result<HttpResponse, HttpError> {
-    let reports = bus.resend_dead_letters(&group, Resend::All).await?;
-    let out: Vec<_> = reports
-        .iter()
-        .map(|r| serde_json::json!({"message_id": r.message_id.to_string(), "outcome": format!("{:?}", r.outcome)}))
-        .collect();
-    Ok(HttpResponse::Ok().json(serde_json::json!({"group": *group, "resent": out})))
-}
-
 // ------------------------------------------------------------------- start
 
 /// The running service.
@@ -576,6 +538,12 @@ pub async fn start(cfg: Config) -> std::io::Result<Running> {
             .map_err(io)?,
     );
     let (data_bus, data_book) = (web::Data::new(bus.clone()), web::Data::new(book));
+    // The admin API and dashboard: reads for anyone who reaches the port
+    // (127.0.0.1 only, see `bind` below), changes with the token.
+    let mut admin = weirmq::web::admin(bus.clone());
+    if let Some(t) = &cfg.admin_token {
+        admin = admin.token(t.clone());
+    }
     let server = actix_web::HttpServer::new(move || {
         actix_web::App::new()
             .app_data(data_bus.clone())
@@ -583,8 +551,7 @@ pub async fn start(cfg: Config) -> std::io::Result<Running> {
             .service(create_order)
             .service(pay_order)
             .service(get_order)
-            .service(admin_groups)
-            .service(admin_resend)
+            .service(admin.clone())
             .service(weirmq::web::metrics())
     })
     .workers(2)

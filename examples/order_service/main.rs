@@ -70,10 +70,20 @@ async fn main() -> std::io::Result<()> {
         payment_timeout: args.payment_timeout,
         coupon_threshold: args.coupon_threshold,
         coupon_failure_rate: args.coupon_failure_rate,
+        admin_token: std::env::var("WEIRMQ_ADMIN_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty()),
     })
     .await?;
+    let admin = if std::env::var("WEIRMQ_ADMIN_TOKEN").is_ok_and(|t| !t.is_empty()) {
+        "changes need the token in WEIRMQ_ADMIN_TOKEN"
+    } else {
+        "read-only: set WEIRMQ_ADMIN_TOKEN to allow resend, reset and purge"
+    };
+    // One line: tests read it for the port, then close the pipe.
     println!(
-        "order service listening on http://127.0.0.1:{} (data in {}, payment timeout {:?})",
+        "order service listening on http://127.0.0.1:{} (data in {}, payment timeout {:?}; \
+         dashboard and admin API at /admin/, {admin})",
         running.port,
         args.data_dir.display(),
         args.payment_timeout

@@ -100,6 +100,102 @@ impl Admin for NatsBroker {
         .unwrap_or_default()
     }
 
+    /// The durable consumers `<group>_Q<queue>` of every topic stream.
+    async fn groups(&self) -> Result<Vec<GroupTopic>, Error> {
+        self.run(|i| async move {
+            use futures::StreamExt;
+            let mut names = i.js.stream_names();
+            let mut streams = Vec::new();
+            while let Some(name) = names.next().await {
+                let name = name.map_err(|e| nats_err("listing streams", e))?;
+                if let Some(topic) = name.strip_prefix(TOPIC_STREAM_PREFIX).and_then(dec) {
+                    streams.push((name, topic));
+                }
+            }
+            let mut out = Vec::new();
+            for (stream, topic) in streams {
+                let s = i.stream(&stream).await?;
+                let mut consumers = s.consumer_names();
+                while let Some(c) = consumers.next().await {
+                    let c =
+                        c.map_err(|e| nats_err(format!("listing the consumers of {stream}"), e))?;
+                    let group = c
+                        .rsplit_once("_Q")
+                        .filter(|(_, q)| q.parse::<u32>().is_ok())
+                        .and_then(|(g, _)| dec(g));
+                    if let Some(group) = group {
+                        out.push(GroupTopic {
+                            group,
+                            topic: topic.clone(),
+                        });
+                    }
+                }
+            }
+            out.sort();
+            out.dedup();
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Counts per queue from the stream's subjects (`wq.<T>.<q>.<target>`);
+    /// the first offset of a queue is its first message's stream sequence.
+    async fn topic_stats(&self, topic: &str) -> Result<TopicStats, Error> {
+        let topic = topic.to_string();
+        self.run(move |i| async move {
+            use futures::TryStreamExt;
+            let t = i.known_topic(&topic).await?;
+            let mut stream = i.stream(&topic_stream(&topic)).await?;
+            let state = stream
+                .info()
+                .await
+                .map_err(|e| nats_err("reading stream info", e))?
+                .state
+                .clone();
+            let n = t.config.queue_count();
+            let mut counts = vec![0u64; n as usize];
+            let mut subjects = stream
+                .info_with_subjects(topic_subjects(&topic))
+                .await
+                .map_err(|e| nats_err(format!("counting the messages of {topic}"), e))?;
+            while let Some((subject, count)) = subjects
+                .try_next()
+                .await
+                .map_err(|e| nats_err(format!("counting the messages of {topic}"), e))?
+            {
+                if let Some((q, _)) = parse_queue_subject(&subject) {
+                    if let Some(c) = counts.get_mut(q as usize) {
+                        *c += count as u64;
+                    }
+                }
+            }
+            let end = state.last_sequence + 1;
+            let mut queues = Vec::with_capacity(n as usize);
+            for (q, messages) in counts.into_iter().enumerate() {
+                let q = q as u32;
+                let first = if messages == 0 {
+                    end
+                } else {
+                    i.read_raw(&stream, &queue_filter(&topic, q), state.first_sequence, 1)
+                        .await?
+                        .first()
+                        .map_or(end, |m| m.sequence)
+                };
+                queues.push(QueueStats {
+                    queue: q,
+                    first,
+                    end,
+                    messages,
+                });
+            }
+            Ok(TopicStats {
+                queues,
+                bytes: state.bytes,
+            })
+        })
+        .await
+    }
+
     async fn read_queue(
         &self,
         topic: &str,

@@ -69,11 +69,11 @@ mod prelude {
     pub(crate) use weirmq_bus::{
         dlq_topic, now_ms, queue_for_message_group, unix_ms, validate_group_name,
         validate_topic_name, Admin, Admission, Broker, BrokerSubscription, Capabilities,
-        DeadLetter, DeadLetters, Durability, Error, GroupStats, HalfMessage, History, Limits,
-        Message, Outbox, OutgoingMessage, Publisher, QueuePosition, Resend, ResendPlan,
-        ResendReport, ResetTo, SendReceipt, StorageError, SubscriptionSpec, Subscriptions,
-        TopicConfig, TransactionChecker, TransactionCheckers, TransactionConfig,
-        TransactionOutcome, Transactions, HALF_TOPIC,
+        DeadLetter, DeadLetters, Durability, Error, GroupStats, GroupTopic, HalfMessage, History,
+        Limits, Message, Outbox, OutgoingMessage, Publisher, QueuePosition, QueueStats, Resend,
+        ResendPlan, ResendReport, ResetTo, SendReceipt, StorageError, SubscriptionSpec,
+        Subscriptions, TopicConfig, TopicStats, TransactionChecker, TransactionCheckers,
+        TransactionConfig, TransactionOutcome, Transactions, HALF_TOPIC,
     };
 
     pub(crate) use crate::names::*;

@@ -82,4 +82,41 @@ impl Bus {
     pub async fn topics(&self) -> Vec<TopicConfig> {
         self.inner.broker.topics().await
     }
+
+    /// Every consumer group with a position stored in the backend, and
+    /// every group subscribed through this bus (also one that has not
+    /// stored a position yet), with its topic; sorted by group then topic.
+    /// Broadcast groups keep one position per member and show as their
+    /// members' groups.
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    pub async fn groups(&self) -> Result<Vec<GroupTopic>, Error> {
+        let mut all: std::collections::BTreeSet<GroupTopic> =
+            self.inner.broker.groups().await?.into_iter().collect();
+        let watched = self
+            .inner
+            .watched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        all.extend(
+            watched
+                .into_iter()
+                .map(|(group, topic)| GroupTopic { group, topic }),
+        );
+        Ok(all.into_iter().collect())
+    }
+
+    /// What each queue of `topic` holds (first and next offset, message
+    /// count) and how many bytes the topic takes. Reads summaries, not
+    /// messages: cheap for any queue length.
+    ///
+    /// # Errors
+    ///
+    /// An unknown topic ([`Error::InvalidConfig`]) or a storage error.
+    pub async fn topic_stats(&self, topic: &str) -> Result<TopicStats, Error> {
+        self.inner.broker.topic_stats(topic).await
+    }
 }

@@ -32,10 +32,10 @@ use std::time::{Duration, Instant};
 use weirmq_actors::{EmbeddedBroker, EmbeddedConfig};
 use weirmq_bus::{validate_group_name, HalfMessage, StateBatch};
 use weirmq_bus::{
-    Broker, Capabilities, DeadLetter, Durability, Error, Event, GroupStats, History, Limits,
-    Message, MessageId, MessageTrace, Outbox, OutgoingMessage, Publish, PublishError,
+    Broker, Capabilities, DeadLetter, Durability, Error, Event, GroupStats, GroupTopic, History,
+    Limits, Message, MessageId, MessageTrace, Outbox, OutgoingMessage, Publish, PublishError,
     QueuePosition, Resend, ResendReport, ResetTo, RetentionReport, SendReceipt, TopicConfig,
-    TransactionChecker, TransactionConfig, TransactionOutcome, TryPublishError,
+    TopicStats, TransactionChecker, TransactionConfig, TransactionOutcome, TryPublishError,
 };
 use weirmq_persistence::{DiskPolicy, StoreConfig, SyncEvent, SyncHook};
 
@@ -96,6 +96,16 @@ impl Bus {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert((group.to_string(), topic.to_string()));
+    }
+
+    /// Whether a subscription of `group` to `topic` was started through
+    /// this bus (its counters in [`Bus::group_stats`] are live).
+    pub(crate) fn is_watched(&self, group: &str, topic: &str) -> bool {
+        self.inner
+            .watched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&(group.to_string(), topic.to_string()))
     }
 
     /// What the backend does: durable, real syncs, dense offsets, and

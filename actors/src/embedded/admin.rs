@@ -62,6 +62,57 @@ impl Admin for EmbeddedBroker {
         v
     }
 
+    async fn groups(&self) -> Result<Vec<GroupTopic>, Error> {
+        let reader = self.reader()?;
+        let stored = blocking(move || reader.groups()).await?;
+        let names: HashMap<u32, String> = self
+            .inner
+            .topics
+            .iter()
+            .map(|h| (h.id, h.name.to_string()))
+            .collect();
+        let mut out: Vec<GroupTopic> = stored
+            .into_iter()
+            .filter_map(|(group, id)| {
+                names.get(&id).map(|topic| GroupTopic {
+                    group,
+                    topic: topic.clone(),
+                })
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    async fn topic_stats(&self, topic: &str) -> Result<TopicStats, Error> {
+        let h = self.known_topic(topic)?;
+        let reader = self.reader()?;
+        let ends: Vec<u64> = h.ends.iter().map(|e| e.load(Ordering::Acquire)).collect();
+        let id = h.id;
+        blocking(move || {
+            let mut stats = TopicStats {
+                queues: Vec::with_capacity(ends.len()),
+                bytes: 0,
+            };
+            for (q, end) in ends.into_iter().enumerate() {
+                let key = QueueKey {
+                    topic_id: id,
+                    queue: q as u32,
+                };
+                let (messages, bytes) = reader.queue_usage(key)?;
+                stats.bytes += bytes;
+                stats.queues.push(QueueStats {
+                    queue: q as u32,
+                    first: reader.queue_start(key)?.min(end),
+                    end,
+                    messages,
+                });
+            }
+            Ok(stats)
+        })
+        .await
+    }
+
     /// System topics (`%DLQ%<group>`) can be read too.
     async fn read_queue(
         &self,

@@ -61,12 +61,12 @@ use tracing::{debug, info};
 use weirmq_bus::{
     dlq_topic, now_ms, unix_ms, validate_group_name, validate_topic_name, Admin, Admission, Broker,
     BrokerSubscription, Capabilities, DeadLetter, DeadLetters, Durability, Error, GroupStats,
-    HalfMessage, History, Limits, Message as BusMessage, MessageId, MessageTrace, Outbox,
-    OutgoingMessage, Publisher, QueuePosition, Resend, ResendOutcome, ResendPlan, ResendReport,
-    ResetTo, RetentionReport, SendReceipt, SettleToken, Settlement, Settler, StartFrom,
-    StorageError, SubscriptionSpec, Subscriptions, TopicConfig, TraceEvent, TraceKind,
-    TransactionChecker, TransactionCheckers, TransactionConfig, TransactionOutcome, Transactions,
-    HALF_TOPIC, SCHEDULE_TOPIC, SYSTEM_TOPIC_PREFIX,
+    GroupTopic, HalfMessage, History, Limits, Message as BusMessage, MessageId, MessageTrace,
+    Outbox, OutgoingMessage, Publisher, QueuePosition, QueueStats, Resend, ResendOutcome,
+    ResendPlan, ResendReport, ResetTo, RetentionReport, SendReceipt, SettleToken, Settlement,
+    Settler, StartFrom, StorageError, SubscriptionSpec, Subscriptions, TopicConfig, TopicStats,
+    TraceEvent, TraceKind, TransactionChecker, TransactionCheckers, TransactionConfig,
+    TransactionOutcome, Transactions, HALF_TOPIC, SCHEDULE_TOPIC, SYSTEM_TOPIC_PREFIX,
 };
 use weirmq_persistence::DiskGuard;
 use weirmq_persistence::{

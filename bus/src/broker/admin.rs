@@ -49,6 +49,23 @@ pub trait Admin: Send + Sync {
     /// counts, by name.
     async fn topics(&self) -> Vec<TopicConfig>;
 
+    /// Every consumer group with a position stored in the backend, with
+    /// the topic it is in, sorted by group then topic. A group subscribed
+    /// a moment ago may not have stored a position yet (the `Bus` adds the
+    /// groups subscribed through it).
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    async fn groups(&self) -> Result<Vec<GroupTopic>, Error>;
+
+    /// What each queue of `topic` holds, and the topic's size.
+    ///
+    /// # Errors
+    ///
+    /// An unknown topic as [`Error::InvalidConfig`], or a storage error.
+    async fn topic_stats(&self, topic: &str) -> Result<TopicStats, Error>;
+
     /// Reads up to `max` stored messages of one queue from offset `from`.
     ///
     /// # Errors
@@ -102,6 +119,48 @@ pub struct QueuePosition {
     pub max: u64,
     /// Messages not yet acked (`max - committed`, less those acked out of order).
     pub lag: u64,
+}
+
+/// A consumer group and a topic it has a position in.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GroupTopic {
+    /// The consumer group.
+    pub group: String,
+    /// The topic.
+    pub topic: String,
+}
+
+/// What one queue of a topic holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueStats {
+    /// The queue.
+    pub queue: u32,
+    /// The offset of the first stored message (`end` if none is stored).
+    pub first: u64,
+    /// The next offset to be written.
+    pub end: u64,
+    /// Messages stored (retention and purges make it less than
+    /// `end - first` where offsets have holes; on NATS offsets are stream
+    /// sequences shared by the topic's queues).
+    pub messages: u64,
+}
+
+/// What a topic holds: per queue, and its size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicStats {
+    /// Each queue, by number.
+    pub queues: Vec<QueueStats>,
+    /// Bytes the topic's messages take in the backend (records with their
+    /// framing; the newest records of an embedded queue are counted by
+    /// their record size).
+    pub bytes: u64,
+}
+
+impl TopicStats {
+    /// Messages stored in every queue.
+    pub fn messages(&self) -> u64 {
+        self.queues.iter().map(|q| q.messages).sum()
+    }
 }
 
 /// Counters of one subscription since it started (in this process).

@@ -12,7 +12,7 @@
 //! |---|---|---|
 //! | [`Publisher`] | `publisher.rs` | 2 |
 //! | [`Subscriptions`] | `subscriptions.rs` | 2 |
-//! | [`Admin`] (topics, positions, reset, read, stats) | `admin.rs` | 6 |
+//! | [`Admin`] (topics, groups, positions, reset, read, stats) | `admin.rs` | 8 |
 //! | [`DeadLetters`] | `dead_letters.rs` | 4 |
 //! | [`Transactions`] | `transactions.rs` | 3 |
 //! | [`Outbox`] (optional) | `outbox.rs` | 4 |
@@ -52,7 +52,7 @@ use async_trait::async_trait;
 
 use crate::error::Error;
 
-pub use admin::{Admin, GroupStats, QueuePosition, ResetTo};
+pub use admin::{Admin, GroupStats, GroupTopic, QueuePosition, QueueStats, ResetTo, TopicStats};
 pub use dead_letters::{
     dlq_topic, DeadLetter, DeadLetterCopy, DeadLetters, Resend, ResendOutcome, ResendPlan,
     ResendReport, DLQ_ATTEMPTS, DLQ_DEAD_LETTERED_AT_MS, DLQ_FIRST_FAILED_AT_MS, DLQ_ORIGIN_MSG_ID,

@@ -154,3 +154,37 @@ impl StoreReader {
         })
     }
 }
+
+impl StoreReader {
+    /// Every group with a stored position, with the ids of the topics it
+    /// has one in, sorted and without repeats.
+    ///
+    /// # Errors
+    ///
+    /// A storage error if sled fails or an offset key is corrupt.
+    pub fn groups(&self) -> Result<Vec<(String, u32)>, StorageError> {
+        self.located(|| {
+            let mut out: Vec<(String, u32)> = Vec::new();
+            for item in self.offsets.iter() {
+                let (k, _) = item.map_err(failure::sled("reading consumer offsets"))?;
+                let n = k.len();
+                let corrupt = || StorageError::msg("consumer offset key is corrupt");
+                if n < 9 || k[n - 9] != 0 {
+                    return Err(corrupt());
+                }
+                let topic_id = k
+                    .get(n - 8..n - 4)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u32::from_be_bytes)
+                    .ok_or_else(corrupt)?;
+                let group = std::str::from_utf8(&k[..n - 9]).map_err(|_| corrupt())?;
+                if out.last().is_none_or(|(g, t)| g != group || *t != topic_id) {
+                    out.push((group.to_string(), topic_id));
+                }
+            }
+            out.sort();
+            out.dedup();
+            Ok(out)
+        })
+    }
+}

@@ -217,3 +217,35 @@ impl StoreReader {
         Ok(())
     }
 }
+
+impl StoreReader {
+    /// How many messages a queue holds and how many bytes they take: the
+    /// index summaries' counts and sizes, plus the records after the last
+    /// summary (the open span, counted by record size). Reads one summary
+    /// per span and the last span's records: cheap at any queue length.
+    ///
+    /// # Errors
+    ///
+    /// A storage error if sled fails or a summary or record is corrupt.
+    pub fn queue_usage(&self, key: QueueKey) -> Result<(u64, u64), StorageError> {
+        self.located(|| {
+            let (mut messages, mut bytes, mut summarised_to) = (0u64, 0u64, 0u64);
+            for item in self.index.range(key.log_key(0)..=key.log_key(u64::MAX)) {
+                let (k, v) = item.map_err(failure::sled("reading the index"))?;
+                let s = Summary::decode(&v)?;
+                messages += s.count as u64;
+                bytes += s.bytes as u64;
+                summarised_to = offset_of(&k)? + s.count as u64;
+            }
+            for item in self
+                .log
+                .range(key.log_key(summarised_to)..=key.log_key(u64::MAX))
+            {
+                let (_, v) = item.map_err(failure::sled("reading the queue log"))?;
+                messages += record_count(&v)? as u64;
+                bytes += v.len() as u64;
+            }
+            Ok((messages, bytes))
+        })
+    }
+}

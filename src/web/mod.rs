@@ -39,6 +39,10 @@
 //! }
 //! ```
 
+mod admin;
+
+pub use admin::{admin, AdminScope};
+
 use std::fmt;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -127,8 +131,8 @@ impl ResponseError for HttpError {
     }
 }
 
-/// A JSON string literal (the facade does not depend on serde_json).
-fn json_string(s: &str) -> String {
+/// A JSON string literal.
+pub(crate) fn json_string(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
     for c in s.chars() {
