@@ -469,6 +469,11 @@ pub async fn start(cfg: Config) -> std::io::Result<Running> {
         .open()
         .await
         .map_err(std::io::Error::other)?;
+    // Order events keep a trace of their lives (the dashboard's message
+    // page shows it: published, delivered, retried, dead-lettered, resent).
+    bus.create_topic(weirmq::TopicConfig::new(OrderEvent::TOPIC).trace(true))
+        .await
+        .map_err(std::io::Error::other)?;
     let book = OrderBook { bus: bus.clone() }.start();
     let quick = RetryPolicy::fixed(Duration::from_millis(200), 16);
     let io = std::io::Error::other;
