@@ -67,6 +67,9 @@ try {
   // With the token: resent, a result per message.
   await page.fill("#token", token);
   await page.click("#token-save");
+  await page.waitForFunction(() => sessionStorage.getItem("weirmq-token"));
+  // A fresh page (the token stays in the tab's sessionStorage).
+  await page.reload();
   await page.waitForSelector("#dead-letters input.pick");
   await page.locator(`#dead-letters input.pick[value="${id}"]`).check();
   await page.click("#resend-selected");
