@@ -120,6 +120,11 @@ pub struct RetentionDocDoctests;
 #[doc = include_str!("../docs/observability.md")]
 pub struct ObservabilityDocDoctests;
 
+/// The Rust examples of `docs/operations.md`, compiled as doc tests.
+#[cfg(all(doctest, feature = "web"))]
+#[doc = include_str!("../docs/operations.md")]
+pub struct OperationsDocDoctests;
+
 /// The Rust examples of `docs/scaling.md`, compiled as doc tests.
 #[cfg(all(doctest, feature = "nats"))]
 #[doc = include_str!("../docs/scaling.md")]

@@ -405,5 +405,5 @@ document.getElementById("token-form").addEventListener("submit", ev => {
   say(token() ? "Token set for this tab." : "Token cleared.");
   route();
 });
-window.addEventListener("hashchange", route);
+window.addEventListener("hashchange", () => { statusBox.innerHTML = ""; route(); });
 api("/overview").then(o => { readOnly = o.read_only; }).catch(() => {}).finally(route);
