@@ -510,7 +510,11 @@ async fn mutations_need_the_token_and_reads_can_too(b: Backend) {
     // Names with `%` (a broadcast member's position group is
     // `<group>%<member>`) come through percent-encoded paths whole.
     let (s, v, _) = call!(&app, get("/admin/api/dlq/mail%25node-1")).await;
-    assert_eq!((s, v["group"].as_str()), (StatusCode::OK, Some("mail%node-1")), "{v}");
+    assert_eq!(
+        (s, v["group"].as_str()),
+        (StatusCode::OK, Some("mail%node-1")),
+        "{v}"
+    );
 
     // Reads protected too, on another path.
     let app = test::init_service(
