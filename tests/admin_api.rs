@@ -435,6 +435,14 @@ async fn every_endpoint_answers_on_a_bus_with_a_dead_letter(b: Backend) {
     .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
 
+    // Retention now: nothing is 72 hours old (NATS applies its own limits).
+    let (s, v, _) = call!(&app, post("/admin/api/retention", json!({}), Some(TOKEN))).await;
+    if bus.capabilities().history {
+        assert_eq!((s, &v["messages"]), (StatusCode::OK, &json!(0)), "{v}");
+    } else {
+        assert_eq!(s, StatusCode::NOT_IMPLEMENTED, "{v}");
+    }
+
     // Purge: the group's DLQ is empty afterwards.
     let (s, v, _) = call!(
         &app,

@@ -106,6 +106,8 @@ enum Command {
         #[arg(long, short)]
         yes: bool,
     },
+    /// Applies every topic's retention now (embedded store).
+    Retention,
     /// Prints a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
 }
@@ -429,6 +431,17 @@ async fn command(t: &Target, cli: &Cli) -> Result<(), Failure> {
                 .await;
             pb.finish_and_clear();
             print(&r?, &output::positions);
+        }
+        Command::Retention => {
+            let pb = spinner("applying retention".into());
+            let r = t.post("/retention", json!({})).await;
+            pb.finish_and_clear();
+            print(&r?, &|v| {
+                format!(
+                    "removed {} messages ({} bytes) from {} queues\n",
+                    v["messages"], v["bytes"], v["queues"]
+                )
+            });
         }
         Command::Completions { .. } => unreachable!("handled before the runtime starts"),
     }

@@ -221,6 +221,8 @@ async fn offline_and_online_agree_and_exit_codes_are_reliable() {
         "the resend shows in the DLQ listing"
     );
     assert_eq!(json(&offline, &["get", &id]).await, get);
+    let kept = json(&offline, &["retention"]).await;
+    assert_eq!(kept["messages"], 0, "nothing is old enough to go: {kept}");
     let purged = json(&offline, &["dlq", "purge", "ledger", "--yes"]).await;
     assert_eq!(purged["purged"], 1, "{purged}");
     let (code, out, _) = weirmq(args(&offline, &["dlq", "list", "ledger"])).await;

@@ -38,6 +38,7 @@ pub(super) fn routes(scope: Scope) -> Scope {
             .route("/messages", web::get().to(find))
             .route("/messages/{id}", web::get().to(message))
             .route("/messages/{id}/trace", web::get().to(trace))
+            .route("/retention", web::post().to(retention))
             .route("/dlq", web::get().to(dlq_groups))
             .route("/dlq/{group}", web::get().to(dlq_list))
             .route("/dlq/{group}/resend", web::post().to(dlq_resend))
@@ -380,4 +381,13 @@ async fn dlq_purge(req: HttpRequest, access: web::Data<Access>, path: web::Path<
     let bus = access.check(&req, Need::Write)?;
     let n = bus.purge_dead_letters(&path).await?;
     Ok(HttpResponse::build(StatusCode::OK).json(json!({ "group": path.as_str(), "purged": n })))
+}
+
+/// `POST /api/retention` (token): applies every topic's retention now;
+/// answers what it removed (embedded store; NATS applies its own limits:
+/// 501).
+async fn retention(req: HttpRequest, access: web::Data<Access>) -> Answer {
+    let bus = access.check(&req, Need::Write)?;
+    let r = bus.enforce_retention().await?;
+    ok(json!({ "messages": r.messages, "bytes": r.bytes, "queues": r.queues }))
 }
