@@ -2,6 +2,7 @@
 //! every endpoint, what a backend lacks (501), and who may do what (401
 //! without or with a wrong token, 403 on a read-only scope).
 
+#[macro_use]
 mod support;
 
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
@@ -16,30 +17,6 @@ use support::backend::Backend;
 use support::*;
 use weirmq::prelude::*;
 use weirmq::TopicConfig;
-
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod embedded {
-            $(
-                #[actix::test]
-                async fn $name() {
-                    super::init_tracing();
-                    super::$name(super::Backend::embedded()).await
-                }
-            )*
-        }
-        mod nats {
-            $(
-                #[actix::test]
-                async fn $name() {
-                    super::init_tracing();
-                    let Some(b) = super::Backend::nats().await else { return };
-                    super::$name(b).await
-                }
-            )*
-        }
-    };
-}
 
 on_both_backends!(
     every_endpoint_answers_on_a_bus_with_a_dead_letter,
@@ -374,15 +351,14 @@ async fn every_endpoint_answers_on_a_bus_with_a_dead_letter(b: Backend) {
     .await;
 
     // Reset: to the end, to a time, and a time that is not one.
-    let (s, v, _) = call!(
-        &app,
+    let reset_audit = |to: &str| {
         post(
             &format!("/admin/api/groups/audit/{}/reset", Num::TOPIC),
-            json!({ "to": "latest" }),
+            json!({ "to": to }),
             Some(TOKEN),
-        ),
-    )
-    .await;
+        )
+    };
+    let (s, v, _) = call!(&app, reset_audit("latest")).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert!(
         v["queues"]
@@ -392,15 +368,7 @@ async fn every_endpoint_answers_on_a_bus_with_a_dead_letter(b: Backend) {
             .all(|q| q["lag"] == 0),
         "{v}"
     );
-    let (s, v, _) = call!(
-        &app,
-        post(
-            &format!("/admin/api/groups/audit/{}/reset", Num::TOPIC),
-            json!({ "to": "2000-01-01T00:00:00Z" }),
-            Some(TOKEN),
-        ),
-    )
-    .await;
+    let (s, v, _) = call!(&app, reset_audit("2000-01-01T00:00:00Z")).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let lag: u64 = v["queues"]
         .as_array()
@@ -413,15 +381,7 @@ async fn every_endpoint_answers_on_a_bus_with_a_dead_letter(b: Backend) {
     // `billing`; other groups count it until they pass it).
     let resent_copy = u64::from(b.is_nats());
     assert_eq!(lag, 11 + resent_copy, "{v}");
-    let (s, v, _) = call!(
-        &app,
-        post(
-            &format!("/admin/api/groups/audit/{}/reset", Num::TOPIC),
-            json!({ "to": "yesterday" }),
-            Some(TOKEN),
-        ),
-    )
-    .await;
+    let (s, v, _) = call!(&app, reset_audit("yesterday")).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert!(v["message"].as_str().unwrap().contains("RFC 3339"), "{v}");
     let (s, _, _) = call!(

@@ -3,9 +3,10 @@
 //! silently diverge. What a backend cannot do must be a typed
 //! `Error::Unsupported` (checked at the end).
 //!
-//! `conformance!` turns each `async fn name(b: Backend)` below into
+//! `on_both_backends!` (tests/support) turns each `async fn name(b: Backend)` below into
 //! `embedded::name` and `nats::name` tests.
 
+#[macro_use]
 mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -21,31 +22,7 @@ use weirmq::{
     TraceContext, TransactionConfig, TransactionOutcome,
 };
 
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod embedded {
-            $(
-                #[actix::test]
-                async fn $name() {
-                    super::init_tracing();
-                    super::$name(super::Backend::embedded()).await
-                }
-            )*
-        }
-        mod nats {
-            $(
-                #[actix::test]
-                async fn $name() {
-                    super::init_tracing();
-                    let Some(b) = super::Backend::nats().await else { return };
-                    super::$name(b).await
-                }
-            )*
-        }
-    };
-}
-
-conformance!(
+on_both_backends!(
     publish_then_consume_each_message_once,
     members_of_a_group_share_the_work,
     a_failed_message_is_retried_with_its_attempt_count,

@@ -123,6 +123,24 @@ pub fn lag(v: &Value) -> String {
     )
 }
 
+/// `key   value` lines, keys padded.
+fn fields(pairs: Vec<(&str, String)>) -> String {
+    pairs
+        .into_iter()
+        .map(|(k, v)| format!("{k:<14} {v}\n"))
+        .collect()
+}
+
+/// Where a dead letter came from: `topic q<queue>@<offset>`.
+fn origin(d: &Value) -> String {
+    format!(
+        "{} q{}@{}",
+        s(&d["origin_topic"]),
+        s(&d["origin_queue"]),
+        s(&d["origin_offset"])
+    )
+}
+
 fn body(m: &Value) -> String {
     match &m["body"]["value"] {
         Value::String(x) => x.clone(),
@@ -146,8 +164,7 @@ pub fn message_line(m: &Value) -> String {
 }
 
 pub fn message(m: &Value) -> String {
-    let mut out = String::new();
-    for (k, v) in [
+    fields(vec![
         ("id", s(&m["id"])),
         ("topic", s(&m["topic"])),
         ("queue", s(&m["queue"])),
@@ -169,10 +186,7 @@ pub fn message(m: &Value) -> String {
             "body",
             format!("({}) {}", s(&m["body"]["encoding"]), body(m)),
         ),
-    ] {
-        out.push_str(&format!("{k:<14} {v}\n"));
-    }
-    out
+    ])
 }
 
 pub fn messages(v: &Value) -> String {
@@ -233,12 +247,7 @@ pub fn dead_letters(v: &Value) -> String {
                 vec![
                     s(&d["dlq_offset"]),
                     s(&d["origin_id"]),
-                    format!(
-                        "{} q{}@{}",
-                        s(&d["origin_topic"]),
-                        s(&d["origin_queue"]),
-                        s(&d["origin_offset"])
-                    ),
+                    origin(d),
                     s(&d["attempts"]),
                     if d["resent"] == true {
                         "resent"
@@ -254,27 +263,15 @@ pub fn dead_letters(v: &Value) -> String {
 }
 
 pub fn dead_letter(d: &Value) -> String {
-    let mut out = String::new();
-    for (k, v) in [
+    fields(vec![
         ("dlq offset", s(&d["dlq_offset"])),
         ("original id", s(&d["origin_id"])),
-        (
-            "from",
-            format!(
-                "{} q{}@{}",
-                s(&d["origin_topic"]),
-                s(&d["origin_queue"]),
-                s(&d["origin_offset"])
-            ),
-        ),
+        ("from", origin(d)),
         ("reason", s(&d["reason"])),
         ("attempts", s(&d["attempts"])),
         ("dead-lettered", s(&d["dead_lettered_at"]["utc"])),
         ("resent", s(&d["resent"])),
-    ] {
-        out.push_str(&format!("{k:<14} {v}\n"));
-    }
-    out + &message(&d["message"])
+    ]) + &message(&d["message"])
 }
 
 pub fn resend(v: &Value) -> String {

@@ -119,20 +119,34 @@ impl ResponseError for HttpError {
 
     fn error_response(&self) -> HttpResponse {
         let mut r = HttpResponse::build(self.status_code());
-        if matches!(self.0, Error::Busy { .. } | Error::StoreFull { .. }) {
+        if self.retry_after() {
             r.insert_header(("Retry-After", "1"));
         }
-        let body = format!(
-            r#"{{"error":{},"message":{}}}"#,
-            json_string(self.kind()),
-            json_string(&self.0.to_string())
-        );
-        r.content_type("application/json").body(body)
+        r.content_type("application/json")
+            .body(error_json(self.kind(), &self.0.to_string()))
     }
 }
 
+impl HttpError {
+    /// Whether trying again shortly may succeed (`Busy`, `StoreFull`): the
+    /// response carries `Retry-After: 1`.
+    pub(crate) fn retry_after(&self) -> bool {
+        matches!(self.0, Error::Busy { .. } | Error::StoreFull { .. })
+    }
+}
+
+/// The JSON body of every error weirmq's web module answers:
+/// `{"error": "<kind>", "message": "<what to do>"}`.
+pub(crate) fn error_json(kind: &str, message: &str) -> String {
+    format!(
+        r#"{{"error":{},"message":{}}}"#,
+        json_string(kind),
+        json_string(message)
+    )
+}
+
 /// A JSON string literal.
-pub(crate) fn json_string(s: &str) -> String {
+fn json_string(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
     for c in s.chars() {
@@ -217,10 +231,7 @@ async fn render_metrics() -> HttpResponse {
             .body(handle.render()),
         Err(e) => HttpResponse::NotImplemented()
             .content_type("application/json")
-            .body(format!(
-                r#"{{"error":"metrics_unavailable","message":{}}}"#,
-                json_string(&e.to_string())
-            )),
+            .body(error_json("metrics_unavailable", &e.to_string())),
     }
 }
 

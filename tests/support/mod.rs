@@ -9,6 +9,34 @@ use std::time::{Duration, Instant};
 
 pub mod backend;
 
+/// Turns each `async fn name(b: Backend)` of the test file into the tests
+/// `embedded::name` and `nats::name` (the file imports `Backend` and
+/// `init_tracing`; `#[macro_use] mod support;`).
+#[allow(unused_macros)]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[actix::test]
+                async fn $name() {
+                    super::init_tracing();
+                    super::$name(super::Backend::embedded()).await
+                }
+            )*
+        }
+        mod nats {
+            $(
+                #[actix::test]
+                async fn $name() {
+                    super::init_tracing();
+                    let Some(b) = super::Backend::nats().await else { return };
+                    super::$name(b).await
+                }
+            )*
+        }
+    };
+}
+
 use weirmq::prelude::*;
 
 /// A numbered test event.

@@ -178,9 +178,7 @@ impl StoreReader {
                     .map(u32::from_be_bytes)
                     .ok_or_else(corrupt)?;
                 let group = std::str::from_utf8(&k[..n - 9]).map_err(|_| corrupt())?;
-                if out.last().is_none_or(|(g, t)| g != group || *t != topic_id) {
-                    out.push((group.to_string(), topic_id));
-                }
+                out.push((group.to_string(), topic_id));
             }
             out.sort();
             out.dedup();

@@ -5,7 +5,6 @@
 
 use std::collections::BTreeSet;
 
-use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse, Scope};
 use serde::Deserialize;
 use serde_json::json;
@@ -380,7 +379,7 @@ async fn dlq_resend(
 async fn dlq_purge(req: HttpRequest, access: web::Data<Access>, path: web::Path<String>) -> Answer {
     let bus = access.check(&req, Need::Write)?;
     let n = bus.purge_dead_letters(&path).await?;
-    Ok(HttpResponse::build(StatusCode::OK).json(json!({ "group": path.as_str(), "purged": n })))
+    ok(json!({ "group": path.as_str(), "purged": n }))
 }
 
 /// `POST /api/retention` (token): applies every topic's retention now;

@@ -28,7 +28,7 @@ use actix_web::dev::{AppService, HttpServiceFactory};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 
-use crate::web::{json_string, HttpError};
+use crate::web::{error_json, HttpError};
 use crate::{Bus, Error};
 
 /// The admin scope of `bus`, at `/admin` unless [`AdminScope::at`] moves
@@ -237,7 +237,7 @@ impl From<Error> for AdminError {
             },
             kind: if unknown { "not_found" } else { h.kind() },
             message: h.to_string(),
-            retry_after: h.error_response().headers().contains_key("Retry-After"),
+            retry_after: h.retry_after(),
         }
     }
 }
@@ -261,11 +261,8 @@ impl ResponseError for AdminError {
         if self.retry_after {
             r.insert_header(("Retry-After", "1"));
         }
-        r.content_type("application/json").body(format!(
-            r#"{{"error":{},"message":{}}}"#,
-            json_string(self.kind),
-            json_string(&self.message)
-        ))
+        r.content_type("application/json")
+            .body(error_json(self.kind, &self.message))
     }
 }
 

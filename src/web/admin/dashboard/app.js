@@ -29,6 +29,11 @@ function bytes(n) {
   return (i ? n.toFixed(1) : n) + " " + u[i];
 }
 
+// Attributes of a button that changes something, when the API is read-only.
+function changeAttrs() {
+  return readOnly ? "disabled title='read-only: no admin token configured'" : "";
+}
+
 function token() { return sessionStorage.getItem("weirmq-token") || ""; }
 
 async function api(path, options = {}) {
@@ -218,7 +223,7 @@ async function groupPage(group, topic) {
       <select id="reset-to"><option value="earliest">earliest (replay everything)</option>
         <option value="latest">latest (skip the backlog)</option><option value="time">a time…</option></select>
       <input id="reset-time" placeholder="2026-12-04T10:00:00Z or 2h">
-      <button class="danger" id="reset" ${readOnly ? "disabled title='read-only: no admin token configured'" : ""}>Reset…</button>
+      <button class="danger" id="reset" ${changeAttrs()}>Reset…</button>
     </form>`;
   document.getElementById("reset-form").addEventListener("submit", async ev => {
     ev.preventDefault();
@@ -305,7 +310,7 @@ async function dlqGroups() {
 async function dlqPage(group, from = 0) {
   const page = await api(`/dlq/${enc(group)}?from=${from}&max=100`);
   const letters = page.dead_letters;
-  const dis = readOnly ? "disabled title='read-only: no admin token configured'" : "";
+  const dis = changeAttrs();
   view.innerHTML = `
     <h1>Dead letters of ${esc(group)}</h1>
     <div class="bar">
