@@ -81,7 +81,9 @@ pub use weirmq_bus::{
     StateOp, TraceEvent, TraceKind, TransactionChecker, TransactionConfig, TransactionOutcome,
     HALF_TOPIC, SCHEDULE_TOPIC,
 };
-pub use weirmq_bus::{SpanId, TraceContext, TraceContextError, TraceId, TRACEPARENT, TRACESTATE};
+pub use weirmq_bus::{
+    SpanId, TraceContext, TraceContextError, TraceId, TraceSampling, TRACEPARENT, TRACESTATE,
+};
 pub use weirmq_persistence::{SyncEvent, SyncHook};
 
 /// The NATS JetStream backend (feature `nats`): its configuration and what

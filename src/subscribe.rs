@@ -70,6 +70,10 @@ impl<E, A> std::fmt::Debug for SubscribeBuilder<E, A> {
 
 impl<E: Event> SubscribeBuilder<E, ()> {
     pub(crate) fn new(bus: Bus, group: String) -> Self {
+        let config = SubscriberConfig {
+            trace_sampling: bus.trace_sampling().clone(),
+            ..SubscriberConfig::default()
+        };
         SubscribeBuilder {
             bus,
             group,
@@ -77,7 +81,7 @@ impl<E: Event> SubscribeBuilder<E, ()> {
             max_in_flight: 1024,
             filter: Filter::All,
             ordering: Ordering::Concurrent,
-            config: SubscriberConfig::default(),
+            config,
             retry_set: false,
             broadcast: None,
             per_member_set: false,

@@ -218,8 +218,13 @@ fn scenarios(q: bool, payload: usize) -> Vec<(String, Scenario)> {
     }
     // The same e2e runs observed (compare with the plain ones of this run):
     // `/observed` with a Prometheus recorder and an INFO tracing subscriber,
-    // `/traced` with weirmq's per-message spans on as well.
-    for (observed, suffix) in [(Observe::Metrics, "observed"), (Observe::Traced, "traced")] {
+    // `/traced` with weirmq's spans on as well (default sampling), and
+    // `/traced_all` with a span on every message.
+    for (observed, suffix) in [
+        (Observe::Metrics, "observed"),
+        (Observe::Traced, "traced"),
+        (Observe::TracedAll, "traced_all"),
+    ] {
         for (store, publishers, batch, n, shape) in [
             (Store::Memory, 64, 1, scale(q, 500_000), "p64/single"),
             (Store::Memory, 4, 256, scale(q, 2_000_000), "p4/batch256"),

@@ -77,14 +77,26 @@ pub(super) enum Observe {
     /// runs in production (weirmq's per-message spans, at DEBUG, are off).
     Metrics,
     /// As `Metrics`, with weirmq's `publish` / `process` spans turned on
-    /// (`weirmq::publish=debug,weirmq::process=debug`): every message is
-    /// traced and carries a W3C trace context.
+    /// (`weirmq::publish=debug,weirmq::process=debug`) and the bus's
+    /// default sampling (100 new traces a second): every message carries a
+    /// W3C trace context, the sampled ones get spans.
     Traced,
+    /// As `Traced` with `TraceSampling::always()`: spans on every message.
+    TracedAll,
 }
 
 /// A bus on `store`; for NATS, with the server it runs on (keep it alive).
 pub(super) async fn open_on(store: Store, dir: &Path) -> (Bus, Option<NatsServer>) {
-    let b = Bus::builder();
+    open_sampled(store, dir, weirmq::TraceSampling::default()).await
+}
+
+/// As `open_on`, with the bus's trace sampling.
+async fn open_sampled(
+    store: Store,
+    dir: &Path,
+    sampling: weirmq::TraceSampling,
+) -> (Bus, Option<NatsServer>) {
+    let b = Bus::builder().trace_sampling(sampling);
     let (b, server) = match store {
         Store::Memory => (b.in_memory().durability(Durability::Buffered), None),
         Store::Buffered => (b.data_dir(dir).durability(Durability::Buffered), None),
@@ -118,7 +130,7 @@ pub(super) async fn weirmq_run(r: Run) -> Res {
         weirmq::web::install_metrics().expect("the Prometheus recorder");
         // INFO, as a service logs in production; no ANSI colours (the
         // writer is not a terminal).
-        let filter = if r.observed == Observe::Traced {
+        let filter = if matches!(r.observed, Observe::Traced | Observe::TracedAll) {
             "info,weirmq::publish=debug,weirmq::process=debug"
         } else {
             "info"
@@ -130,7 +142,12 @@ pub(super) async fn weirmq_run(r: Run) -> Res {
             .init();
     }
     let dir = tempfile::tempdir().expect("temp dir");
-    let (bus, _server) = open_on(r.store, dir.path()).await;
+    let sampling = if r.observed == Observe::TracedAll {
+        weirmq::TraceSampling::always()
+    } else {
+        weirmq::TraceSampling::default()
+    };
+    let (bus, _server) = open_sampled(r.store, dir.path(), sampling).await;
     bus.create_topic(TopicConfig::new(BenchEvent::TOPIC).queues(r.queues))
         .await
         .expect("topic");

@@ -28,6 +28,7 @@ mod sql;
 mod time;
 mod topic;
 mod trace_context;
+mod trace_sampling;
 
 pub use broker::{
     dlq_topic, Admin, Admission, AdmissionPermit, Broker, BrokerSubscription, Capabilities,
@@ -58,6 +59,7 @@ pub use topic::{
     SYSTEM_TOPIC_PREFIX,
 };
 pub use trace_context::{
-    link_process, span_context, stamp_publish, SpanId, TraceContext, TraceContextError, TraceId,
-    MAX_TRACESTATE_LEN, OTEL, TRACEPARENT, TRACESTATE,
+    explicit_parent, link_process, span_context, stamp_publish, SpanId, TraceContext,
+    TraceContextError, TraceId, MAX_TRACESTATE_LEN, OTEL, TRACEPARENT, TRACESTATE,
 };
+pub use trace_sampling::TraceSampling;

@@ -263,7 +263,11 @@ impl TraceContext {
     /// `otel` feature is on and an OpenTelemetry layer is installed; else
     /// `None`.
     pub fn current() -> Option<Self> {
-        span_context(&Span::current())
+        if OTEL {
+            span_context(&Span::current())
+        } else {
+            None
+        }
     }
 }
 
@@ -331,38 +335,56 @@ pub fn span_context(span: &Span) -> Option<TraceContext> {
     }
 }
 
+/// The trace context a publish was given: the first message's own valid
+/// `traceparent` property (set with
+/// [`Publish::trace_parent`](crate::Publish::trace_parent) or by hand).
+pub fn explicit_parent(messages: &[crate::OutgoingMessage]) -> Option<TraceContext> {
+    messages
+        .iter()
+        .find_map(|m| TraceContext::from_properties(&m.properties))
+}
+
 /// Stamps the messages of one publish with the trace context of its
 /// `publish` span and returns it (recorded as the span's `trace_id` and
 /// `span_id` fields when weirmq made the ids).
 ///
-/// The parent is the first message's own valid `traceparent` property (set
-/// with [`Publish::trace_parent`](crate::Publish::trace_parent) or by hand),
-/// else the span's OpenTelemetry parent (`otel`). The context is the span's
-/// OpenTelemetry one when there is one, else a child of the parent made
-/// here, else — the span enabled, no parent — a new trace. With the span
-/// disabled and no parent, the messages carry no context (and a malformed
-/// `traceparent` is removed: W3C says to start afresh, never to fail).
-pub fn stamp_publish(span: &Span, messages: &mut [crate::OutgoingMessage]) -> Option<TraceContext> {
-    let explicit = messages
-        .iter()
-        .find_map(|m| TraceContext::from_properties(&m.properties));
+/// `explicit` is the publish's own parent ([`explicit_parent`]); `on` says
+/// whether tracing is on for publishes (a subscriber wants the span): then
+/// the current OpenTelemetry span (`otel`) is a parent too.
+///
+/// - The span enabled (sampled): its OpenTelemetry context when there is
+///   one (`otel`; its parent `explicit`, else the current span), else a
+///   child of `explicit` made here, else a new sampled trace.
+/// - The span not recording: a child of the parent (keeping its flag, so an
+///   unsampled trace stays unsampled downstream); no parent: no context (a
+///   trace that was not sampled is not started), and a malformed
+///   `traceparent` is removed (W3C says to start afresh, never to fail).
+pub fn stamp_publish(
+    span: &Span,
+    explicit: Option<TraceContext>,
+    on: bool,
+    messages: &mut [crate::OutgoingMessage],
+) -> Option<TraceContext> {
     #[cfg(feature = "otel")]
     if let Some(p) = &explicit {
         otel::set_parent(span, p);
     }
-    let ctx = match span_context(span) {
-        Some(c) => Some(c),
-        None => {
-            let own = match &explicit {
-                Some(p) => Some(p.child()),
-                None if !span.is_disabled() => Some(TraceContext::new_root()),
-                None => None,
-            };
-            if let Some(c) = &own {
-                span.record("trace_id", tracing::field::display(c.trace_id));
-                span.record("span_id", tracing::field::display(c.span_id));
+    let ctx = if span.is_disabled() {
+        explicit
+            .or_else(|| if on { TraceContext::current() } else { None })
+            .map(|p| p.child())
+    } else {
+        match span_context(span) {
+            Some(c) => Some(c),
+            None => {
+                let own = match &explicit {
+                    Some(p) => p.child(),
+                    None => TraceContext::new_root(),
+                };
+                span.record("trace_id", tracing::field::display(own.trace_id));
+                span.record("span_id", tracing::field::display(own.span_id));
+                Some(own)
             }
-            own
         }
     };
     // Formatted once for the whole batch.
@@ -528,14 +550,34 @@ mod tests {
     fn a_disabled_span_without_parent_stamps_nothing_and_drops_junk() {
         let mut ms =
             vec![crate::OutgoingMessage::new("t", b"x".to_vec()).property(TRACEPARENT, "junk")];
-        assert_eq!(stamp_publish(&Span::none(), &mut ms), None);
+        let explicit = explicit_parent(&ms);
+        assert_eq!(stamp_publish(&Span::none(), explicit, false, &mut ms), None);
         assert!(!ms[0].properties.contains_key(TRACEPARENT));
         let parent = TraceContext::new_root();
         let mut ms = vec![crate::OutgoingMessage::new("t", b"x".to_vec())
             .property(TRACEPARENT, parent.traceparent())];
-        let c = stamp_publish(&Span::none(), &mut ms).unwrap();
+        let explicit = explicit_parent(&ms);
+        let c = stamp_publish(&Span::none(), explicit, false, &mut ms).unwrap();
         assert_eq!(c.trace_id(), parent.trace_id());
         assert_ne!(c.span_id(), parent.span_id());
         assert_eq!(TraceContext::from_properties(&ms[0].properties), Some(c));
+    }
+
+    #[test]
+    fn an_unsampled_publish_starts_no_trace_and_keeps_an_unsampled_parent() {
+        let mut ms = vec![
+            crate::OutgoingMessage::new("t", b"x".to_vec()),
+            crate::OutgoingMessage::new("t", b"y".to_vec()),
+        ];
+        assert_eq!(stamp_publish(&Span::none(), None, true, &mut ms), None);
+        assert!(ms.iter().all(|m| m.properties.is_empty()));
+        // An unsampled parent stays unsampled, in its own trace.
+        let parent = TraceContext::new(TraceId([3; 16]), SpanId([4; 8]), false, None).unwrap();
+        let mut ms = vec![crate::OutgoingMessage::new("t", b"x".to_vec())
+            .property(TRACEPARENT, parent.traceparent())];
+        let explicit = explicit_parent(&ms);
+        let c = stamp_publish(&Span::none(), explicit, true, &mut ms).unwrap();
+        assert_eq!(c.trace_id(), parent.trace_id());
+        assert!(!c.is_sampled());
     }
 }

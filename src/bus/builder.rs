@@ -37,6 +37,7 @@ pub struct BusBuilder {
     max_pending_messages: Option<usize>,
     retention_interval: Option<Duration>,
     min_free_space: Option<u64>,
+    trace_sampling: TraceSampling,
     checkers: Vec<(String, Arc<dyn TransactionChecker>, TransactionConfig)>,
     #[cfg(feature = "nats")]
     nats: Option<weirmq_nats::NatsConfig>,
@@ -49,6 +50,7 @@ impl std::fmt::Debug for BusBuilder {
             .field("in_memory", &self.in_memory)
             .field("durability", &self.durability)
             .field("limits", &self.limits)
+            .field("trace_sampling", &self.trace_sampling)
             .finish()
     }
 }
@@ -158,6 +160,30 @@ impl BusBuilder {
         self
     }
 
+    /// Which new traces get `publish` and `process` spans when a
+    /// `tracing` subscriber wants them (`weirmq::publish` /
+    /// `weirmq::process` at DEBUG). Default
+    /// [`TraceSampling::per_second(100)`](TraceSampling::per_second). A
+    /// publish that continues a trace (a `traceparent` it was given, the
+    /// current OpenTelemetry span) follows that trace's decision, and every
+    /// message carries a trace context, sampled or not; see
+    /// `docs/observability.md`, "Sampling".
+    ///
+    /// ```
+    /// # #[actix::main] async fn main() -> Result<(), weirmq::Error> {
+    /// use weirmq::TraceSampling;
+    /// let bus = weirmq::Bus::builder()
+    ///     .in_memory()
+    ///     .trace_sampling(TraceSampling::ratio(0.01))
+    ///     .open()
+    ///     .await?;
+    /// # bus.shutdown().await }
+    /// ```
+    pub fn trace_sampling(mut self, sampling: TraceSampling) -> Self {
+        self.trace_sampling = sampling;
+        self
+    }
+
     /// Observes every step of every sync of the store (flush, fdatasync of
     /// the data file and of blob files, directory fsync), on the persistence
     /// thread, before the publishes waiting on it are answered. For tests and
@@ -183,7 +209,11 @@ impl BusBuilder {
                 nats.max_pending_messages = n;
             }
             let broker = weirmq_nats::NatsBroker::connect(nats).await?;
-            return Ok(Bus::new(Arc::new(broker), self.durability));
+            return Ok(Bus::new(
+                Arc::new(broker),
+                self.durability,
+                self.trace_sampling,
+            ));
         }
         let path = if self.in_memory {
             None
@@ -217,6 +247,10 @@ impl BusBuilder {
             config.max_pending_messages = n;
         }
         let embedded = EmbeddedBroker::open(config).await?;
-        Ok(Bus::new(Arc::new(embedded), self.durability))
+        Ok(Bus::new(
+            Arc::new(embedded),
+            self.durability,
+            self.trace_sampling,
+        ))
     }
 }

@@ -35,7 +35,8 @@ use weirmq_bus::{
     Broker, Capabilities, DeadLetter, Durability, Error, Event, GroupStats, GroupTopic, History,
     Limits, Message, MessageId, MessageTrace, Outbox, OutgoingMessage, Publish, PublishError,
     QueuePosition, Resend, ResendReport, ResetTo, RetentionReport, SendReceipt, TopicConfig,
-    TopicStats, TransactionChecker, TransactionConfig, TransactionOutcome, TryPublishError,
+    TopicStats, TraceSampling, TransactionChecker, TransactionConfig, TransactionOutcome,
+    TryPublishError,
 };
 use weirmq_persistence::{DiskPolicy, StoreConfig, SyncEvent, SyncHook};
 
@@ -50,6 +51,9 @@ struct BusInner {
     watched: std::sync::Mutex<std::collections::BTreeSet<(String, String)>>,
     /// Publish metric handles by topic (see `meters.rs`).
     publish_meters: dashmap::DashMap<String, meters::PublishMeters>,
+    /// Which new traces get spans (publishes here, deliveries of the
+    /// subscriptions started through this bus).
+    trace_sampling: TraceSampling,
 }
 
 /// The event bus. Cheap to clone; share it freely (e.g. as actix-web
@@ -77,11 +81,16 @@ impl Bus {
         &self.inner.broker
     }
 
+    pub(crate) fn trace_sampling(&self) -> &TraceSampling {
+        &self.inner.trace_sampling
+    }
+
     /// A bus over `broker`, with its metrics sampler running.
-    fn new(broker: Arc<dyn Broker>, durability: Durability) -> Bus {
+    fn new(broker: Arc<dyn Broker>, durability: Durability, trace_sampling: TraceSampling) -> Bus {
         let inner = Arc::new(BusInner {
             broker,
             durability,
+            trace_sampling,
             watched: Default::default(),
             publish_meters: Default::default(),
         });

@@ -43,7 +43,12 @@ impl Bus {
     ) -> Result<SendReceipt, Error> {
         let durability = options.get_durability().unwrap_or(self.inner.durability);
         let mut messages = [options.into_message(E::TOPIC, event.encode()?)];
-        let span = super::spans::publish_span(PublishOp::PublishWithState, E::TOPIC, &mut messages);
+        let span = super::spans::publish_span(
+            &self.inner.trace_sampling,
+            PublishOp::PublishWithState,
+            E::TOPIC,
+            &mut messages,
+        );
         let [message] = messages;
         let outbox = self.outbox(
             "the local outbox (publish_with_state; use a transactional message with a \

@@ -73,7 +73,12 @@ impl Bus {
     ) -> Result<SendReceipt, Error> {
         let durability = options.get_durability().unwrap_or(self.inner.durability);
         let mut messages = vec![options.into_message(E::TOPIC, event.encode()?)];
-        let span = publish_span(PublishOp::Publish, E::TOPIC, &mut messages);
+        let span = publish_span(
+            &self.inner.trace_sampling,
+            PublishOp::Publish,
+            E::TOPIC,
+            &mut messages,
+        );
         let started = Instant::now();
         let r = self
             .inner
@@ -122,7 +127,12 @@ impl Bus {
             }
         };
         let mut messages = vec![OutgoingMessage::new(E::TOPIC, body)];
-        let span = publish_span(PublishOp::TryPublish, E::TOPIC, &mut messages);
+        let span = publish_span(
+            &self.inner.trace_sampling,
+            PublishOp::TryPublish,
+            E::TOPIC,
+            &mut messages,
+        );
         let started = Instant::now();
         let r = self
             .inner
@@ -167,7 +177,12 @@ impl Bus {
             .iter()
             .map(|e| Ok(OutgoingMessage::new(E::TOPIC, e.encode()?)))
             .collect::<Result<Vec<_>, Error>>()?;
-        let span = publish_span(PublishOp::PublishBatch, E::TOPIC, &mut messages);
+        let span = publish_span(
+            &self.inner.trace_sampling,
+            PublishOp::PublishBatch,
+            E::TOPIC,
+            &mut messages,
+        );
         let (n, started) = (messages.len(), Instant::now());
         let r = self
             .inner
@@ -193,7 +208,12 @@ impl Bus {
     ) -> Result<SendReceipt, PublishError> {
         let topic = message.topic.clone();
         let mut messages = vec![message];
-        let span = publish_span(PublishOp::Publish, &topic, &mut messages);
+        let span = publish_span(
+            &self.inner.trace_sampling,
+            PublishOp::Publish,
+            &topic,
+            &mut messages,
+        );
         let copy = messages[0].clone();
         let started = Instant::now();
         let r = self

@@ -4,17 +4,34 @@
 //! context it stamps into the messages (see `weirmq_bus::stamp_publish`).
 //! Disabled (no subscriber interested in `weirmq::publish` at DEBUG) it costs one
 //! interest check, and the messages carry no context unless one was given.
+//! Enabled, the bus's [`TraceSampling`] decides whether a publish that
+//! starts a trace records its span (one that continues a trace follows
+//! the trace's flag); unsampled, the messages still carry a context.
 
 use tracing::field::Empty;
-use tracing::{debug_span, Span};
+use tracing::{debug_span, Level, Span};
 
 use super::meters::PublishOp;
-use weirmq_bus::{Error, OutgoingMessage};
+use weirmq_bus::{Error, OutgoingMessage, TraceContext, TraceSampling};
 
 /// The span of one publish call of `messages` to `topic`, entered by
 /// nothing yet: the caller instruments the backend call with it.
-pub(super) fn publish_span(op: PublishOp, topic: &str, messages: &mut [OutgoingMessage]) -> Span {
-    let span = if weirmq_bus::OTEL {
+pub(super) fn publish_span(
+    sampling: &TraceSampling,
+    op: PublishOp,
+    topic: &str,
+    messages: &mut [OutgoingMessage],
+) -> Span {
+    let explicit = weirmq_bus::explicit_parent(messages);
+    let on = tracing::enabled!(
+        kind: tracing::metadata::Kind::SPAN,
+        target: "weirmq::publish",
+        Level::DEBUG
+    );
+    let sampled = on && sampling.sample(explicit.clone().or_else(TraceContext::current).as_ref());
+    let span = if !sampled {
+        Span::none()
+    } else if weirmq_bus::OTEL {
         debug_span!(
             target: "weirmq::publish",
             "publish",
@@ -41,7 +58,7 @@ pub(super) fn publish_span(op: PublishOp, topic: &str, messages: &mut [OutgoingM
             span_id = Empty,
         )
     };
-    weirmq_bus::stamp_publish(&span, messages);
+    weirmq_bus::stamp_publish(&span, explicit, on, messages);
     span
 }
 

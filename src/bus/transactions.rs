@@ -66,7 +66,12 @@ impl Bus {
     {
         let durability = options.get_durability().unwrap_or(self.inner.durability);
         let mut messages = [options.into_message(E::TOPIC, event.encode()?)];
-        let span = super::spans::publish_span(PublishOp::PublishHalf, E::TOPIC, &mut messages);
+        let span = super::spans::publish_span(
+            &self.inner.trace_sampling,
+            PublishOp::PublishHalf,
+            E::TOPIC,
+            &mut messages,
+        );
         let [message] = messages;
         let started = Instant::now();
         let half = self

@@ -22,8 +22,27 @@ pub struct Delivery<E> {
 /// publisher's span, from the message's `traceparent`; without, weirmq's
 /// short log fields). A root of its own in `tracing`: it
 /// is not nested under whatever the supervisor's thread is doing.
-pub(super) fn process_span(group: &str, message: &BusMessage, attempt: u32) -> tracing::Span {
+///
+/// Recorded only when a subscriber wants it and the message's context is
+/// sampled (a message without a context: when `sampling` picks it).
+pub(super) fn process_span(
+    sampling: &TraceSampling,
+    group: &str,
+    message: &BusMessage,
+    attempt: u32,
+) -> tracing::Span {
     use tracing::field::Empty;
+    if !tracing::enabled!(
+        kind: tracing::metadata::Kind::SPAN,
+        target: "weirmq::process",
+        tracing::Level::DEBUG
+    ) {
+        return tracing::Span::none();
+    }
+    let creation = message.trace_context();
+    if !sampling.sample(creation.as_ref()) {
+        return tracing::Span::none();
+    }
     let span = if weirmq_bus::OTEL {
         tracing::debug_span!(
             target: "weirmq::process",
@@ -60,10 +79,8 @@ pub(super) fn process_span(group: &str, message: &BusMessage, attempt: u32) -> t
             parent_id = Empty,
         )
     };
-    if !span.is_disabled() {
-        if let Some(creation) = message.trace_context() {
-            weirmq_bus::link_process(&span, &creation);
-        }
+    if let Some(creation) = &creation {
+        weirmq_bus::link_process(&span, creation);
     }
     span
 }

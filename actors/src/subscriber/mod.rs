@@ -48,7 +48,7 @@ use tokio::sync::oneshot;
 use tracing::{error, warn};
 use weirmq_bus::{
     Broker, DeliveryBatch, Error, Event, Message as BusMessage, MessageId, RawDelivery,
-    RetryPolicy, SettleToken, Settlement, Settler, SubscriptionSpec,
+    RetryPolicy, SettleToken, Settlement, Settler, SubscriptionSpec, TraceSampling,
 };
 
 mod delivery;
@@ -75,6 +75,10 @@ pub struct SubscriberConfig {
     /// subscription (a token bucket holding at most 1/20 s of tokens, so no
     /// 1 s window sees more than 105% of the rate). `None`: unlimited.
     pub rate_limit: Option<u32>,
+    /// Which deliveries of messages that carry no trace context get a
+    /// `process` span (one that carries a context follows its `sampled`
+    /// flag). The facade passes its bus's.
+    pub trace_sampling: TraceSampling,
 }
 
 impl Default for SubscriberConfig {
@@ -84,6 +88,7 @@ impl Default for SubscriberConfig {
             consume_timeout: Duration::from_secs(60),
             max_in_flight_per_member: 8,
             rate_limit: None,
+            trace_sampling: TraceSampling::default(),
         }
     }
 }

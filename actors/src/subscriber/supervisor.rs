@@ -179,7 +179,12 @@ where
             let id = self.next_id;
             self.next_id += 1;
             let panicked = member.panicked.clone();
-            let span = super::delivery::process_span(&self.group, &d.message, d.attempt);
+            let span = super::delivery::process_span(
+                &self.config.trace_sampling,
+                &self.group,
+                &d.message,
+                d.attempt,
+            );
             let fut = member.addr.send(Delivery {
                 event,
                 message: d.message.clone(),
