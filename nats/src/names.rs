@@ -2,7 +2,7 @@
 //!
 //! | weirmq | JetStream |
 //! |---|---|
-//! | topic `T` | stream `WQ_T_<T>`, subjects `wq.<T>.<queue>.<target>` |
+//! | topic `T` with `n` queues | stream `WQ_T_<T>`, subjects `wq.<T>.<q>.*` for `q` in `0..n`; a message is on `wq.<T>.<queue>.<target>` |
 //! | message for every group | target `_` |
 //! | message resent to group `G` only | target `g<G>` |
 //! | group `G`, queue `q` | durable pull consumer `<G>_Q<q>`, filter `wq.<T>.<q>.>` |
@@ -67,8 +67,21 @@ pub(crate) fn topic_stream(topic: &str) -> String {
     format!("{TOPIC_STREAM_PREFIX}{}", enc(topic))
 }
 
+/// Every subject of a topic's queues, as the streams of earlier versions
+/// took them (any queue number, any depth): kept to find a stream that
+/// still takes them (see [`queue_subjects`]).
 pub(crate) fn topic_subjects(topic: &str) -> String {
     format!("wq.{}.>", enc(topic))
+}
+
+/// The subjects a topic's stream takes: one per queue, one target token
+/// each (`wq.<T>.<q>.*`), so a publish to a queue the topic does not have
+/// (or with extra tokens) matches no stream and is refused, instead of
+/// being stored where no consumer looks.
+pub(crate) fn queue_subjects(topic: &str, queues: u32) -> Vec<String> {
+    (0..queues)
+        .map(|q| format!("wq.{}.{q}.*", enc(topic)))
+        .collect()
 }
 
 /// The subject a message of `topic` in `queue` is published to; `target`
@@ -85,6 +98,28 @@ pub(crate) fn queue_filter(topic: &str, queue: u32) -> String {
 /// The target token of a message meant for `group` only.
 pub(crate) fn group_target(group: &str) -> String {
     format!("g{}", enc(group))
+}
+
+/// Who a message's target token addresses.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// `_`: every group.
+    All,
+    /// `g<enc(group)>`: one group (a dead letter resent to it).
+    Group(String),
+    /// Anything else: no group weirmq knows how to address.
+    Unknown,
+}
+
+/// Reads a target token ([`ALL_GROUPS`] or [`group_target`]).
+pub(crate) fn parse_target(token: &str) -> Target {
+    if token == ALL_GROUPS {
+        return Target::All;
+    }
+    match token.strip_prefix('g').and_then(dec) {
+        Some(g) if !g.is_empty() => Target::Group(g),
+        _ => Target::Unknown,
+    }
 }
 
 /// The queue and target of a subject made by [`queue_subject`].
@@ -151,6 +186,22 @@ mod tests {
         }
         assert_ne!(enc("a_b"), enc("a%b"));
         assert_eq!(dec("_Z1"), None);
+    }
+
+    #[test]
+    fn targets_parse_back_and_junk_is_unknown() {
+        assert_eq!(parse_target(ALL_GROUPS), Target::All);
+        assert_eq!(
+            parse_target(&group_target("g%m-1")),
+            Target::Group("g%m-1".into())
+        );
+        for junk in ["", "x", "g", "g_Z1", "__"] {
+            assert_eq!(parse_target(junk), Target::Unknown, "{junk:?}");
+        }
+        assert_eq!(
+            queue_subjects("a.b", 2),
+            vec!["wq.a_2Eb.0.*".to_string(), "wq.a_2Eb.1.*".to_string()]
+        );
     }
 
     #[test]

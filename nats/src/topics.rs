@@ -60,7 +60,7 @@ impl Inner {
             None => {
                 let r = config.retention_limits();
                 let age = r.age().unwrap_or(Duration::ZERO);
-                let mut subjects = vec![topic_subjects(config.name())];
+                let mut subjects = queue_subjects(config.name(), config.queue_count());
                 if self.native_schedules {
                     subjects.push(schedule_definitions(config.name()));
                 }
@@ -98,6 +98,7 @@ impl Inner {
             }
         };
         let stored = parse_description(config.name(), stream_config.description.as_deref())?;
+        let stream_config = self.narrow_subjects(&stored, stream_config).await;
         let native_horizon = match (stream_config.max_age, stream_config.max_bytes) {
             (_, b) if b > 0 => None,
             (age, _) if age.is_zero() => Some(Duration::MAX),
@@ -159,6 +160,51 @@ impl Inner {
                 false
             }
         }
+    }
+
+    /// A stream made by an earlier version takes every subject under
+    /// `wq.<T>.>`, so a message on a queue the topic does not have was
+    /// stored where no consumer looks. Narrows it to the topic's queues
+    /// (a publish elsewhere is then refused), and says how many messages
+    /// are already stranded (they stay in the stream; delete them or
+    /// republish them to a queue with a NATS tool). On failure the stream
+    /// is used as it is, with a warning.
+    async fn narrow_subjects(&self, topic: &TopicConfig, mut c: stream::Config) -> stream::Config {
+        let wide = topic_subjects(topic.name());
+        if !c.subjects.contains(&wide) {
+            return c;
+        }
+        let mut subjects = queue_subjects(topic.name(), topic.queue_count());
+        subjects.extend(c.subjects.iter().filter(|s| **s != wide).cloned());
+        c.subjects = subjects;
+        match self.js.update_stream(c.clone()).await {
+            Ok(_) => info!(topic = %topic.name(), "topic stream narrowed to its queues' subjects"),
+            Err(e) => {
+                warn!(topic = %topic.name(), error = %e,
+                    "cannot narrow the topic stream's subjects; a message published to a queue \
+                     the topic does not have is still stored and never delivered");
+                return c;
+            }
+        }
+        if let Ok(s) = self.js.get_stream(c.name.clone()).await {
+            use futures::TryStreamExt;
+            let mut stranded = 0u64;
+            if let Ok(mut subjects) = s.info_with_subjects(wide).await {
+                while let Ok(Some((subject, count))) = subjects.try_next().await {
+                    let ok = parse_queue_subject(&subject)
+                        .is_some_and(|(q, t)| q < topic.queue_count() && !t.contains('.'));
+                    if !ok {
+                        stranded += count as u64;
+                    }
+                }
+            }
+            if stranded > 0 {
+                warn!(topic = %topic.name(), stranded,
+                    "messages stored on subjects outside the topic's queues are never \
+                     delivered; move or delete them with a NATS tool");
+            }
+        }
+        c
     }
 
     /// A topic that must exist (in this process's view or on the server).

@@ -3,11 +3,34 @@
 
 use super::*;
 
-/// The consumer's `max_ack_pending`: the queue's share of the
-/// subscription's in-flight limit (for FIFO it also bounds the messages
-/// waiting behind a busy message group).
+/// One process's share of the subscription's in-flight limit per queue:
+/// the permits of its fetch loop (and, for FIFO, the consumer's
+/// `max_ack_pending`, which also bounds the messages waiting behind a busy
+/// message group).
 pub(super) fn per_queue_limit(spec: &SubscriptionSpec, queues: u32) -> usize {
     (spec.max_in_flight / queues.max(1) as usize).max(1)
+}
+
+/// How many processes' shares a concurrent group's consumer lets be
+/// unacked at once.
+///
+/// The consumer is shared by every process of the group. Were its
+/// `max_ack_pending` one process's share, a process that died holding its
+/// share (fetched, unacked) would stop the whole group until the ack wait
+/// ran out — measured: a survivor handled nothing for ~30 s. Each process
+/// bounds itself with its permits, so the server's limit only has to leave
+/// room for the dead: with 16 shares, up to 15 dead or stuck processes
+/// never stop a live one.
+pub(super) const GROUP_SHARES: usize = 16;
+
+/// The consumer's `max_ack_pending` for this subscription: FIFO, one share
+/// (one process owns the queue at a time); concurrent, [`GROUP_SHARES`].
+pub(super) fn server_ack_pending(spec: &SubscriptionSpec, queues: u32) -> usize {
+    let share = per_queue_limit(spec, queues);
+    match spec.ordering {
+        weirmq_bus::Ordering::Fifo => share,
+        weirmq_bus::Ordering::Concurrent => share.saturating_mul(GROUP_SHARES),
+    }
 }
 
 pub(super) fn consumer_config(
@@ -110,7 +133,9 @@ pub(crate) async fn reset(
         let cname = consumer_name(group, q);
         let limit = match stream.get_consumer::<consumer::pull::Config>(&cname).await {
             Ok(c) => c.cached_info().config.max_ack_pending.max(1) as usize,
-            Err(_) => running.map_or(16, |s| per_queue_limit(&s.spec, topic.config.queue_count())),
+            Err(_) => running.map_or(16 * GROUP_SHARES, |s| {
+                server_ack_pending(&s.spec, topic.config.queue_count())
+            }),
         };
         let _ = stream.delete_consumer(&cname).await;
         let cfg = consumer_config(group, name, q, inner.ack_wait, limit, policy);

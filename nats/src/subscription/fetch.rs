@@ -150,30 +150,45 @@ pub(super) async fn accept(
             return None;
         }
     };
-    let target = parse_queue_subject(&m.subject)
-        .map(|(_, t)| t.to_string())
-        .unwrap_or_else(|| ALL_GROUPS.to_string());
-    if target != ALL_GROUPS && target != mine {
+    let token = parse_queue_subject(&m.subject).map_or(ALL_GROUPS, |(_, t)| t);
+    let unaddressed = match parse_target(token) {
+        Target::All => None,
+        Target::Group(_) if token == mine => None,
         // A resend meant for another group.
-        let _ = m.ack().await;
-        return None;
-    }
+        Target::Group(_) => {
+            let _ = m.ack().await;
+            return None;
+        }
+        // Stored under a target no group answers to (a publish by hand):
+        // surfaced in the dead-letter queue, not skipped in silence.
+        Target::Unknown => Some(format!(
+            "published to {}, which addresses no consumer group (the last token must be \
+             `_` for every group)",
+            m.subject
+        )),
+    };
     if stopping {
         let _ = m.ack_with(AckKind::Nak(None)).await;
         return None;
     }
-    let message = match Message::decode_envelope(topic.clone(), queue, seq, &m.payload) {
-        Ok((message, _)) => message,
-        Err(e) => {
-            error!(topic = %topic, queue, seq, error = %e,
-                "a message in the topic's stream is not a weirmq envelope; dead-lettering it");
+    let decoded = match unaddressed {
+        Some(reason) => Err(reason),
+        None => Message::decode_envelope(topic.clone(), queue, seq, &m.payload)
+            .map(|(message, _)| message)
+            .map_err(|e| format!("not a weirmq message: {e}")),
+    };
+    let message = match decoded {
+        Ok(message) => message,
+        Err(reason) => {
+            error!(topic = %topic, queue, seq, subject = %m.subject, reason = %reason,
+                "a message in the topic's stream cannot be delivered; dead-lettering it");
             let now = now_ms();
             let dl = DeadLetterCopy {
                 origin_topic: st.spec.topic.clone(),
                 origin_queue: queue,
                 origin_offset: seq,
                 origin_id: None,
-                reason: format!("not a weirmq message: {e}"),
+                reason,
                 attempts: delivered,
                 first_failed_ms: now,
                 dead_lettered_ms: now,

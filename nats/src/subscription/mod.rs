@@ -4,8 +4,10 @@
 //!
 //! Backpressure: a loop fetches only as many messages as it has free
 //! permits (the queue's share of `max_in_flight`); a permit is held by each
-//! unsettled delivery. The consumer's `max_ack_pending` is the same number,
-//! so the server enforces it too, across every process of the group.
+//! unsettled delivery. The consumer is shared by every process of the
+//! group, so its `max_ack_pending` leaves room for 16 processes' shares
+//! (`consumers::GROUP_SHARES`): a process that dies holding its share
+//! stops no one else while the ack wait runs out.
 //!
 //! FIFO: one process at a time holds a queue's lease (`crate::lease`) and
 //! fetches it; it hands out one message per message group at a time and
@@ -43,7 +45,7 @@ mod fetch;
 mod settle;
 
 pub(crate) use consumers::reset;
-use consumers::{ensure_consumer, per_queue_limit};
+use consumers::{ensure_consumer, per_queue_limit, server_ack_pending};
 use fetch::pump;
 use settle::settle_loop;
 
@@ -297,10 +299,11 @@ pub(crate) async fn start(
 ) -> Result<(Arc<SubState>, BrokerSubscription), Error> {
     let queues = topic.config.queue_count();
     let limit = per_queue_limit(&spec, queues);
+    let server_limit = server_ack_pending(&spec, queues);
     let stream = inner.stream(&topic_stream(&spec.topic)).await?;
     let mut consumers = Vec::with_capacity(queues as usize);
     for q in 0..queues {
-        consumers.push(ensure_consumer(&inner, &stream, &spec, q, limit).await?);
+        consumers.push(ensure_consumer(&inner, &stream, &spec, q, server_limit).await?);
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     let fifo = spec.ordering == Ordering::Fifo;
