@@ -90,7 +90,7 @@ pub use weirmq_persistence::{SyncEvent, SyncHook};
 /// the connected server offers. Open it with [`BusBuilder::nats`].
 #[cfg(feature = "nats")]
 pub mod nats {
-    pub use weirmq_nats::{NatsBroker, NatsConfig, ServerFeatures};
+    pub use weirmq_nats::{NatsAuth, NatsBroker, NatsConfig, NatsTls, ServerFeatures};
 }
 
 /// The attribute for implementing [`TransactionChecker`] (an async trait):

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::message::OutgoingMessage;
+use crate::message::{MessageId, OutgoingMessage};
 
 /// What kind of name failed validation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -327,8 +327,38 @@ pub enum Error {
         /// How many messages are waiting for their commit.
         pending: usize,
     },
+    /// The backend could not be reached to confirm a publish (NATS: the
+    /// server did not acknowledge it in time, or the connection broke):
+    /// **the outcome is unknown** — each message may have been stored (and
+    /// will then be delivered) or not. Not a failure of the store: the bus
+    /// reconnects by itself.
+    ///
+    /// Retry each message with the *same id*
+    /// ([`Publish::message_id`](crate::Publish::message_id)): a message
+    /// the backend already stored is then recognised as a duplicate and
+    /// stored once (NATS: within the topic stream's duplicate window, 2
+    /// minutes). A retry under a new id may store it twice. See
+    /// `docs/scaling.md`, "When the server is unreachable".
+    Unavailable {
+        /// What could not be confirmed.
+        operation: String,
+        /// Why, in the backend's words.
+        detail: String,
+        /// The ids of the messages whose outcome is unknown, in publish
+        /// order (every message of the call: those already stored are
+        /// deduplicated by the retry).
+        message_ids: Vec<MessageId>,
+    },
     /// The bus (or subscription) has been shut down.
     Closed,
+}
+
+impl Error {
+    /// Whether the outcome of the operation is unknown
+    /// ([`Error::Unavailable`]): retry it with the same message ids.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self, Error::Unavailable { .. })
+    }
 }
 
 impl fmt::Display for Error {
@@ -419,6 +449,28 @@ impl fmt::Display for Error {
                 "the bus is busy: {pending} published messages are waiting for the store; \
                  retry later, or use publish() to wait for room"
             ),
+            Error::Unavailable {
+                operation,
+                detail,
+                message_ids,
+            } => {
+                write!(f, "backend unavailable: {operation}: {detail}; ")?;
+                match message_ids.len() {
+                    0 => f.write_str("retry when it is back"),
+                    1 => write!(
+                        f,
+                        "message {} may or may not be stored: retry it with the same id \
+                         (Publish::message_id) to store it once",
+                        message_ids[0]
+                    ),
+                    n => write!(
+                        f,
+                        "{n} messages (ids from {}) may or may not be stored: retry each with \
+                         its id (Publish::message_id) to store each once",
+                        message_ids[0]
+                    ),
+                }
+            }
             Error::Closed => f.write_str("the bus has been shut down"),
         }
     }

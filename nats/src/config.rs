@@ -2,6 +2,7 @@
 //! what the server it connected to offers ([`ServerFeatures`]).
 
 use crate::prelude::*;
+use std::path::PathBuf;
 
 /// How a [`NatsBroker`] connects and behaves.
 #[derive(Clone)]
@@ -30,6 +31,69 @@ pub struct NatsConfig {
     /// the forwarder 1–1.4 ms and 2.2–3 ms (BENCHMARKS.md). Turn it on when
     /// delayed messages must fire with no weirmq process running.
     pub use_message_schedules: bool,
+    /// How the connection authenticates (default [`NatsAuth::None`]).
+    pub auth: NatsAuth,
+    /// TLS for the connection (default `None`: plain, unless a `tls://`
+    /// URL or the server asks for it, then the system's roots).
+    pub tls: Option<NatsTls>,
+}
+
+/// How a [`NatsBroker`](crate::NatsBroker) authenticates to the server.
+/// `Debug` never shows a secret.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub enum NatsAuth {
+    /// No credentials.
+    #[default]
+    None,
+    /// A user and password (`authorization { users = [...] }`, or an
+    /// account's users).
+    UserPassword {
+        /// The user.
+        user: String,
+        /// The password.
+        password: String,
+    },
+    /// A token (`authorization { token: ... }`).
+    Token(String),
+    /// A credentials file (decentralised JWT auth: the user JWT and its
+    /// NKey seed, as `nsc` writes them).
+    CredentialsFile(PathBuf),
+}
+
+impl std::fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NatsAuth::None => f.write_str("None"),
+            NatsAuth::UserPassword { user, .. } => write!(f, "UserPassword({user:?}, ***)"),
+            NatsAuth::Token(_) => f.write_str("Token(***)"),
+            NatsAuth::CredentialsFile(p) => write!(f, "CredentialsFile({})", p.display()),
+        }
+    }
+}
+
+/// TLS settings of the connection (rustls; PEM files).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NatsTls {
+    /// The CA certificate(s) that signed the server's certificate (a
+    /// private CA); `None`: the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate and its key, for servers that verify clients
+    /// (`verify: true`): `(certificate, key)`.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// Refuse to connect without TLS (default `true` once TLS settings are
+    /// given).
+    pub required: bool,
+}
+
+impl NatsTls {
+    /// TLS required, the server verified against `ca_file`.
+    pub fn with_ca(ca_file: impl Into<PathBuf>) -> Self {
+        NatsTls {
+            ca_file: Some(ca_file.into()),
+            client_cert: None,
+            required: true,
+        }
+    }
 }
 
 impl std::fmt::Debug for NatsConfig {
@@ -39,6 +103,8 @@ impl std::fmt::Debug for NatsConfig {
             .field("ack_wait", &self.ack_wait)
             .field("limits", &self.limits)
             .field("replicas", &self.replicas)
+            .field("auth", &self.auth)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -54,7 +120,54 @@ impl NatsConfig {
             replicas: 1,
             checkers: Vec::new(),
             use_message_schedules: false,
+            auth: NatsAuth::None,
+            tls: None,
         }
+    }
+
+    /// The async-nats connect options these settings ask for.
+    pub(crate) async fn connect_options(&self) -> Result<async_nats::ConnectOptions, Error> {
+        let mut o = async_nats::ConnectOptions::new()
+            .name("weirmq")
+            .connection_timeout(Duration::from_secs(5));
+        o = match &self.auth {
+            NatsAuth::None => o,
+            NatsAuth::UserPassword { user, password } => {
+                o.user_and_password(user.clone(), password.clone())
+            }
+            NatsAuth::Token(t) => o.token(t.clone()),
+            NatsAuth::CredentialsFile(path) => {
+                o.credentials_file(path)
+                    .await
+                    .map_err(|e| Error::InvalidConfig {
+                        reason: format!(
+                            "cannot read the NATS credentials file {}: {e}",
+                            path.display()
+                        ),
+                    })?
+            }
+        };
+        if let Some(tls) = &self.tls {
+            for (what, path) in tls.ca_file.iter().map(|p| ("CA file", p)).chain(
+                tls.client_cert
+                    .iter()
+                    .flat_map(|(c, k)| [("client certificate", c), ("client key", k)]),
+            ) {
+                if !path.is_file() {
+                    return Err(Error::InvalidConfig {
+                        reason: format!("the NATS TLS {what} {} does not exist", path.display()),
+                    });
+                }
+            }
+            if let Some(ca) = &tls.ca_file {
+                o = o.add_root_certificates(ca.clone());
+            }
+            if let Some((cert, key)) = &tls.client_cert {
+                o = o.add_client_certificate(cert.clone(), key.clone());
+            }
+            o = o.require_tls(tls.required);
+        }
+        Ok(o)
     }
 }
 

@@ -70,8 +70,8 @@ mod prelude {
         dlq_topic, now_ms, queue_for_message_group, unix_ms, validate_group_name,
         validate_topic_name, Admin, Admission, Broker, BrokerSubscription, Capabilities,
         DeadLetter, DeadLetters, Durability, Error, GroupStats, GroupTopic, HalfMessage, History,
-        Limits, Message, Outbox, OutgoingMessage, Publisher, QueuePosition, QueueStats, Resend,
-        ResendPlan, ResendReport, ResetTo, SendReceipt, StorageError, SubscriptionSpec,
+        Limits, Message, MessageId, Outbox, OutgoingMessage, Publisher, QueuePosition, QueueStats,
+        Resend, ResendPlan, ResendReport, ResetTo, SendReceipt, StorageError, SubscriptionSpec,
         Subscriptions, TopicConfig, TopicStats, TransactionChecker, TransactionCheckers,
         TransactionConfig, TransactionOutcome, Transactions, HALF_TOPIC,
     };
@@ -85,7 +85,7 @@ mod prelude {
 
 use prelude::*;
 
-pub use config::{NatsConfig, ServerFeatures};
+pub use config::{NatsAuth, NatsConfig, NatsTls, ServerFeatures};
 use subscription::SubState;
 
 /// The connection and what this process knows; shared by every role and
@@ -175,16 +175,28 @@ impl NatsBroker {
         handle: tokio::runtime::Handle,
     ) -> Result<Arc<Inner>, Error> {
         let url = config.url.clone();
-        let client = async_nats::ConnectOptions::new()
-            .name("weirmq")
-            .connection_timeout(Duration::from_secs(5))
+        let client = config
+            .connect_options()
+            .await?
             .connect(&url)
             .await
             .map_err(|e| {
-                nats_err(
-                    format!("cannot connect to NATS at {url} (is nats-server running, with -js?)"),
-                    e,
-                )
+                use async_nats::ConnectErrorKind as K;
+                // A certificate the client does not trust surfaces as an
+                // I/O error of the handshake, not as kind `Tls`.
+                let text = e.to_string().to_ascii_lowercase();
+                let hint = match e.kind() {
+                    K::AuthorizationViolation | K::Authentication => {
+                        "the server refused the credentials: check NatsConfig::auth"
+                    }
+                    K::Tls => "TLS failed: check NatsConfig::tls (CA file, client certificate)",
+                    _ if text.contains("certificate") || text.contains("tls") => {
+                        "TLS failed: check NatsConfig::tls (the CA that signed the server's \
+                         certificate, a client certificate)"
+                    }
+                    _ => "is nats-server running, with -js?",
+                };
+                nats_err(format!("cannot connect to NATS at {url} ({hint})"), e)
             })?;
         let features = ServerFeatures::detect(&client.server_info().version);
         let js = jetstream::new(client.clone());

@@ -38,13 +38,13 @@ impl Inner {
                 self.js
                     .send_publish(subject, publish)
                     .await
-                    .map_err(|e| nats_err("NATS publish", e))?,
+                    .map_err(|e| publish_err("NATS publish", e))?,
             );
         }
         let mut seqs = Vec::with_capacity(acks.len());
         for ack in futures::future::join_all(acks.into_iter().map(|a| a.into_future())).await {
             seqs.push(
-                ack.map_err(|e| nats_err("NATS publish not acknowledged", e))?
+                ack.map_err(|e| publish_err("NATS publish not acknowledged", e))?
                     .sequence,
             );
         }
@@ -106,10 +106,35 @@ impl Inner {
             .collect())
     }
 
+    /// Publishes `messages`; an outcome the server did not confirm is
+    /// [`Error::Unavailable`] naming every message's id (a retry with them
+    /// is deduplicated by the stream's window).
     pub(crate) async fn publish(
         self: Arc<Self>,
         messages: Vec<OutgoingMessage>,
         wait: bool,
+    ) -> Result<Vec<SendReceipt>, Error> {
+        let mut ids = Vec::new();
+        self.publish_prepared(messages, wait, &mut ids)
+            .await
+            .map_err(|e| match e {
+                Error::Unavailable {
+                    operation, detail, ..
+                } => Error::Unavailable {
+                    operation,
+                    detail,
+                    message_ids: ids,
+                },
+                e => e,
+            })
+    }
+
+    /// As `publish`; `ids` gets each message's id as it is prepared.
+    async fn publish_prepared(
+        &self,
+        messages: Vec<OutgoingMessage>,
+        wait: bool,
+        ids: &mut Vec<MessageId>,
     ) -> Result<Vec<SendReceipt>, Error> {
         let mut messages = messages;
         self.admission.check(&mut messages)?;
@@ -133,14 +158,18 @@ impl Inner {
             };
             if native {
                 let msg = Message::prepare(m, topic);
+                ids.push(msg.id());
                 let q = t.pick_queue(&msg);
                 scheduled.push((i, q, msg));
             } else if m.deliver_at.is_some() {
                 let msg = Message::prepare(m, Arc::from(weirmq_bus::SCHEDULE_TOPIC))
                     .with_destination(topic.to_string());
+                ids.push(msg.id());
                 delayed.push((i, msg));
             } else {
-                plain.push(Message::prepare(m, topic));
+                let msg = Message::prepare(m, topic);
+                ids.push(msg.id());
+                plain.push(msg);
                 plain_at.push(i);
             }
         }
@@ -229,5 +258,20 @@ impl Publisher for NatsBroker {
         _durability: Durability,
     ) -> Result<Vec<SendReceipt>, Error> {
         self.run(|i| i.publish(messages, false)).await
+    }
+}
+
+/// A JetStream publish error as the bus's: no answer in time or a broken
+/// connection leave the outcome unknown ([`Error::Unavailable`], ids
+/// filled in by the caller); anything else is the server's refusal.
+pub(crate) fn publish_err(context: &str, e: async_nats::jetstream::context::PublishError) -> Error {
+    use async_nats::jetstream::context::PublishErrorKind;
+    match e.kind() {
+        PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => Error::Unavailable {
+            operation: context.to_string(),
+            detail: format!("{e} (is the NATS server reachable? the bus reconnects by itself)"),
+            message_ids: Vec::new(),
+        },
+        _ => nats_err(context, e),
     }
 }

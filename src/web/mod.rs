@@ -10,6 +10,7 @@
 //! | a body over the size limit | 413 Payload Too Large |
 //! | a topic or subscription conflict | 409 Conflict |
 //! | `Busy` (the store is not keeping up) | 503 Service Unavailable, `Retry-After: 1` |
+//! | `Unavailable` (the backend did not confirm: outcome unknown, retry with the same ids) | 503 Service Unavailable, `Retry-After: 1` |
 //! | `Closed` (shutting down) | 503 Service Unavailable |
 //! | `StoreFull` (the disk is nearly full; nothing stored) | 507 Insufficient Storage, `Retry-After: 1` |
 //! | `Unsupported` | 501 Not Implemented |
@@ -91,6 +92,7 @@ impl HttpError {
             Error::DelayTooLong { .. } => "delay_too_long",
             Error::Unsupported { .. } => "unsupported",
             Error::Busy { .. } => "busy",
+            Error::Unavailable { .. } => "unavailable",
             Error::Closed => "closed",
             _ => "other",
         }
@@ -110,7 +112,9 @@ impl ResponseError for HttpError {
             | Error::Codec(_) => StatusCode::BAD_REQUEST,
             Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::TopicConflict { .. } | Error::AlreadySubscribed { .. } => StatusCode::CONFLICT,
-            Error::Busy { .. } | Error::Closed => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Busy { .. } | Error::Unavailable { .. } | Error::Closed => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Error::Unsupported { .. } => StatusCode::NOT_IMPLEMENTED,
             Error::StoreFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -128,10 +132,13 @@ impl ResponseError for HttpError {
 }
 
 impl HttpError {
-    /// Whether trying again shortly may succeed (`Busy`, `StoreFull`): the
-    /// response carries `Retry-After: 1`.
+    /// Whether trying again shortly may succeed (`Busy`, `StoreFull`,
+    /// `Unavailable`): the response carries `Retry-After: 1`.
     pub(crate) fn retry_after(&self) -> bool {
-        matches!(self.0, Error::Busy { .. } | Error::StoreFull { .. })
+        matches!(
+            self.0,
+            Error::Busy { .. } | Error::StoreFull { .. } | Error::Unavailable { .. }
+        )
     }
 }
 
@@ -245,6 +252,21 @@ mod tests {
         assert_eq!(busy.status_code(), StatusCode::SERVICE_UNAVAILABLE);
         let r = busy.error_response();
         assert_eq!(r.headers().get("Retry-After").unwrap(), "1");
+        let id = weirmq_bus::MessageId::generate();
+        let unknown = HttpError(Error::Unavailable {
+            operation: "NATS publish not acknowledged".into(),
+            detail: "timed out".into(),
+            message_ids: vec![id],
+        });
+        assert_eq!(unknown.status_code(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(unknown.kind(), "unavailable");
+        let r = unknown.error_response();
+        assert_eq!(r.headers().get("Retry-After").unwrap(), "1");
+        let text = unknown.0.to_string();
+        assert!(
+            text.contains(&id.to_string()) && text.contains("Publish::message_id"),
+            "{text}"
+        );
         let too_big = HttpError(Error::BodyTooLarge { size: 5, max: 4 });
         assert_eq!(too_big.status_code(), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(

@@ -21,6 +21,9 @@ pub struct NatsServer {
     pub url: String,
     _dir: Option<tempfile::TempDir>,
     _shared: Option<std::sync::MutexGuard<'static, ()>>,
+    /// Held while the server is down after [`crash`](Self::crash): no
+    /// other test starts a server on its port meanwhile.
+    down: Option<std::sync::MutexGuard<'static, ()>>,
 }
 
 impl Drop for NatsServer {
@@ -74,6 +77,7 @@ impl NatsServer {
                 url,
                 _dir: None,
                 _shared: Some(guard),
+                down: None,
             });
         }
         let why = "nats-server is not on the PATH and NATS_URL is not set \
@@ -103,6 +107,7 @@ impl NatsServer {
                     url: format!("nats://127.0.0.1:{port}"),
                     _dir: Some(dir),
                     _shared: None,
+                    down: None,
                 };
             }
         }
@@ -139,19 +144,36 @@ impl NatsServer {
     /// (a server crash). `false` for a shared server (`NATS_URL`), which
     /// this cannot restart.
     pub fn crash_and_restart(&mut self) -> bool {
-        let (Some(child), Some(dir)) = (&mut self.child, &self._dir) else {
+        if !self.crash() {
+            return false;
+        }
+        self.restart();
+        true
+    }
+
+    /// SIGKILLs the server and leaves it down (an outage) until
+    /// [`restart`](Self::restart); no other test may start a server
+    /// meanwhile (its port stays reserved). `false` for a shared server.
+    pub fn crash(&mut self) -> bool {
+        let (Some(child), Some(_)) = (&mut self.child, &self._dir) else {
             return false;
         };
-        // No other test may pick this port between the kill and the restart.
-        let _one_at_a_time = STARTING.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = STARTING.lock().unwrap_or_else(|p| p.into_inner());
         child.kill().expect("kill nats-server");
         child.wait().expect("reap nats-server");
+        self.down = Some(guard);
+        true
+    }
+
+    /// Starts a crashed server again on its port and store.
+    pub fn restart(&mut self) {
+        let dir = self._dir.as_ref().expect("a server of the test's own");
         let port: u16 = self.url.rsplit(':').next().unwrap().parse().unwrap();
         self.child = Some(
             Self::launch(port, dir.path())
                 .expect("nats-server restarted on its port (was the port taken meanwhile?)"),
         );
-        true
+        self.down = None;
     }
 
     /// Deletes every weirmq stream (for a shared server).

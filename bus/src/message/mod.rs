@@ -118,6 +118,11 @@ pub struct OutgoingMessage {
     pub deliver_at: Option<SystemTime>,
     /// The payload.
     pub body: Vec<u8>,
+    /// The id to publish it under; `None` (the default): a fresh one. Set
+    /// it to retry a publish whose outcome is unknown
+    /// ([`Error::Unavailable`](crate::Error::Unavailable)) without storing
+    /// it twice (see [`Publish::message_id`]).
+    pub id: Option<MessageId>,
 }
 
 impl OutgoingMessage {
@@ -131,6 +136,7 @@ impl OutgoingMessage {
             message_group: None,
             deliver_at: None,
             body: body.into(),
+            id: None,
         }
     }
 
@@ -191,6 +197,7 @@ pub struct Publish {
     durability: Option<Durability>,
     message_group: Option<String>,
     deliver_at: Option<SystemTime>,
+    message_id: Option<MessageId>,
 }
 
 impl Publish {
@@ -264,6 +271,35 @@ impl Publish {
         self.deliver_at(SystemTime::now() + delay)
     }
 
+    /// Publishes under `id` instead of a fresh id: the way to retry a
+    /// publish that failed with [`Error::Unavailable`](crate::Error::Unavailable)
+    /// (its outcome unknown) so the message is stored once.
+    ///
+    /// On NATS the id is the `Nats-Msg-Id`: a second publish with an id
+    /// the topic's stream stored within its duplicate window (2 minutes,
+    /// from that first store; acks and deliveries do not move it) stores
+    /// nothing and succeeds. On the embedded store a publish is never of
+    /// unknown outcome, and the id is simply used (a second publish with
+    /// it is stored again). Ids are 128-bit, time-ordered; make one ahead
+    /// of time with [`MessageId::generate`] to retry any failure with it.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[derive(serde::Serialize, serde::Deserialize)] struct Paid { order: u64 }
+    /// # impl weirmq_bus::Event for Paid { const TOPIC: &'static str = "paid"; }
+    /// use weirmq_bus::{MessageId, Publish};
+    /// let id = MessageId::generate();
+    /// // bus.publish_with(&Paid { order: 7 }, Publish::new().message_id(id)).await,
+    /// // and on any error the same call again: stored once.
+    /// let options = Publish::new().message_id(id);
+    /// # let _ = options;
+    /// ```
+    pub fn message_id(mut self, id: MessageId) -> Self {
+        self.message_id = Some(id);
+        self
+    }
+
     /// Builds the raw message for `topic` and `body` with these options.
     pub fn into_message(self, topic: impl Into<String>, body: Vec<u8>) -> OutgoingMessage {
         OutgoingMessage {
@@ -274,6 +310,7 @@ impl Publish {
             message_group: self.message_group,
             deliver_at: self.deliver_at,
             body,
+            id: self.message_id,
         }
     }
 }
@@ -344,7 +381,7 @@ impl Message {
     /// offset are set by the broker with [`Message::with_position`].
     pub fn prepare(out: OutgoingMessage, topic: Arc<str>) -> Message {
         Message {
-            id: MessageId::generate(),
+            id: out.id.unwrap_or_else(MessageId::generate),
             topic,
             queue: 0,
             offset: 0,
@@ -529,6 +566,7 @@ mod tests {
                 message_group,
                 deliver_at: deliver_in_ms.map(|ms| SystemTime::now() + Duration::from_millis(ms)),
                 body,
+                id: None,
             };
             let mut m = Message::prepare(out, Arc::from("t")).with_position(1, 9);
             if let Some(d) = destination {
