@@ -395,25 +395,9 @@ fn round(server: &support::backend::NatsServer, fifo: bool) {
         }
         bus.shutdown().await.unwrap();
     });
-    let spawn = |out: &std::path::Path| {
-        Kill(
-            Command::new(std::env::current_exe().unwrap())
-                .env(
-                    CHILD_ENV,
-                    format!(
-                        "{} {} {}",
-                        server.url,
-                        out.display(),
-                        if fifo { "fifo" } else { "plain" }
-                    ),
-                )
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("spawn worker"),
-        )
-    };
-    let first = spawn(&a_out);
-    let second = spawn(&b_out);
+    let mode = if fifo { "fifo" } else { "plain" };
+    let first = spawn_worker(server, &a_out, mode);
+    let second = spawn_worker(server, &b_out, mode);
     // Concurrent: both share the work. FIFO: a queue is owned by one
     // process at a time (a lease); whichever took queues works, the other
     // may be a standby.
