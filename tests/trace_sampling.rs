@@ -124,6 +124,7 @@ event!(Never, "sampling-never");
 event!(Capped, "sampling-capped");
 event!(Always, "sampling-always");
 event!(Ratio, "sampling-ratio");
+event!(Batched, "sampling-batched");
 
 /// The trace context of every delivery a handler saw.
 type Contexts = Arc<Mutex<Vec<Option<TraceContext>>>>;
@@ -301,6 +302,40 @@ async fn per_second_caps_new_traces_and_process_spans_follow_the_flag() {
         sampled.len() as u64 + roots <= 5 * windows,
         "{} + {roots} new traces in {windows} windows",
         sampled.len()
+    );
+    sub.drain().await.unwrap();
+    bus.shutdown().await.unwrap();
+}
+
+#[actix::test]
+async fn per_second_counts_every_message_of_a_batch() {
+    // A budget of 50 messages a second and batches of 40: a sampled batch
+    // is traced whole (one trace, 40 messages), and the budget is spent
+    // by messages, not publishes, so a second traces at most 50 + 39 of
+    // them however many batches are published in it.
+    let bus = open(TraceSampling::per_second(50)).await;
+    let contexts = Contexts::default();
+    let sub = subscribe::<Batched>(&bus, &contexts).await;
+    let started = Instant::now();
+    for b in 0..20u64 {
+        let batch: Vec<Batched> = (0..40).map(|i| Batched { n: b * 40 + i }).collect();
+        bus.publish_batch(&batch).await.unwrap();
+    }
+    let got = seen(&contexts, 800).await;
+    let windows = started.elapsed().as_secs() + 2;
+    let mut per_trace = std::collections::BTreeMap::<String, usize>::new();
+    for c in got.iter().flatten() {
+        *per_trace.entry(c.trace_id().to_string()).or_default() += 1;
+    }
+    assert!(!per_trace.is_empty(), "the first batch is sampled");
+    assert!(
+        per_trace.values().all(|n| *n == 40),
+        "a sampled batch is traced whole: {per_trace:?}"
+    );
+    let traced = per_trace.len() as u64 * 40;
+    assert!(
+        traced <= (50 + 39) * windows,
+        "{traced} traced messages in {windows} windows"
     );
     sub.drain().await.unwrap();
     bus.shutdown().await.unwrap();

@@ -31,15 +31,15 @@ mod trace_context;
 mod trace_sampling;
 
 pub use broker::{
-    dlq_topic, Admin, Admission, AdmissionPermit, Broker, BrokerSubscription, Capabilities,
-    DeadLetter, DeadLetterCopy, DeadLetters, DeliveryBatch, GroupStats, GroupTopic, HalfMessage,
-    History, MessageTrace, Ordering, Outbox, Publisher, QueuePosition, QueueStats, RawDelivery,
-    Resend, ResendOutcome, ResendPlan, ResendReport, ResetTo, RetentionReport, SettleToken,
-    Settlement, Settler, StartFrom, StateBatch, StateEntries, StateOp, SubscriptionSpec,
-    Subscriptions, TopicStats, TraceEvent, TraceKind, TransactionChecker, TransactionCheckers,
-    TransactionConfig, TransactionOutcome, Transactions, DLQ_ATTEMPTS, DLQ_DEAD_LETTERED_AT_MS,
-    DLQ_FIRST_FAILED_AT_MS, DLQ_ORIGIN_MSG_ID, DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_QUEUE,
-    DLQ_ORIGIN_TOPIC, DLQ_PROPERTIES, DLQ_REASON, DLQ_TOPIC_PREFIX,
+    dlq_topic, pending_publishes, Admin, Admission, AdmissionPermit, Broker, BrokerSubscription,
+    Capabilities, DeadLetter, DeadLetterCopy, DeadLetters, DeliveryBatch, GroupStats, GroupTopic,
+    HalfMessage, History, MessageTrace, Ordering, Outbox, Publisher, QueuePosition, QueueStats,
+    RawDelivery, Resend, ResendOutcome, ResendPlan, ResendReport, ResetTo, RetentionReport,
+    SettleToken, Settlement, Settler, StartFrom, StateBatch, StateEntries, StateOp,
+    SubscriptionSpec, Subscriptions, TopicStats, TraceEvent, TraceKind, TransactionChecker,
+    TransactionCheckers, TransactionConfig, TransactionOutcome, Transactions, DLQ_ATTEMPTS,
+    DLQ_DEAD_LETTERED_AT_MS, DLQ_FIRST_FAILED_AT_MS, DLQ_ORIGIN_MSG_ID, DLQ_ORIGIN_OFFSET,
+    DLQ_ORIGIN_QUEUE, DLQ_ORIGIN_TOPIC, DLQ_PROPERTIES, DLQ_REASON, DLQ_TOPIC_PREFIX,
 };
 pub use error::{
     utc_time, CodecError, Error, NameKind, PublishError, StorageError, TryPublishError,
@@ -47,8 +47,8 @@ pub use error::{
 pub use event::{Codec, Event, Json};
 pub use filter::Filter;
 pub use message::{
-    Durability, Message, MessageId, OutgoingMessage, Publish, SendReceipt, HALF_TOPIC,
-    SCHEDULE_TOPIC,
+    Durability, Message, MessageId, MessageParts, OutgoingMessage, Publish, SendReceipt,
+    HALF_TOPIC, SCHEDULE_TOPIC,
 };
 pub use retry::{Backoff, RetryPolicy};
 pub use sql::{SqlExpr, MAX_FILTER_BYTES, MAX_NESTING};

@@ -9,8 +9,9 @@
 //! `outcome`, `operation` — never ids or keys. The list with meanings and
 //! example alerts is docs/observability.md.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 static SAMPLED: AtomicBool = AtomicBool::new(false);
 
@@ -19,6 +20,14 @@ static SAMPLED: AtomicBool = AtomicBool::new(false);
 /// installed), so a bus without metrics does no sampling work.
 pub fn sampled() -> bool {
     SAMPLED.load(Ordering::Relaxed)
+}
+
+/// Turns the sampled gauges on or off for every bus of the process (on
+/// after [`describe`]). Off, a bus does no sampling work, as without a
+/// recorder: for a process that swaps its recorder for a no-op one (the
+/// benchmark harness compares both in one process this way).
+pub fn set_sampled(on: bool) {
+    SAMPLED.store(on, Ordering::Relaxed);
 }
 
 /// How often the gauges are sampled.
@@ -55,13 +64,15 @@ pub const FILTERED: &str = "weirmq.messages.filtered";
 pub const RESENT: &str = "weirmq.dead_letters.resent";
 /// Gauge: messages in a group's dead-letter queue (`group`).
 pub const DEAD_LETTERS: &str = "weirmq.dead_letters";
-/// Gauge: published messages waiting to be stored (backpressure: publishes
-/// wait, or `try_publish` is `Busy`, at `max_pending_messages`).
+/// Gauge: published messages waiting to be stored, every bus of the process
+/// summed, sampled once a second (backpressure: publishes wait, or
+/// `try_publish` is `Busy`, at `max_pending_messages`).
 pub const PENDING_PUBLISHES: &str = "weirmq.publish.pending";
-/// Histogram: messages per store commit (embedded store).
+/// Histogram: messages per store commit (embedded store; sampled, at most
+/// one commit a millisecond).
 pub const COMMIT_MESSAGES: &str = "weirmq.store.commit.messages";
 /// Histogram, seconds: one real sync of the store (embedded store, durable
-/// `Flushed` commits).
+/// `Flushed` commits; sampled, at most one a millisecond).
 pub const SYNC_DURATION: &str = "weirmq.store.sync.duration";
 /// Gauge, bytes: the store's size on disk (embedded store).
 pub const STORE_BYTES: &str = "weirmq.store.size";
@@ -122,4 +133,43 @@ pub fn describe() {
 /// A duration as the seconds histograms record it.
 pub fn seconds(d: Duration) -> f64 {
     d.as_secs_f64()
+}
+
+/// Lets a histogram take at most one sample a millisecond, however often
+/// its event happens: a Prometheus histogram sample is a push into a
+/// buffer drained by the exporter, and at tens of thousands of events a
+/// second those pushes (and the buffer's allocations) cost several percent
+/// of throughput, while a thousand samples a second keep the quantiles.
+#[derive(Debug, Default)]
+pub struct SampleGate {
+    /// The microsecond (since a process-wide epoch, + 1) of the last sample.
+    last: AtomicU64,
+}
+
+impl SampleGate {
+    /// A gate that has taken no sample yet.
+    pub const fn new() -> Self {
+        SampleGate {
+            last: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether this event is sampled: the first in its millisecond.
+    pub fn due(&self) -> bool {
+        self.due_at(Instant::now())
+    }
+
+    /// As [`due`](Self::due), for an event at `now` (a caller that reads
+    /// the clock anyway saves a read).
+    pub fn due_at(&self, now: Instant) -> bool {
+        static EPOCH: OnceLock<Instant> = OnceLock::new();
+        let at = now.duration_since(*EPOCH.get_or_init(|| now)).as_micros() as u64 + 1;
+        let last = self.last.load(Ordering::Relaxed);
+        if last != 0 && at.saturating_sub(last) < 1_000 {
+            return false;
+        }
+        self.last
+            .compare_exchange(last, at, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
 }

@@ -10,12 +10,11 @@
 //! largest cost of metrics on the publish path, and a thousand samples a
 //! second keep the quantiles.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Instant;
 
 use metrics::{Counter, Histogram};
-use weirmq_bus::metrics as m;
+use weirmq_bus::metrics::{self as m, SampleGate};
 
 /// A publish operation: the `operation` label, and its histogram's slot.
 #[derive(Debug, Clone, Copy)]
@@ -50,16 +49,9 @@ pub(super) struct PublishMeters {
     ok: Counter,
     error: Counter,
     durations: [OnceLock<Histogram>; OPERATIONS.len()],
-    /// Per operation, the microsecond (since `EPOCH`) its histogram last
-    /// took a sample.
-    sampled_at: [AtomicU64; OPERATIONS.len()],
+    /// Per operation, at most one histogram sample a millisecond.
+    gates: [SampleGate; OPERATIONS.len()],
 }
-
-/// The clock the samples' times count from.
-static EPOCH: OnceLock<Instant> = OnceLock::new();
-
-/// The least time between two samples of one histogram.
-const SAMPLE_EVERY_US: u64 = 1_000;
 
 impl PublishMeters {
     pub(super) fn new(topic: &str) -> Self {
@@ -68,7 +60,7 @@ impl PublishMeters {
             ok: metrics::counter!(m::PUBLISHED, "topic" => topic.to_string(), "outcome" => "ok"),
             error: metrics::counter!(m::PUBLISHED, "topic" => topic.to_string(), "outcome" => "error"),
             durations: Default::default(),
-            sampled_at: Default::default(),
+            gates: Default::default(),
         }
     }
 
@@ -82,16 +74,7 @@ impl PublishMeters {
         }
         let i = operation as usize;
         let now = Instant::now();
-        let at = now.duration_since(*EPOCH.get_or_init(|| now)).as_micros() as u64 + 1;
-        let last = self.sampled_at[i].load(Ordering::Relaxed);
-        if at.saturating_sub(last) < SAMPLE_EVERY_US && last != 0 {
-            return;
-        }
-        if self.sampled_at[i]
-            .compare_exchange(last, at, Ordering::Relaxed, Ordering::Relaxed)
-            .is_err()
-        {
-            // Another publish took this millisecond's sample.
+        if !self.gates[i].due_at(now) {
             return;
         }
         self.durations[i]
@@ -99,6 +82,6 @@ impl PublishMeters {
                 metrics::histogram!(m::OPERATION_DURATION, "operation" => OPERATIONS[i],
                     "topic" => self.topic.clone())
             })
-            .record(m::seconds(now.duration_since(started)));
+            .record(m::seconds(now.saturating_duration_since(started)));
     }
 }

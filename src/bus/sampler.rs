@@ -1,5 +1,6 @@
 //! The metrics sampler: once a second, while metrics are on
-//! (`weirmq_bus::metrics::sampled`), the gauges of every position group
+//! (`weirmq_bus::metrics::sampled`), the publishes waiting to be stored
+//! (every bus of the process), and the gauges of every position group
 //! subscribed through this bus — lag per queue, deliveries in flight,
 //! retries waiting, the filtered count, the dead-letter queue's size — read
 //! through the seam, so both backends report them the same way. A stopped
@@ -22,6 +23,8 @@ pub(super) async fn run(inner: Weak<BusInner>) {
         if !m::sampled() {
             continue;
         }
+        // Every bus of the process, summed (each bus's sampler sets it).
+        metrics::gauge!(m::PENDING_PUBLISHES).set(weirmq_bus::pending_publishes() as f64);
         let watched: Vec<(String, String)> = inner
             .watched
             .lock()

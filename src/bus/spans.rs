@@ -28,7 +28,11 @@ pub(super) fn publish_span(
         target: "weirmq::publish",
         Level::DEBUG
     );
-    let sampled = on && sampling.sample(explicit.clone().or_else(TraceContext::current).as_ref());
+    let sampled = on
+        && sampling.sample_messages(
+            explicit.clone().or_else(TraceContext::current).as_ref(),
+            messages.len(),
+        );
     let span = if !sampled {
         Span::none()
     } else if weirmq_bus::OTEL {

@@ -73,7 +73,19 @@ pub fn temp_dir() -> tempfile::TempDir {
 }
 
 /// Polls `cond` until it holds or `deadline` passes; panics with `what` then.
-pub async fn wait_until<F, Fut>(what: &str, deadline: Duration, mut cond: F)
+pub async fn wait_until<F, Fut>(what: &str, deadline: Duration, cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    if !holds_within(deadline, cond).await {
+        panic!("timed out after {deadline:?} waiting until {what}");
+    }
+}
+
+/// Polls `cond` until it holds (`true`) or `deadline` passes (`false`), for
+/// a test that reports a timeout itself.
+pub async fn holds_within<F, Fut>(deadline: Duration, mut cond: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
@@ -81,10 +93,10 @@ where
     let end = Instant::now() + deadline;
     loop {
         if cond().await {
-            return;
+            return true;
         }
         if Instant::now() > end {
-            panic!("timed out after {deadline:?} waiting until {what}");
+            return false;
         }
         actix::clock::sleep(Duration::from_millis(5)).await;
     }
@@ -222,4 +234,28 @@ pub fn self_exec_main(
     }
     test();
     println!("{label}: 1 passed, 0 failed");
+}
+
+/// A child process killed (and reaped) when dropped, so a failing test
+/// leaves no worker behind.
+pub struct Kill(pub std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Blocks until `cond` holds, polling every 10 ms; fails the test naming
+/// `what` after `deadline` (for tests that run no async runtime).
+pub fn wait_for_blocking(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + deadline;
+    while !cond() {
+        assert!(
+            Instant::now() < end,
+            "timed out after {deadline:?} waiting until {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

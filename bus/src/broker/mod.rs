@@ -61,7 +61,7 @@ pub use dead_letters::{
 };
 pub use history::{History, MessageTrace, RetentionReport, TraceEvent, TraceKind};
 pub use outbox::{Outbox, StateBatch, StateEntries, StateOp};
-pub use publisher::{Admission, AdmissionPermit, Publisher};
+pub use publisher::{pending_publishes, Admission, AdmissionPermit, Publisher};
 pub use subscriptions::{
     BrokerSubscription, DeliveryBatch, Ordering, RawDelivery, SettleToken, Settlement, Settler,
     StartFrom, SubscriptionSpec, Subscriptions,

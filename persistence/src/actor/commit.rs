@@ -171,11 +171,18 @@ impl Pending {
             .appends
             .iter()
             .any(|a| a.durability == Durability::Flushed);
-        metrics::histogram!(m::COMMIT_MESSAGES).record(self.messages as f64);
+        // Sampled: at most one commit a millisecond (see `SampleGate`).
+        static COMMITS: m::SampleGate = m::SampleGate::new();
+        static SYNCS: m::SampleGate = m::SampleGate::new();
+        if COMMITS.due() {
+            metrics::histogram!(m::COMMIT_MESSAGES).record(self.messages as f64);
+        }
         if sync && durable {
             let started = std::time::Instant::now();
             store.sync()?;
-            metrics::histogram!(m::SYNC_DURATION).record(m::seconds(started.elapsed()));
+            if SYNCS.due() {
+                metrics::histogram!(m::SYNC_DURATION).record(m::seconds(started.elapsed()));
+            }
         }
         trace!(
             messages = self.messages,
