@@ -26,7 +26,7 @@
 use std::collections::BTreeSet;
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -157,15 +157,6 @@ fn worker(arg: &str) {
     });
 }
 
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The complete lines of a worker's output: a line is complete once its
 /// newline is written (the worker may be writing the last one as we read,
 /// or have been killed in the middle of it).
@@ -229,17 +220,6 @@ fn done_order(path: &std::path::Path) -> Vec<u64> {
         .collect()
 }
 
-fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
-    let end = Instant::now() + deadline;
-    while !cond() {
-        assert!(
-            Instant::now() < end,
-            "timed out after {deadline:?} waiting until {what}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 fn a_killed_workers_unacked_jobs_go_to_the_other_process() {
     a_half_written_line_is_not_read();
     for fifo in [false, true] {
@@ -274,8 +254,12 @@ fn publish_jobs(server: &support::backend::NatsServer) {
     });
 }
 
-fn spawn_worker(server: &support::backend::NatsServer, out: &std::path::Path, mode: &str) -> Kill {
-    Kill(
+fn spawn_worker(
+    server: &support::backend::NatsServer,
+    out: &std::path::Path,
+    mode: &str,
+) -> support::Kill {
+    support::Kill(
         Command::new(std::env::current_exe().unwrap())
             .env(
                 CHILD_ENV,
@@ -318,13 +302,13 @@ fn a_dead_process_does_not_stop_the_group(server: &support::backend::NatsServer)
     publish_jobs(server);
     let mut a = spawn_worker(server, &a_out, "stuck-default");
     // A fetched everything it may hold (64: max_in_flight) and sits on it.
-    wait_for(
+    support::wait_for_blocking(
         "A holds its whole share unacked",
         Duration::from_secs(60),
         || ack_pending(server) >= 64,
     );
     let b = spawn_worker(server, &b_out, "plain-default");
-    wait_for(
+    support::wait_for_blocking(
         "B works while A sits on its share (with one share per consumer, B got nothing)",
         Duration::from_secs(60),
         || read(&b_out).1.len() >= 200,
@@ -337,13 +321,13 @@ fn a_dead_process_does_not_stop_the_group(server: &support::backend::NatsServer)
         (b_at_kill + 164) as u64 <= JOBS,
         "enough jobs left to measure B's pace ({b_at_kill} done)"
     );
-    wait_for(
+    support::wait_for_blocking(
         "B goes on without waiting for the ack wait",
         RECOVERY,
         || read(&b_out).1.len() >= b_at_kill + 100,
     );
     let recovered = killed_at.elapsed();
-    wait_for(
+    support::wait_for_blocking(
         "every job is done (A's 64 after the 30 s ack wait)",
         Duration::from_secs(120),
         || read(&b_out).1.len() as u64 == JOBS,
@@ -401,7 +385,7 @@ fn round(server: &support::backend::NatsServer, fifo: bool) {
     // Concurrent: both share the work. FIFO: a queue is owned by one
     // process at a time (a lease); whichever took queues works, the other
     // may be a standby.
-    wait_for(
+    support::wait_for_blocking(
         "the workers have done work",
         Duration::from_secs(60),
         || {
@@ -426,7 +410,7 @@ fn round(server: &support::backend::NatsServer, fifo: bool) {
     let (a_recv, a_done, _) = read(&a_out);
     // Being handled when A died.
     let unacked: BTreeSet<u64> = a_recv.difference(&a_done).copied().collect();
-    wait_for(
+    support::wait_for_blocking(
         "every job is done by one of the workers",
         Duration::from_secs(120),
         || {

@@ -221,8 +221,7 @@ impl Admin for NatsBroker {
                 .read_raw(&stream, &queue_filter(&topic, queue), from, max)
                 .await?
             {
-                let (m, _) =
-                    Message::decode_envelope(name.clone(), queue, raw.sequence, &raw.payload)?;
+                let m = crate::wire::decode_stored(name.clone(), queue, &raw)?;
                 out.push(Arc::new(m));
             }
             Ok(out)

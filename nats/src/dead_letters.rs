@@ -14,13 +14,12 @@ impl Inner {
         dl: OutgoingMessage,
     ) -> Result<(), Error> {
         let m = Message::prepare(dl, Arc::from(dlq_topic(group).as_str()));
-        let mut buf = Vec::new();
-        m.encode_envelope(&mut buf);
+        let (body, headers) = crate::wire::encode(&m);
         self.publish_with_headers(vec![(
             dlq_subject(group),
-            Bytes::from(buf),
+            body,
             m.id().to_string(),
-            Self::trace_headers(&m),
+            Some(headers),
         )])
         .await?;
         Ok(())
@@ -45,7 +44,7 @@ impl Inner {
             .read_raw(&stream, &dlq_subject(group), from, max)
             .await?
         {
-            let (m, _) = Message::decode_envelope(topic.clone(), 0, raw.sequence, &raw.payload)?;
+            let m = crate::wire::decode_stored(topic.clone(), 0, &raw)?;
             out.push(DeadLetter {
                 dlq_offset: raw.sequence,
                 message: Arc::new(m),
@@ -68,13 +67,12 @@ impl Inner {
         let m = Message::prepare(out, Arc::from(t.config.name()));
         let m = m.with_identity(id, d.message.born_at());
         let q = d.origin_queue().unwrap_or(0) % t.config.queue_count();
-        let mut buf = Vec::new();
-        m.encode_envelope(&mut buf);
+        let (body, headers) = crate::wire::encode(&m);
         self.publish_with_headers(vec![(
             queue_subject(topic, q, &group_target(group)),
-            Bytes::from(buf),
+            body,
             format!("{}-resend-{}", m.id(), d.dlq_offset),
-            Self::trace_headers(&m),
+            Some(headers),
         )])
         .await?;
         self.publish_raw(vec![(

@@ -51,6 +51,7 @@ mod streams;
 mod subscription;
 mod system;
 mod topics;
+mod wire;
 
 /// The imports every file of this crate uses.
 mod prelude {
@@ -109,6 +110,8 @@ pub(crate) struct Inner {
     /// Stops the system loops (forwarder, checker).
     pub(crate) stop: watch::Sender<bool>,
     system_tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The delay forwarder's watch over the messages it naked.
+    pub(crate) watch: system::Watch,
 }
 
 /// The runtime NATS I/O runs on: the client's connection, subscriptions'
@@ -136,6 +139,94 @@ impl std::fmt::Debug for NatsBroker {
         f.debug_struct("NatsBroker")
             .field("server", &self.inner.features)
             .finish()
+    }
+}
+
+/// How long past a pull request's expiry a fetch loop waits for the server
+/// to end it before asking again. The 2.9 server may drop an expired pull
+/// request without its `408` when the consumer was idle; the client's own
+/// timer fires only 5 s after the expiry, and messages arriving meanwhile
+/// wait for the next request (seen: delayed messages 4.4-5 s late, issue 17).
+pub(crate) const PULL_GRACE: Duration = Duration::from_millis(200);
+
+/// One pull request and its batch, as a fetch loop reads it: the next
+/// message, or `None` at the batch's end or once the request's expiry +
+/// [`PULL_GRACE`] has passed without one (the loop then asks again).
+pub(crate) struct Pull {
+    batch: async_nats::jetstream::consumer::pull::Batch,
+    deadline: tokio::time::Instant,
+    gave_up: bool,
+}
+
+impl Pull {
+    /// A batch that asked the server to wait `expires` from `asked` (when
+    /// the request was sent).
+    pub(crate) fn new(
+        batch: async_nats::jetstream::consumer::pull::Batch,
+        asked: tokio::time::Instant,
+        expires: Duration,
+    ) -> Pull {
+        Pull {
+            batch,
+            deadline: asked + expires + PULL_GRACE,
+            gave_up: false,
+        }
+    }
+
+    /// The next message, waiting until the deadline at most.
+    pub(crate) async fn next(
+        &mut self,
+    ) -> Option<Result<async_nats::jetstream::Message, async_nats::Error>> {
+        use futures::StreamExt;
+        if self.gave_up {
+            return None;
+        }
+        match tokio::time::timeout_at(self.deadline, self.batch.next()).await {
+            Ok(next) => next,
+            Err(_) => {
+                tracing::debug!(
+                    "the server did not end a pull request at its expiry; asking again"
+                );
+                self.gave_up = true;
+                None
+            }
+        }
+    }
+
+    /// The next message if one has arrived already.
+    pub(crate) fn ready(
+        &mut self,
+    ) -> Option<Result<async_nats::jetstream::Message, async_nats::Error>> {
+        use futures::{FutureExt, StreamExt};
+        self.batch.next().now_or_never().flatten()
+    }
+
+    /// After the loop is done with this request: if it gave up waiting for
+    /// the server's end of it, the request may still be alive on the server
+    /// (its expiry counts from when the server read it, which under load is
+    /// later than the client's clock says). A message the server sends it
+    /// then must not go to an inbox nobody reads — it would stay pending for
+    /// the consumer's whole ack wait (seen: a delayed message 30 s late in
+    /// CI). So the batch is read on, in a task, until the client library
+    /// ends it (5 s past the expiry), and each late message goes to `late`.
+    pub(crate) fn salvage<F, Fut>(self, handle: &tokio::runtime::Handle, mut late: F)
+    where
+        F: FnMut(async_nats::jetstream::Message) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        use futures::StreamExt;
+        if !self.gave_up {
+            return;
+        }
+        let mut batch = self.batch;
+        handle.spawn(async move {
+            while let Some(item) = batch.next().await {
+                if let Ok(m) = item {
+                    tracing::debug!("a message reached a pull request given up on; handling it");
+                    late(m).await;
+                }
+            }
+        });
     }
 }
 
@@ -218,6 +309,7 @@ impl NatsBroker {
             closed: AtomicBool::new(false),
             stop,
             system_tasks: std::sync::Mutex::new(Vec::new()),
+            watch: system::Watch::default(),
         });
         for (name, subjects, per_subject) in [
             (DLQ_STREAM, "wqdlq.>", -1),

@@ -7,6 +7,7 @@
 //! | message resent to group `G` only | target `g<G>` |
 //! | group `G`, queue `q` | durable pull consumer `<G>_Q<q>`, filter `wq.<T>.<q>.>` |
 //! | FIFO lease of `G`'s queue `q` | stream `WQ_SYS_LEASES`, subject `wqlease.<G>.<q>` |
+//! | a live FIFO subscription of `G` | heartbeat on `wqlease.<G>.m.<owner>`, same stream |
 //! | dead letters of `G` | stream `WQ_SYS_DLQ`, subject `wqdlq.<G>.m` (resent marks `.r`) |
 //! | delayed message for `T` (2.12+) | schedule definition `wqs.<T>.<id>` in `T`'s stream, target `wq.<T>.<queue>._` |
 //! | delayed message for `T` (before 2.12) | stream `WQ_SYS_SCHEDULE`, subject `wqsched.<T>` |
@@ -18,25 +19,38 @@
 
 /// Encodes a weirmq name as one subject token / stream-name part.
 pub(crate) fn enc(name: &str) -> String {
-    let mut out = String::with_capacity(name.len() + 8);
-    for b in name.bytes() {
-        if b.is_ascii_alphanumeric() || b == b'-' {
+    escape(name, b'_', |b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// Decodes [`enc`]; `None` if `s` is not an encoded name.
+pub(crate) fn dec(s: &str) -> Option<String> {
+    unescape(s, b'_')
+}
+
+/// `s` with every byte `keep` rejects written as `marker` and two
+/// upper-case hex digits (subject tokens here, NATS header values in
+/// `wire`).
+pub(crate) fn escape(s: &str, marker: u8, keep: impl Fn(u8) -> bool) -> String {
+    let mut out = String::with_capacity(s.len() + 8);
+    for b in s.bytes() {
+        if keep(b) {
             out.push(b as char);
         } else {
-            out.push('_');
+            out.push(marker as char);
             out.push_str(&format!("{b:02X}"));
         }
     }
     out
 }
 
-/// Decodes [`enc`]; `None` if `s` is not an encoded name.
-pub(crate) fn dec(s: &str) -> Option<String> {
+/// Decodes [`escape`]; `None` if an escape is malformed or the result is
+/// not UTF-8.
+pub(crate) fn unescape(s: &str, marker: u8) -> Option<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'_' {
+        if b[i] == marker {
             let hex = s.get(i + 1..i + 3)?;
             out.push(u8::from_str_radix(hex, 16).ok()?);
             i += 3;

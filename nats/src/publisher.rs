@@ -5,6 +5,7 @@
 //! pipelined and their acks awaited together.
 
 use crate::prelude::*;
+use crate::wire;
 
 impl Inner {
     /// Publishes stamped messages to `subject`s, pipelined; returns each
@@ -51,20 +52,6 @@ impl Inner {
         Ok(seqs)
     }
 
-    /// The headers a stored message carries besides its envelope: its W3C
-    /// trace context (`traceparent`, `tracestate`), so NATS tools and
-    /// services in other languages see the trace without decoding the
-    /// envelope (which holds the same values as properties).
-    pub(crate) fn trace_headers(m: &Message) -> Option<async_nats::HeaderMap> {
-        let tp = m.properties().get(weirmq_bus::TRACEPARENT)?;
-        let mut h = async_nats::HeaderMap::new();
-        h.insert(weirmq_bus::TRACEPARENT, tp.as_str());
-        if let Some(ts) = m.properties().get(weirmq_bus::TRACESTATE) {
-            h.insert(weirmq_bus::TRACESTATE, ts.as_str());
-        }
-        Some(h)
-    }
-
     /// Stores stamped messages in their topic (queue chosen here), as
     /// `target`'s; returns receipts in order.
     pub(crate) async fn store_in_topic(
@@ -77,18 +64,17 @@ impl Inner {
         for m in &messages {
             let t = self.topic(TopicConfig::new(m.topic()), false).await?;
             let q = t.pick_queue(m);
-            let mut buf = Vec::new();
-            m.encode_envelope(&mut buf);
+            let (body, headers) = wire::encode(m);
             items.push((
                 queue_subject(m.topic(), q, target),
-                Bytes::from(buf),
+                body,
                 if target == ALL_GROUPS {
                     m.id().to_string()
                 } else {
                     // A resend must not be dropped as a duplicate of the original.
                     format!("{}-{target}-{}", m.id(), now_ms())
                 },
-                Self::trace_headers(m),
+                Some(headers),
             ));
             places.push(q);
         }
@@ -185,13 +171,11 @@ impl Inner {
             // subject when due (and purges the definition).
             let mut items = Vec::with_capacity(scheduled.len());
             for (_, q, m) in &scheduled {
-                let mut buf = Vec::new();
-                m.encode_envelope(&mut buf);
+                let (body, mut h) = wire::encode(m);
                 let at = m.deliver_at().unwrap_or_else(SystemTime::now);
                 let at = time::OffsetDateTime::from(at)
                     .format(&time::format_description::well_known::Rfc3339)
                     .map_err(|e| nats_err("formatting a schedule time", e))?;
-                let mut h = Self::trace_headers(m).unwrap_or_default();
                 h.insert("Nats-Schedule", format!("@at {at}").as_str());
                 h.insert(
                     "Nats-Schedule-Target",
@@ -199,7 +183,7 @@ impl Inner {
                 );
                 items.push((
                     schedule_definition_subject(m.topic(), m.id()),
-                    Bytes::from(buf),
+                    body,
                     m.id().to_string(),
                     Some(h),
                 ));
@@ -218,13 +202,12 @@ impl Inner {
             let items = delayed
                 .iter()
                 .map(|(_, m)| {
-                    let mut buf = Vec::new();
-                    m.encode_envelope(&mut buf);
+                    let (body, headers) = wire::encode(m);
                     (
                         schedule_subject(m.destination().unwrap_or_default()),
-                        Bytes::from(buf),
+                        body,
                         m.id().to_string(),
-                        Self::trace_headers(m),
+                        Some(headers),
                     )
                 })
                 .collect();

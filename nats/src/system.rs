@@ -5,18 +5,18 @@
 //! shared by every process on the server, so any live process does the
 //! work; each message waits for its time as a `Nak` with that delay.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::{self, consumer, AckKind};
 use bytes::Bytes;
-use futures::{FutureExt, StreamExt};
 use tracing::{debug, error, info, warn};
 
 use weirmq_bus::{Error, Message, TransactionOutcome, HALF_TOPIC, SCHEDULE_TOPIC};
 
 use crate::names::*;
-use crate::{nats_err, Inner};
+use crate::{nats_err, Inner, Pull};
 
 /// How long a half message waits when no process here has a checker for
 /// its topic (another process may).
@@ -24,6 +24,65 @@ const NO_CHECKER_RETRY: Duration = Duration::from_secs(5);
 /// A delayed message due within this long is held by the forwarder (a
 /// local timer) rather than handed back to the server.
 const HOLD_LOCALLY: Duration = Duration::from_secs(1);
+/// How long one fetch of the system consumers waits for messages.
+const SYSTEM_FETCH_WAIT: Duration = Duration::from_secs(1);
+/// The system consumers' ack wait.
+const SYSTEM_ACK_WAIT: Duration = Duration::from_secs(30);
+/// How late past its nak delay a delayed message may come back before the
+/// watch forwards it from the stream itself.
+const WATCH_GRACE: Duration = Duration::from_millis(250);
+/// How often the watch looks for overdue messages.
+const WATCH_EVERY: Duration = Duration::from_millis(100);
+/// At most this many naked messages are watched (memory bound: ~40 bytes
+/// each); beyond, a lost redelivery costs the ack wait, as without a watch.
+const WATCH_MAX: usize = 200_000;
+
+/// The forwarder's watch over the delayed messages it handed back to the
+/// server (nak with a delay): stream sequence → when the server should send
+/// each again.
+///
+/// Once in a few thousand naks under load (CI, Debian's 2.9 server) the
+/// redelivery did not come, and the message waited out the consumer's whole
+/// ack wait — a +2.5 s delay delivered after more than 23 s. Whatever loses
+/// it (the nak, or the redelivery on its way), the watch bounds the damage:
+/// a message not back [`WATCH_GRACE`] after its time is read from the
+/// stream by sequence and forwarded from here. Its id is the same, so when
+/// the server does send it again (or another process forwards it), the
+/// topic stream's duplicate window drops the second copy. Only naks shorter
+/// than the ack wait are watched: a longer one that is lost comes back after
+/// the ack wait, still before it is due, and is naked again.
+#[derive(Default)]
+pub(crate) struct Watch(std::sync::Mutex<HashMap<u64, tokio::time::Instant>>);
+
+impl Watch {
+    fn expect(&self, seq: u64, at: tokio::time::Instant) {
+        let mut w = self.0.lock().unwrap();
+        if w.len() < WATCH_MAX || w.contains_key(&seq) {
+            w.insert(seq, at);
+        }
+    }
+
+    fn seen(&self, seq: u64) {
+        let mut w = self.0.lock().unwrap();
+        if !w.is_empty() {
+            w.remove(&seq);
+        }
+    }
+
+    /// Removes and returns the messages due back before `by`.
+    fn overdue(&self, by: tokio::time::Instant) -> Vec<u64> {
+        let mut w = self.0.lock().unwrap();
+        let late: Vec<u64> = w
+            .iter()
+            .filter(|(_, at)| **at < by)
+            .map(|(s, _)| *s)
+            .collect();
+        for s in &late {
+            w.remove(s);
+        }
+        late
+    }
+}
 
 pub(crate) fn start(inner: Arc<Inner>) -> Vec<tokio::task::JoinHandle<()>> {
     let h = inner.handle.clone();
@@ -34,8 +93,61 @@ pub(crate) fn start(inner: Arc<Inner>) -> Vec<tokio::task::JoinHandle<()>> {
             "forwarder",
             Kind::Forward,
         )),
-        h.spawn(run_loop(inner, HALF_STREAM, "checker", Kind::Check)),
+        h.spawn(run_loop(inner.clone(), HALF_STREAM, "checker", Kind::Check)),
+        h.spawn(watch_loop(inner)),
     ]
+}
+
+/// Forwards, from the stream, the naked delayed messages the server has not
+/// sent back in time (see [`Watch`]).
+async fn watch_loop(inner: Arc<Inner>) {
+    let mut stop = inner.stop.subscribe();
+    while !*stop.borrow() {
+        let _ = tokio::time::timeout(WATCH_EVERY, stop.changed()).await;
+        let late = inner
+            .watch
+            .overdue(tokio::time::Instant::now() - WATCH_GRACE);
+        if late.is_empty() {
+            continue;
+        }
+        let stream = match inner.stream(SCHEDULE_STREAM).await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "cannot read overdue delayed messages; the server redelivers them after its ack wait");
+                continue;
+            }
+        };
+        for seq in late {
+            let raw = match stream.get_raw_message(seq).await {
+                Ok(raw) => raw,
+                // Gone (forwarded and removed by the stream's limits).
+                Err(e) => {
+                    debug!(seq, error = %e, "an overdue delayed message is no longer in the stream");
+                    continue;
+                }
+            };
+            let msg = match crate::wire::decode_stored(Arc::from(SCHEDULE_TOPIC), 0, &raw) {
+                Ok(m) => m,
+                Err(e) => {
+                    debug!(seq, error = %e, "an overdue delayed message does not decode");
+                    continue;
+                }
+            };
+            let Some(dest) = msg.destination() else {
+                continue;
+            };
+            warn!(seq, id = %msg.id(), "the server did not send a delayed message back in time; forwarding it from the stream");
+            let out = msg.for_destination(Arc::from(dest));
+            let wait = until(msg.deliver_at()).unwrap_or_default();
+            let inner = inner.clone();
+            inner.handle.clone().spawn(async move {
+                tokio::time::sleep(wait).await;
+                if let Err(e) = inner.store_in_topic(vec![out], ALL_GROUPS).await {
+                    warn!(seq, error = %e, "could not forward an overdue delayed message; the server redelivers it after its ack wait");
+                }
+            });
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -59,14 +171,15 @@ async fn run_loop(inner: Arc<Inner>, stream_name: &'static str, durable: &'stati
                 }
             },
         };
+        let asked = tokio::time::Instant::now();
         let batch = c
             .batch()
             .max_messages(256)
-            .expires(Duration::from_secs(1))
+            .expires(SYSTEM_FETCH_WAIT)
             .messages()
             .await;
         let mut msgs = match batch {
-            Ok(m) => m,
+            Ok(m) => Pull::new(m, asked, SYSTEM_FETCH_WAIT),
             Err(e) => {
                 debug!(stream = stream_name, error = %e, "system fetch failed");
                 let _ = tokio::time::timeout(Duration::from_millis(200), stop.changed()).await;
@@ -88,7 +201,7 @@ async fn run_loop(inner: Arc<Inner>, stream_name: &'static str, durable: &'stati
                     }
                 }
                 if healthy {
-                    next = msgs.next().now_or_never().flatten();
+                    next = msgs.ready();
                 }
             }
             match kind {
@@ -103,6 +216,18 @@ async fn run_loop(inner: Arc<Inner>, stream_name: &'static str, durable: &'stati
                 break 'fetch;
             }
         }
+        // A late message of a request given up on is handled as if it had
+        // come in time (the forwarder's holds and naks, the checker's check).
+        let late_inner = inner.clone();
+        msgs.salvage(&inner.handle, move |m| {
+            let inner = late_inner.clone();
+            async move {
+                match kind {
+                    Kind::Forward => forward(&inner, vec![m]).await,
+                    Kind::Check => check(&inner, m).await,
+                }
+            }
+        });
         if healthy {
             consumer = Some(c);
         }
@@ -121,7 +246,7 @@ async fn open_consumer(
     let cfg = consumer::pull::Config {
         durable_name: Some(durable.to_string()),
         ack_policy: consumer::AckPolicy::Explicit,
-        ack_wait: Duration::from_secs(30),
+        ack_wait: SYSTEM_ACK_WAIT,
         // Every waiting message is pending (naked until its time).
         max_ack_pending: -1,
         max_deliver: -1,
@@ -150,8 +275,9 @@ async fn forward(inner: &Arc<Inner>, batch: Vec<jetstream::Message>) {
     let mut held = Vec::new();
     for m in batch {
         let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
-        let msg = match Message::decode_envelope(Arc::from(SCHEDULE_TOPIC), 0, seq, &m.payload) {
-            Ok((msg, _)) => msg,
+        inner.watch.seen(seq);
+        let msg = match crate::wire::decode_fetched(Arc::from(SCHEDULE_TOPIC), 0, seq, &m) {
+            Ok(msg) => msg,
             Err(e) => {
                 error!(seq, error = %e, "a delayed message does not decode; dropping it");
                 let _ = m.ack_with(AckKind::Term).await;
@@ -168,12 +294,23 @@ async fn forward(inner: &Arc<Inner>, batch: Vec<jetstream::Message>) {
             // The server's redelivery after a nak is not precise (tens of
             // ms): ask for it back a little early, then wait here.
             Some(wait) if wait > HOLD_LOCALLY => {
-                let _ = m
-                    .ack_with(AckKind::Nak(Some(wait - HOLD_LOCALLY / 2)))
-                    .await;
+                let back = wait - HOLD_LOCALLY / 2;
+                debug!(seq, id = %out.id(), ?wait, "delayed message not due: back to the server");
+                if back < SYSTEM_ACK_WAIT {
+                    inner.watch.expect(seq, tokio::time::Instant::now() + back);
+                }
+                if let Err(e) = m.ack_with(AckKind::Nak(Some(back))).await {
+                    warn!(seq, error = %e, "could not hand a delayed message back; it returns after the ack wait");
+                }
             }
-            Some(wait) => held.push((m, out, tokio::time::Instant::now() + wait)),
-            None => due.push((m, out)),
+            Some(wait) => {
+                debug!(seq, id = %out.id(), ?wait, "delayed message held here until due");
+                held.push((m, out, tokio::time::Instant::now() + wait))
+            }
+            None => {
+                debug!(seq, id = %out.id(), "delayed message due");
+                due.push((m, out))
+            }
         }
     }
     for (m, out, at) in held {
@@ -241,8 +378,8 @@ pub(crate) async fn resolve(inner: &Inner, seq: u64) -> Result<bool, Error> {
 
 async fn check(inner: &Inner, m: jetstream::Message) {
     let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
-    let half = match Message::decode_envelope(Arc::from(HALF_TOPIC), 0, seq, &m.payload) {
-        Ok((msg, _)) => msg,
+    let half = match crate::wire::decode_fetched(Arc::from(HALF_TOPIC), 0, seq, &m) {
+        Ok(msg) => msg,
         Err(e) => {
             error!(seq, error = %e, "a half message does not decode; dropping it");
             let _ = m.ack_with(AckKind::Term).await;
@@ -304,5 +441,24 @@ async fn check(inner: &Inner, m: jetstream::Message) {
                 )))
                 .await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watch_returns_only_what_is_overdue_and_not_seen() {
+        let w = Watch::default();
+        let now = tokio::time::Instant::now();
+        w.expect(1, now);
+        w.expect(2, now + Duration::from_secs(10));
+        w.expect(3, now);
+        w.seen(3);
+        assert_eq!(w.overdue(now + Duration::from_millis(1)), vec![1]);
+        // Returned once: the watch forgets what it hands out.
+        assert!(w.overdue(now + Duration::from_millis(1)).is_empty());
+        assert_eq!(w.overdue(now + Duration::from_secs(11)), vec![2]);
     }
 }

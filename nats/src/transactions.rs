@@ -54,13 +54,13 @@ async fn publish_half(
     let m = Message::prepare(message, Arc::from(HALF_TOPIC))
         .as_half()
         .with_destination(topic.clone());
-    let mut buf = Vec::new();
-    m.encode_envelope(&mut buf);
+    let (body, headers) = crate::wire::encode(&m);
     let seq = inner
-        .publish_raw(vec![(
+        .publish_with_headers(vec![(
             half_subject(&topic),
-            Bytes::from(buf),
+            body,
             m.id().to_string(),
+            Some(headers),
         )])
         .await?[0];
     Ok(HalfMessage {
@@ -85,8 +85,8 @@ async fn end_transaction(
         Err(e) if is_not_found(&e) => return Ok(None),
         Err(e) => return Err(nats_err("reading a half message", e)),
     };
-    let m = match Message::decode_envelope(Arc::from(HALF_TOPIC), 0, raw.sequence, &raw.payload) {
-        Ok((m, _)) if m.id() == half.message_id => m,
+    let m = match crate::wire::decode_stored(Arc::from(HALF_TOPIC), 0, &raw) {
+        Ok(m) if m.id() == half.message_id => m,
         _ => return Ok(None),
     };
     match outcome {

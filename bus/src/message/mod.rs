@@ -339,6 +339,34 @@ pub const SCHEDULE_TOPIC: &str = "%SCHEDULE%";
 /// The system topic holding transactions' half messages.
 pub const HALF_TOPIC: &str = "%HALF%";
 
+/// Everything a stored message carries besides its place (topic, queue,
+/// offset): what a backend writes and reads back in its own format
+/// ([`Message::from_parts`]).
+#[derive(Debug, Clone)]
+pub struct MessageParts {
+    /// The message id.
+    pub id: MessageId,
+    /// When it was published, ms since the Unix epoch.
+    pub born_at_ms: u64,
+    /// The tag.
+    pub tag: Option<String>,
+    /// The business keys.
+    pub keys: Vec<String>,
+    /// The user properties (and the trace context, `traceparent` /
+    /// `tracestate`).
+    pub properties: BTreeMap<String, String>,
+    /// The message group of an ordered message.
+    pub message_group: Option<String>,
+    /// When a delayed message is due, ms since the Unix epoch.
+    pub deliver_at_ms: Option<u64>,
+    /// The topic a staged message (in a system topic) is for.
+    pub destination: Option<String>,
+    /// Whether it is a transaction's half message.
+    pub half: bool,
+    /// The payload: the event's encoded bytes.
+    pub body: Vec<u8>,
+}
+
 /// A stored message: what consumers receive.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Message {
@@ -395,6 +423,26 @@ impl Message {
             destination: None,
             half: false,
             body: out.body,
+        }
+    }
+
+    /// A message read back from a backend's own format: `parts` as stored,
+    /// placed at `offset` of `queue` of `topic`.
+    pub fn from_parts(topic: Arc<str>, queue: u32, offset: u64, parts: MessageParts) -> Message {
+        Message {
+            id: parts.id,
+            topic,
+            queue,
+            offset,
+            born_at_ms: parts.born_at_ms,
+            tag: parts.tag,
+            keys: parts.keys,
+            properties: parts.properties,
+            message_group: parts.message_group,
+            deliver_at_ms: parts.deliver_at_ms,
+            destination: parts.destination,
+            half: parts.half,
+            body: parts.body,
         }
     }
 

@@ -39,6 +39,16 @@ pub(super) async fn pump(
             // max_ack_pending bounds what it holds (in flight, retrying,
             // waiting behind a busy message group); no client permits, so
             // a retry coming back always finds a fetch waiting for it.
+            if !st.is_mine(queue) {
+                // The group's members assign this queue to another process.
+                if st.leases[queue as usize].lock().await.is_held() {
+                    hand_over(&st, queue, &mut stop).await;
+                } else {
+                    let _ = tokio::time::timeout(LEASE_POLL, stop.changed()).await;
+                }
+                consumer = Some(c);
+                continue;
+            }
             let owned = st.leases[queue as usize].lock().await.ensure().await;
             match owned {
                 Ok(true) => {}
@@ -73,6 +83,7 @@ pub(super) async fn pump(
                 }
             }
         }
+        let asked = tokio::time::Instant::now();
         let batch = c
             .batch()
             .max_messages(permits.len())
@@ -80,7 +91,7 @@ pub(super) async fn pump(
             .messages()
             .await;
         let mut msgs = match batch {
-            Ok(m) => m,
+            Ok(m) => Pull::new(m, asked, FETCH_WAIT),
             Err(e) => {
                 warn!(consumer = %name, error = %e, "fetch failed; retrying");
                 let _ = tokio::time::timeout(Duration::from_millis(200), stop.changed()).await;
@@ -116,18 +127,68 @@ pub(super) async fn pump(
                     }
                 }
                 // Whatever else has arrived goes in the same batch.
-                next = msgs.next().now_or_never().flatten();
+                next = msgs.ready();
             }
             if !out.is_empty() && tx.send(out).is_err() {
                 return;
             }
         }
+        // A message reaching a request given up on goes back to the
+        // consumer at once (the next request gets it) rather than waiting
+        // out the ack wait in an inbox nobody reads.
+        msgs.salvage(&inner.handle, |m| async move {
+            let _ = m.ack_with(AckKind::Nak(None)).await;
+        });
         if healthy {
             consumer = Some(c);
         } else {
             let _ = tokio::time::timeout(Duration::from_millis(100), stop.changed()).await;
         }
     }
+}
+
+/// How often a queue being handed over checks whether its deliveries are
+/// all settled.
+const HAND_OVER_POLL: Duration = Duration::from_millis(20);
+
+/// Hands a FIFO queue this process holds to the process the group's
+/// members now assign it to: nothing more of it is handed out; once none of
+/// its deliveries is in a handler (the lease renewed meanwhile), what is
+/// held goes back to the server oldest first and the lease is released.
+/// The order of every message group holds across the handover: the next
+/// owner gets the given-back messages before any later one.
+async fn hand_over(st: &Arc<SubState>, queue: u32, stop: &mut watch::Receiver<bool>) {
+    st.fifo[queue as usize].lock().unwrap().releasing = true;
+    let started = std::time::Instant::now();
+    loop {
+        if *stop.borrow() {
+            // The subscription's stop gives everything back.
+            return;
+        }
+        if !st.inflight.iter().any(|e| e.queue == queue) {
+            break;
+        }
+        if st.leases[queue as usize]
+            .lock()
+            .await
+            .ensure()
+            .await
+            .is_err()
+        {
+            // Lost meanwhile: give back what is held at once.
+            break;
+        }
+        let _ = tokio::time::timeout(HAND_OVER_POLL, stop.changed()).await;
+    }
+    let (tx, rx) = oneshot::channel();
+    if st.commands.send(Command::HandOver(queue, tx)).is_ok() {
+        let _ = rx.await;
+    }
+    st.leases[queue as usize].lock().await.release().await;
+    st.fifo[queue as usize].lock().unwrap().releasing = false;
+    info!(group = %st.spec.group, topic = %st.spec.topic, queue,
+        waited_ms = started.elapsed().as_millis() as u64,
+        "handed the FIFO queue over to the process the group's members assign it to");
 }
 
 /// Takes one fetched message: skips what is not for this group, filters,
@@ -173,8 +234,7 @@ pub(super) async fn accept(
     }
     let decoded = match unaddressed {
         Some(reason) => Err(reason),
-        None => Message::decode_envelope(topic.clone(), queue, seq, &m.payload)
-            .map(|(message, _)| message)
+        None => crate::wire::decode_fetched(topic.clone(), queue, seq, &m)
             .map_err(|e| format!("not a weirmq message: {e}")),
     };
     let message = match decoded {

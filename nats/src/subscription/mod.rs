@@ -13,7 +13,12 @@
 //! fetches it; it hands out one message per message group at a time and
 //! keeps the others of that group waiting behind it in memory (bounded by
 //! the same `max_ack_pending`), retrying a failed one in place; different
-//! message groups of a queue run in parallel.
+//! message groups of a queue run in parallel. The group's live processes
+//! (heartbeats, `crate::lease::Membership`) share its queues round-robin: a
+//! process that is no longer assigned a queue it holds hands it over — it
+//! stops handing out the queue's messages, waits until those in handlers
+//! are settled, gives the held ones back oldest first, and releases the
+//! lease for the assigned process to take (`fetch::hand_over`).
 //!
 //! Files: `fetch.rs` (the loops and accepting a message), `settle.rs`
 //! (settlement), `consumers.rs` (the consumers' configuration and resets);
@@ -26,19 +31,18 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, AckKind};
 use dashmap::DashMap;
-use futures::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
 use weirmq_bus::{
     now_ms, BrokerSubscription, DeadLetterCopy, DeliveryBatch, Error, GroupStats, Message,
     Ordering, RawDelivery, ResetTo, SettleToken, Settlement, Settler, StartFrom, SubscriptionSpec,
 };
 
-use crate::lease::Lease;
+use crate::lease::{assigned, Lease, Membership, MEMBER_HEARTBEAT};
 use crate::names::*;
 use crate::topics::TopicState;
-use crate::{nats_err, Inner};
+use crate::{nats_err, Inner, Pull};
 
 mod consumers;
 mod fetch;
@@ -93,6 +97,8 @@ struct FifoQueue {
     waiting: HashMap<String, VecDeque<Waiting>>,
     /// Failed messages waiting out their retry delay here, by sequence.
     retrying: HashMap<u64, Waiting>,
+    /// Being handed over to another process: nothing more is handed out.
+    releasing: bool,
 }
 
 impl FifoQueue {
@@ -118,6 +124,9 @@ struct Counters {
 
 enum Command {
     Settle(Vec<(SettleToken, Settlement)>),
+    /// FIFO: give back what is held of a queue being handed over (none of
+    /// its deliveries is in a handler any more).
+    HandOver(u32, oneshot::Sender<()>),
     Stop(oneshot::Sender<()>),
 }
 
@@ -139,6 +148,10 @@ pub(crate) struct SubState {
     fifo: Vec<Mutex<FifoQueue>>,
     /// FIFO: per queue, this process's lease on it.
     leases: Vec<tokio::sync::Mutex<Lease>>,
+    /// FIFO: this subscription as a member of its group.
+    membership: Option<Membership>,
+    /// FIFO: per queue, whether the group's live members assign it here.
+    mine: Vec<std::sync::atomic::AtomicBool>,
 }
 
 impl SubState {
@@ -177,6 +190,30 @@ impl SubState {
         for l in &self.leases {
             l.lock().await.release().await;
         }
+        if let Some(m) = &self.membership {
+            m.leave().await;
+        }
+    }
+
+    /// FIFO: whether the group's live members assign `queue` to this
+    /// process.
+    fn is_mine(&self, queue: u32) -> bool {
+        self.mine
+            .get(queue as usize)
+            .is_none_or(|m| m.load(AtomicOrdering::Relaxed))
+    }
+
+    /// FIFO: records which queues the live `members` assign here.
+    fn assign(&self, members: &[String]) {
+        let Some(me) = &self.membership else {
+            return;
+        };
+        for (q, m) in self.mine.iter().enumerate() {
+            m.store(
+                assigned(members, me.owner(), q as u32),
+                AtomicOrdering::Relaxed,
+            );
+        }
     }
 
     /// A FIFO message's turn: deliver it now if its message group is free
@@ -206,11 +243,14 @@ impl SubState {
     /// A FIFO message's retry delay is over: deliver it again (unless the
     /// queue was let go meanwhile).
     fn fifo_retry(&self, queue: u32, seq: u64) {
-        let w = self.fifo[queue as usize]
-            .lock()
-            .unwrap()
-            .retrying
-            .remove(&seq);
+        let w = {
+            let mut f = self.fifo[queue as usize].lock().unwrap();
+            if f.releasing {
+                // Handed back with the queue instead.
+                return;
+            }
+            f.retrying.remove(&seq)
+        };
         if let Some(w) = w {
             self.counters
                 .scheduled_retries
@@ -232,6 +272,11 @@ impl SubState {
                 return;
             }
             f.busy.remove(key);
+            if f.releasing {
+                // The queue is being handed over: the next owner delivers
+                // the rest of this message group.
+                return;
+            }
             let next = f.waiting.get_mut(key).and_then(VecDeque::pop_front);
             if f.waiting.get(key).is_some_and(VecDeque::is_empty) {
                 f.waiting.remove(key);
@@ -346,8 +391,27 @@ pub(crate) async fn start(
                 .collect(),
             false => Vec::new(),
         },
+        membership: fifo.then(|| Membership::new(inner.js.clone(), &spec_group, owner.clone())),
+        mine: match fifo {
+            true => (0..queues)
+                .map(|_| std::sync::atomic::AtomicBool::new(true))
+                .collect(),
+            false => Vec::new(),
+        },
     });
     let mut pumps = Vec::new();
+    if let Some(m) = &state.membership {
+        // Known to the others, and knowing them, before competing for a
+        // queue: processes starting together take their own shares.
+        m.heartbeat().await;
+        if let Some(live) = m.live().await {
+            state.assign(&live);
+        }
+        pumps.push(tokio::spawn(keep_membership(
+            state.clone(),
+            stop_rx.clone(),
+        )));
+    }
     for (q, c) in consumers.into_iter().enumerate() {
         pumps.push(tokio::spawn(pump(
             inner.clone(),
@@ -393,6 +457,29 @@ async fn keep_alive(ack_wait: Duration, st: Arc<SubState>, mut stop: watch::Rece
         }
         for m in msgs {
             let _ = m.ack_with(AckKind::Progress).await;
+        }
+    }
+}
+
+/// FIFO: writes this member's heartbeat and reassigns the queues over the
+/// live members, every [`MEMBER_HEARTBEAT`].
+async fn keep_membership(st: Arc<SubState>, mut stop: watch::Receiver<bool>) {
+    let Some(m) = &st.membership else {
+        return;
+    };
+    loop {
+        if tokio::time::timeout(MEMBER_HEARTBEAT, stop.changed())
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        if !m.heartbeat().await {
+            debug!(group = %st.spec.group, "member heartbeat not stored; keeping the last view");
+            continue;
+        }
+        if let Some(live) = m.live().await {
+            st.assign(&live);
         }
     }
 }

@@ -19,6 +19,16 @@ pub(super) async fn settle_loop(
                     settle_one(&inner, &st, e, s).await;
                 }
             }
+            Command::HandOver(queue, done) => {
+                let held = {
+                    let mut f = st.fifo[queue as usize].lock().unwrap();
+                    let retrying = f.retrying.len() as u64;
+                    c_sub(&st.counters.scheduled_retries, retrying);
+                    f.drain_held()
+                };
+                give_back(&inner, held.into_iter().map(|w| (w.seq, w.msg)).collect()).await;
+                let _ = done.send(());
+            }
             Command::Stop(done) => {
                 // Everything still held goes back, oldest first (for FIFO
                 // the next owner gets each group's messages in order).
@@ -33,16 +43,29 @@ pub(super) async fn settle_loop(
                     let held = f.lock().unwrap().drain_held();
                     left.extend(held.into_iter().map(|w| (w.seq, w.msg)));
                 }
-                left.sort_by_key(|(seq, _)| *seq);
-                for (_, m) in left {
-                    let _ = m.ack_with(AckKind::Nak(None)).await;
-                }
-                let _ = inner.client.flush().await;
+                give_back(&inner, left).await;
                 let _ = done.send(());
                 return;
             }
         }
     }
+}
+
+fn c_sub(counter: &AtomicU64, n: u64) {
+    let _ = counter.fetch_update(AtomicOrdering::Relaxed, AtomicOrdering::Relaxed, |v| {
+        Some(v.saturating_sub(n))
+    });
+}
+
+/// Naks held messages at once, oldest first (for FIFO the next owner gets
+/// each message group's messages in order: the server redelivers naked
+/// messages in the order of the naks, before any new one).
+async fn give_back(inner: &Inner, mut held: Vec<(u64, jetstream::Message)>) {
+    held.sort_by_key(|(seq, _)| *seq);
+    for (_, m) in held {
+        let _ = m.ack_with(AckKind::Nak(None)).await;
+    }
+    let _ = inner.client.flush().await;
 }
 
 pub(super) async fn settle_one(inner: &Inner, st: &Arc<SubState>, e: Entry, s: Settlement) {
