@@ -3,8 +3,9 @@
 //! Runs named scenarios and prints one JSON object per line per result:
 //! `{"scenario", "messages", "payload_bytes", "msgs_per_sec", "p50_us",
 //! "p99_us", "p999_us", "peak_rss_mb", "baseline"}`. Baselines (raw sled,
-//! raw actix mailbox, and NATS JetStream as a peer) are measured in the same
-//! run, so figures can be quoted as ratios on a noisy machine.
+//! raw actix mailbox, raw file append + fdatasync) and peers (NATS
+//! JetStream, Redis Streams, a RabbitMQ quorum queue) are measured in the
+//! same run, so figures can be quoted as ratios on a noisy machine.
 //!
 //! `cargo run --release -p weirmq-bench -- --quick` (see BENCHMARKS.md).
 
@@ -19,16 +20,26 @@ use serde::Serialize;
 use weirmq::prelude::*;
 
 mod baselines;
+mod drive;
 mod lifecycle;
 mod nats_peer;
+mod overhead;
 mod peak_shaving;
+mod rabbitmq_peer;
+mod raw_append;
+mod redis_peer;
 mod report;
 mod weirmq_runs;
 
 use baselines::*;
+use drive::*;
 use lifecycle::*;
 use nats_peer::*;
+use overhead::*;
 use peak_shaving::*;
+use rabbitmq_peer::*;
+use raw_append::*;
+use redis_peer::*;
 use report::*;
 use weirmq_runs::*;
 
@@ -39,11 +50,13 @@ struct Args {
     /// Small sizes: a full run in well under 2 minutes (for CI).
     #[arg(long)]
     quick: bool,
-    /// Run only scenarios whose name contains this.
+    /// Run only scenarios whose name contains this (or, comma-separated,
+    /// any of these).
     #[arg(long)]
     only: Option<String>,
-    /// Skip the NATS scenarios, weirmq's NATS backend and the JetStream
-    /// peer (they need `nats-server` on the PATH).
+    /// Skip the peers (NATS JetStream, Redis, RabbitMQ) and weirmq's NATS
+    /// backend (they need `nats-server` on the PATH, or servers on
+    /// loopback).
     #[arg(long)]
     no_peer: bool,
     /// Payload bytes per message.
@@ -52,6 +65,9 @@ struct Args {
     /// List the scenario names and exit.
     #[arg(long)]
     list: bool,
+    /// Rounds of the `overhead/...` scenarios (default 15; 2 with --quick).
+    #[arg(long)]
+    rounds: Option<usize>,
     /// Run exactly this scenario in this process (used by the harness itself).
     #[arg(long)]
     scenario: Option<String>,
@@ -103,10 +119,20 @@ enum Scenario {
         n: u64,
         offered: Option<u64>,
     },
+    /// A peer (or the raw limit) under `load`.
+    Peer {
+        peer: Peer,
+        load: Load,
+    },
+    /// `run` plain, observed and traced in one process, `rounds` times.
+    Overhead {
+        run: Run,
+        rounds: usize,
+    },
 }
 
 /// Every scenario, in the order they run.
-fn scenarios(q: bool, payload: usize) -> Vec<(String, Scenario)> {
+fn scenarios(q: bool, payload: usize, rounds: Option<usize>) -> Vec<(String, Scenario)> {
     let mut v: Vec<(String, Scenario)> = Vec::new();
     for (name, batch, flush, n) in [
         ("baseline/sled/insert", 1, false, scale(q, 300_000)),
@@ -216,37 +242,50 @@ fn scenarios(q: bool, payload: usize) -> Vec<(String, Scenario)> {
             }),
         ));
     }
-    // The same e2e runs observed (compare with the plain ones of this run):
-    // `/observed` with a Prometheus recorder and an INFO tracing subscriber,
-    // `/traced` with weirmq's spans on as well (default sampling), and
-    // `/traced_all` with a span on every message.
-    for (observed, suffix) in [
-        (Observe::Metrics, "observed"),
-        (Observe::Traced, "traced"),
-        (Observe::TracedAll, "traced_all"),
+    // The cost of observing the bus: `overhead/<shape>` runs the e2e shape
+    // plain, with a Prometheus recorder and an INFO subscriber
+    // (`observed`), and with weirmq's spans on as well at the default
+    // sampling (`traced`), in rotating order, in one process (overhead.rs).
+    // `e2e/<shape>/traced_all` (its own process; compare with the plain
+    // `e2e/<shape>`) has a span on every message.
+    for (store, publishers, batch, n, shape) in [
+        (Store::Memory, 64, 1, scale(q, 200_000), "p64/single"),
+        (Store::Memory, 4, 256, scale(q, 600_000), "p4/batch256"),
+        (Store::Buffered, 64, 1, scale(q, 150_000), "p64/single"),
+        (Store::Nats, 4, 256, scale(q, 100_000), "p4/batch256"),
     ] {
-        for (store, publishers, batch, n, shape) in [
-            (Store::Memory, 64, 1, scale(q, 500_000), "p64/single"),
-            (Store::Memory, 4, 256, scale(q, 2_000_000), "p4/batch256"),
-            (Store::Buffered, 64, 1, scale(q, 300_000), "p64/single"),
-            (Store::Nats, 4, 256, scale(q, 300_000), "p4/batch256"),
-        ] {
-            let name = format!("e2e/{}/{shape}/{suffix}", store.name());
-            v.push((
-                name.clone(),
-                Scenario::Weirmq(Run {
-                    name,
-                    store,
-                    publishers,
-                    batch,
-                    messages: n,
-                    groups: 1,
-                    queues: 4,
-                    payload,
-                    observed,
-                }),
-            ));
-        }
+        let name = format!("overhead/{}/{shape}", store.name());
+        let run = Run {
+            name: name.clone(),
+            store,
+            publishers,
+            batch,
+            messages: n,
+            groups: 1,
+            queues: 4,
+            payload,
+            observed: Observe::Off,
+        };
+        // Many short rounds: this machine's throughput drifts by ±10% over
+        // minutes, and the median of many paired ratios sees through it.
+        let rounds = rounds.unwrap_or(if q { 2 } else { 15 });
+        v.push((
+            name,
+            Scenario::Overhead {
+                run: run.clone(),
+                rounds,
+            },
+        ));
+        let name = format!("e2e/{}/{shape}/traced_all", store.name());
+        v.push((
+            name.clone(),
+            Scenario::Weirmq(Run {
+                name,
+                messages: n,
+                observed: Observe::TracedAll,
+                ..run
+            }),
+        ));
     }
     for store in [Store::Flushed, Store::Buffered] {
         v.push((
@@ -316,7 +355,73 @@ fn scenarios(q: bool, payload: usize) -> Vec<(String, Scenario)> {
             offered: Some(10_000),
         },
     ));
+    // Side by side with the bus (issue 18): the raw embedded limit (one
+    // file, append + fdatasync per group commit), Redis Streams and a
+    // RabbitMQ quorum queue, each end to end with the same shapes and a
+    // latency run at 10k msg/s offered.
+    for (peer, prefix, n64, nb) in [
+        (
+            Peer::RawAppend,
+            "baseline/append_fdatasync",
+            scale(q, 300_000),
+            scale(q, 1_000_000),
+        ),
+        (
+            Peer::SledGroupCommit,
+            "baseline/sled_group_commit",
+            scale(q, 300_000),
+            scale(q, 1_000_000),
+        ),
+        (
+            Peer::Redis,
+            "peer/redis",
+            scale(q, 300_000),
+            scale(q, 1_000_000),
+        ),
+        (
+            Peer::RabbitMq,
+            "peer/rabbitmq",
+            scale(q, 100_000),
+            scale(q, 200_000),
+        ),
+    ] {
+        for (publishers, batch, n, shape) in
+            [(64, 1, n64, "p64/single"), (4, 256, nb, "p4/batch256")]
+        {
+            v.push((
+                format!("{prefix}/e2e/{shape}"),
+                Scenario::Peer {
+                    peer,
+                    load: Load::Full {
+                        publishers,
+                        batch,
+                        n,
+                    },
+                },
+            ));
+        }
+        v.push((
+            format!("{prefix}/latency/offered_10k"),
+            Scenario::Peer {
+                peer,
+                load: Load::Offered {
+                    rate: 10_000,
+                    secs: if q { 2.0 } else { 10.0 },
+                },
+            },
+        ));
+    }
     v
+}
+
+/// A system the bus is measured beside.
+#[derive(Debug, Clone, Copy)]
+enum Peer {
+    RawAppend,
+    /// The same group commit into sled, with the bus's syncs.
+    SledGroupCommit,
+    Redis,
+    RabbitMq,
 }
 
 /// Runs one scenario in this process and prints its line.
@@ -371,6 +476,20 @@ fn run_one(name: &str, scenario: Scenario, payload: usize) -> Result<(), String>
                 Scenario::Delay { store, n, spread } => {
                     delay_lateness(name, store, n, spread, payload).await
                 }
+                Scenario::Overhead { run, rounds } => overhead(name, run, rounds).await,
+                Scenario::Peer { peer, load } => {
+                    let res = match peer {
+                        Peer::RawAppend => raw_append(name, load, payload, false).await.map(Some),
+                        Peer::SledGroupCommit => {
+                            raw_append(name, load, payload, true).await.map(Some)
+                        }
+                        Peer::Redis => redis_peer(name, load, payload).await,
+                        Peer::RabbitMq => rabbitmq_peer(name, load, payload).await,
+                    }?;
+                    if let Some(res) = res {
+                        res.print();
+                    }
+                }
                 Scenario::Sled { .. } | Scenario::Nats { .. } => unreachable!("handled above"),
             }
             Ok::<_, String>(())
@@ -382,7 +501,7 @@ fn run_one(name: &str, scenario: Scenario, payload: usize) -> Result<(), String>
 fn main() {
     let args = Args::parse();
     now_ns();
-    let all = scenarios(args.quick, args.payload_bytes);
+    let all = scenarios(args.quick, args.payload_bytes, args.rounds);
     if let Some(name) = &args.scenario {
         let Some((_, s)) = all.into_iter().find(|(n, _)| n == name) else {
             eprintln!("no scenario named `{name}` (run with --list)");
@@ -397,7 +516,11 @@ fn main() {
     let wanted: Vec<String> = all
         .iter()
         .map(|(n, _)| n.clone())
-        .filter(|n| args.only.as_deref().is_none_or(|o| n.contains(o)))
+        .filter(|n| {
+            args.only
+                .as_deref()
+                .is_none_or(|o| o.split(',').any(|part| n.contains(part)))
+        })
         .filter(|n| !(args.no_peer && (n.starts_with("peer/") || n.contains("/nats/"))))
         .collect();
     if args.list {
@@ -416,6 +539,9 @@ fn main() {
             .arg(args.payload_bytes.to_string());
         if args.quick {
             cmd.arg("--quick");
+        }
+        if let Some(r) = args.rounds {
+            cmd.args(["--rounds", &r.to_string()]);
         }
         match cmd.status() {
             Ok(s) if s.success() => {}

@@ -27,6 +27,10 @@ pub(super) struct Res {
     /// memory + the in-flight window); the scenario fails above it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) rss_bound_mb: Option<f64>,
+    /// The round of a scenario that repeats its runs in one process
+    /// (`overhead/...`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) round: Option<usize>,
 }
 
 impl Res {
@@ -44,6 +48,7 @@ impl Res {
             data_dir_mb: None,
             data_dir_mb_before: None,
             rss_bound_mb: None,
+            round: None,
         }
     }
 

@@ -128,19 +128,31 @@ pub(super) async fn open(store: Store, dir: &Path) -> Bus {
 pub(super) async fn weirmq_run(r: Run) -> Res {
     if r.observed != Observe::Off {
         weirmq::web::install_metrics().expect("the Prometheus recorder");
-        // INFO, as a service logs in production; no ANSI colours (the
-        // writer is not a terminal).
-        let filter = if matches!(r.observed, Observe::Traced | Observe::TracedAll) {
-            "info,weirmq::publish=debug,weirmq::process=debug"
-        } else {
-            "info"
-        };
         tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_env_filter(tracing_subscriber::EnvFilter::new(r.observed.filter()))
             .with_ansi(false)
             .with_writer(std::io::sink)
             .init();
     }
+    measure(r).await
+}
+
+impl Observe {
+    /// The `tracing` filter a run observed this way installs: INFO, as a
+    /// service logs in production, plus weirmq's spans when traced.
+    pub(super) fn filter(self) -> &'static str {
+        match self {
+            Observe::Off => "off",
+            Observe::Metrics => "info",
+            Observe::Traced | Observe::TracedAll => {
+                "info,weirmq::publish=debug,weirmq::process=debug"
+            }
+        }
+    }
+}
+
+/// The run itself, with whatever recorder and subscriber are installed.
+pub(super) async fn measure(r: Run) -> Res {
     let dir = tempfile::tempdir().expect("temp dir");
     let sampling = if r.observed == Observe::TracedAll {
         weirmq::TraceSampling::always()
