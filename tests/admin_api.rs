@@ -18,7 +18,7 @@ use support::*;
 use weirmq::prelude::*;
 use weirmq::TopicConfig;
 
-on_both_backends!(
+on_every_backend!(
     every_endpoint_answers_on_a_bus_with_a_dead_letter,
     mutations_need_the_token_and_reads_can_too,
 );

@@ -1,10 +1,11 @@
 //! The conformance suite: one body per behaviour, run against every
-//! backend (the embedded store and NATS JetStream), so a backend cannot
+//! backend (the embedded store on disk and in memory, and NATS JetStream), so a backend cannot
 //! silently diverge. What a backend cannot do must be a typed
 //! `Error::Unsupported` (checked at the end).
 //!
-//! `on_both_backends!` (tests/support) turns each `async fn name(b: Backend)` below into
-//! `embedded::name` and `nats::name` tests.
+//! `on_every_backend!` (tests/support) turns each `async fn name(b: Backend)` below into
+//! `embedded::name`, `memory::name` (the in-memory store) and `nats::name`
+//! tests; a test that restarts the bus runs on the durable two only.
 
 #[macro_use]
 mod support;
@@ -22,7 +23,7 @@ use weirmq::{
     TraceContext, TransactionConfig, TransactionOutcome,
 };
 
-on_both_backends!(
+on_every_backend!(
     publish_then_consume_each_message_once,
     members_of_a_group_share_the_work,
     a_failed_message_is_retried_with_its_attempt_count,
@@ -35,10 +36,10 @@ on_both_backends!(
     tag_and_sql_filters_select_per_group,
     broadcast_gives_every_member_every_message,
     reset_replays_from_earliest_a_time_or_skips_to_latest,
-    offsets_survive_a_restart,
     unsettled_deliveries_stay_within_max_in_flight,
     bad_input_is_a_typed_error_and_unsupported_features_say_so,
-    the_trace_context_follows_a_message_through_retry_delay_transaction_and_resend,
+    the_trace_context_follows_a_message_through_retry_delay_transaction_and_resend;
+    durable: offsets_survive_a_restart,
 );
 
 async fn publish(bus: &Bus, range: std::ops::Range<u64>) {

@@ -292,6 +292,16 @@ pub enum Error {
         /// The reserve the store keeps free.
         reserve: u64,
     },
+    /// An in-memory bus would pass its memory budget
+    /// (`BusBuilder::memory_budget`) with this publish: it was refused and
+    /// nothing was stored. Consumed messages are removed as the store
+    /// fills, so this means consumers are behind (or there are none).
+    MemoryFull {
+        /// The budget, in bytes.
+        budget: u64,
+        /// Bytes of the budget still free when the publish was refused.
+        available: u64,
+    },
     /// The data directory cannot be used: it is corrupt, not a weirmq
     /// directory, or locked by another process.
     DataDir {
@@ -414,6 +424,15 @@ impl fmt::Display for Error {
                      reopen the bus (shut it down, then open it again)",
                 )
             }
+            Error::MemoryFull { budget, available } => write!(
+                f,
+                "the in-memory store is full: {} of its {} budget is free, not enough for this \
+                 publish: it was refused and nothing was stored. Let consumers catch up \
+                 (consumed messages are removed as the store fills), publish less at once, or \
+                 raise BusBuilder::memory_budget",
+                bytes(*available),
+                bytes(*budget)
+            ),
             Error::StoreFull {
                 path,
                 available,

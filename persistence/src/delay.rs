@@ -97,7 +97,7 @@ impl ScheduleEntry {
 /// The stored entry with `probe`'s seq: at `probe`'s key, or anywhere (it
 /// was moved to a later check); `None` if there is none.
 pub(crate) fn find_schedule(
-    tree: &sled::Tree,
+    tree: &crate::kv::Tree,
     probe: &ScheduleEntry,
 ) -> Result<Option<ScheduleEntry>, StorageError> {
     let read = |e| crate::failure::sled_error("reading the delay index", e);
@@ -116,7 +116,7 @@ pub(crate) fn find_schedule(
 
 /// Up to `limit` schedule entries in due order, after `after` (exclusive).
 pub(crate) fn load_schedule(
-    tree: &sled::Tree,
+    tree: &crate::kv::Tree,
     after: Option<&ScheduleEntry>,
     limit: usize,
 ) -> Result<Vec<ScheduleEntry>, StorageError> {
@@ -268,7 +268,7 @@ impl RetryEntry {
 
 /// The retry entries of `group` on topic `topic_id`, in due order.
 pub(crate) fn load_retries(
-    tree: &sled::Tree,
+    tree: &crate::kv::Tree,
     group: &str,
     topic_id: u32,
 ) -> Result<Vec<RetryEntry>, StorageError> {
@@ -283,7 +283,7 @@ pub(crate) fn load_retries(
 /// For every queue that has retry entries (of any group), the lowest offset
 /// they name: retention keeps everything from there on.
 pub(crate) fn retry_floors(
-    tree: &sled::Tree,
+    tree: &crate::kv::Tree,
 ) -> Result<std::collections::HashMap<crate::QueueKey, u64>, StorageError> {
     let mut out = std::collections::HashMap::new();
     let bad = || StorageError::msg("a retry entry in the delay index is corrupt");
@@ -324,8 +324,7 @@ mod tests {
 
     #[test]
     fn entries_round_trip_in_due_order() {
-        let db = sled::Config::new().temporary(true).open().unwrap();
-        let tree = db.open_tree("delay").unwrap();
+        let tree = crate::kv::Tree::memory(Default::default());
         let mk = |due_ms, offset| RetryEntry {
             key: RetryKey {
                 group: "g".into(),

@@ -21,7 +21,12 @@
 //! removed messages leave in its file. So what retention frees counts as
 //! room too (half of it, to be safe) until new writes have used it up.
 //!
-//! An in-memory store has no guard.
+//! An in-memory store has a *memory budget* instead
+//! ([`DiskGuard::memory`], `BusBuilder::memory_budget`, default 1 GiB): the
+//! same guard, counting the bytes its trees hold instead of the free space
+//! of a filesystem. Above three quarters of the budget, pressure retention
+//! removes what every group consumed; a publish that would take the store
+//! past the budget is refused with [`Error::MemoryFull`].
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,10 +54,24 @@ pub enum DiskPolicy {
     Off,
 }
 
+/// What the guard keeps room in.
+#[derive(Debug)]
+enum Room {
+    /// The filesystem holding the data directory.
+    Disk(PathBuf),
+    /// An in-memory store's budget, and the bytes its trees hold.
+    Memory { budget: u64, held: Arc<AtomicU64> },
+}
+
 #[derive(Debug)]
 struct State {
-    path: PathBuf,
+    room: Room,
     reserve: u64,
+    /// Below this much room, retention runs in pressure mode.
+    pressure_below: u64,
+    /// What a publish of `n` bytes is assumed to take until the next
+    /// measurement: `n` times this.
+    amplification: u64,
     /// Free bytes on the filesystem (last measurement, lowered by what
     /// was admitted since), plus the room retention freed in the store.
     available: AtomicU64,
@@ -84,8 +103,10 @@ impl DiskGuard {
         };
         let guard = DiskGuard {
             state: Some(Arc::new(State {
-                path: dir.to_path_buf(),
+                room: Room::Disk(dir.to_path_buf()),
                 reserve,
+                pressure_below: reserve.saturating_mul(2),
+                amplification: AMPLIFICATION,
                 available: AtomicU64::new(u64::MAX),
                 slack: AtomicU64::new(0),
             })),
@@ -94,7 +115,28 @@ impl DiskGuard {
         guard
     }
 
-    /// The reserve in bytes, if there is a guard.
+    /// The guard of an in-memory store whose trees count what they hold
+    /// in `held`: room is `budget` minus that; pressure below a quarter of
+    /// the budget; a publish that does not fit is refused.
+    pub(crate) fn memory(budget: u64, held: Arc<AtomicU64>) -> DiskGuard {
+        let guard = DiskGuard {
+            state: Some(Arc::new(State {
+                room: Room::Memory { budget, held },
+                reserve: 0,
+                pressure_below: budget / 4,
+                // The trees hold what was published, plus the overhead
+                // the admission already adds per message.
+                amplification: 1,
+                available: AtomicU64::new(budget),
+                slack: AtomicU64::new(0),
+            })),
+        };
+        guard.measure();
+        guard
+    }
+
+    /// The reserve in bytes, if there is a guard (0 for a memory budget:
+    /// its whole budget can be used).
     pub fn reserve(&self) -> Option<u64> {
         self.state.as_ref().map(|s| s.reserve)
     }
@@ -117,14 +159,20 @@ impl DiskGuard {
         let Some(s) = &self.state else {
             return Ok(());
         };
-        let need = bytes.saturating_mul(AMPLIFICATION);
+        let need = bytes.saturating_mul(s.amplification);
         let mut now = s.available.load(Ordering::Relaxed);
         loop {
             if now < s.reserve.saturating_add(need) {
-                return Err(Error::StoreFull {
-                    path: s.path.clone(),
-                    available: now,
-                    reserve: s.reserve,
+                return Err(match &s.room {
+                    Room::Disk(path) => Error::StoreFull {
+                        path: path.clone(),
+                        available: now,
+                        reserve: s.reserve,
+                    },
+                    Room::Memory { budget, .. } => Error::MemoryFull {
+                        budget: *budget,
+                        available: now,
+                    },
                 });
             }
             match s.available.compare_exchange_weak(
@@ -144,9 +192,17 @@ impl DiskGuard {
         let Some(s) = &self.state else {
             return;
         };
-        if let Ok(free) = fs2::available_space(&s.path) {
-            let room = free.saturating_add(s.slack.load(Ordering::Relaxed));
-            s.available.store(room, Ordering::Relaxed);
+        match &s.room {
+            Room::Disk(path) => {
+                if let Ok(free) = fs2::available_space(path) {
+                    let room = free.saturating_add(s.slack.load(Ordering::Relaxed));
+                    s.available.store(room, Ordering::Relaxed);
+                }
+            }
+            Room::Memory { budget, held } => {
+                let room = budget.saturating_sub(held.load(Ordering::Relaxed));
+                s.available.store(room, Ordering::Relaxed);
+            }
         }
     }
 
@@ -154,12 +210,17 @@ impl DiskGuard {
     pub(crate) fn under_pressure(&self) -> bool {
         self.state
             .as_ref()
-            .is_some_and(|s| s.available.load(Ordering::Relaxed) < s.reserve.saturating_mul(2))
+            .is_some_and(|s| s.available.load(Ordering::Relaxed) < s.pressure_below)
     }
 
-    /// Retention removed `bytes` of messages: half of it counts as room.
+    /// Retention removed `bytes` of messages: half of it counts as room
+    /// (in memory: all of it, as the trees count it).
     pub(crate) fn freed(&self, bytes: u64) {
         if let Some(s) = &self.state {
+            if let Room::Memory { .. } = s.room {
+                self.measure();
+                return;
+            }
             let room = bytes / 2;
             s.slack.fetch_add(room, Ordering::Relaxed);
             s.available.fetch_add(room, Ordering::Relaxed);
@@ -186,8 +247,10 @@ mod tests {
     fn fixed(available: u64, reserve: u64) -> DiskGuard {
         DiskGuard {
             state: Some(Arc::new(State {
-                path: PathBuf::from("/data"),
+                room: Room::Disk(PathBuf::from("/data")),
                 reserve,
+                pressure_below: reserve * 2,
+                amplification: AMPLIFICATION,
                 available: AtomicU64::new(available),
                 slack: AtomicU64::new(0),
             })),
@@ -219,6 +282,34 @@ mod tests {
         assert!(DiskGuard::new(Some(dir.path()), DiskPolicy::Off)
             .admit(u64::MAX)
             .is_ok());
+    }
+
+    #[test]
+    fn a_memory_budget_refuses_what_does_not_fit_and_counts_what_is_freed() {
+        let held = Arc::new(AtomicU64::new(0));
+        let g = DiskGuard::memory(10_000, held.clone());
+        assert!(!g.under_pressure());
+        assert!(g.admit(8_000).is_ok()); // taken until measured
+        match g.admit(2_001) {
+            Err(Error::MemoryFull { budget, available }) => {
+                assert_eq!((budget, available), (10_000, 2_000))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(g.under_pressure());
+        // The store holds less than was assumed: measured, there is room.
+        held.store(5_000, Ordering::Relaxed);
+        g.measure();
+        assert_eq!(g.available(), Some(5_000));
+        assert!(!g.under_pressure());
+        assert!(g.admit(2_000).is_ok());
+        held.store(8_000, Ordering::Relaxed);
+        g.measure();
+        assert!(g.under_pressure());
+        // Retention removed 6,000: the trees count it, all of it is room.
+        held.store(2_000, Ordering::Relaxed);
+        g.freed(6_000);
+        assert_eq!(g.available(), Some(8_000));
     }
 
     #[test]

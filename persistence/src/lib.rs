@@ -1,6 +1,7 @@
 //! # weirmq-persistence: the embedded store
 //!
-//! The sled-backed store of the embedded broker: queue logs, consumer
+//! The store of the embedded broker — sled on disk, ordered maps in
+//! memory (`kv.rs`; the same store code on both) — queue logs, consumer
 //! offsets, topic metadata, the delay index (retry entries), record
 //! summaries (queries by id and key) and message traces, written by
 //! one [`PersistenceActor`] with group commit, read concurrently through
@@ -12,7 +13,9 @@
 //!
 //! # Files
 //!
-//! `store/` is split along the trees: `open.rs` (open and recovery),
+//! `kv.rs` holds the trees the store is written against (sled's, or
+//! in-memory maps counting their bytes for the memory budget). `store/` is
+//! split along the trees: `open.rs` (open and recovery),
 //! `topics.rs` (`meta`), `log.rs`, `spans.rs` (`index`), `offsets.rs`,
 //! `delays.rs`, `trace.rs`, `app_state.rs`, `retention.rs`; `store/mod.rs`
 //! holds the handles, the named commit batch and the real sync. `actor/`
@@ -63,6 +66,7 @@ mod delay;
 mod disk;
 mod failure;
 mod index;
+mod kv;
 mod store;
 
 pub use actor::{
@@ -73,5 +77,5 @@ pub use delay::{next_seq, RetryEntry, RetryKey, ScheduleEntry};
 pub use disk::{DiskGuard, DiskPolicy};
 pub use store::{
     OffsetState, QueueKey, RecoveredTopic, Recovery, Store, StoreConfig, StoreReader, SyncEvent,
-    SyncHook, TopicSettings, TraceRecord,
+    SyncHook, TopicSettings, TraceRecord, DEFAULT_MEMORY_BUDGET,
 };

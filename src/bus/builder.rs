@@ -37,6 +37,7 @@ pub struct BusBuilder {
     max_pending_messages: Option<usize>,
     retention_interval: Option<Duration>,
     min_free_space: Option<u64>,
+    memory_budget: Option<u64>,
     trace_sampling: TraceSampling,
     checkers: Vec<(String, Arc<dyn TransactionChecker>, TransactionConfig)>,
     #[cfg(feature = "nats")]
@@ -65,6 +66,15 @@ impl BusBuilder {
 
     /// Keeps everything in memory: the same semantics, no durability. For
     /// tests, and for events that need not survive the process.
+    ///
+    /// The embedded broker then stores into ordered maps in the process
+    /// instead of sled (no files, no sled threads); everything else — group
+    /// commit, offsets, retries, delays, transactions, retention, query and
+    /// trace — is the same code. What the store holds is in RAM (measured:
+    /// ~275 bytes per 256-byte message), within
+    /// [`memory_budget`](Self::memory_budget) (default 1 GiB); see
+    /// docs/delivery.md, "Memory". `Durability` makes no difference. Use a
+    /// data directory for backlogs larger than memory.
     pub fn in_memory(mut self) -> Self {
         self.in_memory = true;
         self
@@ -102,6 +112,18 @@ impl BusBuilder {
     /// and stops ([`Error::StoreFailed`]). See `docs/delivery.md`.
     pub fn min_free_space(mut self, bytes: u64) -> Self {
         self.min_free_space = Some(bytes);
+        self
+    }
+
+    /// In memory ([`in_memory`](Self::in_memory)): the most the store may
+    /// hold, in bytes (default 1 GiB; counted as stored: encoded messages,
+    /// offsets, retry entries and the rest, plus ~64 bytes per entry).
+    /// Above three quarters of it, retention removes the oldest messages
+    /// every consumer group of their topic has acked; a publish that would
+    /// pass it is refused with [`Error::MemoryFull`] (nothing stored).
+    /// Ignored with a data directory. See `docs/delivery.md`, "Memory".
+    pub fn memory_budget(mut self, bytes: u64) -> Self {
+        self.memory_budget = Some(bytes);
         self
     }
 
@@ -238,6 +260,7 @@ impl BusBuilder {
                     Some(0) => DiskPolicy::Off,
                     Some(n) => DiskPolicy::Reserve(n),
                 },
+                memory_budget: self.memory_budget,
             },
             limits: self.limits,
             checkers: self.checkers,

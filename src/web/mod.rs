@@ -13,6 +13,7 @@
 //! | `Unavailable` (the backend did not confirm: outcome unknown, retry with the same ids) | 503 Service Unavailable, `Retry-After: 1` |
 //! | `Closed` (shutting down) | 503 Service Unavailable |
 //! | `StoreFull` (the disk is nearly full; nothing stored) | 507 Insufficient Storage, `Retry-After: 1` |
+//! | `MemoryFull` (an in-memory bus is at its memory budget; nothing stored) | 507 Insufficient Storage, `Retry-After: 1` |
 //! | `Unsupported` | 501 Not Implemented |
 //! | storage and data-directory errors, `StoreFailed` | 500 Internal Server Error |
 //!
@@ -87,6 +88,7 @@ impl HttpError {
             Error::Storage(_) => "storage",
             Error::StoreFailed { .. } => "store_failed",
             Error::StoreFull { .. } => "store_full",
+            Error::MemoryFull { .. } => "memory_full",
             Error::DataDir { .. } => "data_dir",
             Error::AlreadySubscribed { .. } => "already_subscribed",
             Error::DelayTooLong { .. } => "delay_too_long",
@@ -116,7 +118,7 @@ impl ResponseError for HttpError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Error::Unsupported { .. } => StatusCode::NOT_IMPLEMENTED,
-            Error::StoreFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
+            Error::StoreFull { .. } | Error::MemoryFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -137,7 +139,10 @@ impl HttpError {
     pub(crate) fn retry_after(&self) -> bool {
         matches!(
             self.0,
-            Error::Busy { .. } | Error::StoreFull { .. } | Error::Unavailable { .. }
+            Error::Busy { .. }
+                | Error::StoreFull { .. }
+                | Error::MemoryFull { .. }
+                | Error::Unavailable { .. }
         )
     }
 }

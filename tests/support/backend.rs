@@ -222,6 +222,9 @@ impl NatsServer {
 pub enum Backend {
     /// The embedded sled store in a temp dir.
     Embedded(tempfile::TempDir),
+    /// The embedded broker in memory (`BusBuilder::in_memory`): opening
+    /// again is a new, empty bus, so restart tests leave it out.
+    Memory,
     /// A NATS JetStream server.
     Nats(NatsServer),
 }
@@ -229,6 +232,10 @@ pub enum Backend {
 impl Backend {
     pub fn embedded() -> Backend {
         Backend::Embedded(super::temp_dir())
+    }
+
+    pub fn memory() -> Backend {
+        Backend::Memory
     }
 
     /// `None` when the test is skipped (no server, not required).
@@ -241,6 +248,7 @@ impl Backend {
     pub fn name(&self) -> &'static str {
         match self {
             Backend::Embedded(_) => "embedded",
+            Backend::Memory => "memory",
             Backend::Nats(_) => "nats",
         }
     }
@@ -254,6 +262,7 @@ impl Backend {
     pub fn builder(&self) -> weirmq::BusBuilder {
         match self {
             Backend::Embedded(dir) => Bus::builder().data_dir(dir.path()),
+            Backend::Memory => Bus::builder().in_memory(),
             Backend::Nats(s) => {
                 let mut config = weirmq::nats::NatsConfig::new(s.url.clone());
                 config.use_message_schedules = native_schedules_asked();

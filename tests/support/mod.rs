@@ -10,17 +10,38 @@ use std::time::{Duration, Instant};
 pub mod backend;
 
 /// Turns each `async fn name(b: Backend)` of the test file into the tests
-/// `embedded::name` and `nats::name` (the file imports `Backend` and
-/// `init_tracing`; `#[macro_use] mod support;`).
+/// `embedded::name`, `memory::name` and `nats::name`; the names after
+/// `durable:` (tests that restart the bus and find what it kept) into
+/// `embedded::name` and `nats::name` only. The file imports `Backend` and
+/// `init_tracing`; `#[macro_use] mod support;`.
 #[allow(unused_macros)]
-macro_rules! on_both_backends {
+macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
+        on_every_backend!($($name),*; durable:);
+    };
+    ($($name:ident),* $(,)? ; durable: $($kept:ident),* $(,)?) => {
         mod embedded {
             $(
                 #[actix::test]
                 async fn $name() {
                     super::init_tracing();
                     super::$name(super::Backend::embedded()).await
+                }
+            )*
+            $(
+                #[actix::test]
+                async fn $kept() {
+                    super::init_tracing();
+                    super::$kept(super::Backend::embedded()).await
+                }
+            )*
+        }
+        mod memory {
+            $(
+                #[actix::test]
+                async fn $name() {
+                    super::init_tracing();
+                    super::$name(super::Backend::memory()).await
                 }
             )*
         }
@@ -31,6 +52,14 @@ macro_rules! on_both_backends {
                     super::init_tracing();
                     let Some(b) = super::Backend::nats().await else { return };
                     super::$name(b).await
+                }
+            )*
+            $(
+                #[actix::test]
+                async fn $kept() {
+                    super::init_tracing();
+                    let Some(b) = super::Backend::nats().await else { return };
+                    super::$kept(b).await
                 }
             )*
         }

@@ -198,11 +198,11 @@ impl Pending {
     /// The delay index's changes: staged messages, and the retry updates
     /// (unscheduled and rescheduled staged messages, removed and new retry
     /// entries, "resent" marks).
-    fn delay_batch(&self) -> Option<sled::Batch> {
+    fn delay_batch(&self) -> Option<crate::kv::Batch> {
         if self.retries.is_empty() && self.scheduled.is_empty() {
             return None;
         }
-        let mut b = sled::Batch::default();
+        let mut b = crate::kv::Batch::default();
         for e in &self.scheduled {
             b.insert(&e.key()[..], e.value());
         }

@@ -119,7 +119,7 @@ impl PersistenceActor {
         let (floors, acked) = match plan {
             Ok(p) => p,
             Err(e) => {
-                warn!(error = %self.store.located(e), "planning a disk-pressure pass failed");
+                warn!(error = %self.store.located(e), "planning a pressure pass (disk or memory budget) failed");
                 return;
             }
         };
@@ -241,7 +241,7 @@ impl Handler<RetentionStep> for PersistenceActor {
                         removed = job.report.messages,
                         bytes = job.report.bytes,
                         room = !self.guard.under_pressure(),
-                        "disk-pressure pass done"
+                        "pressure pass (disk or memory budget) done"
                     );
                     // Nothing consumed was left to remove: try again later.
                     self.pressure_rest = (job.report.messages == 0)

@@ -1,5 +1,6 @@
 //! The `app-state` tree: the application's own keys (the local outbox),
-//! written in one sled transaction with their message's record.
+//! written in one transaction with their message's record (sled's, or
+//! both maps locked in memory).
 
 use super::*;
 
@@ -8,26 +9,19 @@ impl Store {
     /// writes in one sled transaction; then their index summaries.
     pub(crate) fn write_with_state(
         &mut self,
-        log: sled::Batch,
+        log: crate::kv::Batch,
         ops: &[weirmq_bus::StateOp],
-        index: Option<sled::Batch>,
+        index: Option<crate::kv::Batch>,
     ) -> Result<(), StorageError> {
-        use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
-        let r: Result<(), TransactionError<()>> =
-            (&self.log, &self.state).transaction(|(log_tx, state_tx)| {
-                log_tx.apply_batch(&log)?;
-                for op in ops {
-                    match op {
-                        weirmq_bus::StateOp::Put { key, value } => {
-                            state_tx.insert(key.as_slice(), value.as_slice())?;
-                        }
-                        weirmq_bus::StateOp::Delete { key } => {
-                            state_tx.remove(key.as_slice())?;
-                        }
-                    }
-                }
-                Ok::<(), ConflictableTransactionError<()>>(())
-            });
+        use sled::transaction::TransactionError;
+        let ops: Vec<(&[u8], Option<&[u8]>)> = ops
+            .iter()
+            .map(|op| match op {
+                weirmq_bus::StateOp::Put { key, value } => (key.as_slice(), Some(value.as_slice())),
+                weirmq_bus::StateOp::Delete { key } => (key.as_slice(), None),
+            })
+            .collect();
+        let r = self.log.apply_with(log, &self.state, &ops);
         r.map_err(|e| match e {
             TransactionError::Storage(e) => {
                 failure::sled_error("writing a message with application state", e)

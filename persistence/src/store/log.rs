@@ -60,7 +60,7 @@ pub(super) fn decode_record(
 #[derive(Debug, Default)]
 pub(crate) struct RecordBuilder {
     pub(super) open: BTreeMap<QueueKey, (u64, u32, Vec<u8>, SummaryBuilder)>,
-    pub(super) batch: sled::Batch,
+    pub(super) batch: crate::kv::Batch,
     pub(super) closed: Vec<ClosedRecord>,
 }
 
@@ -135,7 +135,7 @@ pub(crate) struct ClosedRecord {
 /// What a commit's records hold.
 #[derive(Debug)]
 pub(crate) struct Records {
-    pub(crate) log: sled::Batch,
+    pub(crate) log: crate::kv::Batch,
     /// The records, for [`Store::index_records`].
     pub(crate) closed: Vec<ClosedRecord>,
 }
@@ -144,8 +144,8 @@ impl Store {
     /// Deletes every record of `key`'s queue and every delay-index key under
     /// `marks`; returns how many messages were deleted.
     pub(crate) fn purge_queue(&mut self, key: QueueKey, marks: &[u8]) -> Result<u64, StorageError> {
-        let mut log = sled::Batch::default();
-        let mut index = sled::Batch::default();
+        let mut log = crate::kv::Batch::default();
+        let mut index = crate::kv::Batch::default();
         let mut n = 0u64;
         let mut end = None;
         for item in self.log.range(key.log_key(0)..=key.log_key(u64::MAX)) {
@@ -156,12 +156,12 @@ impl Store {
             index.remove(&k);
             log.remove(k);
         }
-        let mut delay = sled::Batch::default();
+        let mut delay = crate::kv::Batch::default();
         for item in self.delay.scan_prefix(marks) {
             let (k, _) = item.map_err(failure::sled("reading the delay index"))?;
             delay.remove(k);
         }
-        let mut trace = sled::Batch::default();
+        let mut trace = crate::kv::Batch::default();
         for k in self
             .trace
             .range(key.trace_key(0, 0)..=key.trace_key(u64::MAX, u64::MAX))

@@ -96,7 +96,13 @@ pub struct StoreConfig {
     /// How much free space the store keeps on its filesystem (see
     /// [`DiskGuard`]).
     pub disk: DiskPolicy,
+    /// In memory (`path: None`): the most bytes the store may hold
+    /// (`None`: [`DEFAULT_MEMORY_BUDGET`]; see [`DiskGuard`]).
+    pub memory_budget: Option<u64>,
 }
+
+/// An in-memory store's default budget: 1 GiB.
+pub const DEFAULT_MEMORY_BUDGET: u64 = 1 << 30;
 
 impl fmt::Debug for StoreConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -106,6 +112,7 @@ impl fmt::Debug for StoreConfig {
             .field("sync_hook", &self.sync_hook.is_some())
             .field("retention_interval", &self.retention_interval)
             .field("disk", &self.disk)
+            .field("memory_budget", &self.memory_budget)
             .finish()
     }
 }
@@ -147,20 +154,20 @@ impl QueueKey {
 #[derive(Default)]
 pub(crate) struct CommitWrites {
     /// Records of the queue logs.
-    pub(crate) log: sled::Batch,
+    pub(crate) log: crate::kv::Batch,
     /// Their span summaries.
-    pub(crate) index: Option<sled::Batch>,
+    pub(crate) index: Option<crate::kv::Batch>,
     /// Trace events.
-    pub(crate) trace: Option<sled::Batch>,
+    pub(crate) trace: Option<crate::kv::Batch>,
     /// Retry entries, staged messages, "resent" marks.
-    pub(crate) delay: Option<sled::Batch>,
+    pub(crate) delay: Option<crate::kv::Batch>,
     /// Consumer offsets.
-    pub(crate) offsets: Option<sled::Batch>,
+    pub(crate) offsets: Option<crate::kv::Batch>,
 }
 
 impl CommitWrites {
     /// Log records only.
-    pub(crate) fn log(log: sled::Batch) -> Self {
+    pub(crate) fn log(log: crate::kv::Batch) -> Self {
         CommitWrites {
             log,
             ..CommitWrites::default()
@@ -170,16 +177,17 @@ impl CommitWrites {
 
 /// The store. Owned by the persistence actor; see the module docs.
 pub struct Store {
-    db: sled::Db,
+    /// sled's database (`None` in memory).
+    db: Option<sled::Db>,
     guard: DiskGuard,
-    log: sled::Tree,
+    log: crate::kv::Tree,
     /// The application's own state (the local outbox).
-    state: sled::Tree,
-    index: sled::Tree,
-    trace: sled::Tree,
-    offsets: sled::Tree,
-    meta: sled::Tree,
-    delay: sled::Tree,
+    state: crate::kv::Tree,
+    index: crate::kv::Tree,
+    trace: crate::kv::Tree,
+    offsets: crate::kv::Tree,
+    meta: crate::kv::Tree,
+    delay: crate::kv::Tree,
     /// Stored bytes per queue, counted on first need (retention by size)
     /// and kept up to date by appends and removals.
     queue_bytes: HashMap<QueueKey, u64>,
@@ -256,13 +264,15 @@ impl Store {
     /// the blob directory if it gained files.
     /// The store's size on disk, if sled can tell.
     pub(crate) fn size_on_disk(&self) -> Option<u64> {
-        self.db.size_on_disk().ok()
+        self.db.as_ref()?.size_on_disk().ok()
     }
 
     pub(crate) fn sync(&mut self) -> Result<(), StorageError> {
-        self.db
-            .flush()
-            .map_err(failure::sled("flushing the store"))?;
+        let Some(db) = &self.db else {
+            // In memory: nothing to make durable.
+            return Ok(());
+        };
+        db.flush().map_err(failure::sled("flushing the store"))?;
         self.report(SyncEvent::Flush);
         let Some(dir) = self.dir.clone() else {
             return Ok(());
@@ -341,13 +351,13 @@ impl Store {
 pub struct StoreReader {
     /// The data directory, named in errors.
     dir: Option<PathBuf>,
-    log: sled::Tree,
-    state: sled::Tree,
-    index: sled::Tree,
-    trace: sled::Tree,
-    meta: sled::Tree,
-    offsets: sled::Tree,
-    delay: sled::Tree,
+    log: crate::kv::Tree,
+    state: crate::kv::Tree,
+    index: crate::kv::Tree,
+    trace: crate::kv::Tree,
+    meta: crate::kv::Tree,
+    offsets: crate::kv::Tree,
+    delay: crate::kv::Tree,
 }
 
 impl StoreReader {

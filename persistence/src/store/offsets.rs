@@ -77,8 +77,10 @@ pub(super) fn offsets_key(group: &str, key: QueueKey) -> Vec<u8> {
     k
 }
 
-pub(crate) fn offsets_batch(entries: &HashMap<(String, QueueKey), OffsetState>) -> sled::Batch {
-    let mut b = sled::Batch::default();
+pub(crate) fn offsets_batch(
+    entries: &HashMap<(String, QueueKey), OffsetState>,
+) -> crate::kv::Batch {
+    let mut b = crate::kv::Batch::default();
     for ((group, key), state) in entries {
         b.insert(offsets_key(group, *key), state.encode());
     }

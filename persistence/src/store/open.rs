@@ -4,6 +4,18 @@
 //! damaged, never started over.
 
 use super::*;
+use crate::kv;
+
+/// sled's trees, in the order `Store::open` takes them.
+const TREES: [&str; 7] = [
+    "log",
+    "app-state",
+    "index",
+    "trace",
+    "offsets",
+    "meta",
+    "delay",
+];
 
 /// A topic found in the store at open.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,10 +53,7 @@ impl Store {
             sled_cfg = sled_cfg.cache_capacity(config.cache_capacity);
         }
         let (dir, state) = match &config.path {
-            None => {
-                sled_cfg = sled_cfg.temporary(true);
-                (None, DirState::Fresh)
-            }
+            None => (None, DirState::Fresh),
             Some(path) => {
                 let state = data_dir::inspect(path, FORMAT)?;
                 if state == DirState::Fresh {
@@ -61,41 +70,53 @@ impl Store {
                 format!("the store is damaged: {what}; {}", failure::DAMAGED),
             )
         };
-        // sled lets go of its file lock only when its last I/O thread is done
-        // with a closed database, a moment after the handle is dropped: a
-        // store reopened at once by this process can find it still locked.
-        // So a lock is waited on for up to LOCK_WAIT before it is refused.
-        let waited = std::time::Instant::now();
-        let opened = loop {
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sled_cfg.open()));
-            match &r {
-                Ok(Err(sled::Error::Io(e)))
-                    if e.to_string().contains("lock") && waited.elapsed() < LOCK_WAIT =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
+        // In memory: ordered maps, no sled underneath (see `kv`), counting
+        // what they hold for the memory budget.
+        let held = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (db, [log, state_tree, index, trace, offsets, meta, delay]) = if dir.is_none() {
+            (
+                None,
+                std::array::from_fn(|_| kv::Tree::memory(held.clone())),
+            )
+        } else {
+            // sled lets go of its file lock only when its last I/O thread is done
+            // with a closed database, a moment after the handle is dropped: a
+            // store reopened at once by this process can find it still locked.
+            // So a lock is waited on for up to LOCK_WAIT before it is refused.
+            let waited = std::time::Instant::now();
+            let opened = loop {
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sled_cfg.open()));
+                match &r {
+                    Ok(Err(sled::Error::Io(e)))
+                        if e.to_string().contains("lock") && waited.elapsed() < LOCK_WAIT =>
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                    _ => break r,
                 }
-                _ => break r,
+            };
+            let db = match opened {
+                Ok(Ok(db)) => db,
+                Ok(Err(e)) => return Err(data_dir::open_error(&shown, e)),
+                Err(_) => return Err(damaged("sled could not read its data file `db`")),
+            };
+            let plain = |context: &str, e: sled::Error| {
+                data_dir::refuse(&shown, failure::sled_error(context, e).to_string())
+            };
+            let tree = |name: &str| {
+                db.open_tree(name)
+                    .map_err(|e| plain(&format!("opening its tree `{name}`"), e))
+            };
+            let mut trees = Vec::new();
+            for name in TREES {
+                trees.push(kv::Tree::Sled(tree(name)?));
             }
-        };
-        let db = match opened {
-            Ok(Ok(db)) => db,
-            Ok(Err(e)) => return Err(data_dir::open_error(&shown, e)),
-            Err(_) => return Err(damaged("sled could not read its data file `db`")),
+            let trees: [kv::Tree; 7] = trees.try_into().expect("seven trees");
+            (Some(db), trees)
         };
         let plain = |context: &str, e: sled::Error| {
             data_dir::refuse(&shown, failure::sled_error(context, e).to_string())
         };
-        let tree = |name: &str| {
-            db.open_tree(name)
-                .map_err(|e| plain(&format!("opening its tree `{name}`"), e))
-        };
-        let log = tree("log")?;
-        let state_tree = tree("app-state")?;
-        let index = tree("index")?;
-        let trace = tree("trace")?;
-        let offsets = tree("offsets")?;
-        let meta = tree("meta")?;
-        let delay = tree("delay")?;
         match meta
             .get(FORMAT_KEY)
             .map_err(|e| plain("reading its format", e))?
@@ -130,7 +151,7 @@ impl Store {
                 }
                 meta.insert(FORMAT_KEY, FORMAT)
                     .map_err(|e| plain("writing its format", e))?;
-                if let Some(d) = &dir {
+                if let (Some(d), Some(db)) = (&dir, &db) {
                     db.flush().map_err(|e| plain("flushing it", e))?;
                     File::open(d.join("db"))
                         .and_then(|f| f.sync_all())
@@ -175,7 +196,12 @@ impl Store {
             data_file,
             synced_blobs: HashSet::new(),
             hook: config.sync_hook,
-            guard: DiskGuard::new(config.path.as_deref(), config.disk),
+            guard: match &config.path {
+                Some(p) => DiskGuard::new(Some(p), config.disk),
+                None => {
+                    DiskGuard::memory(config.memory_budget.unwrap_or(DEFAULT_MEMORY_BUDGET), held)
+                }
+            },
             next_topic_id: 0,
         };
         let recovery = store.recover().map_err(|e| {

@@ -62,9 +62,9 @@ impl Store {
             }
         }
         let mut out = Expired::default();
-        let mut log = sled::Batch::default();
-        let mut index = sled::Batch::default();
-        let mut trace = sled::Batch::default();
+        let mut log = crate::kv::Batch::default();
+        let mut index = crate::kv::Batch::default();
+        let mut trace = crate::kv::Batch::default();
         let mut new_start = None;
         for item in self.index.range(key.log_key(0)..=key.log_key(u64::MAX)) {
             if out.records >= max_spans {

@@ -29,7 +29,7 @@ impl Store {
         };
         // Spans are whole records: the tail starts with a record at `from`.
         let start = key.log_key(from);
-        let mut index = sled::Batch::default();
+        let mut index = crate::kv::Batch::default();
         let mut written = 0usize;
         let topic: Arc<str> = Arc::from("");
         for item in self.log.range(start..=key.log_key(u64::MAX)) {
@@ -101,12 +101,12 @@ impl Store {
 
     /// The index batch for a commit's records: their spans' summaries, for
     /// the spans they filled.
-    pub(crate) fn index_records(&mut self, records: Vec<ClosedRecord>) -> Option<sled::Batch> {
+    pub(crate) fn index_records(&mut self, records: Vec<ClosedRecord>) -> Option<crate::kv::Batch> {
         let mut batch = None;
         for r in records {
             if let Some((k, v)) = self.extend_span(r.key, r.first, r.summary) {
                 batch
-                    .get_or_insert_with(sled::Batch::default)
+                    .get_or_insert_with(crate::kv::Batch::default)
                     .insert(&k[..], v);
             }
         }

@@ -75,7 +75,7 @@ pub(super) fn decode_topic(
 
 /// A queue's first kept offset as retention or a purge recorded it (0 if
 /// never).
-pub(super) fn start_of(meta: &sled::Tree, key: QueueKey) -> Result<u64, StorageError> {
+pub(super) fn start_of(meta: &crate::kv::Tree, key: QueueKey) -> Result<u64, StorageError> {
     match meta
         .get(key.start_key())
         .map_err(failure::sled("reading a queue's start"))?

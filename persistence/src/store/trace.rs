@@ -16,8 +16,8 @@ pub struct TraceRecord {
 impl Store {
     /// The trace tree's batch for `events` (each gets the next sequence
     /// number, so a message's events read back in the order recorded).
-    pub(crate) fn trace_batch(&mut self, events: &[TraceRecord]) -> sled::Batch {
-        let mut b = sled::Batch::default();
+    pub(crate) fn trace_batch(&mut self, events: &[TraceRecord]) -> crate::kv::Batch {
+        let mut b = crate::kv::Batch::default();
         for e in events {
             self.trace_seq += 1;
             b.insert(
