@@ -60,24 +60,6 @@ impl Drop for Tmpfs {
     }
 }
 
-/// A 4 KiB event.
-#[derive(Serialize, Deserialize, Debug, Clone)]
-struct Blob {
-    n: u64,
-    pad: String,
-}
-
-impl Event for Blob {
-    const TOPIC: &'static str = "blobs";
-}
-
-fn blob(n: u64) -> Blob {
-    Blob {
-        n,
-        pad: "x".repeat(4096),
-    }
-}
-
 /// Publishes blobs until a publish fails; returns the receipts and the error.
 async fn fill(bus: &Bus, from: u64, limit: u64) -> (Vec<SendReceipt>, Error) {
     let mut receipts = Vec::new();

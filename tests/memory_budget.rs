@@ -8,29 +8,11 @@ mod support;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::*;
 use weirmq::prelude::*;
 use weirmq::{Error, SendReceipt};
-
-/// A 4 KiB event.
-#[derive(Serialize, Deserialize, Debug, Clone)]
-struct Blob {
-    n: u64,
-    pad: String,
-}
-
-impl Event for Blob {
-    const TOPIC: &'static str = "blobs";
-}
-
-fn blob(n: u64) -> Blob {
-    Blob {
-        n,
-        pad: "x".repeat(4096),
-    }
-}
 
 const BUDGET: u64 = 2 * 1024 * 1024;
 
@@ -68,18 +50,20 @@ impl Handler<Delivery<Blob>> for Sink {
 /// Publishes `n`, waiting out `MemoryFull` (the documented way to shed
 /// load) for up to 30 s; how many refusals it took.
 async fn publish_through(bus: &Bus, n: u64) -> u32 {
-    let end = Instant::now() + Duration::from_secs(30);
-    let mut refused = 0;
-    loop {
+    let refused = std::cell::Cell::new(0);
+    let through = holds_within(Duration::from_secs(30), || async {
         match bus.publish(&blob(n)).await {
-            Ok(_) => return refused,
-            Err(Error::MemoryFull { .. }) if Instant::now() < end => {
-                refused += 1;
-                actix::clock::sleep(Duration::from_millis(5)).await
+            Ok(_) => true,
+            Err(Error::MemoryFull { .. }) => {
+                refused.set(refused.get() + 1);
+                false
             }
             Err(e) => panic!("publish {n}: {e}"),
         }
-    }
+    })
+    .await;
+    assert!(through, "publish {n} still refused after 30 s");
+    refused.get()
 }
 
 #[actix::test]

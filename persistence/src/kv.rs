@@ -338,32 +338,50 @@ impl MemIter {
     }
 }
 
+impl MemIter {
+    /// The next entry from the front (or the back), moving that bound past
+    /// it; after the first `None` the bounds are emptied, so the iterator
+    /// stays done.
+    fn step(&mut self, back: bool) -> Option<sled::Result<(IVec, IVec)>> {
+        if self.exhausted() {
+            return None;
+        }
+        let found = {
+            let map = read(&self.map.map);
+            let mut range = map.range::<[u8], _>(self.bounds());
+            let entry = if back {
+                range.next_back()
+            } else {
+                range.next()
+            };
+            entry.map(|(k, v)| (k.clone(), v.clone()))
+        };
+        match found {
+            Some((k, v)) => {
+                let past = Bound::Excluded(k.clone());
+                if back {
+                    self.hi = past;
+                } else {
+                    self.lo = past;
+                }
+                Some(Ok((k, v)))
+            }
+            None => {
+                self.lo = Bound::Included(IVec::default());
+                self.hi = Bound::Excluded(IVec::default());
+                None
+            }
+        }
+    }
+}
+
 impl Iterator for Iter {
     type Item = sled::Result<(IVec, IVec)>;
 
     fn next(&mut self) -> Option<Self::Item> {
         match self {
             Iter::Sled(i) => i.next(),
-            Iter::Mem(i) => {
-                if i.exhausted() {
-                    return None;
-                }
-                let found = read(&i.map.map)
-                    .range::<[u8], _>(i.bounds())
-                    .next()
-                    .map(|(k, v)| (k.clone(), v.clone()));
-                match found {
-                    Some((k, v)) => {
-                        i.lo = Bound::Excluded(k.clone());
-                        Some(Ok((k, v)))
-                    }
-                    None => {
-                        i.hi = Bound::Excluded(IVec::default());
-                        i.lo = Bound::Included(IVec::default());
-                        None
-                    }
-                }
-            }
+            Iter::Mem(i) => i.step(false),
         }
     }
 }
@@ -372,26 +390,7 @@ impl DoubleEndedIterator for Iter {
     fn next_back(&mut self) -> Option<Self::Item> {
         match self {
             Iter::Sled(i) => i.next_back(),
-            Iter::Mem(i) => {
-                if i.exhausted() {
-                    return None;
-                }
-                let found = read(&i.map.map)
-                    .range::<[u8], _>(i.bounds())
-                    .next_back()
-                    .map(|(k, v)| (k.clone(), v.clone()));
-                match found {
-                    Some((k, v)) => {
-                        i.hi = Bound::Excluded(k.clone());
-                        Some(Ok((k, v)))
-                    }
-                    None => {
-                        i.hi = Bound::Excluded(IVec::default());
-                        i.lo = Bound::Included(IVec::default());
-                        None
-                    }
-                }
-            }
+            Iter::Mem(i) => i.step(true),
         }
     }
 }

@@ -78,6 +78,25 @@ impl Event for Num {
     const TOPIC: &'static str = "numbers";
 }
 
+/// A 4 KiB event (tests that fill a disk or a memory budget).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Blob {
+    pub n: u64,
+    pub pad: String,
+}
+
+impl Event for Blob {
+    const TOPIC: &'static str = "blobs";
+}
+
+/// Blob number `n`.
+pub fn blob(n: u64) -> Blob {
+    Blob {
+        n,
+        pad: "x".repeat(4096),
+    }
+}
+
 /// Logs to the test writer when RUST_LOG is set.
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()

@@ -70,6 +70,9 @@ impl Store {
                 format!("the store is damaged: {what}; {}", failure::DAMAGED),
             )
         };
+        let plain = |context: &str, e: sled::Error| {
+            data_dir::refuse(&shown, failure::sled_error(context, e).to_string())
+        };
         // In memory: ordered maps, no sled underneath (see `kv`), counting
         // what they hold for the memory budget.
         let held = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -100,9 +103,6 @@ impl Store {
                 Ok(Err(e)) => return Err(data_dir::open_error(&shown, e)),
                 Err(_) => return Err(damaged("sled could not read its data file `db`")),
             };
-            let plain = |context: &str, e: sled::Error| {
-                data_dir::refuse(&shown, failure::sled_error(context, e).to_string())
-            };
             let tree = |name: &str| {
                 db.open_tree(name)
                     .map_err(|e| plain(&format!("opening its tree `{name}`"), e))
@@ -113,9 +113,6 @@ impl Store {
             }
             let trees: [kv::Tree; 7] = trees.try_into().expect("seven trees");
             (Some(db), trees)
-        };
-        let plain = |context: &str, e: sled::Error| {
-            data_dir::refuse(&shown, failure::sled_error(context, e).to_string())
         };
         match meta
             .get(FORMAT_KEY)
