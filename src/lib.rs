@@ -61,6 +61,8 @@
 mod bus;
 pub mod prelude;
 mod subscribe;
+#[cfg(feature = "testing")]
+pub mod testing;
 #[cfg(feature = "web")]
 pub mod web;
 

@@ -72,6 +72,8 @@ impl<E: Event> SubscribeBuilder<E, ()> {
     pub(crate) fn new(bus: Bus, group: String) -> Self {
         let config = SubscriberConfig {
             trace_sampling: bus.trace_sampling().clone(),
+            clock: bus.clock().clone(),
+            observer: bus.observer(),
             ..SubscriberConfig::default()
         };
         SubscribeBuilder {

@@ -166,3 +166,62 @@ async fn orders_are_paid_or_cancelled_with_their_coupons_and_inventory_in_order(
 
     running.stop().await.expect("graceful stop");
 }
+
+/// The payment deadline with the real 30 minutes, on the test kit's
+/// virtual clock: the order service's own consumers on a `TestBus`.
+#[actix_web::test]
+async fn the_payment_deadline_cancels_only_unpaid_orders() {
+    use weirmq::testing::TestBus;
+    let bus = TestBus::start().await.unwrap();
+    let services = app::start_services(
+        &bus,
+        app::Services {
+            payment_timeout: Duration::from_secs(30 * 60),
+            ..app::Services::default()
+        },
+    )
+    .await
+    .unwrap();
+    let order = |user_id| app::NewOrder {
+        user_id,
+        items: vec![app::Item {
+            sku: "sku-1".into(),
+            qty: 1,
+        }],
+        amount: 500,
+    };
+    let unpaid = services
+        .book
+        .send(app::Create(order(1)))
+        .await
+        .unwrap()
+        .unwrap();
+    let paid = services
+        .book
+        .send(app::Create(order(2)))
+        .await
+        .unwrap()
+        .unwrap();
+    services
+        .book
+        .send(app::Pay(paid.id.clone()))
+        .await
+        .unwrap()
+        .unwrap();
+    let state = |id: String| {
+        let bus = bus.bus().clone();
+        async move { app::load_order(&bus, &id).await.unwrap().unwrap().state }
+    };
+
+    bus.advance(Duration::from_secs(30 * 60 - 1)).await.unwrap();
+    assert_eq!(state(unpaid.id.clone()).await, app::OrderState::Created);
+
+    bus.advance(Duration::from_secs(1)).await.unwrap();
+    assert_eq!(state(unpaid.id.clone()).await, app::OrderState::Cancelled);
+    assert_eq!(state(paid.id.clone()).await, app::OrderState::Paid);
+    let deadlines = bus.handled("payment-timeout").await.unwrap();
+    assert_eq!(deadlines.len(), 2, "one deadline per order, both acked");
+    assert!(deadlines
+        .iter()
+        .all(|h| h.at == Duration::from_secs(30 * 60)));
+}

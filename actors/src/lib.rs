@@ -29,5 +29,6 @@ mod subscriber;
 pub use embedded::{EmbeddedBroker, EmbeddedConfig};
 pub use members::Members;
 pub use subscriber::{
-    start_subscriber, Delivery, HandlerError, SubscriberConfig, SubscriberHandle,
+    start_subscriber, Delivery, HandlerError, Observer, SettlementObserver, SubscriberConfig,
+    SubscriberHandle,
 };

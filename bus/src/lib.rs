@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 mod broker;
+mod clock;
 mod error;
 mod event;
 mod filter;
@@ -41,6 +42,7 @@ pub use broker::{
     DLQ_DEAD_LETTERED_AT_MS, DLQ_FIRST_FAILED_AT_MS, DLQ_ORIGIN_MSG_ID, DLQ_ORIGIN_OFFSET,
     DLQ_ORIGIN_QUEUE, DLQ_ORIGIN_TOPIC, DLQ_PROPERTIES, DLQ_REASON, DLQ_TOPIC_PREFIX,
 };
+pub use clock::{Clock, Sleep};
 pub use error::{
     utc_time, CodecError, Error, NameKind, PublishError, StorageError, TryPublishError,
 };

@@ -329,8 +329,18 @@ impl Limits {
     ///
     /// The first limit broken, as a typed [`Error`].
     pub fn check(&self, m: &OutgoingMessage) -> Result<(), Error> {
+        self.check_at(m, std::time::SystemTime::now())
+    }
+
+    /// As [`Limits::check`], with `now` the clock's time a delay is
+    /// measured from (a broker passes its [`Clock`](crate::Clock)'s).
+    ///
+    /// # Errors
+    ///
+    /// The first limit broken, as a typed [`Error`].
+    pub fn check_at(&self, m: &OutgoingMessage, now: std::time::SystemTime) -> Result<(), Error> {
         validate_topic_name(&m.topic)?;
-        self.check_contents(m)
+        self.check_contents_at(m, now)
     }
 
     /// As [`Limits::check`] without the topic-name check (for system topics).
@@ -339,6 +349,20 @@ impl Limits {
     ///
     /// The first limit broken, as a typed [`Error`].
     pub fn check_contents(&self, m: &OutgoingMessage) -> Result<(), Error> {
+        self.check_contents_at(m, std::time::SystemTime::now())
+    }
+
+    /// As [`Limits::check_contents`], with `now` the time a delay is
+    /// measured from.
+    ///
+    /// # Errors
+    ///
+    /// The first limit broken, as a typed [`Error`].
+    pub fn check_contents_at(
+        &self,
+        m: &OutgoingMessage,
+        now: std::time::SystemTime,
+    ) -> Result<(), Error> {
         if let Some(tag) = &m.tag {
             if tag.is_empty() || tag.contains('|') || tag.len() > self.max_name_bytes {
                 return Err(Error::InvalidName {
@@ -369,10 +393,12 @@ impl Limits {
                 });
             }
         }
-        if let Some(at) = m.deliver_at {
-            let ahead = at
-                .duration_since(std::time::SystemTime::now())
-                .unwrap_or_default();
+        let ahead = match (m.deliver_after, m.deliver_at) {
+            (Some(d), _) => Some(d),
+            (None, Some(at)) => Some(at.duration_since(now).unwrap_or_default()),
+            (None, None) => None,
+        };
+        if let Some(ahead) = ahead {
             if ahead > self.max_delay {
                 return Err(Error::DelayTooLong {
                     requested: ahead,

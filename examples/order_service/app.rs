@@ -157,7 +157,7 @@ fn seen_key(id: &str, group: &str, kind: &str) -> String {
     format!("seen/{id}/{group}/{kind}")
 }
 
-async fn load_order(bus: &Bus, id: &str) -> Result<Option<Order>, weirmq::Error> {
+pub async fn load_order(bus: &Bus, id: &str) -> Result<Option<Order>, weirmq::Error> {
     Ok(bus
         .state_get(order_key(id).as_bytes())
         .await?
@@ -457,6 +457,109 @@ impl Running {
     }
 }
 
+/// The business side's settings (what [`start_services`] needs).
+#[derive(Debug, Clone)]
+pub struct Services {
+    /// How long an order may stay unpaid.
+    pub payment_timeout: Duration,
+    /// Orders of at least this amount (in cents) get a coupon.
+    pub coupon_threshold: u64,
+    /// How often the coupon service fails a first attempt (0.0 – 1.0).
+    pub coupon_failure_rate: f64,
+}
+
+impl Default for Services {
+    fn default() -> Self {
+        Services {
+            payment_timeout: Duration::from_secs(30 * 60),
+            coupon_threshold: 10_000,
+            coupon_failure_rate: 0.0,
+        }
+    }
+}
+
+/// The order book and the consumer groups, running on `bus`.
+pub struct Started {
+    pub book: Addr<OrderBook>,
+    pub subscriptions: Vec<weirmq::Subscription>,
+}
+
+/// Starts the business side on `bus` — any bus: the service's own (see
+/// [`start`]) or a test's `weirmq::testing::TestBus`, which runs the real
+/// payment deadline in virtual time.
+pub async fn start_services(bus: &Bus, cfg: Services) -> Result<Started, weirmq::Error> {
+    // Order events keep a trace of their lives (the dashboard's message
+    // page shows it: published, delivered, retried, dead-lettered, resent).
+    bus.create_topic(weirmq::TopicConfig::new(OrderEvent::TOPIC).trace(true))
+        .await?;
+    let book = OrderBook { bus: bus.clone() }.start();
+    let quick = RetryPolicy::fixed(Duration::from_millis(200), 16);
+    let mut subs = Vec::new();
+    let b = bus.clone();
+    let (threshold, rate) = (cfg.coupon_threshold, cfg.coupon_failure_rate);
+    subs.push(
+        bus.subscribe::<OrderEvent>("coupon")
+            .start_from(StartFrom::Earliest)
+            .filter(Filter::tags("created")?)
+            .retry(quick.clone())
+            .members(2, move || Coupons {
+                bus: b.clone(),
+                threshold,
+                failure_rate: rate,
+            })
+            .start()
+            .await?,
+    );
+    let (b, timeout) = (bus.clone(), cfg.payment_timeout);
+    subs.push(
+        bus.subscribe::<OrderEvent>("payments")
+            .start_from(StartFrom::Earliest)
+            .filter(Filter::tags("created")?)
+            .retry(quick.clone())
+            .members(2, move || Payments {
+                bus: b.clone(),
+                timeout,
+            })
+            .start()
+            .await?,
+    );
+    let b = bus.clone();
+    subs.push(
+        bus.subscribe::<OrderEvent>("inventory")
+            .start_from(StartFrom::Earliest)
+            .ordering(Ordering::Fifo)
+            .retry(quick.clone())
+            .members(4, move || Inventory { bus: b.clone() })
+            .start()
+            .await?,
+    );
+    let b = bus.clone();
+    subs.push(
+        bus.subscribe::<OrderEvent>("notification")
+            .start_from(StartFrom::Earliest)
+            .retry(quick.clone())
+            .members(1, move || Notifications { bus: b.clone() })
+            .start()
+            .await?,
+    );
+    let (b, bk) = (bus.clone(), book.clone());
+    subs.push(
+        bus.subscribe::<PaymentTimeout>("payment-timeout")
+            .start_from(StartFrom::Earliest)
+            .retry(quick)
+            .members(2, move || Deadlines {
+                bus: b.clone(),
+                book: bk.clone(),
+            })
+            .start()
+            .await?,
+    );
+    Ok(Started {
+        book,
+        subscriptions: subs,
+    })
+}
+
 /// Opens the bus, starts the consumer groups and the HTTP server (bound,
 /// not yet awaited). Must run inside the actix-web `System`: the bus's
 /// actors and the handler actors start on its arbiters; no second runtime.
@@ -469,79 +572,19 @@ pub async fn start(cfg: Config) -> std::io::Result<Running> {
         .open()
         .await
         .map_err(std::io::Error::other)?;
-    // Order events keep a trace of their lives (the dashboard's message
-    // page shows it: published, delivered, retried, dead-lettered, resent).
-    bus.create_topic(weirmq::TopicConfig::new(OrderEvent::TOPIC).trace(true))
-        .await
-        .map_err(std::io::Error::other)?;
-    let book = OrderBook { bus: bus.clone() }.start();
-    let quick = RetryPolicy::fixed(Duration::from_millis(200), 16);
-    let io = std::io::Error::other;
-    let mut subs = Vec::new();
-    let b = bus.clone();
-    let (threshold, rate) = (cfg.coupon_threshold, cfg.coupon_failure_rate);
-    subs.push(
-        bus.subscribe::<OrderEvent>("coupon")
-            .start_from(StartFrom::Earliest)
-            .filter(Filter::tags("created").map_err(io)?)
-            .retry(quick.clone())
-            .members(2, move || Coupons {
-                bus: b.clone(),
-                threshold,
-                failure_rate: rate,
-            })
-            .start()
-            .await
-            .map_err(io)?,
-    );
-    let (b, timeout) = (bus.clone(), cfg.payment_timeout);
-    subs.push(
-        bus.subscribe::<OrderEvent>("payments")
-            .start_from(StartFrom::Earliest)
-            .filter(Filter::tags("created").map_err(io)?)
-            .retry(quick.clone())
-            .members(2, move || Payments {
-                bus: b.clone(),
-                timeout,
-            })
-            .start()
-            .await
-            .map_err(io)?,
-    );
-    let b = bus.clone();
-    subs.push(
-        bus.subscribe::<OrderEvent>("inventory")
-            .start_from(StartFrom::Earliest)
-            .ordering(Ordering::Fifo)
-            .retry(quick.clone())
-            .members(4, move || Inventory { bus: b.clone() })
-            .start()
-            .await
-            .map_err(io)?,
-    );
-    let b = bus.clone();
-    subs.push(
-        bus.subscribe::<OrderEvent>("notification")
-            .start_from(StartFrom::Earliest)
-            .retry(quick.clone())
-            .members(1, move || Notifications { bus: b.clone() })
-            .start()
-            .await
-            .map_err(io)?,
-    );
-    let (b, bk) = (bus.clone(), book.clone());
-    subs.push(
-        bus.subscribe::<PaymentTimeout>("payment-timeout")
-            .start_from(StartFrom::Earliest)
-            .retry(quick)
-            .members(2, move || Deadlines {
-                bus: b.clone(),
-                book: bk.clone(),
-            })
-            .start()
-            .await
-            .map_err(io)?,
-    );
+    let Started {
+        book,
+        subscriptions: subs,
+    } = start_services(
+        &bus,
+        Services {
+            payment_timeout: cfg.payment_timeout,
+            coupon_threshold: cfg.coupon_threshold,
+            coupon_failure_rate: cfg.coupon_failure_rate,
+        },
+    )
+    .await
+    .map_err(std::io::Error::other)?;
     let (data_bus, data_book) = (web::Data::new(bus.clone()), web::Data::new(book));
     // The admin API and dashboard: reads for anyone who reaches the port
     // (127.0.0.1 only, see `bind` below), changes with the token.

@@ -68,6 +68,7 @@ mod failure;
 mod index;
 mod kv;
 mod store;
+pub mod timers;
 
 pub use actor::{
     Append, AppendDone, CommitOffsets, ConfigureTopic, CreateTopic, PersistenceActor, PurgeQueue,

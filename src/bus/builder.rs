@@ -42,6 +42,14 @@ pub struct BusBuilder {
     checkers: Vec<(String, Arc<dyn TransactionChecker>, TransactionConfig)>,
     #[cfg(feature = "nats")]
     nats: Option<weirmq_nats::NatsConfig>,
+    /// A test bus's manual clock (`weirmq::testing`); the system clock
+    /// otherwise.
+    pub(crate) clock: Clock,
+    /// A test bus: the whole embedded broker on the opening arbiter.
+    pub(crate) current_arbiter: bool,
+    /// A test bus's journal.
+    #[cfg(feature = "testing")]
+    pub(crate) journal: Option<Arc<crate::testing::Journal>>,
 }
 
 impl std::fmt::Debug for BusBuilder {
@@ -235,6 +243,9 @@ impl BusBuilder {
                 Arc::new(broker),
                 self.durability,
                 self.trace_sampling,
+                Clock::system(),
+                #[cfg(feature = "testing")]
+                None,
             ));
         }
         let path = if self.in_memory {
@@ -261,9 +272,12 @@ impl BusBuilder {
                     Some(n) => DiskPolicy::Reserve(n),
                 },
                 memory_budget: self.memory_budget,
+                clock: self.clock.clone(),
             },
             limits: self.limits,
             checkers: self.checkers,
+            clock: self.clock.clone(),
+            current_arbiter: self.current_arbiter,
             ..EmbeddedConfig::default()
         };
         if let Some(n) = self.max_pending_messages {
@@ -274,6 +288,9 @@ impl BusBuilder {
             Arc::new(embedded),
             self.durability,
             self.trace_sampling,
+            self.clock,
+            #[cfg(feature = "testing")]
+            self.journal,
         ))
     }
 }

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use weirmq_actors::{EmbeddedBroker, EmbeddedConfig};
-use weirmq_bus::{validate_group_name, HalfMessage, StateBatch};
+use weirmq_bus::{validate_group_name, Clock, HalfMessage, StateBatch};
 use weirmq_bus::{
     Broker, Capabilities, DeadLetter, Durability, Error, Event, GroupStats, GroupTopic, History,
     Limits, Message, MessageId, MessageTrace, Outbox, OutgoingMessage, Publish, PublishError,
@@ -54,6 +54,12 @@ struct BusInner {
     /// Which new traces get spans (publishes here, deliveries of the
     /// subscriptions started through this bus).
     trace_sampling: TraceSampling,
+    /// What the subscriptions started through this bus measure consume
+    /// timeouts and rate limits by (the backend's own parts have it too).
+    clock: Clock,
+    /// What a `weirmq::testing` bus records of this bus's publishes.
+    #[cfg(feature = "testing")]
+    pub(crate) journal: Option<Arc<crate::testing::Journal>>,
 }
 
 /// The event bus. Cheap to clone; share it freely (e.g. as actix-web
@@ -85,14 +91,70 @@ impl Bus {
         &self.inner.trace_sampling
     }
 
+    /// The clock this bus's time-driven parts read and wait on: the system
+    /// clock, or a `weirmq::testing` bus's manual one.
+    pub fn clock(&self) -> &Clock {
+        &self.inner.clock
+    }
+
+    /// A test bus's journal, as the supervisors' settlement observer.
+    pub(crate) fn observer(&self) -> Option<weirmq_actors::Observer> {
+        #[cfg(feature = "testing")]
+        if let Some(j) = &self.inner.journal {
+            return Some(weirmq_actors::Observer(j.clone()));
+        }
+        None
+    }
+
+    /// What a test bus's journal needs of a publish: each message's topic
+    /// and body (`None`, and nothing copied, on a normal bus).
+    #[allow(clippy::unused_self)]
+    pub(crate) fn journal_copy(
+        &self,
+        _messages: &[OutgoingMessage],
+    ) -> Option<Vec<(String, Vec<u8>)>> {
+        #[cfg(feature = "testing")]
+        if self.inner.journal.is_some() {
+            return Some(
+                _messages
+                    .iter()
+                    .map(|m| (m.topic.clone(), m.body.clone()))
+                    .collect(),
+            );
+        }
+        None
+    }
+
+    /// Records stored publishes in a test bus's journal.
+    #[allow(clippy::unused_self)]
+    pub(crate) fn journal_published(
+        &self,
+        _copy: Option<Vec<(String, Vec<u8>)>>,
+        _receipts: &[SendReceipt],
+    ) {
+        #[cfg(feature = "testing")]
+        if let (Some(j), Some(c)) = (&self.inner.journal, _copy) {
+            j.published(c, _receipts);
+        }
+    }
+
     /// A bus over `broker`, with its metrics sampler running.
-    fn new(broker: Arc<dyn Broker>, durability: Durability, trace_sampling: TraceSampling) -> Bus {
+    fn new(
+        broker: Arc<dyn Broker>,
+        durability: Durability,
+        trace_sampling: TraceSampling,
+        clock: Clock,
+        #[cfg(feature = "testing")] journal: Option<Arc<crate::testing::Journal>>,
+    ) -> Bus {
         let inner = Arc::new(BusInner {
             broker,
             durability,
             trace_sampling,
+            clock,
             watched: Default::default(),
             publish_meters: Default::default(),
+            #[cfg(feature = "testing")]
+            journal,
         });
         actix::spawn(sampler::run(Arc::downgrade(&inner)));
         Bus { inner }

@@ -54,6 +54,7 @@ impl Bus {
             "the local outbox (publish_with_state; use a transactional message with a \
              checker instead)",
         )?;
+        let copy = self.journal_copy(std::slice::from_ref(&message));
         let started = Instant::now();
         let r = outbox
             .publish_with_state(message, durability, state)
@@ -61,6 +62,9 @@ impl Bus {
             .await;
         super::spans::record_outcome(&span, &r);
         self.observe_publish(PublishOp::PublishWithState, E::TOPIC, 1, started, &r);
+        if let Ok(r) = &r {
+            self.journal_published(copy, std::slice::from_ref(r));
+        }
         r
     }
 

@@ -79,6 +79,7 @@ impl Bus {
             E::TOPIC,
             &mut messages,
         );
+        let copy = self.journal_copy(&messages);
         let started = Instant::now();
         let r = self
             .inner
@@ -88,6 +89,9 @@ impl Bus {
             .await;
         record_outcome(&span, &r);
         self.observe_publish(PublishOp::Publish, E::TOPIC, 1, started, &r);
+        if let Ok(r) = &r {
+            self.journal_published(copy, r);
+        }
         r?.pop().ok_or(Error::Closed)
     }
 
@@ -133,6 +137,7 @@ impl Bus {
             E::TOPIC,
             &mut messages,
         );
+        let copy = self.journal_copy(&messages);
         let started = Instant::now();
         let r = self
             .inner
@@ -142,6 +147,9 @@ impl Bus {
             .await;
         record_outcome(&span, &r);
         self.observe_publish(PublishOp::TryPublish, E::TOPIC, 1, started, &r);
+        if let Ok(r) = &r {
+            self.journal_published(copy, r);
+        }
         match r {
             Ok(mut r) => r.pop().ok_or(TryPublishError {
                 event,
@@ -183,6 +191,7 @@ impl Bus {
             E::TOPIC,
             &mut messages,
         );
+        let copy = self.journal_copy(&messages);
         let (n, started) = (messages.len(), Instant::now());
         let r = self
             .inner
@@ -192,6 +201,9 @@ impl Bus {
             .await;
         record_outcome(&span, &r);
         self.observe_publish(PublishOp::PublishBatch, E::TOPIC, n, started, &r);
+        if let Ok(r) = &r {
+            self.journal_published(copy, r);
+        }
         r
     }
 
@@ -224,6 +236,9 @@ impl Bus {
             .await;
         record_outcome(&span, &r);
         self.observe_publish(PublishOp::Publish, &copy.topic, 1, started, &r);
+        if let Ok(r) = &r {
+            self.journal_published(self.journal_copy(std::slice::from_ref(&copy)), r);
+        }
         match r {
             Ok(mut r) => r.pop().ok_or(PublishError {
                 message: Box::new(copy),

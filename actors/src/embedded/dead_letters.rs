@@ -62,7 +62,13 @@ impl EmbeddedBroker {
         let trace = h.trace.load(Ordering::Relaxed).then(|| TraceRecord {
             key,
             offset,
-            event: TraceEvent::now(TraceKind::Resent, Some(group), 1, None),
+            event: TraceEvent::at_ms(
+                self.inner.clock.now_ms(),
+                TraceKind::Resent,
+                Some(group),
+                1,
+                None,
+            ),
         });
         Ok(Ok(ResendWrite {
             topic: h.name.to_string(),
@@ -105,7 +111,7 @@ impl EmbeddedBroker {
         rx.await.map_err(|_| Error::Closed)??;
         info!(group, resent = writes.len(), "dead letters resent");
         let mut traces = Vec::new();
-        let mut by_topic: HashMap<String, Vec<RetryEntry>> = HashMap::new();
+        let mut by_topic: BTreeMap<String, Vec<RetryEntry>> = BTreeMap::new();
         for w in writes {
             traces.extend(w.trace);
             by_topic.entry(w.topic).or_default().push(w.entry);
@@ -170,7 +176,7 @@ impl DeadLetters for EmbeddedBroker {
         let _guard = self.inner.create_lock.lock().await;
         let letters = self.all_dead_letters(group).await?;
         let mut plan = ResendPlan::choose(&letters, &which);
-        let now = now_ms();
+        let now = self.inner.clock.now_ms();
         let mut writes = Vec::new();
         let mut marks = Vec::new();
         let mut failed = Vec::new();

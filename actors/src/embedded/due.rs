@@ -11,25 +11,27 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use actix::prelude::*;
-use weirmq_bus::now_ms;
+use weirmq_bus::Clock;
+use weirmq_persistence::timers::run_later;
 
 /// Entries by (due ms, seq), and the armed wake-up.
 #[derive(Debug)]
 pub(crate) struct DueQueue<T> {
     entries: BTreeMap<(u64, u64), T>,
     timer: Option<(u64, SpawnHandle)>,
-}
-
-impl<T> Default for DueQueue<T> {
-    fn default() -> Self {
-        DueQueue {
-            entries: BTreeMap::new(),
-            timer: None,
-        }
-    }
+    /// What "due" is measured by and the wake-up waits on.
+    clock: Clock,
 }
 
 impl<T: 'static> DueQueue<T> {
+    pub(crate) fn new(clock: Clock) -> Self {
+        DueQueue {
+            entries: BTreeMap::new(),
+            timer: None,
+            clock,
+        }
+    }
+
     pub(crate) fn insert(&mut self, due_ms: u64, seq: u64, entry: T) {
         self.entries.insert((due_ms, seq), entry);
     }
@@ -73,7 +75,7 @@ impl<T: 'static> DueQueue<T> {
         let Some(&(due, _)) = self.entries.keys().next() else {
             return;
         };
-        let now = now_ms();
+        let now = self.clock.now_ms();
         if due <= now && blocked {
             return;
         }
@@ -84,10 +86,15 @@ impl<T: 'static> DueQueue<T> {
             }
             ctx.cancel_future(handle);
         }
-        let handle = ctx.run_later(Duration::from_millis(due - now), move |act, ctx| {
-            queue(act).timer = None;
-            wake(act, ctx);
-        });
+        let handle = run_later(
+            ctx,
+            &self.clock,
+            Duration::from_millis(due - now),
+            move |act, ctx| {
+                queue(act).timer = None;
+                wake(act, ctx);
+            },
+        );
         self.timer = Some((due, handle));
     }
 }

@@ -120,12 +120,13 @@ struct RetryFlight {
 
 /// The first Unix millisecond at or after now + `delay` (rounded up, so a
 /// retry is never early).
-fn due_ms_after(delay: Duration) -> u64 {
-    weirmq_bus::unix_ms_ceil(std::time::SystemTime::now() + delay)
+fn due_ms_after(clock: &Clock, delay: Duration) -> u64 {
+    weirmq_bus::unix_ms_ceil(clock.now() + delay)
 }
 
 use super::due::DueQueue;
-use weirmq_bus::now_ms;
+use weirmq_bus::Clock;
+use weirmq_persistence::timers::run_later;
 
 #[derive(Debug)]
 struct InFlight {
@@ -197,6 +198,8 @@ pub(crate) struct GroupSetup {
     pub(crate) trace: Arc<AtomicBool>,
     /// Concurrent or FIFO per message group.
     pub(crate) ordering: Order,
+    /// What retries are due by and wait on.
+    pub(crate) clock: Clock,
 }
 
 /// A FIFO subscription's unit of order: a message group in its queue, or
@@ -244,6 +247,8 @@ pub(crate) struct GroupActor {
     writing: usize,
     /// A stop waiting for `writing` to reach 0.
     stopping: Option<tokio::sync::oneshot::Sender<()>>,
+    /// What retries are due by and wait on.
+    clock: Clock,
 }
 
 impl GroupActor {
@@ -272,7 +277,7 @@ impl GroupActor {
             offsets_timer: false,
             read_failed: false,
             scheduled: {
-                let mut q = DueQueue::default();
+                let mut q = DueQueue::new(s.clock.clone());
                 for e in s.retries {
                     q.insert(e.key.due_ms, e.key.seq, e);
                 }
@@ -286,6 +291,7 @@ impl GroupActor {
             fifo_busy: HashMap::new(),
             writing: 0,
             stopping: None,
+            clock: s.clock,
         }
     }
 
@@ -295,7 +301,13 @@ impl GroupActor {
             self.traces.push(TraceRecord {
                 key: self.key(m.queue()),
                 offset: m.offset(),
-                event: TraceEvent::now(kind, Some(&self.group), attempt, detail),
+                event: TraceEvent::at_ms(
+                    self.clock.now_ms(),
+                    kind,
+                    Some(&self.group),
+                    attempt,
+                    detail,
+                ),
             });
         }
     }
@@ -384,6 +396,7 @@ impl GroupActor {
     /// Fills the in-flight window — due retries first, then the queues,
     /// fairly — sends what is ready as one batch, and arms the retry timer.
     fn pump(&mut self, ctx: &mut Context<Self>) {
+        self.clock.touch();
         self.take_due_retries();
         self.pump_queues();
         self.flush_outbox();
@@ -401,7 +414,7 @@ impl GroupActor {
     fn schedule_offsets(&mut self, ctx: &mut Context<Self>) {
         if !self.offsets_timer {
             self.offsets_timer = true;
-            ctx.run_later(OFFSETS_EVERY, |act, _| {
+            run_later(ctx, &self.clock, OFFSETS_EVERY, |act, _| {
                 act.offsets_timer = false;
                 act.write_offsets();
             });

@@ -48,7 +48,7 @@ mod queue_actor;
 mod scheduler;
 mod topic_actor;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -59,7 +59,7 @@ use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info};
 use weirmq_bus::{
-    dlq_topic, now_ms, unix_ms, validate_group_name, validate_topic_name, Admin, Admission, Broker,
+    dlq_topic, unix_ms, validate_group_name, validate_topic_name, Admin, Admission, Broker,
     BrokerSubscription, Capabilities, DeadLetter, DeadLetters, Durability, Error, GroupStats,
     GroupTopic, HalfMessage, History, Limits, Message as BusMessage, MessageId, MessageTrace,
     Outbox, OutgoingMessage, Publisher, QueuePosition, QueueStats, Resend, ResendOutcome,
@@ -95,6 +95,16 @@ pub struct EmbeddedConfig {
     /// Transaction checkers (topic, checker, config), registered before the
     /// scheduler looks at half messages left from a previous run.
     pub checkers: Vec<(String, Arc<dyn TransactionChecker>, TransactionConfig)>,
+    /// The one source of time of every time-driven part (retries, delays,
+    /// transaction checks, retention, stored times); it replaces
+    /// `store.clock`. The system clock unless a test kit gives a manual
+    /// one.
+    pub clock: weirmq_bus::Clock,
+    /// Runs the persistence actor and the broker's actors on the arbiter
+    /// that opens the broker instead of two threads of their own: one
+    /// thread for the whole bus, so a test driving a manual clock sees the
+    /// same interleaving every run. Slower under load; for tests.
+    pub current_arbiter: bool,
 }
 
 impl std::fmt::Debug for EmbeddedConfig {
@@ -103,6 +113,8 @@ impl std::fmt::Debug for EmbeddedConfig {
             .field("store", &self.store)
             .field("limits", &self.limits)
             .field("max_pending_messages", &self.max_pending_messages)
+            .field("clock", &self.clock)
+            .field("current_arbiter", &self.current_arbiter)
             .field(
                 "checkers",
                 &self.checkers.iter().map(|c| &c.0).collect::<Vec<_>>(),
@@ -118,6 +130,8 @@ impl Default for EmbeddedConfig {
             limits: Limits::default(),
             max_pending_messages: 65_536,
             checkers: Vec::new(),
+            clock: weirmq_bus::Clock::system(),
+            current_arbiter: false,
         }
     }
 }
@@ -145,6 +159,8 @@ struct Inner {
     checkers: Checkers,
     /// Refuses publishes before the disk is full.
     guard: DiskGuard,
+    /// The time of every time-driven part.
+    clock: weirmq_bus::Clock,
 }
 
 /// The embedded broker. Cheap to clone; every clone is the same broker.
@@ -181,22 +197,26 @@ impl EmbeddedBroker {
             });
         }
         let durable = config.store.path.is_some();
-        let store_cfg = config.store.clone();
+        let mut store_cfg = config.store.clone();
+        store_cfg.clock = config.clock.clone();
         let (store, recovery) = tokio::task::spawn_blocking(move || Store::open(store_cfg))
             .await
             .map_err(|e| Error::Storage(StorageError::msg(format!("opening the store: {e}"))))??;
         let reader = store.reader();
         let guard = store.disk_guard();
-        let persistence_arbiter = Arbiter::new();
-        let broker_arbiter = Arbiter::new();
-        let persistence =
-            PersistenceActor::start_in_arbiter(&persistence_arbiter.handle(), move |_| {
-                PersistenceActor::new(store, durable)
-            });
+        let (persistence_arbiter, broker_arbiter, own_arbiters) = if config.current_arbiter {
+            (Arbiter::current(), Arbiter::current(), Vec::new())
+        } else {
+            let (p, b) = (Arbiter::new(), Arbiter::new());
+            (p.handle(), b.handle(), vec![b, p])
+        };
+        let persistence = PersistenceActor::start_in_arbiter(&persistence_arbiter, move |_| {
+            PersistenceActor::new(store, durable)
+        });
         let topics = DashMap::new();
         for t in recovery.topics {
             let h = spawn_topic(
-                &broker_arbiter.handle(),
+                &broker_arbiter,
                 &persistence,
                 &t.name,
                 t.id,
@@ -220,21 +240,24 @@ impl EmbeddedBroker {
                 groups: DashMap::new(),
                 create_lock: tokio::sync::Mutex::new(()),
                 persistence,
-                broker_arbiter: broker_arbiter.handle(),
+                broker_arbiter,
                 reader: Mutex::new(Some(reader)),
-                arbiters: Mutex::new(vec![broker_arbiter, persistence_arbiter]),
-                admission: Admission::new(config.limits, config.max_pending_messages),
+                arbiters: Mutex::new(own_arbiters),
+                admission: Admission::new(config.limits, config.max_pending_messages)
+                    .with_clock(config.clock.clone()),
                 next_listen_id: AtomicU64::new(0),
                 scheduler: Mutex::new(None),
                 guard,
                 checkers: Arc::new(TransactionCheckers::new(config.checkers)),
+                clock: config.clock,
             }),
         };
         let sink = broker.move_sink();
         let p = broker.inner.persistence.clone();
         let checkers = broker.inner.checkers.clone();
+        let clock = broker.inner.clock.clone();
         let scheduler = Scheduler::start_in_arbiter(&broker.inner.broker_arbiter, move |_| {
-            Scheduler::new(sched_reader, p, sink, checkers)
+            Scheduler::new(sched_reader, p, sink, checkers, clock)
         });
         broker
             .inner

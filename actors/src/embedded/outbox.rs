@@ -8,12 +8,12 @@ use super::*;
 impl Outbox for EmbeddedBroker {
     async fn publish_with_state(
         &self,
-        message: OutgoingMessage,
+        mut message: OutgoingMessage,
         durability: Durability,
         state: weirmq_bus::StateBatch,
     ) -> Result<SendReceipt, Error> {
         self.check_open()?;
-        self.inner.admission.limits().check(&message)?;
+        self.inner.admission.check_one(&mut message)?;
         self.disk_room(std::slice::from_ref(&message))?;
         if message.deliver_at.is_some() {
             return Err(Error::Unsupported {
@@ -22,7 +22,7 @@ impl Outbox for EmbeddedBroker {
         }
         let h = self.existing_or_default(&message.topic, false).await?;
         let _room = self.inner.admission.admit(1, true).await?;
-        let m = BusMessage::prepare(message, h.name.clone());
+        let m = BusMessage::prepare_at(message, h.name.clone(), self.inner.clock.now());
         let mut r = self
             .publish_stamped_with(&h, vec![(0, m)], durability, state.into_ops())
             .await?;

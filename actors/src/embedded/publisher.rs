@@ -78,7 +78,7 @@ impl EmbeddedBroker {
                 .await?;
             return Ok(r.into_iter().map(|(_, r)| r).collect());
         }
-        let mut by_topic: HashMap<String, Vec<(usize, OutgoingMessage)>> = HashMap::new();
+        let mut by_topic: BTreeMap<String, Vec<(usize, OutgoingMessage)>> = BTreeMap::new();
         for (i, m) in messages.into_iter().enumerate() {
             by_topic
                 .entry(route(&m).to_string())
@@ -108,12 +108,13 @@ impl EmbeddedBroker {
     ) -> Result<Vec<(usize, SendReceipt)>, Error> {
         self.check_open()?;
         let h = self.existing_or_default(topic, system).await?;
+        let now = self.inner.clock.now();
         let stamped: Vec<(usize, BusMessage)> = messages
             .into_iter()
             .map(|(i, m)| {
                 // Staged in a system topic (a delayed message): say for which.
                 let destination = (*m.topic != *h.name).then(|| m.topic.clone());
-                let msg = BusMessage::prepare(m, h.name.clone());
+                let msg = BusMessage::prepare_at(m, h.name.clone(), now);
                 (
                     i,
                     match destination {

@@ -9,7 +9,7 @@
 //! actor then refuses all further appends (fail-stop), so the offsets given
 //! to a failed commit never become a hole in front of later messages.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -55,7 +55,8 @@ pub(crate) struct QueueActor {
     next_offset: u64,
     end: Arc<AtomicU64>,
     persistence: Addr<PersistenceActor>,
-    listeners: HashMap<u64, Addr<GroupActor>>,
+    /// By listen id: pushed to in subscription order (the same every run).
+    listeners: BTreeMap<u64, Addr<GroupActor>>,
     /// The topic's trace switch.
     trace: Arc<AtomicBool>,
 }
@@ -72,7 +73,7 @@ impl QueueActor {
             next_offset: end.load(Ordering::Acquire),
             end,
             persistence,
-            listeners: HashMap::new(),
+            listeners: BTreeMap::new(),
             trace,
         }
     }

@@ -15,7 +15,7 @@
 //! zero times. Entries that fell due while the process was down fire right
 //! after start, in due order.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,7 +31,8 @@ use weirmq_persistence::{
 };
 
 use super::due::DueQueue;
-use weirmq_bus::now_ms;
+use weirmq_bus::Clock;
+use weirmq_persistence::timers::run_later;
 
 /// Stores copies of due messages in their topic (named first); returns
 /// their receipts.
@@ -78,6 +79,8 @@ pub(crate) struct Scheduler {
     /// left there; `None` when every stored entry is in memory.
     loaded_to: Option<ScheduleEntry>,
     load_failed: bool,
+    /// What entries are due by and the wake-ups wait on.
+    clock: Clock,
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -95,6 +98,7 @@ impl Scheduler {
         persistence: Addr<PersistenceActor>,
         sink: MoveSink,
         checkers: Checkers,
+        clock: Clock,
     ) -> Self {
         Scheduler {
             reader,
@@ -103,13 +107,14 @@ impl Scheduler {
             checkers,
             schedule_topic: Arc::from(SCHEDULE_TOPIC),
             half_topic: Arc::from(HALF_TOPIC),
-            due: DueQueue::default(),
+            due: DueQueue::new(clock.clone()),
             halves: HashMap::new(),
             checking: HashSet::new(),
             ended: HashSet::new(),
             resolving: Arc::default(),
             loaded_to: None,
             load_failed: false,
+            clock,
         }
     }
 
@@ -210,7 +215,7 @@ impl Scheduler {
     /// Moves the entry of a half message to a later check.
     fn reschedule(&mut self, entry: ScheduleEntry, checks: u32, after: Duration) {
         let next = ScheduleEntry {
-            due_ms: now_ms() + after.as_millis() as u64,
+            due_ms: self.clock.now_ms() + after.as_millis() as u64,
             checks: Some(checks),
             ..entry
         };
@@ -282,7 +287,7 @@ impl Scheduler {
                     }
                     None => {
                         let again = ScheduleEntry {
-                            due_ms: now_ms() + RETRY_MOVE.as_millis() as u64,
+                            due_ms: act.clock.now_ms() + RETRY_MOVE.as_millis() as u64,
                             ..entry
                         };
                         act.due.insert(again.due_ms, again.seq, entry);
@@ -295,12 +300,14 @@ impl Scheduler {
     }
 
     fn pump(&mut self, ctx: &mut Context<Self>) {
+        self.clock.touch();
         if self.load_failed || (self.due.is_empty() && self.loaded_to.is_some()) {
             let after = self.loaded_to;
             self.load(after);
         }
-        let now = now_ms();
-        let mut by_topic: HashMap<String, (Vec<BusMessage>, Vec<ScheduleEntry>)> = HashMap::new();
+        let now = self.clock.now_ms();
+        // Ordered: topics moved in the same order every run.
+        let mut by_topic: BTreeMap<String, (Vec<BusMessage>, Vec<ScheduleEntry>)> = BTreeMap::new();
         let mut n = 0;
         while n < BATCH {
             let Some(entry) = self.due.pop_due(now) else {
@@ -343,7 +350,7 @@ impl Scheduler {
                 Ok(_) => act.unschedule(entries),
                 Err(e) => {
                     warn!(%topic, error = %e, "moving due delayed messages failed; trying again in 1 s");
-                    let again = now_ms() + RETRY_MOVE.as_millis() as u64;
+                    let again = act.clock.now_ms() + RETRY_MOVE.as_millis() as u64;
                     for entry in entries {
                         act.due.insert(again, entry.seq, entry);
                     }
@@ -354,7 +361,10 @@ impl Scheduler {
         }
         if n == BATCH || self.load_failed {
             // More may be due: let the mailbox run, then go on.
-            ctx.run_later(
+            let clock = self.clock.clone();
+            run_later(
+                ctx,
+                &clock,
                 if self.load_failed {
                     RETRY_MOVE
                 } else {

@@ -87,6 +87,7 @@ impl Subscriptions for EmbeddedBroker {
             filter: spec.filter.clone(),
             trace: h.trace.clone(),
             ordering: spec.ordering,
+            clock: self.inner.clock.clone(),
         };
         let addr = GroupActor::start_in_arbiter(&self.inner.broker_arbiter, move |_| {
             GroupActor::new(setup)

@@ -13,7 +13,7 @@ impl Transactions for EmbeddedBroker {
         durability: Durability,
     ) -> Result<HalfMessage, Error> {
         self.check_open()?;
-        self.inner.admission.limits().check(&message)?;
+        self.inner.admission.check_one(&mut message)?;
         self.disk_room(std::slice::from_ref(&message))?;
         if message.deliver_at.is_some() {
             return Err(Error::Unsupported {
@@ -24,10 +24,11 @@ impl Transactions for EmbeddedBroker {
         let dest = self.existing_or_default(&message.topic, false).await?;
         let config = self.inner.checkers.config(&message.topic);
         // Its "delivery" time is its first check.
-        message.deliver_at = Some(std::time::SystemTime::now() + config.check_immunity);
+        let now = self.inner.clock.now();
+        message.deliver_at = Some(now + config.check_immunity);
         let half = self.existing_or_default(HALF_TOPIC, true).await?;
         let _room = self.inner.admission.admit(1, true).await?;
-        let m = BusMessage::prepare(message, half.name.clone())
+        let m = BusMessage::prepare_at(message, half.name.clone(), now)
             .with_destination(dest.name.to_string())
             .as_half();
         let check_at_ms = m.deliver_at().map_or(0, unix_ms);

@@ -65,9 +65,8 @@ pub struct SubscriberConfig {
     /// When a failed delivery is tried again, and when it is dead-lettered.
     pub retry: RetryPolicy,
     /// How long a member may take over one delivery before it counts as
-    /// failed (checked by one sweep timer, so up to a quarter of the timeout,
-    /// at most 1 s, late). The handler is not cancelled; its late result is
-    /// ignored.
+    /// failed (one timer, at the earliest expiry of the deliveries in
+    /// hand). The handler is not cancelled; its late result is ignored.
     pub consume_timeout: Duration,
     /// The most deliveries in one member's hands at once.
     pub max_in_flight_per_member: usize,
@@ -79,6 +78,37 @@ pub struct SubscriberConfig {
     /// `process` span (one that carries a context follows its `sampled`
     /// flag). The facade passes its bus's.
     pub trace_sampling: TraceSampling,
+    /// What consume timeouts and the rate limit are measured by. The
+    /// facade passes its bus's (the system clock unless the bus is a
+    /// `weirmq::testing` one).
+    pub clock: weirmq_bus::Clock,
+    /// Sees every settlement the supervisor makes (the test kit's
+    /// journal); `None` in production.
+    pub observer: Option<Observer>,
+}
+
+/// Sees what a subscription's supervisor decides for each delivery, as it
+/// decides it (on the supervisor's thread; keep it cheap).
+pub trait SettlementObserver: Send + Sync + 'static {
+    /// `message`'s attempt `attempt` in `group` was settled with
+    /// `settlement` (an ack, a retry, or a dead letter).
+    fn settled(&self, group: &str, message: &BusMessage, attempt: u32, settlement: &Settlement);
+}
+
+/// A shared [`SettlementObserver`]; equal to another when it is the same one.
+#[derive(Clone)]
+pub struct Observer(pub Arc<dyn SettlementObserver>);
+
+impl PartialEq for Observer {
+    fn eq(&self, other: &Observer) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl fmt::Debug for Observer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Observer")
+    }
 }
 
 impl Default for SubscriberConfig {
@@ -89,6 +119,8 @@ impl Default for SubscriberConfig {
             max_in_flight_per_member: 8,
             rate_limit: None,
             trace_sampling: TraceSampling::default(),
+            clock: weirmq_bus::Clock::system(),
+            observer: None,
         }
     }
 }
@@ -188,7 +220,9 @@ where
         settlements: Vec::new(),
         flush_queued: false,
         in_flight: 0,
-        bucket: config.rate_limit.map(TokenBucket::new),
+        bucket: config
+            .rate_limit
+            .map(|r| TokenBucket::new(r, config.clock.now())),
         wake_queued: false,
         config,
         drained: None,
@@ -196,6 +230,7 @@ where
         stream_done: false,
         next: 0,
         in_hand: HashMap::new(),
+        sweep_armed: false,
         casualties: HashMap::new(),
         next_id: 0,
         group: group.clone(),

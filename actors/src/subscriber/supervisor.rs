@@ -5,6 +5,7 @@
 
 use super::delivery::record_outcome;
 use super::*;
+use weirmq_persistence::timers::run_later;
 
 /// A token bucket: `rate` tokens per second, at most `capacity` saved up.
 #[derive(Debug)]
@@ -12,24 +13,27 @@ pub(super) struct TokenBucket {
     pub(super) rate: f64,
     pub(super) capacity: f64,
     pub(super) tokens: f64,
-    pub(super) last: Instant,
+    pub(super) last: SystemTime,
 }
 
 impl TokenBucket {
-    pub(super) fn new(per_second: u32) -> Self {
+    pub(super) fn new(per_second: u32, now: SystemTime) -> Self {
         let rate = f64::from(per_second);
         TokenBucket {
             rate,
             capacity: (rate / 20.0).max(1.0),
             tokens: 0.0,
-            last: Instant::now(),
+            last: now,
         }
     }
 
-    /// Takes a token, or says how long until one is there.
-    pub(super) fn take(&mut self) -> Result<(), Duration> {
-        let now = Instant::now();
-        let elapsed = now.duration_since(self.last).as_secs_f64();
+    /// Takes a token at `now` (the bus's clock), or says how long until one
+    /// is there.
+    pub(super) fn take(&mut self, now: SystemTime) -> Result<(), Duration> {
+        let elapsed = now
+            .duration_since(self.last)
+            .unwrap_or_default()
+            .as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.capacity);
         if self.tokens >= 1.0 {
@@ -72,6 +76,8 @@ pub(super) struct Supervisor<E, A: Actor> {
     /// Deliveries in members' hands, by id: the consume-timeout sweep
     /// fails those held too long (one timer for all, not one per delivery).
     pub(super) in_hand: HashMap<u64, InHand>,
+    /// Whether the consume-timeout timer is armed.
+    pub(super) sweep_armed: bool,
     /// Deliveries whose member died before replying, by (member,
     /// generation), with their ids: settled once every delivery that
     /// generation held has an answer (see `resolve_casualties`).
@@ -86,7 +92,10 @@ pub(super) struct Supervisor<E, A: Actor> {
 
 /// A delivery in a member's hands.
 pub(super) struct InHand {
+    /// When it was handed out (real time: the processing-time metric).
     pub(super) since: Instant,
+    /// When it times out, on the bus's clock.
+    pub(super) expires: SystemTime,
     pub(super) member: usize,
     pub(super) generation: u64,
     /// How the member generation's deliveries were dropped.
@@ -107,8 +116,18 @@ where
     E: Event,
     A: Actor<Context = Context<A>> + Handler<Delivery<E>>,
 {
-    pub(super) fn settle(&mut self, token: SettleToken, s: Settlement, ctx: &mut Context<Self>) {
+    pub(super) fn settle(
+        &mut self,
+        token: SettleToken,
+        s: Settlement,
+        seen: (&BusMessage, u32),
+        ctx: &mut Context<Self>,
+    ) {
         self.meters.settled(&s);
+        self.config.clock.touch();
+        if let Some(o) = &self.config.observer {
+            o.0.settled(&self.group, seen.0, seen.1, &s);
+        }
         self.settlements.push((token, s));
         if !self.flush_queued {
             self.flush_queued = true;
@@ -137,10 +156,10 @@ where
                 break;
             };
             if let Some(bucket) = &mut self.bucket {
-                if let Err(wait) = bucket.take() {
+                if let Err(wait) = bucket.take(self.config.clock.now()) {
                     if !self.wake_queued {
                         self.wake_queued = true;
-                        ctx.run_later(wait, |act, ctx| {
+                        run_later(ctx, &self.config.clock, wait, |act, ctx| {
                             act.wake_queued = false;
                             act.dispatch(ctx);
                         });
@@ -166,6 +185,7 @@ where
                         Settlement::DeadLetter {
                             reason: format!("decode: {e}"),
                         },
+                        (&d.message, d.attempt),
                         ctx,
                     );
                     continue;
@@ -199,6 +219,7 @@ where
                 id,
                 InHand {
                     since: Instant::now(),
+                    expires: self.config.clock.now() + self.config.consume_timeout,
                     member: j,
                     generation,
                     panicked,
@@ -208,6 +229,7 @@ where
                     span,
                 },
             );
+            self.arm_sweep(ctx);
             ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
                 // Gone if the consume-timeout sweep already failed it.
                 if let Some(h) = act.in_hand.remove(&id) {
@@ -217,20 +239,40 @@ where
         }
     }
 
-    /// Fails every delivery held longer than the consume timeout.
+    /// Fails every delivery held past the consume timeout, then waits for
+    /// the next one to expire.
     pub(super) fn sweep(&mut self, ctx: &mut Context<Self>) {
-        let limit = self.config.consume_timeout;
-        let expired: Vec<u64> = self
+        self.sweep_armed = false;
+        let now = self.config.clock.now();
+        let mut expired: Vec<u64> = self
             .in_hand
             .iter()
-            .filter(|(_, h)| h.since.elapsed() >= limit)
+            .filter(|(_, h)| h.expires <= now)
             .map(|(id, _)| *id)
             .collect();
+        expired.sort_unstable(); // in hand-out order, the same every run
         for id in expired {
             if let Some(h) = self.in_hand.remove(&id) {
                 self.completed(id, h, Err(MailboxError::Timeout), ctx);
             }
         }
+        self.arm_sweep(ctx);
+    }
+
+    /// One timer for all deliveries in hand, at the earliest expiry (none
+    /// while nothing is in hand).
+    pub(super) fn arm_sweep(&mut self, ctx: &mut Context<Self>) {
+        if self.sweep_armed {
+            return;
+        }
+        let Some(first) = self.in_hand.values().map(|h| h.expires).min() else {
+            return;
+        };
+        self.sweep_armed = true;
+        let wait = first
+            .duration_since(self.config.clock.now())
+            .unwrap_or_default();
+        run_later(ctx, &self.config.clock, wait, |act, ctx| act.sweep(ctx));
     }
 
     pub(super) fn completed(
@@ -330,7 +372,12 @@ where
             Ok(Err(e)) => {
                 let reason = e.message().to_string();
                 record_outcome(&h.span, "dead_letter", Some(&reason));
-                self.settle(h.token, Settlement::DeadLetter { reason }, ctx);
+                self.settle(
+                    h.token,
+                    Settlement::DeadLetter { reason },
+                    (&h.message, h.attempt),
+                    ctx,
+                );
                 return;
             }
             Err(MailboxError::Timeout) => Err(format!(
@@ -342,7 +389,7 @@ where
         match failure {
             Ok(()) => {
                 record_outcome(&h.span, "ack", None);
-                self.settle(h.token, Settlement::Ack, ctx)
+                self.settle(h.token, Settlement::Ack, (&h.message, h.attempt), ctx)
             }
             Err(error) => self.failed(h, error, ctx),
         }
@@ -372,7 +419,7 @@ where
                 ),
             },
         };
-        self.settle(h.token, settlement, ctx);
+        self.settle(h.token, settlement, (&h.message, attempt), ctx);
     }
 
     pub(super) fn maybe_finish(&mut self, ctx: &mut Context<Self>) {
@@ -396,13 +443,6 @@ where
     fn stopped(&mut self, _: &mut Context<Self>) {
         self.spawner.stop_threads();
     }
-
-    fn started(&mut self, ctx: &mut Context<Self>) {
-        // A delivery fails at most a quarter of the timeout (≤ 1 s) late.
-        let every = (self.config.consume_timeout / 4)
-            .clamp(Duration::from_millis(10), Duration::from_secs(1));
-        ctx.run_interval(every, |act, ctx| act.sweep(ctx));
-    }
 }
 
 impl<E, A> StreamHandler<DeliveryBatch> for Supervisor<E, A>
@@ -411,6 +451,7 @@ where
     A: Actor<Context = Context<A>> + Handler<Delivery<E>>,
 {
     fn handle(&mut self, batch: DeliveryBatch, ctx: &mut Context<Self>) {
+        self.config.clock.touch();
         if self.draining {
             return;
         }

@@ -132,11 +132,22 @@ pub struct TraceEvent {
 }
 
 impl TraceEvent {
-    /// An event happening now.
+    /// An event happening now (on the system clock).
     pub fn now(kind: TraceKind, group: Option<&str>, attempt: u32, detail: Option<String>) -> Self {
+        TraceEvent::at_ms(crate::time::now_ms(), kind, group, attempt, detail)
+    }
+
+    /// An event that happened at `at_ms` (Unix ms, as it is stored: a
+    /// broker passes its clock's now).
+    pub fn at_ms(
+        at_ms: u64,
+        kind: TraceKind,
+        group: Option<&str>,
+        attempt: u32,
+        detail: Option<String>,
+    ) -> Self {
         TraceEvent {
-            // To the millisecond, as it is stored.
-            at: crate::time::from_unix_ms(crate::time::now_ms()),
+            at: crate::time::from_unix_ms(at_ms),
             kind,
             group: group.map(str::to_string),
             attempt,

@@ -16,11 +16,11 @@
 //!   [`Publisher::try_publish`] answers [`Error::Busy`] at once.
 
 use std::sync::{Arc, Mutex, Weak};
-use std::time::SystemTime;
 
 use async_trait::async_trait;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
+use crate::clock::Clock;
 use crate::error::Error;
 use crate::message::{Durability, OutgoingMessage, SendReceipt};
 use crate::topic::Limits;
@@ -67,6 +67,7 @@ pub struct Admission {
     limits: Limits,
     pending: Arc<Semaphore>,
     max_pending: usize,
+    clock: Clock,
 }
 
 /// Room for messages in the publish pipeline; given back when dropped.
@@ -104,7 +105,34 @@ impl Admission {
             limits,
             pending,
             max_pending,
+            clock: Clock::system(),
         }
+    }
+
+    /// Measures delays (and stamps births, through the broker) by `clock`
+    /// instead of the system clock.
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The clock publishes are measured by.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// Checks one message against the limits at the clock's now, and
+    /// makes a relative delay absolute (no due-now clearing: for a
+    /// publish path that refuses delays, like a transaction's half).
+    ///
+    /// # Errors
+    ///
+    /// The first limit broken, as [`Limits::check`] says.
+    pub fn check_one(&self, m: &mut OutgoingMessage) -> Result<(), Error> {
+        let now = self.clock.now();
+        self.limits.check_at(m, now)?;
+        m.resolve_delay(now);
+        Ok(())
     }
 
     /// The limits messages are checked against.
@@ -119,9 +147,10 @@ impl Admission {
     ///
     /// The first message over a limit, as [`Limits::check`] says.
     pub fn check(&self, messages: &mut [OutgoingMessage]) -> Result<(), Error> {
-        let now = SystemTime::now();
+        let now = self.clock.now();
         for m in messages.iter_mut() {
-            self.limits.check(m)?;
+            self.limits.check_at(m, now)?;
+            m.resolve_delay(now);
             if m.deliver_at.is_some_and(|t| t <= now) {
                 m.deliver_at = None;
             }
@@ -198,7 +227,7 @@ mod tests {
     fn a_due_delay_is_cleared_and_limits_apply() {
         let a = Admission::new(Limits::default(), 8);
         let mut m = vec![OutgoingMessage::new("t", b"x".to_vec())];
-        m[0].deliver_at = Some(SystemTime::now() - std::time::Duration::from_secs(1));
+        m[0].deliver_at = Some(std::time::SystemTime::now() - std::time::Duration::from_secs(1));
         a.check(&mut m).unwrap();
         assert!(m[0].deliver_at.is_none());
         let mut big = vec![OutgoingMessage::new("t", vec![0; 5 * 1024 * 1024])];

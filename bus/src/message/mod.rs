@@ -116,6 +116,11 @@ pub struct OutgoingMessage {
     /// When the message becomes visible to consumers (a delayed message);
     /// `None` or a past instant: at once.
     pub deliver_at: Option<SystemTime>,
+    /// How long after its publish the message becomes visible (a delayed
+    /// message): the broker adds it to *its* clock's now when the publish
+    /// is admitted (so a test bus's virtual clock delays it exactly), and
+    /// it then wins over `deliver_at`. Set by [`OutgoingMessage::delay`].
+    pub deliver_after: Option<Duration>,
     /// The payload.
     pub body: Vec<u8>,
     /// The id to publish it under; `None` (the default): a fresh one. Set
@@ -135,6 +140,7 @@ impl OutgoingMessage {
             properties: BTreeMap::new(),
             message_group: None,
             deliver_at: None,
+            deliver_after: None,
             body: body.into(),
             id: None,
         }
@@ -149,12 +155,30 @@ impl OutgoingMessage {
     /// Delivers the message at `at` (not before).
     pub fn deliver_at(mut self, at: SystemTime) -> Self {
         self.deliver_at = Some(at);
+        self.deliver_after = None;
         self
     }
 
-    /// Delivers the message `delay` from now.
-    pub fn delay(self, delay: Duration) -> Self {
-        self.deliver_at(SystemTime::now() + delay)
+    /// Delivers the message `delay` after it is published (by the bus's
+    /// clock).
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.deliver_after = Some(delay);
+        self.deliver_at = None;
+        self
+    }
+
+    /// Makes a relative delay absolute: `deliver_after` from `now` (what a
+    /// broker does when it admits the publish).
+    pub fn resolve_delay(&mut self, now: SystemTime) {
+        if let Some(d) = self.deliver_after.take() {
+            self.deliver_at = Some(now + d);
+        }
+    }
+
+    /// Whether the message asks to be delayed (at an instant or after a
+    /// while).
+    pub fn is_delayed(&self) -> bool {
+        self.deliver_at.is_some() || self.deliver_after.is_some()
     }
 
     /// Sets the tag.
@@ -197,6 +221,7 @@ pub struct Publish {
     durability: Option<Durability>,
     message_group: Option<String>,
     deliver_at: Option<SystemTime>,
+    deliver_after: Option<Duration>,
     message_id: Option<MessageId>,
 }
 
@@ -263,12 +288,17 @@ impl Publish {
     /// [`Limits::max_delay`]: crate::Limits::max_delay
     pub fn deliver_at(mut self, at: SystemTime) -> Self {
         self.deliver_at = Some(at);
+        self.deliver_after = None;
         self
     }
 
-    /// Makes this a delayed message, visible to consumers `delay` from now.
-    pub fn delay(self, delay: Duration) -> Self {
-        self.deliver_at(SystemTime::now() + delay)
+    /// Makes this a delayed message, visible to consumers `delay` after it
+    /// is published (measured by the bus's clock: a `weirmq::testing` bus
+    /// delays it by exactly this much virtual time).
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.deliver_after = Some(delay);
+        self.deliver_at = None;
+        self
     }
 
     /// Publishes under `id` instead of a fresh id: the way to retry a
@@ -309,6 +339,7 @@ impl Publish {
             properties: self.properties,
             message_group: self.message_group,
             deliver_at: self.deliver_at,
+            deliver_after: self.deliver_after,
             body,
             id: self.message_id,
         }
@@ -408,12 +439,19 @@ impl Message {
     /// Gives an outgoing message a fresh id and birth time; its queue and
     /// offset are set by the broker with [`Message::with_position`].
     pub fn prepare(out: OutgoingMessage, topic: Arc<str>) -> Message {
+        Message::prepare_at(out, topic, SystemTime::now())
+    }
+
+    /// As [`Message::prepare`], born at `now` (the broker's clock); a
+    /// relative delay still unresolved counts from `now` too.
+    pub fn prepare_at(mut out: OutgoingMessage, topic: Arc<str>, now: SystemTime) -> Message {
+        out.resolve_delay(now);
         Message {
             id: out.id.unwrap_or_else(MessageId::generate),
             topic,
             queue: 0,
             offset: 0,
-            born_at_ms: now_ms(),
+            born_at_ms: unix_ms(now),
             tag: out.tag,
             keys: out.keys,
             properties: out.properties,
@@ -613,6 +651,7 @@ mod tests {
                 properties: props,
                 message_group,
                 deliver_at: deliver_in_ms.map(|ms| SystemTime::now() + Duration::from_millis(ms)),
+                deliver_after: None,
                 body,
                 id: None,
             };

@@ -122,6 +122,7 @@ impl Pending {
     /// then the index, trace, delay and offsets batches; then one sync if
     /// a waiter asked `Flushed` and the store is durable.
     fn write(&mut self, store: &mut Store, durable: bool) -> Result<(), StorageError> {
+        let now = store.clock().now_ms();
         let mut records = RecordBuilder::default();
         let mut nrecords = 0;
         for a in &self.appends {
@@ -153,7 +154,7 @@ impl Pending {
                 self.traces.extend(a.messages.iter().map(|m| TraceRecord {
                     key: a.key,
                     offset: m.offset(),
-                    event: TraceEvent::now(TraceKind::Published, None, 0, None),
+                    event: TraceEvent::at_ms(now, TraceKind::Published, None, 0, None),
                 }));
             }
         }
@@ -162,7 +163,7 @@ impl Pending {
         let writes = CommitWrites {
             index: store.index_records(records.closed),
             trace: (!self.traces.is_empty()).then(|| store.trace_batch(&self.traces)),
-            delay: self.delay_batch(),
+            delay: self.delay_batch(now),
             offsets: (!self.offsets.is_empty()).then(|| offsets_batch(&self.offsets)),
             ..CommitWrites::log(records.log)
         };
@@ -198,7 +199,7 @@ impl Pending {
     /// The delay index's changes: staged messages, and the retry updates
     /// (unscheduled and rescheduled staged messages, removed and new retry
     /// entries, "resent" marks).
-    fn delay_batch(&self) -> Option<crate::kv::Batch> {
+    fn delay_batch(&self, now: u64) -> Option<crate::kv::Batch> {
         if self.retries.is_empty() && self.scheduled.is_empty() {
             return None;
         }
@@ -220,7 +221,7 @@ impl Pending {
                 b.insert(e.key.encode(), e.encode_value());
             }
             for (group, offset) in &u.resent {
-                b.insert(resent_key(group, *offset), now_ms().to_be_bytes().to_vec());
+                b.insert(resent_key(group, *offset), now.to_be_bytes().to_vec());
             }
         }
         Some(b)

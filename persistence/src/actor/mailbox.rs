@@ -41,6 +41,7 @@ impl Handler<Append> for PersistenceActor {
     type Result = ();
 
     fn handle(&mut self, msg: Append, ctx: &mut Context<Self>) {
+        self.clock.touch();
         if let Some(e) = self.store.refusal() {
             (msg.done)(Err(e));
             return;
@@ -55,6 +56,7 @@ impl Handler<Commit> for PersistenceActor {
     type Result = ();
 
     fn handle(&mut self, _: Commit, ctx: &mut Context<Self>) {
+        self.clock.touch();
         self.commit_queued = false;
         if self.commit() {
             self.queue_commit(ctx);
@@ -66,6 +68,7 @@ impl Handler<UpdateRetries> for PersistenceActor {
     type Result = ();
 
     fn handle(&mut self, msg: UpdateRetries, ctx: &mut Context<Self>) {
+        self.clock.touch();
         if let Some(e) = self.store.refusal() {
             (msg.done)(Err(e));
             return;

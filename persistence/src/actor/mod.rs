@@ -35,6 +35,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
+
+use crate::timers::{run_interval, run_later};
 use tokio::sync::oneshot;
 use tracing::{debug, error, info, trace, warn};
 use weirmq_bus::{
@@ -47,7 +49,6 @@ use crate::store::{
     offsets_batch, CommitWrites, OffsetState, QueueKey, RecordBuilder, Store, TopicSettings,
     TraceRecord,
 };
-use weirmq_bus::now_ms;
 
 mod commit;
 mod fail_stop;
@@ -77,6 +78,8 @@ const OFFSETS_DELAY: Duration = Duration::from_millis(20);
 pub struct PersistenceActor {
     /// The store, or the failure that stopped it (see `fail_stop`).
     store: FailStop,
+    /// What retention and the offsets timer read and wait on.
+    clock: weirmq_bus::Clock,
     durable: bool,
     pending: Vec<Append>,
     pending_messages: usize,
@@ -114,6 +117,7 @@ impl PersistenceActor {
     pub fn new(store: Store, durable: bool) -> Self {
         PersistenceActor {
             retention_every: store.retention_interval(),
+            clock: store.clock().clone(),
             guard: store.disk_guard(),
             pressure_rest: None,
             store: FailStop::new(store),
@@ -136,7 +140,7 @@ impl PersistenceActor {
     fn commit_soon(&mut self, ctx: &mut Context<Self>) {
         if !self.commit_queued && !self.offsets_timer {
             self.offsets_timer = true;
-            ctx.run_later(OFFSETS_DELAY, |act, ctx| {
+            run_later(ctx, &self.clock, OFFSETS_DELAY, |act, ctx| {
                 act.offsets_timer = false;
                 if !act.offsets.is_empty() || !act.traces.is_empty() {
                     act.queue_commit(ctx);
@@ -157,7 +161,8 @@ impl Actor for PersistenceActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.run_interval(self.retention_every, |act, ctx| {
+        let clock = self.clock.clone();
+        run_interval(ctx, &clock, self.retention_every, |act, ctx| {
             if act.retention.is_none() && act.store.is_writable() {
                 act.start_retention(Vec::new(), ctx);
             }

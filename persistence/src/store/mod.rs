@@ -99,6 +99,9 @@ pub struct StoreConfig {
     /// In memory (`path: None`): the most bytes the store may hold
     /// (`None`: [`DEFAULT_MEMORY_BUDGET`]; see [`DiskGuard`]).
     pub memory_budget: Option<u64>,
+    /// The time retention reads and the persistence actor's timers wait on
+    /// (the system clock unless a test kit gives a manual one).
+    pub clock: weirmq_bus::Clock,
 }
 
 /// An in-memory store's default budget: 1 GiB.
@@ -113,6 +116,7 @@ impl fmt::Debug for StoreConfig {
             .field("retention_interval", &self.retention_interval)
             .field("disk", &self.disk)
             .field("memory_budget", &self.memory_budget)
+            .field("clock", &self.clock)
             .finish()
     }
 }
@@ -197,6 +201,7 @@ pub struct Store {
     /// Every topic's queue count and settings, by id.
     topics: BTreeMap<u32, (u32, TopicSettings)>,
     retention_interval: std::time::Duration,
+    clock: weirmq_bus::Clock,
     dir: Option<PathBuf>,
     data_file: Option<File>,
     synced_blobs: HashSet<OsString>,
@@ -228,6 +233,11 @@ impl Store {
     /// How often retention passes run.
     pub(crate) fn retention_interval(&self) -> std::time::Duration {
         self.retention_interval
+    }
+
+    /// The clock the store was opened with.
+    pub(crate) fn clock(&self) -> &weirmq_bus::Clock {
+        &self.clock
     }
 
     /// Applies one commit's writes, tree by tree: queue log records, the

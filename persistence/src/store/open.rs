@@ -187,6 +187,7 @@ impl Store {
             retention_interval: config
                 .retention_interval
                 .unwrap_or(std::time::Duration::from_secs(60)),
+            clock: config.clock.clone(),
             // Increasing across restarts (unless 65,536 events per ms).
             trace_seq: weirmq_bus::now_ms() << 16,
             dir,

@@ -6,7 +6,7 @@ use super::*;
 
 impl GroupActor {
     pub(super) fn take_due_retries(&mut self) {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         while self.in_flight < self.max_in_flight {
             let Some(entry) = self.scheduled.pop_due(now) else {
                 break;
@@ -113,12 +113,12 @@ impl GroupActor {
         let Some((message, attempt, first_failed)) = self.flight(held) else {
             return;
         };
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let entry = RetryEntry {
             key: RetryKey {
                 group: self.group.clone(),
                 topic_id: self.topic_id,
-                due_ms: due_ms_after(delay),
+                due_ms: due_ms_after(&self.clock, delay),
                 seq: next_seq(),
             },
             queue: message.queue(),
@@ -157,7 +157,7 @@ impl GroupActor {
         let (queue, offset) = (m.queue(), m.offset());
         error!(group = %self.group, topic = %self.topic, queue, offset, msg_id = %m.id(),
             attempt, %reason, "dead-lettering message");
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let out = DeadLetterCopy {
             origin_topic: self.topic.to_string(),
             origin_queue: queue,
@@ -194,7 +194,8 @@ impl GroupActor {
                 warn!(group = %act.group, queue, offset, error = %e,
                     "storing a dead letter failed; retrying in 5 s");
                 act.written();
-                ctx.run_later(DLQ_RETRY, move |act, ctx| {
+                let clock = act.clock.clone();
+                run_later(ctx, &clock, DLQ_RETRY, move |act, ctx| {
                     act.dead_letter(held, "dead-letter retry".into(), ctx)
                 });
             }

@@ -26,7 +26,9 @@ impl Handler<RetryStored> for GroupActor {
             }
             // Not durable: retry from memory instead (still never lost).
             (false, Held::Original { queue, offset }) => {
-                ctx.run_later(msg.delay, move |act, _| act.redeliver(queue, offset));
+                run_later(ctx, &self.clock, msg.delay, move |act, _| {
+                    act.redeliver(queue, offset)
+                });
             }
             (false, held @ Held::Retry { .. }) => {
                 self.release(held, ctx);
@@ -143,11 +145,13 @@ impl Handler<Settle> for GroupActor {
                     self.stats.retried += 1;
                     if let Held::Original { queue, offset } = held {
                         if let Some(f) = self.queues[queue as usize].in_flight.get_mut(&offset) {
-                            f.first_failed_ms.get_or_insert_with(now_ms);
+                            f.first_failed_ms.get_or_insert(self.clock.now_ms());
                         }
                         if self.fifo {
                             // Retried in place: its group waits, the others go on.
-                            ctx.run_later(delay, move |act, _| act.redeliver(queue, offset));
+                            run_later(ctx, &self.clock, delay, move |act, _| {
+                                act.redeliver(queue, offset)
+                            });
                             continue;
                         }
                     }

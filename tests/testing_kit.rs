@@ -1,0 +1,355 @@
+//! The test kit (`weirmq::testing`): a bus on a virtual clock drives every
+//! time-driven part — retries to the DLQ, delayed messages, transaction
+//! checks, consume timeouts, rate limits, retention — at exact virtual
+//! times, in real milliseconds, the same way every run.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use weirmq::prelude::*;
+use weirmq::testing::{Happened, Outcome, TestBus};
+use weirmq::{Retention, RetryPolicy, TopicConfig, TransactionConfig, TransactionOutcome};
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+struct Charge {
+    order: u64,
+}
+impl Event for Charge {
+    const TOPIC: &'static str = "charges";
+}
+
+/// Fails every attempt.
+struct Down;
+impl Actor for Down {
+    type Context = Context<Self>;
+}
+impl Handler<Delivery<Charge>> for Down {
+    type Result = Result<(), HandlerError>;
+    fn handle(&mut self, _: Delivery<Charge>, _: &mut Context<Self>) -> Self::Result {
+        Err(HandlerError::retry("payment provider down"))
+    }
+}
+
+/// Acks every attempt.
+struct Ok_;
+impl Actor for Ok_ {
+    type Context = Context<Self>;
+}
+impl Handler<Delivery<Charge>> for Ok_ {
+    type Result = Result<(), HandlerError>;
+    fn handle(&mut self, _: Delivery<Charge>, _: &mut Context<Self>) -> Self::Result {
+        Ok(())
+    }
+}
+
+/// The default schedule: 16 retries, then the DLQ; each attempt at its
+/// exact virtual second.
+#[actix::test]
+async fn the_default_retry_schedule_runs_to_the_dlq_at_exact_virtual_times() {
+    let real = Instant::now();
+    let bus = TestBus::start().await.unwrap();
+    let _sub = bus
+        .subscribe::<Charge>("billing")
+        .members(1, || Down)
+        .start()
+        .await
+        .unwrap();
+    bus.publish(&Charge { order: 7 }).await.unwrap();
+    bus.advance(Duration::from_secs(5 * 3600)).await.unwrap();
+    let attempts = bus.handled("billing").await.unwrap();
+    let at: Vec<u64> = attempts.iter().map(|a| a.at.as_secs()).collect();
+    assert_eq!(
+        at,
+        [
+            0, 10, 40, 100, 220, 400, 640, 940, 1300, 1720, 2200, 2740, 3340, 4540, 6340, 9940,
+            17140
+        ]
+    );
+    assert_eq!(
+        attempts.iter().map(|a| a.attempt).collect::<Vec<_>>(),
+        (1..=17).collect::<Vec<_>>()
+    );
+    for a in &attempts[..16] {
+        assert!(matches!(a.outcome, Outcome::Retry { .. }), "{a:?}");
+    }
+    assert!(matches!(attempts[16].outcome, Outcome::DeadLettered { .. }));
+    let dlq = bus.dead_lettered("billing").await.unwrap();
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(
+        serde_json::from_slice::<Charge>(dlq[0].message.body()).unwrap(),
+        Charge { order: 7 }
+    );
+    assert!(
+        real.elapsed() < Duration::from_secs(2),
+        "{:?} of real time",
+        real.elapsed()
+    );
+    // Nothing happens before its time: one second short of the first retry.
+    let bus2 = TestBus::start().await.unwrap();
+    let _s2 = bus2
+        .subscribe::<Charge>("billing")
+        .members(1, || Down)
+        .start()
+        .await
+        .unwrap();
+    bus2.publish(&Charge { order: 1 }).await.unwrap();
+    bus2.advance(Duration::from_millis(9_999)).await.unwrap();
+    assert_eq!(bus2.handled("billing").await.unwrap().len(), 1);
+    bus2.advance(Duration::from_millis(1)).await.unwrap();
+    assert_eq!(bus2.handled("billing").await.unwrap().len(), 2);
+}
+
+/// The sequence of events of one scenario, with what differs between runs
+/// (ids) left out.
+async fn scenario() -> Vec<String> {
+    let bus = TestBus::start().await.unwrap();
+    let _a = bus
+        .subscribe::<Charge>("flaky")
+        .members(2, || Down)
+        .retry(RetryPolicy::fixed(Duration::from_secs(3), 4))
+        .start()
+        .await
+        .unwrap();
+    let _b = bus
+        .subscribe::<Charge>("fine")
+        .members(3, || Ok_)
+        .start()
+        .await
+        .unwrap();
+    for order in 0..6 {
+        bus.publish(&Charge { order }).await.unwrap();
+    }
+    bus.publish_with(
+        &Charge { order: 99 },
+        Publish::new().delay(Duration::from_secs(7)),
+    )
+    .await
+    .unwrap();
+    bus.advance(Duration::from_secs(60)).await.unwrap();
+    bus.journal()
+        .into_iter()
+        .map(|r| match r.what {
+            Happened::Published { topic, due, .. } => format!("{:?} pub {topic} {due:?}", r.at),
+            Happened::Handled(h) => format!(
+                "{:?} {} q{} o{} #{} {:?}",
+                h.at, h.group, h.queue, h.offset, h.attempt, h.outcome
+            ),
+        })
+        .collect()
+}
+
+#[actix::test]
+async fn the_same_scenario_gives_the_same_events_100_times() {
+    let first = scenario().await;
+    // 7 publishes; "fine" acks 7; "flaky" makes 4 attempts at each of 7.
+    assert_eq!(first.len(), 7 + 7 + 7 * 4, "{first:#?}");
+    for run in 1..100 {
+        assert_eq!(scenario().await, first, "run {run} differs");
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+struct PaymentDeadline {
+    order: u64,
+}
+impl Event for PaymentDeadline {
+    const TOPIC: &'static str = "payment-deadline";
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+struct OrderCancelled {
+    order: u64,
+}
+impl Event for OrderCancelled {
+    const TOPIC: &'static str = "order-cancelled";
+}
+
+/// Cancels the order its deadline names (publishing `OrderCancelled`).
+struct Canceller(Bus);
+impl Actor for Canceller {
+    type Context = Context<Self>;
+}
+impl Handler<Delivery<PaymentDeadline>> for Canceller {
+    type Result = ResponseFuture<Result<(), HandlerError>>;
+    fn handle(&mut self, d: Delivery<PaymentDeadline>, _: &mut Context<Self>) -> Self::Result {
+        let bus = self.0.clone();
+        let order = d.event().order;
+        Box::pin(async move {
+            bus.publish(&OrderCancelled { order })
+                .await
+                .map_err(|e| HandlerError::retry(e.to_string()))?;
+            Ok(())
+        })
+    }
+}
+
+#[actix::test]
+async fn a_delayed_message_falls_due_at_its_virtual_time() {
+    let bus = TestBus::start().await.unwrap();
+    let b = bus.bus().clone();
+    let _s = bus
+        .subscribe::<PaymentDeadline>("orders")
+        .members(1, move || Canceller(b.clone()))
+        .start()
+        .await
+        .unwrap();
+    let r = bus
+        .publish_with(
+            &PaymentDeadline { order: 5 },
+            Publish::new().delay(Duration::from_secs(30 * 60)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        r.deliver_at,
+        Some(bus.clock().start() + Duration::from_secs(30 * 60)),
+        "due exactly 30 virtual minutes after the publish"
+    );
+    bus.advance(Duration::from_secs(30 * 60 - 1)).await.unwrap();
+    assert!(bus.published::<OrderCancelled>().await.unwrap().is_empty());
+    bus.advance(Duration::from_secs(1)).await.unwrap();
+    assert_eq!(
+        bus.published::<OrderCancelled>().await.unwrap(),
+        [OrderCancelled { order: 5 }]
+    );
+    let h = bus.handled("orders").await.unwrap();
+    assert_eq!(h.len(), 1);
+    assert_eq!(h[0].at, Duration::from_secs(30 * 60));
+}
+
+/// Never answers within the consume timeout (waits on the virtual clock).
+struct Slow(Bus);
+impl Actor for Slow {
+    type Context = Context<Self>;
+}
+impl Handler<Delivery<Charge>> for Slow {
+    type Result = ResponseFuture<Result<(), HandlerError>>;
+    fn handle(&mut self, _: Delivery<Charge>, _: &mut Context<Self>) -> Self::Result {
+        let sleep = self.0.clock().sleep(Duration::from_secs(3600));
+        Box::pin(async move {
+            sleep.await;
+            Ok(())
+        })
+    }
+}
+
+#[actix::test]
+async fn a_consume_timeout_fails_the_attempt_at_its_virtual_time() {
+    let bus = TestBus::start().await.unwrap();
+    let b = bus.bus().clone();
+    let _s = bus
+        .subscribe::<Charge>("slow")
+        .members(1, move || Slow(b.clone()))
+        .consume_timeout(Duration::from_secs(15))
+        .retry(RetryPolicy::fixed(Duration::from_secs(5), 2))
+        .start()
+        .await
+        .unwrap();
+    bus.publish(&Charge { order: 1 }).await.unwrap();
+    bus.advance(Duration::from_secs(60)).await.unwrap();
+    let h = bus.handled("slow").await.unwrap();
+    let at: Vec<u64> = h.iter().map(|a| a.at.as_secs()).collect();
+    // Attempt 1 times out at 15 s, retried 5 s later, times out at 35 s.
+    assert_eq!(at, [15, 35], "{h:#?}");
+    assert!(
+        matches!(&h[0].outcome, Outcome::Retry { error, .. } if error.contains("consume timeout"))
+    );
+    assert!(matches!(h[1].outcome, Outcome::DeadLettered { .. }));
+}
+
+#[actix::test]
+async fn a_rate_limit_spreads_deliveries_over_virtual_time() {
+    let bus = TestBus::start().await.unwrap();
+    let _s = bus
+        .subscribe::<Charge>("limited")
+        .members(1, || Ok_)
+        .rate_limit(2)
+        .start()
+        .await
+        .unwrap();
+    let events: Vec<Charge> = (0..6).map(|order| Charge { order }).collect();
+    bus.publish_batch(&events).await.unwrap();
+    bus.advance(Duration::from_secs(10)).await.unwrap();
+    let at: Vec<u128> = bus
+        .handled("limited")
+        .await
+        .unwrap()
+        .iter()
+        .map(|h| h.at.as_millis())
+        .collect();
+    assert_eq!(at, [500, 1000, 1500, 2000, 2500, 3000]);
+}
+
+struct Checker(Arc<AtomicUsize>);
+#[weirmq::async_trait]
+impl weirmq::TransactionChecker for Checker {
+    async fn check(&self, _: &weirmq::Message) -> TransactionOutcome {
+        if self.0.fetch_add(1, Ordering::SeqCst) < 2 {
+            TransactionOutcome::Unknown
+        } else {
+            TransactionOutcome::Commit
+        }
+    }
+}
+
+#[actix::test]
+async fn transaction_checks_come_at_their_virtual_times() {
+    let checks = Arc::new(AtomicUsize::new(0));
+    let bus = TestBus::builder()
+        .configure(|b| {
+            b.transaction_checker::<Charge>(
+                Checker(checks.clone()),
+                TransactionConfig {
+                    check_immunity: Duration::from_secs(6),
+                    check_interval: Duration::from_secs(60),
+                    max_checks: 15,
+                },
+            )
+        })
+        .start()
+        .await
+        .unwrap();
+    let _s = bus
+        .subscribe::<Charge>("tx")
+        .members(1, || Ok_)
+        .start()
+        .await
+        .unwrap();
+    bus.publish_transactional(&Charge { order: 3 }, Publish::new(), |_| async {
+        TransactionOutcome::Unknown
+    })
+    .await
+    .unwrap();
+    bus.advance(Duration::from_secs(125)).await.unwrap();
+    assert_eq!(checks.load(Ordering::SeqCst), 2, "checks at 6 s and 66 s");
+    assert!(bus.handled("tx").await.unwrap().is_empty());
+    bus.advance(Duration::from_secs(1)).await.unwrap();
+    assert_eq!(checks.load(Ordering::SeqCst), 3, "committed at 126 s");
+    let h = bus.handled("tx").await.unwrap();
+    assert_eq!(h.len(), 1);
+    assert_eq!(h[0].at, Duration::from_secs(126));
+}
+
+#[actix::test]
+async fn retention_removes_by_virtual_age() {
+    let bus = TestBus::builder()
+        .configure(|b| b.retention_interval(Duration::from_secs(60)))
+        .start()
+        .await
+        .unwrap();
+    bus.create_topic(
+        TopicConfig::new(Charge::TOPIC)
+            .retention(Retention::forever().max_age(Duration::from_secs(3600))),
+    )
+    .await
+    .unwrap();
+    let r = bus.publish(&Charge { order: 1 }).await.unwrap();
+    bus.advance(Duration::from_secs(3000)).await.unwrap();
+    assert!(bus.query_id(r.message_id).await.unwrap().is_some());
+    bus.advance(Duration::from_secs(2 * 3600)).await.unwrap();
+    assert!(
+        bus.query_id(r.message_id).await.unwrap().is_none(),
+        "removed by retention once an hour old (virtual)"
+    );
+}
