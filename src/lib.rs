@@ -76,6 +76,7 @@ pub use weirmq_bus::{
     QueuePosition, RetryPolicy, SendReceipt, StartFrom, StorageError, TopicConfig, TryPublishError,
     MAX_FILTER_BYTES, MAX_NESTING,
 };
+pub use weirmq_bus::{Clock, Sleep};
 pub use weirmq_bus::{DeadLetter, Resend, ResendOutcome, ResendReport, ResetTo, DLQ_PROPERTIES};
 pub use weirmq_bus::{GroupTopic, QueueStats, TopicStats};
 pub use weirmq_bus::{

@@ -1,6 +1,7 @@
 //! Delayed messages: stored at once, visible at their time, never before;
 //! in due order; kept across a restart; a delay beyond the limit is a typed
-//! error.
+//! error. Timing runs on the test kit's virtual clock (each message exactly
+//! at its time); the restart test runs in real time on a data directory.
 
 mod support;
 
@@ -9,7 +10,8 @@ use std::time::{Duration, SystemTime};
 
 use support::*;
 use weirmq::prelude::*;
-use weirmq::{Error, Limits, SCHEDULE_TOPIC};
+use weirmq::testing::TestBus;
+use weirmq::{Clock, Error, Limits, SCHEDULE_TOPIC};
 
 /// One delivery: (n, received at, the message's due time).
 type Arrival = (u64, SystemTime, Option<SystemTime>);
@@ -18,7 +20,8 @@ type Arrival = (u64, SystemTime, Option<SystemTime>);
 #[derive(Clone, Default)]
 struct Seen(Arc<Mutex<Vec<Arrival>>>);
 
-struct Timer(Seen);
+/// Records each delivery with the bus's clock.
+struct Timer(Seen, Clock);
 
 impl Actor for Timer {
     type Context = Context<Self>;
@@ -32,7 +35,7 @@ impl Handler<Delivery<Num>> for Timer {
              .0
             .lock()
             .unwrap()
-            .push((d.event().n, SystemTime::now(), due));
+            .push((d.event().n, self.1.now(), due));
         Ok(())
     }
 }
@@ -47,16 +50,16 @@ async fn seen_n(seen: &Seen, n: usize) {
 
 #[actix::test]
 async fn delayed_messages_arrive_in_due_order_and_never_before_their_time() {
-    let bus = Bus::builder().in_memory().open().await.unwrap();
+    let bus = TestBus::start().await.unwrap();
     let seen = Seen::default();
-    let s = seen.clone();
+    let (s, clock) = (seen.clone(), bus.clock().clock().clone());
     let sub = bus
         .subscribe::<Num>("timing")
-        .members(1, move || Timer(s.clone()))
+        .members(1, move || Timer(s.clone(), clock.clone()))
         .start()
         .await
         .unwrap();
-    let start = SystemTime::now();
+    let start = bus.clock().now();
     // Published in the reverse of their due order.
     let mut wanted = Vec::new();
     for (n, delay) in [(3u64, 1000u64), (2, 200), (1, 0)] {
@@ -84,7 +87,10 @@ async fn delayed_messages_arrive_in_due_order_and_never_before_their_time() {
         }
         wanted.push((n, due, r.message_id));
     }
-    seen_n(&seen, 3).await;
+    // One millisecond short of the last one's time: two arrived.
+    bus.advance(Duration::from_millis(999)).await.unwrap();
+    assert_eq!(seen.0.lock().unwrap().len(), 2);
+    bus.advance(Duration::from_millis(1)).await.unwrap();
     let got = seen.0.lock().unwrap().clone();
     assert_eq!(
         got.iter().map(|g| g.0).collect::<Vec<_>>(),
@@ -93,36 +99,31 @@ async fn delayed_messages_arrive_in_due_order_and_never_before_their_time() {
     );
     for (n, at, _) in &got {
         let (_, due, id) = wanted.iter().find(|w| w.0 == *n).unwrap();
-        assert!(
-            at >= due,
-            "message {n} arrived {:?} early",
-            due.duration_since(*at)
-        );
+        assert_eq!(at, due, "message {n} exactly at its time");
         // The delivered message is the one published (same id).
         assert!(bus.query_id(*id).await.unwrap().is_some());
     }
-    caught_up(&bus, "timing", Num::TOPIC).await;
     sub.drain().await.unwrap();
     bus.shutdown().await.unwrap();
 }
 
 #[actix::test]
-async fn many_delayed_messages_all_arrive_each_at_or_after_its_time() {
-    let bus = Bus::builder().in_memory().open().await.unwrap();
+async fn many_delayed_messages_all_arrive_each_at_its_time() {
+    let bus = TestBus::start().await.unwrap();
     let seen = Seen::default();
-    let s = seen.clone();
+    let (s, clock) = (seen.clone(), bus.clock().clock().clone());
     let sub = bus
         .subscribe::<Num>("timing")
-        .members(4, move || Timer(s.clone()))
+        .members(4, move || Timer(s.clone(), clock.clone()))
         .start()
         .await
         .unwrap();
-    let start = SystemTime::now();
+    let start = bus.clock().now();
     let dues: Vec<SystemTime> = (0..2000u64)
         .map(|n| start + Duration::from_millis((n * 7919) % 700))
         .collect();
     futures::future::join_all(dues.iter().enumerate().map(|(n, due)| {
-        let bus = bus.clone();
+        let bus = bus.bus().clone();
         let due = *due;
         async move {
             bus.publish_with(&Num { n: n as u64 }, Publish::new().deliver_at(due))
@@ -131,15 +132,16 @@ async fn many_delayed_messages_all_arrive_each_at_or_after_its_time() {
         }
     }))
     .await;
-    seen_n(&seen, 2000).await;
+    bus.advance(Duration::from_secs(1)).await.unwrap();
     let got = seen.0.lock().unwrap().clone();
     let mut ns: Vec<u64> = got.iter().map(|g| g.0).collect();
     ns.sort_unstable();
     ns.dedup();
     assert_eq!(ns.len(), 2000);
     for (n, at, due) in &got {
-        assert!(*at >= dues[*n as usize], "message {n} early");
-        assert!(due.is_none() || due.unwrap() <= *at);
+        // Due now (offset 0 ms) is no delay: delivered at once.
+        assert_eq!(*at, dues[*n as usize], "message {n} at its time");
+        assert!(due.is_none() || due.unwrap() == *at);
     }
     sub.drain().await.unwrap();
     bus.shutdown().await.unwrap();
@@ -181,7 +183,7 @@ async fn delayed_messages_survive_a_restart_and_fire_after_it() {
     let s = seen.clone();
     let sub = bus
         .subscribe::<Num>("later")
-        .members(1, move || Timer(s.clone()))
+        .members(1, move || Timer(s.clone(), Clock::system()))
         .start()
         .await
         .unwrap();

@@ -1,19 +1,25 @@
 //! Retry policy: schedules, max attempts, consume timeouts, dead letters,
-//! and independence of groups. Short schedules; waits have deadlines.
+//! and independence of groups. Schedules and timeouts run on the test kit's
+//! virtual clock (exact times, no waiting); the restart test runs in real
+//! time on a data directory. Waits have deadlines.
 
 mod support;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime};
 
 use support::*;
 use weirmq::prelude::*;
+use weirmq::testing::TestBus;
+use weirmq::Clock;
 
-/// Records (n, attempt, when) and fails as `fail(n, attempt)` says.
+/// Records (n, attempt, when by the bus's clock) and fails as
+/// `fail(n, attempt)` says.
 struct Flaky {
-    seen: Arc<Mutex<Vec<(u64, u32, Instant)>>>,
+    seen: Seen,
     fail: Arc<dyn Fn(u64, u32) -> Option<HandlerError> + Send + Sync>,
+    clock: Clock,
 }
 
 impl Actor for Flaky {
@@ -27,7 +33,7 @@ impl Handler<Delivery<Num>> for Flaky {
         self.seen
             .lock()
             .unwrap()
-            .push((n, d.attempt(), Instant::now()));
+            .push((n, d.attempt(), self.clock.now()));
         match (self.fail)(n, d.attempt()) {
             Some(e) => Err(e),
             None => Ok(()),
@@ -35,7 +41,7 @@ impl Handler<Delivery<Num>> for Flaky {
     }
 }
 
-type Seen = Arc<Mutex<Vec<(u64, u32, Instant)>>>;
+type Seen = Arc<Mutex<Vec<(u64, u32, SystemTime)>>>;
 
 async fn flaky_group(
     bus: &Bus,
@@ -45,13 +51,14 @@ async fn flaky_group(
 ) -> (Subscription, Seen) {
     let seen: Seen = Arc::default();
     let fail: Arc<dyn Fn(u64, u32) -> Option<HandlerError> + Send + Sync> = Arc::new(fail);
-    let s = seen.clone();
+    let (s, clock) = (seen.clone(), bus.clock().clone());
     let sub = bus
         .subscribe::<Num>(group)
         .retry(policy)
         .members(2, move || Flaky {
             seen: s.clone(),
             fail: fail.clone(),
+            clock: clock.clone(),
         })
         .start()
         .await
@@ -62,7 +69,7 @@ async fn flaky_group(
 #[actix::test]
 async fn a_handler_failing_twice_is_retried_on_schedule_without_holding_back_others() {
     init_tracing();
-    let bus = Bus::builder().in_memory().open().await.unwrap();
+    let bus = TestBus::start().await.unwrap();
     let policy =
         RetryPolicy::schedule(vec![Duration::from_millis(100), Duration::from_millis(200)]);
     let (sub, seen) = flaky_group(&bus, "g", policy, |n, attempt| {
@@ -72,28 +79,20 @@ async fn a_handler_failing_twice_is_retried_on_schedule_without_holding_back_oth
     for n in 0..20 {
         bus.publish(&Num { n }).await.unwrap();
     }
-    caught_up(&bus, "g", Num::TOPIC).await;
+    bus.advance(Duration::from_secs(1)).await.unwrap();
     let seen = seen.lock().unwrap().clone();
-    let zero: Vec<(u32, Instant)> = seen
+    let zero: Vec<(u32, SystemTime)> = seen
         .iter()
         .filter(|s| s.0 == 0)
         .map(|s| (s.1, s.2))
         .collect();
     assert_eq!(zero.iter().map(|z| z.0).collect::<Vec<_>>(), vec![1, 2, 3]);
-    let gap1 = zero[1].1 - zero[0].1;
-    let gap2 = zero[2].1 - zero[1].1;
-    assert!(
-        gap1 >= Duration::from_millis(100),
-        "first retry after {gap1:?}"
-    );
-    assert!(
-        gap2 >= Duration::from_millis(200),
-        "second retry after {gap2:?}"
-    );
-    assert!(
-        gap1 < Duration::from_secs(2) && gap2 < Duration::from_secs(2),
-        "{gap1:?} {gap2:?}"
-    );
+    // Each retry exactly on schedule (virtual time).
+    let gap1 = zero[1].1.duration_since(zero[0].1).unwrap();
+    let gap2 = zero[2].1.duration_since(zero[1].1).unwrap();
+    assert_eq!(gap1, Duration::from_millis(100));
+    assert_eq!(gap2, Duration::from_millis(200));
+    assert_eq!(zero[0].1, bus.clock().start(), "first delivery at once");
     // The others went through while 0 waited.
     let last_other = seen.iter().filter(|s| s.0 != 0).map(|s| s.2).max().unwrap();
     assert!(
@@ -112,7 +111,7 @@ async fn a_handler_failing_twice_is_retried_on_schedule_without_holding_back_oth
 
 #[actix::test]
 async fn an_always_failing_message_is_tried_max_attempts_times_then_dead_lettered() {
-    let bus = Bus::builder().in_memory().open().await.unwrap();
+    let bus = TestBus::start().await.unwrap();
     let policy = RetryPolicy::fixed(Duration::from_millis(20), 3);
     let (sub, seen) = flaky_group(&bus, "g", policy, |n, attempt| {
         (n == 7).then(|| HandlerError::retry(format!("bad input on attempt {attempt}")))
@@ -120,7 +119,7 @@ async fn an_always_failing_message_is_tried_max_attempts_times_then_dead_lettere
     .await;
     let bad = bus.publish(&Num { n: 7 }).await.unwrap();
     bus.publish(&Num { n: 8 }).await.unwrap();
-    caught_up(&bus, "g", Num::TOPIC).await;
+    bus.advance(Duration::from_secs(1)).await.unwrap();
     let attempts: Vec<u32> = seen
         .lock()
         .unwrap()
@@ -138,10 +137,17 @@ async fn an_always_failing_message_is_tried_max_attempts_times_then_dead_lettere
     assert!(p["DLQ_REASON"].contains("3 of 3 attempts"), "{p:?}");
     let first: u64 = p["DLQ_FIRST_FAILED_AT_MS"].parse().unwrap();
     let dead_at: u64 = p["DLQ_DEAD_LETTERED_AT_MS"].parse().unwrap();
-    assert!(
-        first <= dead_at && dead_at - first >= 40,
+    // First failure at once, dead-lettered after two 20 ms retries.
+    assert_eq!(
+        first,
+        bus.clock()
+            .start()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64,
         "{first} {dead_at}"
     );
+    assert_eq!(dead_at - first, 40, "{first} {dead_at}");
     let stats = sub.stats().await;
     assert_eq!((stats.retried, stats.dead_lettered), (2, 1));
     sub.drain().await.unwrap();
@@ -177,7 +183,7 @@ impl Handler<Delivery<Num>> for Stuck {
 
 #[actix::test]
 async fn a_consume_timeout_counts_as_a_failure() {
-    let bus = Bus::builder().in_memory().open().await.unwrap();
+    let bus = TestBus::start().await.unwrap();
     let log = Log::default();
     let l = log.clone();
     let sub = bus
@@ -191,7 +197,17 @@ async fn a_consume_timeout_counts_as_a_failure() {
     for n in 0..5 {
         bus.publish(&Num { n }).await.unwrap();
     }
-    caught_up(&bus, "g", Num::TOPIC).await;
+    bus.advance(Duration::from_secs(1)).await.unwrap();
+    let at: Vec<u128> = bus
+        .handled("g")
+        .await
+        .unwrap()
+        .iter()
+        .filter(|h| h.offset == 0 && h.queue == 0)
+        .map(|h| h.at.as_millis())
+        .collect();
+    // Timed out at 100 ms; retried 10 ms later; timed out again at 210 ms.
+    assert_eq!(at, [100, 210]);
     let zero: Vec<u32> = log
         .entries()
         .iter()
@@ -353,12 +369,12 @@ async fn a_restart_in_the_middle_of_a_retry_schedule_keeps_attempt_and_due_time(
     assert!(
         at >= t4 + wait,
         "delivered {:?} after attempt 4, before its due time",
-        at - t4
+        at.duration_since(t4).unwrap_or_default()
     );
     assert!(
         at < t4 + wait + Duration::from_secs(3),
         "delivered late: {:?}",
-        at - t4
+        at.duration_since(t4).unwrap_or_default()
     );
     sub.drain().await.unwrap();
     bus.shutdown().await.unwrap();

@@ -2,16 +2,19 @@
 //! rollback, `Unknown` resolved by the topic's checker (commit and
 //! rollback), rolled back after the last check, and resolved after a clean
 //! restart. (A producer killed mid-transaction: tests/transaction_crash.rs.)
+//! Checks run on the test kit's virtual clock (each at its exact time); the
+//! restart test runs in real time on a data directory.
 
 mod support;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use support::*;
 use weirmq::prelude::*;
+use weirmq::testing::TestBus;
 use weirmq::{Message, TransactionChecker, TransactionConfig, TransactionOutcome};
 
 /// Answers per message key; counts calls per key.
@@ -52,18 +55,9 @@ fn fast() -> TransactionConfig {
     }
 }
 
-async fn clock_past(t: SystemTime) {
-    wait_until(
-        "the clock moved on",
-        Duration::from_secs(10),
-        || async move { SystemTime::now() > t },
-    )
-    .await;
-}
-
 #[actix::test]
 async fn committed_messages_appear_only_after_the_commit_and_rolled_back_ones_never() {
-    let bus = Bus::builder().in_memory().open().await.unwrap();
+    let bus = TestBus::start().await.unwrap();
     let checker = Checker::default();
     // First checks 1 s after each half message: ample time to end both.
     let config = TransactionConfig {
@@ -79,8 +73,7 @@ async fn committed_messages_appear_only_after_the_commit_and_rolled_back_ones_ne
         .start()
         .await
         .unwrap();
-    let published = SystemTime::now();
-    let b = bus.clone();
+    let b = bus.bus().clone();
     let tx = bus
         .publish_transactional(&Num { n: 1 }, Publish::new().key("k1"), |half| async move {
             // Stored, but not in its topic, and nobody received it.
@@ -100,11 +93,11 @@ async fn committed_messages_appear_only_after_the_commit_and_rolled_back_ones_ne
         .await
         .unwrap();
     assert_eq!(rolled.receipt, None);
-    delivered(&log, 1).await;
+    bus.wait_idle().await.unwrap();
+    assert_eq!(log.len(), 1);
     // Well past the first check time: the rolled-back one never comes, and
     // the checker was never asked about either (resolved ones are not).
-    clock_past(published + Duration::from_millis(1500)).await;
-    caught_up(&bus, "g", Num::TOPIC).await;
+    bus.advance(Duration::from_millis(1500)).await.unwrap();
     assert_eq!(log.entries().iter().map(|e| e.1).collect::<Vec<_>>(), [1]);
     assert_eq!((checker.calls("k1"), checker.calls("k2")), (0, 0));
     // Ending it again does nothing.
@@ -121,7 +114,7 @@ async fn committed_messages_appear_only_after_the_commit_and_rolled_back_ones_ne
 
 #[actix::test]
 async fn unknown_outcomes_are_resolved_by_the_checker_both_ways() {
-    let bus = Bus::builder().in_memory().open().await.unwrap();
+    let bus = TestBus::start().await.unwrap();
     let checker = Checker::default();
     checker.answer("commit-me", TransactionOutcome::Commit);
     checker.answer("roll-me-back", TransactionOutcome::Rollback);
@@ -143,14 +136,27 @@ async fn unknown_outcomes_are_resolved_by_the_checker_both_ways() {
             .unwrap();
         assert_eq!(tx.receipt, None);
     }
-    delivered(&log, 1).await;
-    wait_until("both were checked", Duration::from_secs(10), || {
-        let c = checker.clone();
-        async move { c.calls("commit-me") == 1 && c.calls("roll-me-back") == 1 }
-    })
-    .await;
-    clock_past(SystemTime::now() + Duration::from_millis(300)).await;
-    caught_up(&bus, "g", Num::TOPIC).await;
+    // Nothing is checked before the immunity (100 ms) is over.
+    bus.advance(Duration::from_millis(99)).await.unwrap();
+    assert_eq!(
+        (
+            checker.calls("commit-me"),
+            checker.calls("roll-me-back"),
+            log.len()
+        ),
+        (0, 0, 0)
+    );
+    bus.advance(Duration::from_millis(1)).await.unwrap();
+    assert_eq!(
+        (
+            checker.calls("commit-me"),
+            checker.calls("roll-me-back"),
+            log.len()
+        ),
+        (1, 1, 1),
+        "both checked at 100 ms, the committed one delivered then"
+    );
+    bus.advance(Duration::from_millis(300)).await.unwrap();
     assert_eq!(log.entries().iter().map(|e| e.1).collect::<Vec<_>>(), [1]);
     // Resolved ones are not checked again (no check storms).
     assert_eq!(
@@ -163,7 +169,7 @@ async fn unknown_outcomes_are_resolved_by_the_checker_both_ways() {
 
 #[actix::test]
 async fn a_transaction_unknown_after_the_last_check_is_rolled_back() {
-    let bus = Bus::builder().in_memory().open().await.unwrap();
+    let bus = TestBus::start().await.unwrap();
     let checker = Checker::default();
     bus.register_checker::<Num>(checker.clone(), fast())
         .unwrap();
@@ -181,17 +187,17 @@ async fn a_transaction_unknown_after_the_last_check_is_rolled_back() {
     )
     .await
     .unwrap();
-    wait_until("three checks", Duration::from_secs(10), || {
-        let c = checker.clone();
-        async move { c.calls("never-known") >= 3 }
-    })
-    .await;
+    // Checks at 100 ms (immunity), 150 ms and 200 ms (interval 50 ms).
+    bus.advance(Duration::from_millis(199)).await.unwrap();
+    assert_eq!(checker.calls("never-known"), 2);
+    bus.advance(Duration::from_millis(1)).await.unwrap();
+    assert_eq!(checker.calls("never-known"), 3);
     // Long enough for a fourth check, were there one.
-    clock_past(SystemTime::now() + Duration::from_millis(300)).await;
+    bus.advance(Duration::from_millis(300)).await.unwrap();
     assert_eq!(checker.calls("never-known"), 3);
     // Even a late "commit" from the checker's owner changes nothing now.
     checker.answer("never-known", TransactionOutcome::Commit);
-    clock_past(SystemTime::now() + Duration::from_millis(200)).await;
+    bus.advance(Duration::from_millis(200)).await.unwrap();
     assert_eq!(log.len(), 0);
     sub.drain().await.unwrap();
     bus.shutdown().await.unwrap();

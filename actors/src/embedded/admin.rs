@@ -64,7 +64,7 @@ impl Admin for EmbeddedBroker {
 
     async fn groups(&self) -> Result<Vec<GroupTopic>, Error> {
         let reader = self.reader()?;
-        let stored = blocking(move || reader.groups()).await?;
+        let stored = self.blocking(move || reader.groups()).await?;
         let names: HashMap<u32, String> = self
             .inner
             .topics
@@ -89,7 +89,7 @@ impl Admin for EmbeddedBroker {
         let reader = self.reader()?;
         let ends: Vec<u64> = h.ends.iter().map(|e| e.load(Ordering::Acquire)).collect();
         let id = h.id;
-        blocking(move || {
+        self.blocking(move || {
             let mut stats = TopicStats {
                 queues: Vec::with_capacity(ends.len()),
                 bytes: 0,
@@ -134,7 +134,8 @@ impl Admin for EmbeddedBroker {
             queue,
         };
         let name = h.name.clone();
-        blocking(move || reader.read_range(&name, key, from, end, max)).await
+        self.blocking(move || reader.read_range(&name, key, from, end, max))
+            .await
     }
 
     async fn reset_offsets(

@@ -17,7 +17,7 @@ impl History for EmbeddedBroker {
         // User topics first; dead letters are copies with ids of their own.
         topics.sort_by_key(|(n, _, _)| (n.starts_with(SYSTEM_TOPIC_PREFIX), n.clone()));
         let reader = self.reader()?;
-        blocking(move || reader.find_id(&topics, id)).await
+        self.blocking(move || reader.find_id(&topics, id)).await
     }
 
     async fn query_key(
@@ -30,7 +30,8 @@ impl History for EmbeddedBroker {
         let h = self.known_topic(topic)?;
         let reader = self.reader()?;
         let key = key.to_string();
-        blocking(move || reader.find_key(&h.name, h.id, h.queues, &key, max)).await
+        self.blocking(move || reader.find_key(&h.name, h.id, h.queues, &key, max))
+            .await
     }
 
     async fn trace(&self, id: MessageId) -> Result<Option<MessageTrace>, Error> {
@@ -44,7 +45,7 @@ impl History for EmbeddedBroker {
             queue: m.queue(),
         };
         let offset = m.offset();
-        let events = blocking(move || reader.trace_of(key, offset)).await?;
+        let events = self.blocking(move || reader.trace_of(key, offset)).await?;
         Ok(Some(MessageTrace {
             id,
             topic: m.topic().to_string(),

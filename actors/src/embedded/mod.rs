@@ -161,6 +161,9 @@ struct Inner {
     guard: DiskGuard,
     /// The time of every time-driven part.
     clock: weirmq_bus::Clock,
+    /// Store reads run in place, not on the blocking pool
+    /// (`current_arbiter`).
+    reads_in_place: bool,
 }
 
 /// The embedded broker. Cheap to clone; every clone is the same broker.
@@ -250,6 +253,7 @@ impl EmbeddedBroker {
                 guard,
                 checkers: Arc::new(TransactionCheckers::new(config.checkers)),
                 clock: config.clock,
+                reads_in_place: config.current_arbiter,
             }),
         };
         let sink = broker.move_sink();
@@ -308,14 +312,22 @@ impl EmbeddedBroker {
     }
 }
 
-/// Runs a store read off the actix threads.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
-) -> Result<T, Error> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::Storage(StorageError::msg(e.to_string())))?
-        .map_err(Error::from)
+impl EmbeddedBroker {
+    /// Runs a store read off the actix threads — or in place on a broker
+    /// that runs on one arbiter for a test kit (its store is in memory, and
+    /// a read on another thread would be work the kit cannot see).
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, Error> {
+        if self.inner.reads_in_place {
+            return f().map_err(Error::from);
+        }
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| Error::Storage(StorageError::msg(e.to_string())))?
+            .map_err(Error::from)
+    }
 }
 
 #[async_trait]

@@ -57,12 +57,12 @@ impl Outbox for EmbeddedBroker {
     async fn state_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
         let reader = self.reader()?;
         let key = key.to_vec();
-        blocking(move || reader.state_get(&key)).await
+        self.blocking(move || reader.state_get(&key)).await
     }
 
     async fn state_scan(&self, prefix: &[u8]) -> Result<weirmq_bus::StateEntries, Error> {
         let reader = self.reader()?;
         let prefix = prefix.to_vec();
-        blocking(move || reader.state_scan(&prefix)).await
+        self.blocking(move || reader.state_scan(&prefix)).await
     }
 }

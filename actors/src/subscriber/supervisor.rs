@@ -36,11 +36,16 @@ impl TokenBucket {
             .as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.capacity);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        // (Within rounding of a whole token counts as one.)
+        if self.tokens >= 1.0 - 1e-9 {
+            self.tokens = (self.tokens - 1.0).max(0.0);
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+            // Rounded up to the next microsecond: after this wait the token
+            // is there (on a virtual clock that does not move by itself, a
+            // wait rounded down would find 0.999... tokens, forever).
+            let micros = ((1.0 - self.tokens) / self.rate * 1e6).ceil().max(1.0);
+            Err(Duration::from_micros(micros as u64))
         }
     }
 
