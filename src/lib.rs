@@ -120,6 +120,11 @@ pub struct MessageTypesDocDoctests;
 #[doc = include_str!("../docs/retention-query-trace.md")]
 pub struct RetentionDocDoctests;
 
+/// The Rust examples of `docs/testing.md`, compiled as doc tests.
+#[cfg(all(doctest, feature = "testing"))]
+#[doc = include_str!("../docs/testing.md")]
+pub struct TestingDocDoctests;
+
 /// The Rust examples of `docs/observability.md`, compiled as doc tests.
 #[cfg(all(doctest, feature = "web"))]
 #[doc = include_str!("../docs/observability.md")]

@@ -85,14 +85,70 @@ pub const TEST_EPOCH_SECS: u64 = 1_893_456_000;
 const QUIET_PASSES: u32 = 16;
 
 /// The bus's clock, seen from a test: where it stands, relative to where
-/// it started.
+/// it started, and the only way it moves ([`advance`](Self::advance)).
 #[derive(Debug, Clone)]
 pub struct TestClock {
     clock: Clock,
     start: SystemTime,
+    idle_timeout: Duration,
 }
 
 impl TestClock {
+    /// Waits until the bus has done everything it can do without the clock
+    /// moving: publishes stored and delivered, handlers answered, retries
+    /// and dead letters written. Measured, never slept for: the bus's
+    /// actors record activity on the clock, and this yields to the test
+    /// thread's scheduler until 16 passes in a row see none.
+    ///
+    /// # Errors
+    ///
+    /// [`NotIdle`] after the idle timeout (real time, default 5 s).
+    pub async fn run_until_idle(&self) -> Result<(), NotIdle> {
+        let started = std::time::Instant::now();
+        let mut quiet = 0;
+        let mut seen = self.clock.activity();
+        while quiet < QUIET_PASSES {
+            if started.elapsed() > self.idle_timeout {
+                return Err(NotIdle {
+                    waited: started.elapsed(),
+                });
+            }
+            tokio::task::yield_now().await;
+            let now = self.clock.activity();
+            if now == seen {
+                quiet += 1;
+            } else {
+                seen = now;
+                quiet = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the clock forward by `d`, firing every timer that falls due on
+    /// the way at its own time, in order, and letting the bus finish what
+    /// each one starts before the next (so a retry scheduled by an attempt
+    /// at 0:10 for 0:40 fires at 0:40 within the same call). Returns once
+    /// the bus is idle at the new time.
+    ///
+    /// # Errors
+    ///
+    /// [`NotIdle`] if one step does not settle within the idle timeout.
+    pub async fn advance(&self, d: Duration) -> Result<(), NotIdle> {
+        let target = self.clock.now() + d;
+        loop {
+            self.run_until_idle().await?;
+            match self.clock.next_deadline() {
+                Some(t) if t <= target => self.clock.jump_to(t),
+                _ => {
+                    self.clock.jump_to(target);
+                    break;
+                }
+            }
+        }
+        self.run_until_idle().await
+    }
+
     /// Now, on the virtual clock.
     pub fn now(&self) -> SystemTime {
         self.clock.now()
@@ -323,9 +379,9 @@ impl TestBusBuilder {
             clock: TestClock {
                 clock,
                 start: self.start,
+                idle_timeout: self.idle_timeout,
             },
             journal,
-            idle_timeout: self.idle_timeout,
         };
         t.wait_idle().await.map_err(|e| Error::InvalidConfig {
             reason: e.to_string(),
@@ -341,7 +397,6 @@ pub struct TestBus {
     bus: Bus,
     clock: TestClock,
     journal: Arc<Journal>,
-    idle_timeout: Duration,
 }
 
 impl Deref for TestBus {
@@ -383,62 +438,26 @@ impl TestBus {
 
     /// The kit's real-time deadline for the bus to become idle.
     pub fn idle_timeout(&self) -> Duration {
-        self.idle_timeout
+        self.clock.idle_timeout
     }
 
     /// Waits until the bus has done everything it can do without the clock
-    /// moving: publishes stored and delivered, handlers answered, retries
-    /// and dead letters written.
+    /// moving (see [`TestClock::run_until_idle`]).
     ///
     /// # Errors
     ///
     /// [`NotIdle`] after [`idle_timeout`](Self::idle_timeout) of real time.
     pub async fn wait_idle(&self) -> Result<(), NotIdle> {
-        let started = std::time::Instant::now();
-        let clock = &self.clock.clock;
-        let mut quiet = 0;
-        let mut seen = clock.activity();
-        while quiet < QUIET_PASSES {
-            if started.elapsed() > self.idle_timeout {
-                return Err(NotIdle {
-                    waited: started.elapsed(),
-                });
-            }
-            tokio::task::yield_now().await;
-            let now = clock.activity();
-            if now == seen {
-                quiet += 1;
-            } else {
-                seen = now;
-                quiet = 0;
-            }
-        }
-        Ok(())
+        self.clock.run_until_idle().await
     }
 
-    /// Moves the virtual clock forward by `d`, firing every timer that
-    /// falls due on the way at its own time, in order, and letting the bus
-    /// finish what each one starts before the next (so a retry scheduled
-    /// by an attempt at 0:10 for 0:40 fires at 0:40 within the same call).
-    /// Returns once the bus is idle at the new time.
+    /// Moves the virtual clock forward by `d` (see [`TestClock::advance`]).
     ///
     /// # Errors
     ///
     /// [`NotIdle`] if one step does not settle within the idle timeout.
     pub async fn advance(&self, d: Duration) -> Result<(), NotIdle> {
-        let clock = &self.clock.clock;
-        let target = clock.now() + d;
-        loop {
-            self.wait_idle().await?;
-            match clock.next_deadline() {
-                Some(t) if t <= target => clock.jump_to(t),
-                _ => {
-                    clock.jump_to(target);
-                    break;
-                }
-            }
-        }
-        self.wait_idle().await
+        self.clock.advance(d).await
     }
 
     /// Moves the virtual clock to `t` (as [`advance`](Self::advance)).
