@@ -152,6 +152,9 @@ where
             return;
         }
         let max = self.config.max_in_flight_per_member.max(1);
+        // One clock read per pass, not per delivery (the hot path): what is
+        // handed out in one pass times out at the same instant.
+        let mut expires = None;
         while !self.pending.is_empty() {
             let n = self.members.len();
             let Some(j) = (0..n)
@@ -224,7 +227,9 @@ where
                 id,
                 InHand {
                     since: Instant::now(),
-                    expires: self.config.clock.now() + self.config.consume_timeout,
+                    expires: *expires.get_or_insert_with(|| {
+                        self.config.clock.now() + self.config.consume_timeout
+                    }),
                     member: j,
                     generation,
                     panicked,
