@@ -87,6 +87,7 @@ pub use weirmq_bus::{
 pub use weirmq_bus::{
     SpanId, TraceContext, TraceContextError, TraceId, TraceSampling, TRACEPARENT, TRACESTATE,
 };
+pub use weirmq_bus::{DEFAULT_DEDUPE_WINDOW, MAX_DEDUPE_KEY_BYTES, MAX_DEDUPE_WINDOW};
 pub use weirmq_persistence::{SyncEvent, SyncHook};
 
 /// The NATS JetStream backend (feature `nats`): its configuration and what

@@ -182,7 +182,8 @@ pub struct Record {
 /// What a [`Record`] records.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Happened {
-    /// A publish through this bus was stored.
+    /// A publish through this bus was stored (a deduplicated publish,
+    /// which stored nothing, is not recorded again).
     Published {
         /// The topic (a delayed message's own topic, not the schedule).
         topic: String,
@@ -243,6 +244,9 @@ pub(crate) struct Journal {
     clock: Clock,
     start: SystemTime,
     records: Mutex<Vec<(Record, Option<Vec<u8>>)>>,
+    /// Ids journaled as published: a deduplicated publish (its first
+    /// receipt again) stored nothing and is not journaled twice.
+    stored: Mutex<std::collections::HashSet<MessageId>>,
 }
 
 impl Journal {
@@ -260,6 +264,14 @@ impl Journal {
     /// Records stored publishes: (topic, body) each, with its receipt.
     pub(crate) fn published(&self, messages: Vec<(String, Vec<u8>)>, receipts: &[SendReceipt]) {
         for ((topic, body), r) in messages.into_iter().zip(receipts) {
+            let new = self
+                .stored
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(r.message_id);
+            if !new {
+                continue;
+            }
             let due = r.deliver_at.map(|t| self.since_start(t));
             self.push(
                 self.since_start(self.clock.now()),
@@ -380,6 +392,7 @@ impl TestBusBuilder {
             clock: clock.clone(),
             start: self.start,
             records: Mutex::new(Vec::new()),
+            stored: Mutex::new(Default::default()),
         });
         let mut builder = self.builder.in_memory();
         builder.clock = clock.clone();

@@ -19,8 +19,8 @@ use support::backend::Backend;
 use support::*;
 use weirmq::prelude::*;
 use weirmq::{
-    Durability, Error, Ordering, OutgoingMessage, Resend, ResendOutcome, ResetTo, TopicConfig,
-    TraceContext, TransactionConfig, TransactionOutcome,
+    Durability, Error, Ordering, OutgoingMessage, Resend, ResendOutcome, ResetTo, SendReceipt,
+    TopicConfig, TraceContext, TransactionConfig, TransactionOutcome,
 };
 
 on_every_backend!(
@@ -38,8 +38,11 @@ on_every_backend!(
     reset_replays_from_earliest_a_time_or_skips_to_latest,
     unsettled_deliveries_stay_within_max_in_flight,
     bad_input_is_a_typed_error_and_unsupported_features_say_so,
-    the_trace_context_follows_a_message_through_retry_delay_transaction_and_resend;
+    the_trace_context_follows_a_message_through_retry_delay_transaction_and_resend,
+    a_dedupe_key_stores_one_message_within_its_window,
+    a_dedupe_window_closes_once_however_often_the_key_is_resent;
     durable: offsets_survive_a_restart,
+    a_dedupe_key_is_remembered_across_a_restart,
 );
 
 async fn publish(bus: &Bus, range: std::ops::Range<u64>) {
@@ -830,6 +833,40 @@ async fn bad_input_is_a_typed_error_and_unsupported_features_say_so(b: Backend) 
         bus.create_topic(TopicConfig::new("wide").queues(4)).await,
         Err(Error::TopicConflict { .. })
     ));
+    // Idempotency keys: 1 to 256 bytes, not on a delayed message; a window
+    // of 1 ms to 7 days, not longer than the topic keeps its messages.
+    for key in [String::new(), "k".repeat(weirmq::MAX_DEDUPE_KEY_BYTES + 1)] {
+        let r = bus
+            .publish_with(&Num { n: 1 }, Publish::new().dedupe_key(key))
+            .await;
+        assert!(
+            matches!(
+                r,
+                Err(Error::InvalidName {
+                    kind: weirmq::NameKind::DedupeKey,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+    }
+    let r = bus
+        .publish_with(
+            &Num { n: 1 },
+            Publish::new().dedupe_key("k").delay(Duration::from_secs(1)),
+        )
+        .await;
+    assert!(matches!(r, Err(Error::Unsupported { .. })), "{r:?}");
+    for config in [
+        TopicConfig::new("windows").dedupe_window(Duration::ZERO),
+        TopicConfig::new("windows").dedupe_window(weirmq::MAX_DEDUPE_WINDOW * 2),
+        TopicConfig::new("windows")
+            .retention(weirmq::Retention::default().max_age(Duration::from_secs(60)))
+            .dedupe_window(Duration::from_secs(61)),
+    ] {
+        let r = bus.create_topic(config).await;
+        assert!(matches!(r, Err(Error::InvalidConfig { .. })), "{r:?}");
+    }
     // What the backend does not do is a typed `Unsupported`, never a
     // silent difference.
     let r = bus.publish(&Num { n: 1 }).await.unwrap();
@@ -983,5 +1020,126 @@ async fn the_trace_context_follows_a_message_through_retry_delay_transaction_and
         roots[1].trace_id()
     );
     sub.drain().await.unwrap();
+    bus.shutdown().await.unwrap();
+}
+
+/// Publishes `n` under idempotency key `key`.
+async fn publish_keyed(bus: &Bus, n: u64, key: &str) -> SendReceipt {
+    bus.publish_with(&Num { n }, Publish::new().dedupe_key(key))
+        .await
+        .expect("publish with a dedupe key")
+}
+
+async fn a_dedupe_key_stores_one_message_within_its_window(b: Backend) {
+    let bus = b.open().await;
+    bus.create_topic(TopicConfig::new(Num::TOPIC).dedupe_window(Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    let first = publish_keyed(&bus, 1, "order-1").await;
+    // A resend, and a resend with another body: the first receipt, nothing stored.
+    assert_eq!(
+        publish_keyed(&bus, 1, "order-1").await,
+        first,
+        "{}",
+        b.name()
+    );
+    assert_eq!(publish_keyed(&bus, 99, "order-1").await, first);
+    // Racing publishes of one key store one message; all get its receipt.
+    let racing = futures::future::join_all((0..8).map(|_| publish_keyed(&bus, 2, "order-2"))).await;
+    assert!(racing.iter().all(|r| *r == racing[0]), "{racing:?}");
+    assert_ne!(racing[0].message_id, first.message_id);
+    // Keys are per topic.
+    let other = bus
+        .publish_raw(
+            Publish::new()
+                .dedupe_key("order-1")
+                .into_message("other-topic", b"{}".to_vec()),
+            Durability::Flushed,
+        )
+        .await
+        .unwrap();
+    assert_ne!(other.message_id, first.message_id);
+
+    // Consumed, each stored message once: 1 and 2 — no 99, no second 2.
+    let log = Log::default();
+    let sub = bus
+        .subscribe::<Num>("keyed")
+        .start_from(StartFrom::Earliest)
+        .members(1, recorders(&log, ack_all()))
+        .start()
+        .await
+        .unwrap();
+    delivered(&log, 2).await;
+    caught_up(&bus, "keyed", Num::TOPIC).await;
+    let mut got = ns(&log);
+    got.sort_unstable();
+    assert_eq!(got, vec![1, 2], "{}", b.name());
+    // Acked and consumed: the key still answers with its first receipt.
+    assert_eq!(publish_keyed(&bus, 1, "order-1").await, first);
+    sub.drain().await.unwrap();
+    bus.shutdown().await.unwrap();
+}
+
+async fn a_dedupe_window_closes_once_however_often_the_key_is_resent(b: Backend) {
+    // Real time on every backend (the exact millisecond edges are in
+    // tests/testing_kit.rs on a virtual clock): the key is resent every
+    // 50 ms; if a duplicate moved the window it would never close.
+    let window = Duration::from_secs(1);
+    let bus = b.open().await;
+    bus.create_topic(TopicConfig::new(Num::TOPIC).dedupe_window(window))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let first = publish_keyed(&bus, 1, "k").await;
+    let mut resends = 0;
+    let second = loop {
+        let r = publish_keyed(&bus, 2, "k").await;
+        if r != first {
+            break r;
+        }
+        resends += 1;
+        assert!(
+            started.elapsed() < window + Duration::from_secs(10),
+            "{}: the window never closed ({resends} resends)",
+            b.name()
+        );
+        actix::clock::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        started.elapsed() >= window,
+        "{}: a new message after {:?}, inside the {window:?} window",
+        b.name(),
+        started.elapsed()
+    );
+    assert!(resends > 0, "{}: no duplicate inside the window", b.name());
+    // The second publish opened a window of its own.
+    assert_eq!(publish_keyed(&bus, 3, "k").await, second);
+    let log = Log::default();
+    let sub = bus
+        .subscribe::<Num>("keyed")
+        .start_from(StartFrom::Earliest)
+        .members(1, recorders(&log, ack_all()))
+        .start()
+        .await
+        .unwrap();
+    delivered(&log, 2).await;
+    caught_up(&bus, "keyed", Num::TOPIC).await;
+    assert_eq!(ns(&log), vec![1, 2], "{}", b.name());
+    sub.drain().await.unwrap();
+    bus.shutdown().await.unwrap();
+}
+
+async fn a_dedupe_key_is_remembered_across_a_restart(b: Backend) {
+    let bus = b.open().await;
+    let first = publish_keyed(&bus, 1, "order-1").await;
+    bus.shutdown().await.unwrap();
+    let bus = b.open().await;
+    assert_eq!(
+        publish_keyed(&bus, 1, "order-1").await,
+        first,
+        "{}",
+        b.name()
+    );
+    assert_ne!(publish_keyed(&bus, 2, "order-2").await, first);
     bus.shutdown().await.unwrap();
 }

@@ -353,3 +353,90 @@ async fn retention_removes_by_virtual_age() {
         "removed by retention once an hour old (virtual)"
     );
 }
+
+/// An idempotency key's window, to the millisecond: the default 2 minutes
+/// from the first publish; one ms before its end a resend is the first
+/// publish, at its end a new message (opening a window of its own);
+/// consuming the message does not close it.
+#[actix::test]
+async fn a_dedupe_window_opens_at_the_first_publish_and_closes_exactly_after_it() {
+    let bus = TestBus::start().await.unwrap();
+    let _sub = bus
+        .subscribe::<Charge>("billing")
+        .members(1, || Ok_)
+        .start()
+        .await
+        .unwrap();
+    let keyed = || Publish::new().dedupe_key("charge/7");
+    let t0 = bus.clock().now();
+    let first = bus
+        .publish_with(&Charge { order: 7 }, keyed())
+        .await
+        .unwrap();
+    bus.advance(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(bus.handled("billing").await.unwrap().len(), 1);
+    let window = weirmq::DEFAULT_DEDUPE_WINDOW;
+    let twice = 2 * window;
+    bus.advance_to(t0 + window - Duration::from_millis(1))
+        .await
+        .unwrap();
+    let resent = bus
+        .publish_with(&Charge { order: 7 }, keyed())
+        .await
+        .unwrap();
+    assert_eq!(resent, first, "1 ms before the window ends: a duplicate");
+    bus.advance_to(t0 + window).await.unwrap();
+    let second = bus
+        .publish_with(&Charge { order: 7 }, keyed())
+        .await
+        .unwrap();
+    assert_ne!(
+        second.message_id, first.message_id,
+        "at the window's end: new"
+    );
+    bus.advance_to(t0 + twice - Duration::from_millis(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        bus.publish_with(&Charge { order: 7 }, keyed())
+            .await
+            .unwrap(),
+        second,
+        "the second publish's window runs from the second publish"
+    );
+    bus.advance_to(t0 + twice).await.unwrap();
+    assert_eq!(
+        bus.published::<Charge>().await.unwrap().len(),
+        2,
+        "two stored, three resends deduplicated"
+    );
+    assert_eq!(bus.handled("billing").await.unwrap().len(), 2);
+}
+
+/// A topic's own window, shorter than the default.
+#[actix::test]
+async fn a_topic_sets_its_own_dedupe_window() {
+    let bus = TestBus::start().await.unwrap();
+    bus.create_topic(TopicConfig::new(Charge::TOPIC).dedupe_window(Duration::from_millis(250)))
+        .await
+        .unwrap();
+    let keyed = || Publish::new().dedupe_key("k");
+    let first = bus
+        .publish_with(&Charge { order: 1 }, keyed())
+        .await
+        .unwrap();
+    bus.advance(Duration::from_millis(249)).await.unwrap();
+    assert_eq!(
+        bus.publish_with(&Charge { order: 1 }, keyed())
+            .await
+            .unwrap(),
+        first
+    );
+    bus.advance(Duration::from_millis(1)).await.unwrap();
+    assert_ne!(
+        bus.publish_with(&Charge { order: 1 }, keyed())
+            .await
+            .unwrap(),
+        first
+    );
+}

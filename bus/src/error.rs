@@ -32,6 +32,8 @@ pub enum NameKind {
     Property,
     /// A message group (ordered messages).
     MessageGroup,
+    /// An idempotency key (`Publish::dedupe_key`).
+    DedupeKey,
 }
 
 impl fmt::Display for NameKind {
@@ -43,6 +45,7 @@ impl fmt::Display for NameKind {
             NameKind::Key => "message key",
             NameKind::Property => "property name",
             NameKind::MessageGroup => "message group",
+            NameKind::DedupeKey => "dedupe key",
         })
     }
 }

@@ -19,6 +19,14 @@ pub const MAX_GROUP_NAME_LEN: usize = 255;
 pub const SYSTEM_TOPIC_PREFIX: &str = "%";
 /// The most queues a topic may have.
 pub const MAX_QUEUES: u32 = 1024;
+/// A topic's default dedupe window ([`TopicConfig::dedupe_window`]):
+/// 2 minutes (NATS JetStream's default duplicate window), or the topic's
+/// retention age if that is shorter.
+pub const DEFAULT_DEDUPE_WINDOW: Duration = Duration::from_secs(120);
+/// The longest dedupe window a topic may have (7 days).
+pub const MAX_DEDUPE_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The longest idempotency key ([`Publish::dedupe_key`](crate::Publish::dedupe_key)), in bytes.
+pub const MAX_DEDUPE_KEY_BYTES: usize = 256;
 
 /// How long a topic keeps its messages (RocketMQ's `fileReservedTime`).
 ///
@@ -146,6 +154,7 @@ pub struct TopicConfig {
     queues: u32,
     retention: Retention,
     trace: bool,
+    dedupe_window: Option<Duration>,
 }
 
 impl TopicConfig {
@@ -157,6 +166,28 @@ impl TopicConfig {
             queues: DEFAULT_QUEUES,
             retention: Retention::default(),
             trace: false,
+            dedupe_window: None,
+        }
+    }
+
+    /// Sets how long an idempotency key is remembered
+    /// ([`Publish::dedupe_key`](crate::Publish::dedupe_key)): 1 ms to
+    /// [`MAX_DEDUPE_WINDOW`], and no longer than the retention age.
+    /// Default: [`DEFAULT_DEDUPE_WINDOW`] (2 minutes), or the retention
+    /// age if that is shorter. Longer windows keep more keys: each costs
+    /// about 100 bytes of memory and of store for the window.
+    pub fn dedupe_window(mut self, window: Duration) -> Self {
+        self.dedupe_window = Some(window);
+        self
+    }
+
+    /// The dedupe window in force: as set, else the default (see
+    /// [`TopicConfig::dedupe_window`]).
+    pub fn get_dedupe_window(&self) -> Duration {
+        match (self.dedupe_window, self.retention.age()) {
+            (Some(w), _) => w,
+            (None, Some(age)) => age.min(DEFAULT_DEDUPE_WINDOW),
+            (None, None) => DEFAULT_DEDUPE_WINDOW,
         }
     }
 
@@ -210,7 +241,34 @@ impl TopicConfig {
     pub fn validate(&self) -> Result<(), Error> {
         validate_topic_name(&self.name)?;
         self.validate_queues()?;
-        self.retention.validate()
+        self.retention.validate()?;
+        self.validate_dedupe_window()
+    }
+
+    fn validate_dedupe_window(&self) -> Result<(), Error> {
+        let Some(w) = self.dedupe_window else {
+            return Ok(());
+        };
+        if w.as_millis() == 0 || w > MAX_DEDUPE_WINDOW {
+            return Err(Error::InvalidConfig {
+                reason: format!(
+                    "topic `{}` asks for a dedupe window of {w:?}; it is 1 ms to {} days",
+                    self.name,
+                    MAX_DEDUPE_WINDOW.as_secs() / 86_400
+                ),
+            });
+        }
+        if let Some(age) = self.retention.age().filter(|a| w > *a) {
+            return Err(Error::InvalidConfig {
+                reason: format!(
+                    "topic `{}` asks for a dedupe window of {w:?}, longer than its retention \
+                     ({age:?}): a key would outlive its message; shorten the window or keep \
+                     messages longer",
+                    self.name
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Checks a system topic's configuration (the `%` prefix allowed).
@@ -390,6 +448,22 @@ impl Limits {
                     kind: NameKind::MessageGroup,
                     name: g.clone(),
                     reason: format!("a message group is 1 to {} bytes", self.max_name_bytes),
+                });
+            }
+        }
+        if let Some(k) = &m.dedupe_key {
+            if k.is_empty() || k.len() > MAX_DEDUPE_KEY_BYTES {
+                return Err(Error::InvalidName {
+                    kind: NameKind::DedupeKey,
+                    name: k.clone(),
+                    reason: format!("a dedupe key is 1 to {MAX_DEDUPE_KEY_BYTES} bytes"),
+                });
+            }
+            if m.is_delayed() {
+                return Err(Error::Unsupported {
+                    feature: "a dedupe key on a delayed message (publish it under a \
+                              fixed `Publish::message_id` to retry it safely on NATS)"
+                        .into(),
                 });
             }
         }

@@ -28,6 +28,21 @@ impl Inner {
         &self,
         items: Vec<(String, Bytes, String, Option<async_nats::HeaderMap>)>,
     ) -> Result<Vec<u64>, Error> {
+        Ok(self
+            .publish_acked(items)
+            .await?
+            .into_iter()
+            .map(|(seq, _)| seq)
+            .collect())
+    }
+
+    /// As `publish_with_headers`; each ack also says whether the stream
+    /// dropped the message as a duplicate of the stored one at that
+    /// sequence (same `Nats-Msg-Id` within its window).
+    pub(crate) async fn publish_acked(
+        &self,
+        items: Vec<(String, Bytes, String, Option<async_nats::HeaderMap>)>,
+    ) -> Result<Vec<(u64, bool)>, Error> {
         let mut acks = Vec::with_capacity(items.len());
         for (subject, payload, msg_id, headers) in items {
             let mut publish = jetstream::message::PublishMessage::build();
@@ -44,12 +59,32 @@ impl Inner {
         }
         let mut seqs = Vec::with_capacity(acks.len());
         for ack in futures::future::join_all(acks.into_iter().map(|a| a.into_future())).await {
-            seqs.push(
-                ack.map_err(|e| publish_err("NATS publish not acknowledged", e))?
-                    .sequence,
-            );
+            let ack = ack.map_err(|e| publish_err("NATS publish not acknowledged", e))?;
+            seqs.push((ack.sequence, ack.duplicate));
         }
         Ok(seqs)
+    }
+
+    /// The receipt of the message stored at `seq` of `topic`'s stream
+    /// (what a deduplicated publish answers).
+    async fn stored_receipt(&self, topic: &str, seq: u64) -> Result<SendReceipt, Error> {
+        let stream = self.stream(&topic_stream(topic)).await?;
+        let raw = stream.get_raw_message(seq).await.map_err(|e| {
+            nats_err(
+                format!("reading the first publish of a duplicate (sequence {seq})"),
+                e,
+            )
+        })?;
+        let queue = parse_queue_subject(&raw.subject)
+            .map(|(q, _)| q)
+            .unwrap_or_default();
+        let m = wire::decode_stored(Arc::from(topic), queue, &raw)?;
+        Ok(SendReceipt {
+            message_id: m.id(),
+            queue,
+            offset: seq,
+            deliver_at: None,
+        })
     }
 
     /// Stores stamped messages in their topic (queue chosen here), as
@@ -69,7 +104,10 @@ impl Inner {
                 queue_subject(m.topic(), q, target),
                 body,
                 if target == ALL_GROUPS {
-                    m.id().to_string()
+                    match m.dedupe() {
+                        Some((key, _)) => dedupe_msg_id(key),
+                        None => m.id().to_string(),
+                    }
                 } else {
                     // A resend must not be dropped as a duplicate of the original.
                     format!("{}-{target}-{}", m.id(), now_ms())
@@ -78,18 +116,23 @@ impl Inner {
             ));
             places.push(q);
         }
-        let seqs = self.publish_with_headers(items).await?;
-        Ok(messages
-            .iter()
-            .zip(places)
-            .zip(seqs)
-            .map(|((m, queue), offset)| SendReceipt {
-                message_id: m.id(),
-                queue,
-                offset,
-                deliver_at: None,
-            })
-            .collect())
+        let acks = self.publish_acked(items).await?;
+        let mut out = Vec::with_capacity(acks.len());
+        for ((m, queue), (offset, duplicate)) in messages.iter().zip(places).zip(acks) {
+            out.push(if duplicate {
+                // Deduplicated by the stream's window: the first publish's
+                // receipt (its id and queue are in the stored copy).
+                self.stored_receipt(m.topic(), offset).await?
+            } else {
+                SendReceipt {
+                    message_id: m.id(),
+                    queue,
+                    offset,
+                    deliver_at: None,
+                }
+            });
+        }
+        Ok(out)
     }
 
     /// Publishes `messages`; an outcome the server did not confirm is
@@ -257,4 +300,12 @@ pub(crate) fn publish_err(context: &str, e: async_nats::jetstream::context::Publ
         },
         _ => nats_err(context, e),
     }
+}
+
+/// The `Nats-Msg-Id` of a publish with an idempotency key
+/// (`Publish::dedupe_key`): the key, in a namespace no message id is in (an
+/// id is 32 hex digits), so the stream's duplicate window deduplicates by
+/// it.
+pub(crate) fn dedupe_msg_id(key: &str) -> String {
+    format!("wq-key:{key}")
 }

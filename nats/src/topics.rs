@@ -43,7 +43,19 @@ impl Inner {
                     ),
                 });
             }
-            return Ok(t.clone());
+            let window = config.get_dedupe_window();
+            if !explicit || t.config.get_dedupe_window() == window {
+                return Ok(t.clone());
+            }
+            let t = t.clone();
+            self.set_dedupe_window(config.name(), window).await?;
+            let state = Arc::new(TopicState {
+                config: t.config.clone().dedupe_window(window),
+                next: AtomicU64::new(t.next.load(AtomicOrdering::Relaxed)),
+                native_horizon: t.native_horizon,
+            });
+            self.topics.insert(config.name().to_string(), state.clone());
+            return Ok(state);
         }
         let name = topic_stream(config.name());
         let read = |name: String| async move {
@@ -73,11 +85,9 @@ impl Inner {
                     max_bytes: r
                         .bytes()
                         .map_or(-1, |b| (b * config.queue_count() as u64) as i64),
-                    duplicate_window: if age.is_zero() {
-                        Duration::from_secs(120)
-                    } else {
-                        age.min(Duration::from_secs(120))
-                    },
+                    // The idempotency window of `Publish::dedupe_key` (and
+                    // of a retry with the same message id).
+                    duplicate_window: config.get_dedupe_window(),
                     num_replicas: self.replicas,
                     description: Some(describe(&config)),
                     allow_message_schedules: self.native_schedules,
@@ -98,7 +108,13 @@ impl Inner {
             }
         };
         let stored = parse_description(config.name(), stream_config.description.as_deref())?;
-        let stream_config = self.narrow_subjects(&stored, stream_config).await;
+        let mut stream_config = self.narrow_subjects(&stored, stream_config).await;
+        if explicit && stream_config.duplicate_window != config.get_dedupe_window() {
+            self.set_dedupe_window(config.name(), config.get_dedupe_window())
+                .await?;
+            stream_config.duplicate_window = config.get_dedupe_window();
+        }
+        let stored = stored.dedupe_window(stream_config.duplicate_window);
         let native_horizon = match (stream_config.max_age, stream_config.max_bytes) {
             (_, b) if b > 0 => None,
             (age, _) if age.is_zero() => Some(Duration::MAX),
@@ -205,6 +221,31 @@ impl Inner {
             }
         }
         c
+    }
+
+    /// Sets the duplicate window of `topic`'s stream (the dedupe window of
+    /// `Publish::dedupe_key`): keys already stored keep the window they
+    /// were stored under until the server's next sweep.
+    async fn set_dedupe_window(&self, topic: &str, window: Duration) -> Result<(), Error> {
+        let name = topic_stream(topic);
+        let mut s = self
+            .js
+            .get_stream(&name)
+            .await
+            .map_err(|e| nats_err(format!("reading stream {name}"), e))?;
+        let mut c = s
+            .info()
+            .await
+            .map_err(|e| nats_err(format!("reading stream {name}"), e))?
+            .config
+            .clone();
+        c.duplicate_window = window;
+        self.js
+            .update_stream(c)
+            .await
+            .map_err(|e| nats_err(format!("setting the dedupe window of topic `{topic}`"), e))?;
+        info!(topic, ?window, "topic's dedupe window changed");
+        Ok(())
     }
 
     /// A topic that must exist (in this process's view or on the server).

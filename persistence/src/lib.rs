@@ -77,6 +77,6 @@ pub use actor::{
 pub use delay::{next_seq, RetryEntry, RetryKey, ScheduleEntry};
 pub use disk::{DiskGuard, DiskPolicy};
 pub use store::{
-    OffsetState, QueueKey, RecoveredTopic, Recovery, Store, StoreConfig, StoreReader, SyncEvent,
-    SyncHook, TopicSettings, TraceRecord, DEFAULT_MEMORY_BUDGET,
+    DedupeEntry, OffsetState, QueueKey, RecoveredTopic, Recovery, Store, StoreConfig, StoreReader,
+    SyncEvent, SyncHook, TopicSettings, TraceRecord, DEFAULT_MEMORY_BUDGET,
 };

@@ -34,6 +34,7 @@
 // The roles (one file each; contracts in weirmq_bus::broker).
 mod admin;
 mod dead_letters;
+mod dedupe;
 mod history;
 mod outbox;
 mod publisher;
@@ -228,6 +229,23 @@ impl EmbeddedBroker {
             );
             debug!(topic = %t.name, queues = t.queues, "topic recovered");
             topics.insert(t.name, h);
+        }
+        // Idempotency keys whose window is still open.
+        let by_id: HashMap<u32, TopicHandle> =
+            topics.iter().map(|t| (t.id, t.value().clone())).collect();
+        for e in reader.dedupe_entries(config.clock.now_ms())? {
+            if let Some(h) = by_id.get(&e.topic_id) {
+                let receipt = SendReceipt {
+                    message_id: e.id,
+                    queue: e.queue,
+                    offset: e.offset,
+                    deliver_at: None,
+                };
+                h.dedupe
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .load(e.key, receipt, e.until_ms);
+            }
         }
         info!(
             data_dir = ?config.store.path,

@@ -46,10 +46,93 @@ impl EmbeddedBroker {
         self.check_open()?;
         self.inner.admission.check(&mut messages)?;
         self.disk_room(&messages)?;
-        let n = messages.len();
-        if n == 0 {
+        if messages.is_empty() {
             return Ok(Vec::new());
         }
+        let now = self.inner.clock.now();
+        if messages.iter().any(|m| m.dedupe_key.is_some()) {
+            return self.publish_deduped(messages, durability, wait, now).await;
+        }
+        self.publish_checked(messages, durability, wait, now).await
+    }
+
+    /// Publishes a batch with idempotency keys: a key whose window is open
+    /// gets its first receipt, one under way waits for it, the rest are
+    /// published (see `dedupe.rs`).
+    async fn publish_deduped(
+        &self,
+        messages: Vec<OutgoingMessage>,
+        durability: Durability,
+        wait: bool,
+        now: std::time::SystemTime,
+    ) -> Result<Vec<SendReceipt>, Error> {
+        let now_ms = unix_ms(now);
+        let n = messages.len();
+        let mut out: Vec<Option<SendReceipt>> = vec![None; n];
+        let mut fresh = Vec::with_capacity(n);
+        let mut fresh_at = Vec::with_capacity(n);
+        let mut waits = Vec::new();
+        let mut claims = Claims(Vec::new());
+        for (i, m) in messages.into_iter().enumerate() {
+            let Some(key) = m.dedupe_key.clone() else {
+                fresh_at.push(i);
+                fresh.push(m);
+                continue;
+            };
+            let h = self.existing_or_default(&m.topic, false).await?;
+            let claim = h
+                .dedupe
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .claim(&key, now_ms);
+            match claim {
+                dedupe::Claim::Fresh => {
+                    claims.0.push((fresh.len(), h, key));
+                    fresh_at.push(i);
+                    fresh.push(m);
+                }
+                dedupe::Claim::Duplicate(r) => out[i] = Some(r),
+                dedupe::Claim::Wait(rx) => waits.push((i, rx, m)),
+            }
+        }
+        if !fresh.is_empty() {
+            // On error the claims' guard frees every key it holds.
+            let receipts = self.publish_checked(fresh, durability, wait, now).await?;
+            for (j, h, key) in std::mem::take(&mut claims.0) {
+                let until = now_ms.saturating_add(h.dedupe_window().as_millis() as u64);
+                h.dedupe
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .stored(&key, receipts[j], until);
+            }
+            for (i, r) in fresh_at.into_iter().zip(receipts) {
+                out[i] = Some(r);
+            }
+        }
+        for (i, rx, m) in waits {
+            out[i] = Some(match rx.await.ok().flatten() {
+                Some(r) => r,
+                // The first publish failed: this one is published itself.
+                None => {
+                    let mut again =
+                        Box::pin(self.publish_messages(vec![m], durability, wait)).await?;
+                    again.pop().ok_or(Error::Closed)?
+                }
+            });
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    /// Publishes checked messages (no idempotency keys left to look at),
+    /// born at `now`.
+    async fn publish_checked(
+        &self,
+        messages: Vec<OutgoingMessage>,
+        durability: Durability,
+        wait: bool,
+        now: std::time::SystemTime,
+    ) -> Result<Vec<SendReceipt>, Error> {
+        let n = messages.len();
         // A delayed message goes to the schedule topic (its own topic is
         // named in it); one whose time has come goes straight through.
         for m in &messages {
@@ -69,11 +152,12 @@ impl EmbeddedBroker {
             let first = route(&messages[0]).to_string();
             let system = first == SCHEDULE_TOPIC;
             let r = self
-                .publish_to(
+                .publish_to_at(
                     &first,
                     messages.into_iter().enumerate().collect(),
                     durability,
                     system,
+                    now,
                 )
                 .await?;
             return Ok(r.into_iter().map(|(_, r)| r).collect());
@@ -87,7 +171,7 @@ impl EmbeddedBroker {
         }
         let parts = futures::future::try_join_all(by_topic.into_iter().map(|(t, ms)| async move {
             let system = t == SCHEDULE_TOPIC;
-            self.publish_to(&t, ms, durability, system).await
+            self.publish_to_at(&t, ms, durability, system, now).await
         }))
         .await?;
         let mut out: Vec<Option<SendReceipt>> = vec![None; n];
@@ -106,15 +190,35 @@ impl EmbeddedBroker {
         durability: Durability,
         system: bool,
     ) -> Result<Vec<(usize, SendReceipt)>, Error> {
+        let now = self.inner.clock.now();
+        self.publish_to_at(topic, messages, durability, system, now)
+            .await
+    }
+
+    /// As `publish_to`, the messages born at `now`.
+    async fn publish_to_at(
+        &self,
+        topic: &str,
+        messages: Vec<(usize, OutgoingMessage)>,
+        durability: Durability,
+        system: bool,
+        now: std::time::SystemTime,
+    ) -> Result<Vec<(usize, SendReceipt)>, Error> {
         self.check_open()?;
         let h = self.existing_or_default(topic, system).await?;
-        let now = self.inner.clock.now();
+        let window = messages
+            .iter()
+            .any(|(_, m)| m.dedupe_key.is_some())
+            .then(|| h.dedupe_window());
         let stamped: Vec<(usize, BusMessage)> = messages
             .into_iter()
             .map(|(i, m)| {
                 // Staged in a system topic (a delayed message): say for which.
                 let destination = (*m.topic != *h.name).then(|| m.topic.clone());
-                let msg = BusMessage::prepare_at(m, h.name.clone(), now);
+                let mut msg = BusMessage::prepare_at(m, h.name.clone(), now);
+                if let Some(w) = window {
+                    msg = msg.with_dedupe_window(w);
+                }
                 (
                     i,
                     match destination {
@@ -195,5 +299,21 @@ impl Publisher for EmbeddedBroker {
         durability: Durability,
     ) -> Result<Vec<SendReceipt>, Error> {
         self.publish_messages(messages, durability, false).await
+    }
+}
+
+/// Idempotency keys claimed by a publish: freed (waiters told to publish
+/// themselves) unless the publish stored them, even if the publishing
+/// future is dropped.
+struct Claims(Vec<(usize, TopicHandle, String)>);
+
+impl Drop for Claims {
+    fn drop(&mut self) {
+        for (_, h, key) in self.0.drain(..) {
+            h.dedupe
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .failed(&key);
+        }
     }
 }

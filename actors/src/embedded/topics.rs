@@ -19,6 +19,8 @@ pub(super) struct Topic {
     pub(super) settings: Mutex<TopicSettings>,
     /// The trace switch, read by its queue and group actors.
     pub(super) trace: Arc<AtomicBool>,
+    /// Idempotency keys whose window is open (`Publish::dedupe_key`).
+    pub(super) dedupe: Mutex<super::dedupe::Keys>,
 }
 
 pub(super) type TopicHandle = Arc<Topic>;
@@ -31,10 +33,19 @@ impl Topic {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        TopicConfig::new(self.name.to_string())
+        let c = TopicConfig::new(self.name.to_string())
             .queues(self.queues)
             .retention(s.retention)
-            .trace(s.trace)
+            .trace(s.trace);
+        match s.dedupe_window {
+            Some(w) => c.dedupe_window(w),
+            None => c,
+        }
+    }
+
+    /// How long an idempotency key is remembered, as last configured.
+    pub(super) fn dedupe_window(&self) -> std::time::Duration {
+        self.config().get_dedupe_window()
     }
 
     /// Sends everything in the outbox to the topic actor as one message.
@@ -95,6 +106,7 @@ pub(super) fn spawn_topic(
         outbox: Mutex::new(Vec::new()),
         settings: Mutex::new(settings),
         trace,
+        dedupe: Mutex::new(Default::default()),
     })
 }
 
@@ -104,9 +116,15 @@ impl EmbeddedBroker {
         config: TopicConfig,
         system: bool,
     ) -> Result<TopicHandle, Error> {
+        if system {
+            config.validate_system()?;
+        } else {
+            config.validate()?;
+        }
         let settings = TopicSettings {
             retention: config.retention_limits(),
             trace: config.traced(),
+            dedupe_window: Some(config.get_dedupe_window()),
         };
         if let Some(h) = self.inner.topics.get(config.name()) {
             let h = h.clone();
@@ -122,11 +140,6 @@ impl EmbeddedBroker {
             }
             self.configure(&h, settings).await?;
             return Ok(h);
-        }
-        if system {
-            config.validate_system()?;
-        } else {
-            config.validate()?;
         }
         self.check_open()?;
         let _guard = self.inner.create_lock.lock().await;

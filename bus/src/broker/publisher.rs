@@ -123,12 +123,20 @@ impl Admission {
 
     /// Checks one message against the limits at the clock's now, and
     /// makes a relative delay absolute (no due-now clearing: for a
-    /// publish path that refuses delays, like a transaction's half).
+    /// publish path that refuses delays, like a transaction's half). A
+    /// dedupe key is refused here: these paths do not deduplicate.
     ///
     /// # Errors
     ///
     /// The first limit broken, as [`Limits::check`] says.
     pub fn check_one(&self, m: &mut OutgoingMessage) -> Result<(), Error> {
+        if m.dedupe_key.is_some() {
+            return Err(Error::Unsupported {
+                feature: "a dedupe key on a transactional or outbox message (its own \
+                          commit already makes it happen once)"
+                    .into(),
+            });
+        }
         let now = self.clock.now();
         self.limits.check_at(m, now)?;
         m.resolve_delay(now);

@@ -187,6 +187,7 @@ impl Message {
                 destination,
                 half,
                 body,
+                dedupe: None,
             },
             r.pos,
         ))

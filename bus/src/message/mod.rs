@@ -128,6 +128,10 @@ pub struct OutgoingMessage {
     /// ([`Error::Unavailable`](crate::Error::Unavailable)) without storing
     /// it twice (see [`Publish::message_id`]).
     pub id: Option<MessageId>,
+    /// The idempotency key: a second publish with the same key to the
+    /// same topic within the topic's dedupe window stores nothing and
+    /// returns the first publish's receipt (see [`Publish::dedupe_key`]).
+    pub dedupe_key: Option<String>,
 }
 
 impl OutgoingMessage {
@@ -143,6 +147,7 @@ impl OutgoingMessage {
             deliver_after: None,
             body: body.into(),
             id: None,
+            dedupe_key: None,
         }
     }
 
@@ -187,6 +192,12 @@ impl OutgoingMessage {
         self
     }
 
+    /// Sets the idempotency key (see [`Publish::dedupe_key`]).
+    pub fn dedupe_key(mut self, key: impl Into<String>) -> Self {
+        self.dedupe_key = Some(key.into());
+        self
+    }
+
     /// Adds a key.
     pub fn key(mut self, key: impl Into<String>) -> Self {
         self.keys.push(key.into());
@@ -223,6 +234,7 @@ pub struct Publish {
     deliver_at: Option<SystemTime>,
     deliver_after: Option<Duration>,
     message_id: Option<MessageId>,
+    dedupe_key: Option<String>,
 }
 
 impl Publish {
@@ -330,6 +342,39 @@ impl Publish {
         self
     }
 
+    /// Makes the publish idempotent: within the topic's dedupe window
+    /// (default 2 minutes, [`TopicConfig::dedupe_window`]) a second
+    /// publish with the same `key` to the same topic stores nothing and
+    /// returns the first publish's receipt (same id, queue and offset).
+    ///
+    /// The window of a key opens when its first publish is admitted (the
+    /// bus's clock; on NATS, when the server stores it) and closes exactly
+    /// one window later: a publish at `first + window - 1 ms` is a
+    /// duplicate, one at `first + window` is stored as a new message and
+    /// opens a new window. Duplicates do not extend the window, and
+    /// acking, delivering or dead-lettering the message does not close it.
+    /// Two publishes with one key racing each other store one message: the
+    /// second waits for the first's receipt (if the first fails, the
+    /// second is published itself). A key is 1 to 256 bytes; a delayed,
+    /// transactional or outbox message cannot carry one
+    /// ([`Error::Unsupported`](crate::Error::Unsupported)).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use weirmq_bus::Publish;
+    /// // An order service publishes "order created" once per request id,
+    /// // however often the client retries the request.
+    /// let options = Publish::new().dedupe_key("create-order/req-7f3a");
+    /// # let _ = options;
+    /// ```
+    ///
+    /// [`TopicConfig::dedupe_window`]: crate::TopicConfig::dedupe_window
+    pub fn dedupe_key(mut self, key: impl Into<String>) -> Self {
+        self.dedupe_key = Some(key.into());
+        self
+    }
+
     /// Builds the raw message for `topic` and `body` with these options.
     pub fn into_message(self, topic: impl Into<String>, body: Vec<u8>) -> OutgoingMessage {
         OutgoingMessage {
@@ -342,6 +387,7 @@ impl Publish {
             deliver_after: self.deliver_after,
             body,
             id: self.message_id,
+            dedupe_key: self.dedupe_key,
         }
     }
 }
@@ -414,6 +460,10 @@ pub struct Message {
     destination: Option<String>,
     half: bool,
     body: Vec<u8>,
+    /// The idempotency key and the end of its window (Unix ms): what a
+    /// store records beside the message so a later publish with the key
+    /// finds it. Not part of the stored envelope.
+    dedupe: Option<(Arc<str>, u64)>,
 }
 
 impl fmt::Debug for Message {
@@ -461,6 +511,7 @@ impl Message {
             destination: None,
             half: false,
             body: out.body,
+            dedupe: out.dedupe_key.map(|k| (Arc::from(k), unix_ms(now))),
         }
     }
 
@@ -481,6 +532,7 @@ impl Message {
             destination: parts.destination,
             half: parts.half,
             body: parts.body,
+            dedupe: None,
         }
     }
 
@@ -502,6 +554,22 @@ impl Message {
     pub fn with_destination(mut self, topic: impl Into<String>) -> Message {
         self.destination = Some(topic.into());
         self
+    }
+
+    /// Closes the window of the message's idempotency key `window` after
+    /// its birth (a broker sets it from the topic's dedupe window).
+    pub fn with_dedupe_window(mut self, window: Duration) -> Message {
+        let born = self.born_at_ms;
+        if let Some((_, until)) = &mut self.dedupe {
+            *until = born.saturating_add(window.as_millis() as u64);
+        }
+        self
+    }
+
+    /// The idempotency key of the publish, and when its window closes
+    /// (Unix ms); `None` for a publish without one.
+    pub fn dedupe(&self) -> Option<(&str, u64)> {
+        self.dedupe.as_ref().map(|(k, u)| (&**k, *u))
     }
 
     /// The copy of a staged message for its destination topic: same id,
@@ -654,6 +722,7 @@ mod tests {
                 deliver_after: None,
                 body,
                 id: None,
+                dedupe_key: None,
             };
             let mut m = Message::prepare(out, Arc::from("t")).with_position(1, 9);
             if let Some(d) = destination {

@@ -129,6 +129,7 @@ impl Pending {
             if a.state.is_empty() {
                 for m in &a.messages {
                     records.push(a.key, m.offset(), m);
+                    records.push_dedupe(a.key, m);
                 }
             } else {
                 // The local outbox: what came before it first, then its

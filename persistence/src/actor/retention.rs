@@ -74,6 +74,12 @@ impl PersistenceActor {
             }
         };
         let now = self.clock.now_ms();
+        // Idempotency keys whose window closed: a few per key published.
+        match store.purge_dedupe(now) {
+            Ok(0) => {}
+            Ok(n) => debug!(keys = n, "closed dedupe windows removed"),
+            Err(e) => warn!(error = %e, "removing closed dedupe keys failed; retried next pass"),
+        }
         let todo = store
             .retention_plan()
             .into_iter()

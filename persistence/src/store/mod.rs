@@ -28,6 +28,7 @@ use crate::index::{
 };
 
 mod app_state;
+mod dedupe;
 mod delays;
 mod log;
 mod offsets;
@@ -40,6 +41,7 @@ mod trace;
 #[cfg(test)]
 mod tests;
 
+pub use dedupe::DedupeEntry;
 use log::{decode_record, offset_of, record_count};
 pub(crate) use log::{ClosedRecord, RecordBuilder};
 pub(crate) use offsets::offsets_batch;

@@ -10,11 +10,15 @@ pub struct TopicSettings {
     pub retention: Retention,
     /// Whether its messages' lifecycles are traced.
     pub trace: bool,
+    /// How long an idempotency key is remembered, as configured (`None`:
+    /// the default, see `TopicConfig::dedupe_window`).
+    pub dedupe_window: Option<std::time::Duration>,
 }
 
 /// id u32 · queues u32 · max age ms u64 (0: none) · max bytes u64 (0: none)
-/// · trace u8. Stores written before retention existed hold only the first
-/// eight bytes (default settings).
+/// · trace u8 · dedupe window ms u64 (0: the default). Stores written
+/// before retention existed hold only the first eight bytes (default
+/// settings), before dedupe windows the first 25.
 pub(super) fn encode_topic(id: u32, queues: u32, settings: &TopicSettings) -> Vec<u8> {
     let mut v = Vec::with_capacity(25);
     v.extend_from_slice(&id.to_be_bytes());
@@ -26,6 +30,10 @@ pub(super) fn encode_topic(id: u32, queues: u32, settings: &TopicSettings) -> Ve
     v.extend_from_slice(&age.to_be_bytes());
     v.extend_from_slice(&settings.retention.bytes().unwrap_or(0).to_be_bytes());
     v.push(settings.trace as u8);
+    let window = settings
+        .dedupe_window
+        .map_or(0, |w| (w.as_millis() as u64).max(1));
+    v.extend_from_slice(&window.to_be_bytes());
     v
 }
 
@@ -53,7 +61,7 @@ pub(super) fn decode_topic(
     let (id, queues) = (u32_at(0)?, u32_at(4)?);
     let settings = match v.len() {
         8 => TopicSettings::default(),
-        25 => {
+        25 | 33 => {
             let mut retention = Retention::forever();
             let age = u64_at(8)?;
             if age > 0 {
@@ -63,9 +71,11 @@ pub(super) fn decode_topic(
             if bytes > 0 {
                 retention = retention.max_bytes(bytes);
             }
+            let window = if v.len() == 33 { u64_at(25)? } else { 0 };
             TopicSettings {
                 retention,
                 trace: v[24] == 1,
+                dedupe_window: (window > 0).then(|| std::time::Duration::from_millis(window)),
             }
         }
         _ => return Err(bad()),
