@@ -181,6 +181,12 @@ impl TopicConfig {
         self
     }
 
+    /// The dedupe window as set with [`TopicConfig::dedupe_window`]
+    /// (`None`: the default applies).
+    pub fn dedupe_window_set(&self) -> Option<Duration> {
+        self.dedupe_window
+    }
+
     /// The dedupe window in force: as set, else the default (see
     /// [`TopicConfig::dedupe_window`]).
     pub fn get_dedupe_window(&self) -> Duration {

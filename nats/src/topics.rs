@@ -114,7 +114,11 @@ impl Inner {
                 .await?;
             stream_config.duplicate_window = config.get_dedupe_window();
         }
-        let stored = stored.dedupe_window(stream_config.duplicate_window);
+        let stored = if stream_config.duplicate_window == stored.get_dedupe_window() {
+            stored
+        } else {
+            stored.dedupe_window(stream_config.duplicate_window)
+        };
         let native_horizon = match (stream_config.max_age, stream_config.max_bytes) {
             (_, b) if b > 0 => None,
             (age, _) if age.is_zero() => Some(Duration::MAX),

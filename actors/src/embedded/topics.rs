@@ -124,7 +124,7 @@ impl EmbeddedBroker {
         let settings = TopicSettings {
             retention: config.retention_limits(),
             trace: config.traced(),
-            dedupe_window: Some(config.get_dedupe_window()),
+            dedupe_window: config.dedupe_window_set(),
         };
         if let Some(h) = self.inner.topics.get(config.name()) {
             let h = h.clone();
