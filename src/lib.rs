@@ -71,6 +71,9 @@ pub use subscribe::{SubscribeBuilder, Subscription};
 pub use weirmq_actors::{Delivery, HandlerError};
 pub use weirmq_bus::metrics;
 pub use weirmq_bus::{
+    inbox_key, DEFAULT_DEDUPE_WINDOW, INBOX_PREFIX, MAX_DEDUPE_KEY_BYTES, MAX_DEDUPE_WINDOW,
+};
+pub use weirmq_bus::{
     Backoff, Broker, Capabilities, Codec, CodecError, Durability, Error, Event, Filter, GroupStats,
     Json, Limits, Message, MessageId, NameKind, OutgoingMessage, Publish, PublishError,
     QueuePosition, RetryPolicy, SendReceipt, StartFrom, StorageError, TopicConfig, TryPublishError,
@@ -87,7 +90,6 @@ pub use weirmq_bus::{
 pub use weirmq_bus::{
     SpanId, TraceContext, TraceContextError, TraceId, TraceSampling, TRACEPARENT, TRACESTATE,
 };
-pub use weirmq_bus::{DEFAULT_DEDUPE_WINDOW, MAX_DEDUPE_KEY_BYTES, MAX_DEDUPE_WINDOW};
 pub use weirmq_persistence::{SyncEvent, SyncHook};
 
 /// The NATS JetStream backend (feature `nats`): its configuration and what

@@ -278,6 +278,24 @@ impl<E: Event, A> SubscribeBuilder<E, A> {
         self.config.consume_timeout = timeout;
         self
     }
+
+    /// Makes this an **inbox** subscription: exactly-once effects on the
+    /// bus's own state. A handler writes with
+    /// [`Delivery::commit_state`](weirmq_actors::Delivery::commit_state);
+    /// when it returns `Ok`, those writes and the message's *processed
+    /// mark* are committed in one atomic write, then the message is acked.
+    /// A message whose mark is stored is acked without reaching a handler
+    /// again — after a crash between the commit and the ack, a redelivery,
+    /// or a replay — so its writes happen exactly once per message per
+    /// group. A failed attempt writes nothing. See docs/exactly-once.md.
+    ///
+    /// The embedded store only (its outbox role keeps the application's
+    /// state): on NATS, [`start`](Self::start) answers
+    /// [`Error::Unsupported`].
+    pub fn inbox(mut self) -> Self {
+        self.config.inbox = true;
+        self
+    }
 }
 
 impl<E, A> SubscribeBuilder<E, A>

@@ -40,7 +40,8 @@ on_every_backend!(
     bad_input_is_a_typed_error_and_unsupported_features_say_so,
     the_trace_context_follows_a_message_through_retry_delay_transaction_and_resend,
     a_dedupe_key_stores_one_message_within_its_window,
-    a_dedupe_window_closes_once_however_often_the_key_is_resent;
+    a_dedupe_window_closes_once_however_often_the_key_is_resent,
+    an_inbox_commits_state_once_per_message_and_skips_what_it_processed;
     durable: offsets_survive_a_restart,
     a_dedupe_key_is_remembered_across_a_restart,
 );
@@ -1141,5 +1142,93 @@ async fn a_dedupe_key_is_remembered_across_a_restart(b: Backend) {
         b.name()
     );
     assert_ne!(publish_keyed(&bus, 2, "order-2").await, first);
+    bus.shutdown().await.unwrap();
+}
+
+/// The inbox subscription of `group`: each message commits its row
+/// `row/<n>` = attempt; odd ones fail their first attempt after writing.
+fn inbox_subscription(bus: &Bus, log: &Log) -> weirmq::SubscribeBuilder<Num, Recorder> {
+    let behaviour: Behaviour = Arc::new(|d| {
+        let n = d.event().n;
+        d.commit_state(
+            weirmq::StateBatch::new().put(format!("row/{n:04}"), d.attempt().to_string()),
+        )?;
+        if n % 2 == 1 && d.attempt() == 1 {
+            return Err(HandlerError::retry("the first attempt of an odd one fails"));
+        }
+        Ok(())
+    });
+    bus.subscribe::<Num>("inbox")
+        .start_from(StartFrom::Earliest)
+        .retry(RetryPolicy::fixed(Duration::from_millis(10), 3))
+        .inbox()
+        .members(2, recorders(log, behaviour))
+}
+
+async fn an_inbox_commits_state_once_per_message_and_skips_what_it_processed(b: Backend) {
+    let bus = b.open().await;
+    let log = Log::default();
+    let started = inbox_subscription(&bus, &log).start().await;
+    if b.is_nats() {
+        // JetStream keeps no application state: said before anything runs.
+        let e = started.err().expect("an inbox on NATS is refused");
+        assert!(matches!(&e, Error::Unsupported { .. }), "{e:?}");
+        assert!(e.to_string().contains("docs/exactly-once.md"), "{e}");
+        bus.shutdown().await.unwrap();
+        return;
+    }
+    let sub = started.unwrap();
+    publish(&bus, 0..20).await;
+    delivered(&log, 30).await; // 20 first attempts, 10 retries
+    caught_up(&bus, "inbox", Num::TOPIC).await;
+    let rows = bus.state_scan(b"row/").await.unwrap();
+    assert_eq!(rows.len(), 20, "{}", b.name());
+    for (k, v) in &rows {
+        let n: u64 = String::from_utf8_lossy(&k[4..]).parse().unwrap();
+        let want = if n % 2 == 1 { "2" } else { "1" };
+        assert_eq!(
+            v,
+            want.as_bytes(),
+            "row {n}: only the attempt that succeeded wrote"
+        );
+    }
+    let marks = bus.state_scan(weirmq::INBOX_PREFIX).await.unwrap();
+    assert_eq!(marks.len(), 20, "one processed mark per message");
+    sub.drain().await.unwrap();
+
+    // A replay of everything: each message is marked, none reaches a handler.
+    bus.reset_offsets("inbox", Num::TOPIC, ResetTo::Earliest)
+        .await
+        .unwrap();
+    assert_eq!(lag(&bus, "inbox", Num::TOPIC).await, 20);
+    let sub = inbox_subscription(&bus, &log).start().await.unwrap();
+    caught_up(&bus, "inbox", Num::TOPIC).await;
+    assert_eq!(log.len(), 30, "a processed message was handed out again");
+    sub.drain().await.unwrap();
+
+    // State with a delivery needs an inbox subscription.
+    let refused = Arc::new(Mutex::new(None));
+    let seen = refused.clone();
+    let plain = Log::default();
+    let sub = bus
+        .subscribe::<Num>("plain")
+        .start_from(StartFrom::Earliest)
+        .members(
+            1,
+            recorders(
+                &plain,
+                Arc::new(move |d| {
+                    let r = d.commit_state(weirmq::StateBatch::new().put("x", "y"));
+                    *seen.lock().unwrap() = Some(matches!(r, Err(Error::InvalidConfig { .. })));
+                    Ok(())
+                }),
+            ),
+        )
+        .start()
+        .await
+        .unwrap();
+    delivered(&plain, 20).await;
+    assert_eq!(*refused.lock().unwrap(), Some(true));
+    sub.drain().await.unwrap();
     bus.shutdown().await.unwrap();
 }

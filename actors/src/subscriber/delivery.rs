@@ -15,6 +15,38 @@ pub struct Delivery<E> {
     pub(super) span: tracing::Span,
     /// Tells the supervisor if this delivery is dropped by a panic.
     pub(super) _witness: PanicWitness,
+    /// An inbox subscription's slot: the state this attempt commits with
+    /// its processed mark (`None` on other subscriptions).
+    pub(super) inbox: Option<Arc<InboxSlot>>,
+}
+
+/// What an attempt of an inbox subscription commits when its handler
+/// returns `Ok`: its state writes, then its processed mark, in one atomic
+/// write (see `SubscribeBuilder::inbox`).
+#[derive(Debug)]
+pub(super) struct InboxSlot {
+    /// The mark's key (`weirmq_bus::inbox_key`).
+    pub(super) key: Vec<u8>,
+    /// The handler's writes so far.
+    pub(super) ops: std::sync::Mutex<Vec<weirmq_bus::StateOp>>,
+}
+
+impl InboxSlot {
+    /// The writes to commit: the handler's, then the mark (its value: the
+    /// time it was written, Unix ms).
+    pub(super) fn take(&self, now_ms: u64) -> weirmq_bus::StateBatch {
+        let ops = std::mem::take(&mut *self.ops.lock().unwrap_or_else(|p| p.into_inner()));
+        weirmq_bus::StateBatch::from(ops).put(self.key.clone(), now_ms.to_be_bytes().to_vec())
+    }
+}
+
+/// `commit_state` / `inbox_batch` on a subscription that is not an inbox.
+fn not_an_inbox() -> Error {
+    Error::InvalidConfig {
+        reason: "state committed with a delivery needs an inbox subscription: start it \
+                 with SubscribeBuilder::inbox() (embedded store; see docs/exactly-once.md)"
+            .into(),
+    }
 }
 
 /// The `process <topic>` span of one delivery attempt (with `otel`, the
@@ -239,6 +271,46 @@ impl<E> Delivery<E> {
         self._witness.touch();
         self.message.trace_context()
     }
+    /// Inbox subscriptions (`SubscribeBuilder::inbox`): writes `state` to
+    /// the application's state **atomically with this message's processed
+    /// mark**, when the handler returns `Ok` — before the ack. If the
+    /// handler fails, nothing of it is written. A message whose mark is
+    /// stored is never handed to a handler of the group again (after a
+    /// crash, a retry or a redelivery it is acked unseen), so the state
+    /// changes exactly once per message per group. Several calls add up,
+    /// in order.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] on a subscription that is not an inbox.
+    pub fn commit_state(&self, state: weirmq_bus::StateBatch) -> Result<(), Error> {
+        self._witness.touch();
+        let slot = self.inbox.as_ref().ok_or_else(not_an_inbox)?;
+        slot.ops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(state.into_ops());
+        Ok(())
+    }
+
+    /// Inbox subscriptions: a batch holding this message's processed mark,
+    /// to extend with your writes and pass to `Bus::publish_with_state` —
+    /// the follow-up message, your state and the mark in one commit (outbox
+    /// plus inbox: the message is processed, and its follow-up published,
+    /// exactly once).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] on a subscription that is not an inbox.
+    pub fn inbox_batch(&self) -> Result<weirmq_bus::StateBatch, Error> {
+        self._witness.touch();
+        let slot = self.inbox.as_ref().ok_or_else(not_an_inbox)?;
+        Ok(weirmq_bus::StateBatch::new().put(
+            slot.key.clone(),
+            weirmq_bus::now_ms().to_be_bytes().to_vec(),
+        ))
+    }
+
     /// The `process <topic>` span of this delivery attempt (disabled when
     /// no `tracing` subscriber listens to `weirmq::process` at DEBUG). Enter it, or
     /// instrument your handler's future with it, to log and trace under it:

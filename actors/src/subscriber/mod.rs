@@ -45,9 +45,9 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::members::{Members, Spawner};
 use actix::prelude::*;
 use tokio::sync::oneshot;
-use tracing::{error, warn};
+use tracing::{debug, error, warn};
 use weirmq_bus::{
-    Broker, DeliveryBatch, Error, Event, Message as BusMessage, MessageId, RawDelivery,
+    Broker, DeliveryBatch, Durability, Error, Event, Message as BusMessage, MessageId, RawDelivery,
     RetryPolicy, SettleToken, Settlement, Settler, SubscriptionSpec, TraceSampling,
 };
 
@@ -85,6 +85,11 @@ pub struct SubscriberConfig {
     /// Sees every settlement the supervisor makes (the test kit's
     /// journal); `None` in production.
     pub observer: Option<Observer>,
+    /// An inbox subscription: a handler's state (`Delivery::commit_state`)
+    /// is committed with the message's processed mark before the ack, and
+    /// a message already marked is acked without a handler (exactly-once
+    /// effects; needs the broker's outbox role).
+    pub inbox: bool,
 }
 
 /// Sees what a subscription's supervisor decides for each delivery, as it
@@ -121,6 +126,7 @@ impl Default for SubscriberConfig {
             trace_sampling: TraceSampling::default(),
             clock: weirmq_bus::Clock::system(),
             observer: None,
+            inbox: false,
         }
     }
 }
@@ -198,6 +204,15 @@ where
             reason: "a rate limit is at least 1 message per second".into(),
         });
     }
+    if config.inbox && broker.outbox().is_none() {
+        return Err(Error::Unsupported {
+            feature: format!(
+                "an inbox subscription (exactly-once state) on {}: it needs the bus's own \
+                 store for the application's state; see docs/exactly-once.md",
+                broker.capabilities().backend
+            ),
+        });
+    }
     let group = spec.group.clone();
     let topic = spec.topic.clone();
     let sub = broker.subscribe(spec).await?;
@@ -212,6 +227,7 @@ where
             panicked: Arc::default(),
         })
         .collect();
+    let inbox = config.inbox.then(|| broker.clone());
     let sup = Supervisor::<E, A> {
         members,
         spawner,
@@ -236,6 +252,8 @@ where
         group: group.clone(),
         topic: topic.clone(),
         meters: meters::Meters::new(&group, &topic),
+        inbox,
+        io_pending: 0,
         _event: PhantomData,
     };
     let addr = Supervisor::create(move |ctx| {

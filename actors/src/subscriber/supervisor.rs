@@ -3,7 +3,7 @@
 //! that died, fails deliveries held past the consume timeout, and returns
 //! settlements in one batch per mailbox drain.
 
-use super::delivery::record_outcome;
+use super::delivery::{record_outcome, InboxSlot};
 use super::*;
 use weirmq_persistence::timers::run_later;
 
@@ -92,6 +92,13 @@ pub(super) struct Supervisor<E, A: Actor> {
     pub(super) topic: String,
     /// The subscription's metric handles.
     pub(super) meters: super::meters::Meters,
+    /// An inbox subscription's broker (its outbox role keeps the processed
+    /// marks); `None` for other subscriptions.
+    pub(super) inbox: Option<Arc<dyn Broker>>,
+    /// Store reads and writes of the inbox under way (marks looked up for a
+    /// batch, an attempt's state committed before its ack): a drain waits
+    /// for them.
+    pub(super) io_pending: usize,
     pub(super) _event: PhantomData<fn() -> E>,
 }
 
@@ -110,6 +117,8 @@ pub(super) struct InHand {
     pub(super) attempt: u32,
     /// The attempt's `process` span, kept open until it is settled.
     pub(super) span: tracing::Span,
+    /// An inbox subscription's state for this attempt.
+    pub(super) inbox: Option<Arc<InboxSlot>>,
 }
 
 #[derive(Message)]
@@ -213,6 +222,12 @@ where
                 &d.message,
                 d.attempt,
             );
+            let inbox = self.inbox.as_ref().map(|_| {
+                Arc::new(InboxSlot {
+                    key: weirmq_bus::inbox_key(d.message.topic(), &self.group, d.message.id()),
+                    ops: Default::default(),
+                })
+            });
             let fut = member.addr.send(Delivery {
                 event,
                 message: d.message.clone(),
@@ -222,6 +237,7 @@ where
                     slot: panicked.clone(),
                     id,
                 },
+                inbox: inbox.clone(),
             });
             self.in_hand.insert(
                 id,
@@ -237,6 +253,7 @@ where
                     message: d.message,
                     attempt: d.attempt,
                     span,
+                    inbox,
                 },
             );
             self.arm_sweep(ctx);
@@ -399,10 +416,102 @@ where
         match failure {
             Ok(()) => {
                 record_outcome(&h.span, "ack", None);
-                self.settle(h.token, Settlement::Ack, (&h.message, h.attempt), ctx)
+                match (h.inbox.clone(), self.inbox.clone()) {
+                    (Some(slot), Some(broker)) => self.commit_inbox(h, &slot, broker, ctx),
+                    _ => self.settle(h.token, Settlement::Ack, (&h.message, h.attempt), ctx),
+                }
             }
             Err(error) => self.failed(h, error, ctx),
         }
+    }
+
+    /// An inbox attempt succeeded: its state and processed mark are written
+    /// in one atomic write, and only then is it acked (a crash in between
+    /// leaves the mark, so the redelivery is acked unseen). If the write
+    /// fails, the attempt failed.
+    fn commit_inbox(
+        &mut self,
+        h: InHand,
+        slot: &InboxSlot,
+        broker: Arc<dyn Broker>,
+        ctx: &mut Context<Self>,
+    ) {
+        let state = slot.take(self.config.clock.now_ms());
+        self.io_pending += 1;
+        // Buffered is enough: the ack reaches the store in a later commit,
+        // and the store recovers a prefix of its writes, so no crash keeps
+        // the ack without the mark.
+        let write = async move {
+            match broker.outbox() {
+                Some(o) => o.write_state(state, Durability::Buffered).await,
+                None => Err(Error::Closed),
+            }
+        };
+        ctx.spawn(write.into_actor(self).map(move |r, act, ctx| {
+            act.io_pending -= 1;
+            match r {
+                Ok(()) => act.settle(h.token, Settlement::Ack, (&h.message, h.attempt), ctx),
+                Err(e) => act.failed(
+                    h,
+                    format!("inbox: committing the handler's state failed: {e}"),
+                    ctx,
+                ),
+            }
+            act.maybe_finish(ctx);
+        }));
+    }
+
+    /// An inbox subscription's batch: the messages whose processed mark is
+    /// stored are acked unseen, the rest go to the members.
+    fn check_inbox(
+        &mut self,
+        batch: DeliveryBatch,
+        broker: Arc<dyn Broker>,
+        ctx: &mut Context<Self>,
+    ) {
+        let keys: Vec<Vec<u8>> = batch
+            .iter()
+            .map(|d| weirmq_bus::inbox_key(d.message.topic(), &self.group, d.message.id()))
+            .collect();
+        self.io_pending += 1;
+        let read = async move {
+            let Some(o) = broker.outbox() else {
+                return keys.iter().map(|_| Err(Error::Closed)).collect::<Vec<_>>();
+            };
+            futures::future::join_all(keys.iter().map(|k| o.state_get(k))).await
+        };
+        ctx.spawn(read.into_actor(self).map(move |marks, act, ctx| {
+            act.io_pending -= 1;
+            for (d, mark) in batch.into_iter().zip(marks) {
+                match mark {
+                    Ok(Some(_)) => {
+                        debug!(group = %act.group, topic = %act.topic, msg_id = %d.message.id(),
+                            "already processed (inbox mark stored); acked without a handler");
+                        act.settle(d.token, Settlement::Ack, (&d.message, d.attempt), ctx);
+                    }
+                    Ok(None) => {
+                        if !act.draining && !act.stream_done {
+                            act.pending.push_back(d);
+                        }
+                    }
+                    Err(e) => {
+                        warn!(group = %act.group, msg_id = %d.message.id(), error = %e,
+                            "inbox: reading the processed mark failed; retrying the message");
+                        act.settle(
+                            d.token,
+                            Settlement::Nack {
+                                delay: Duration::from_secs(1),
+                                error: format!("inbox: reading the processed mark failed: {e}"),
+                            },
+                            (&d.message, d.attempt),
+                            ctx,
+                        );
+                    }
+                }
+            }
+            act.dispatch(ctx);
+            act.maybe_finish(ctx);
+        }));
     }
 
     /// A failed attempt: retried per the policy, or dead-lettered after the
@@ -433,7 +542,7 @@ where
     }
 
     pub(super) fn maybe_finish(&mut self, ctx: &mut Context<Self>) {
-        if self.in_flight == 0 && (self.draining || self.stream_done) {
+        if self.in_flight == 0 && self.io_pending == 0 && (self.draining || self.stream_done) {
             self.flush();
             if let Some(tx) = self.drained.take() {
                 let _ = tx.send(());
@@ -463,6 +572,10 @@ where
     fn handle(&mut self, batch: DeliveryBatch, ctx: &mut Context<Self>) {
         self.config.clock.touch();
         if self.draining {
+            return;
+        }
+        if let Some(broker) = self.inbox.clone() {
+            self.check_inbox(batch, broker, ctx);
             return;
         }
         self.pending.extend(batch);

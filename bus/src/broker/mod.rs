@@ -60,7 +60,7 @@ pub use dead_letters::{
     DLQ_TOPIC_PREFIX,
 };
 pub use history::{History, MessageTrace, RetentionReport, TraceEvent, TraceKind};
-pub use outbox::{Outbox, StateBatch, StateEntries, StateOp};
+pub use outbox::{inbox_key, Outbox, StateBatch, StateEntries, StateOp, INBOX_PREFIX};
 pub use publisher::{pending_publishes, Admission, AdmissionPermit, Publisher};
 pub use subscriptions::{
     BrokerSubscription, DeliveryBatch, Ordering, RawDelivery, SettleToken, Settlement, Settler,

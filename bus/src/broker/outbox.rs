@@ -16,7 +16,7 @@
 use async_trait::async_trait;
 
 use crate::error::Error;
-use crate::message::{Durability, OutgoingMessage, SendReceipt};
+use crate::message::{Durability, MessageId, OutgoingMessage, SendReceipt};
 
 /// The local outbox: application state in the bus's store.
 #[async_trait]
@@ -124,6 +124,36 @@ impl StateBatch {
     pub fn into_ops(self) -> Vec<StateOp> {
         self.ops
     }
+
+    /// Adds every write of `other` after these.
+    pub fn extend(mut self, other: StateBatch) -> Self {
+        self.ops.extend(other.ops);
+        self
+    }
+}
+
+impl From<Vec<StateOp>> for StateBatch {
+    fn from(ops: Vec<StateOp>) -> Self {
+        StateBatch { ops }
+    }
+}
+
+/// Where the inbox keeps its marks in the application's state: every key
+/// starting with byte `0xFF` is the bus's own (keep yours below it).
+pub const INBOX_PREFIX: &[u8] = b"\xFFwq-inbox\x00";
+
+/// The key of the inbox's mark that `group` processed message `id` of
+/// `topic`: [`INBOX_PREFIX`] · topic · 0 · group · 0 · id (16 bytes,
+/// big-endian, so a topic's marks sort by the time their message was made).
+pub fn inbox_key(topic: &str, group: &str, id: MessageId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(INBOX_PREFIX.len() + topic.len() + group.len() + 18);
+    k.extend_from_slice(INBOX_PREFIX);
+    k.extend_from_slice(topic.as_bytes());
+    k.push(0);
+    k.extend_from_slice(group.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&id.as_u128().to_be_bytes());
+    k
 }
 
 /// Key-value pairs of the application's state, in key order.
