@@ -440,3 +440,54 @@ async fn a_topic_sets_its_own_dedupe_window() {
         first
     );
 }
+
+/// Commits one row per charge through the inbox.
+struct Ledger;
+impl Actor for Ledger {
+    type Context = Context<Self>;
+}
+impl Handler<Delivery<Charge>> for Ledger {
+    type Result = Result<(), HandlerError>;
+    fn handle(&mut self, d: Delivery<Charge>, _: &mut Context<Self>) -> Self::Result {
+        let key = format!("ledger/{}", d.event().order);
+        d.commit_state(weirmq::StateBatch::new().put(key, "charged"))?;
+        Ok(())
+    }
+}
+
+/// An inbox's processed marks go with their messages: a retention pass
+/// removes the marks of messages older than the topic's retention age plus
+/// 10 minutes, and keeps the rest (and the application's own rows).
+#[actix::test]
+async fn inbox_marks_are_removed_with_their_messages() {
+    let bus = TestBus::start().await.unwrap();
+    bus.create_topic(
+        TopicConfig::new(Charge::TOPIC)
+            .retention(Retention::default().max_age(Duration::from_secs(3600))),
+    )
+    .await
+    .unwrap();
+    let _sub = bus
+        .subscribe::<Charge>("billing")
+        .inbox()
+        .members(1, || Ledger)
+        .start()
+        .await
+        .unwrap();
+    bus.publish(&Charge { order: 1 }).await.unwrap();
+    bus.wait_idle().await.unwrap();
+    let marks = || async { bus.state_scan(weirmq::INBOX_PREFIX).await.unwrap().len() };
+    assert_eq!(marks().await, 1);
+    // One ms short of age + margin: kept.
+    bus.advance(Duration::from_secs(3600 + 600) - Duration::from_millis(1))
+        .await
+        .unwrap();
+    bus.publish(&Charge { order: 2 }).await.unwrap();
+    bus.wait_idle().await.unwrap();
+    bus.enforce_retention().await.unwrap();
+    assert_eq!(marks().await, 2);
+    bus.advance(Duration::from_millis(2)).await.unwrap();
+    bus.enforce_retention().await.unwrap();
+    assert_eq!(marks().await, 1, "the first message's mark is gone");
+    assert_eq!(bus.state_scan(b"ledger/").await.unwrap().len(), 2);
+}

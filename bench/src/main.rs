@@ -185,6 +185,7 @@ fn scenarios(q: bool, payload: usize, rounds: Option<usize>) -> Vec<(String, Sce
                         queues: 4,
                         payload,
                         observed: Observe::Off,
+                        inbox: false,
                     }),
                 ));
             }
@@ -210,6 +211,7 @@ fn scenarios(q: bool, payload: usize, rounds: Option<usize>) -> Vec<(String, Sce
                     queues: 4,
                     payload,
                     observed: Observe::Off,
+                    inbox: false,
                 }),
             ));
         }
@@ -222,6 +224,32 @@ fn scenarios(q: bool, payload: usize, rounds: Option<usize>) -> Vec<(String, Sce
             secs: if q { 2.0 } else { 10.0 },
         },
     ));
+    // The exactly-once path: the same e2e shape with an inbox subscription
+    // whose handler commits one row per message (state + processed mark in
+    // one write before each ack), beside the plain ack above.
+    for store in [Store::Memory, Store::Buffered, Store::Flushed] {
+        for (publishers, batch, n, shape) in [
+            (64, 1, scale(q, 200_000), "p64/single"),
+            (4, 256, scale(q, 500_000), "p4/batch256"),
+        ] {
+            let name = format!("e2e/{}/{shape}/inbox", store.name());
+            v.push((
+                name.clone(),
+                Scenario::Weirmq(Run {
+                    name,
+                    store,
+                    publishers,
+                    batch,
+                    messages: n,
+                    groups: 1,
+                    queues: 4,
+                    payload,
+                    observed: Observe::Off,
+                    inbox: true,
+                }),
+            ));
+        }
+    }
     for (queues, groups, name) in [
         (1, 1, "e2e/buffered/p64/single/queues1"),
         (4, 1, "e2e/buffered/p64/single/queues4"),
@@ -239,6 +267,7 @@ fn scenarios(q: bool, payload: usize, rounds: Option<usize>) -> Vec<(String, Sce
                 queues,
                 payload,
                 observed: Observe::Off,
+                inbox: false,
             }),
         ));
     }
@@ -265,6 +294,7 @@ fn scenarios(q: bool, payload: usize, rounds: Option<usize>) -> Vec<(String, Sce
             queues: 4,
             payload,
             observed: Observe::Off,
+            inbox: false,
         };
         // Many short rounds: this machine's throughput drifts by ±10% over
         // minutes, and the median of many paired ratios sees through it.
@@ -283,6 +313,7 @@ fn scenarios(q: bool, payload: usize, rounds: Option<usize>) -> Vec<(String, Sce
                 name,
                 messages: n,
                 observed: Observe::TracedAll,
+                inbox: false,
                 ..run
             }),
         ));

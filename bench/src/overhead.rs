@@ -175,6 +175,7 @@ async fn measure_variant(
     let mut res = measure(Run {
         name: format!("{name}/{suffix}"),
         observed: observe,
+        inbox: false,
         ..run.clone()
     })
     .await;

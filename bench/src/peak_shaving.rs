@@ -17,6 +17,7 @@ pub(super) async fn peak_shaving_rss(name: &str, n: u64, payload: usize) -> Res 
         .members(4, move || Sink {
             count: c.clone(),
             lat: l.clone(),
+            inbox: false,
         })
         .start()
         .await
@@ -67,6 +68,7 @@ pub(super) async fn backlog_drain_rss(name: &str, n: u64, payload: usize) -> Res
         .members(4, move || Sink {
             count: c.clone(),
             lat: l.clone(),
+            inbox: false,
         })
         .start()
         .await

@@ -18,6 +18,8 @@ impl Event for BenchEvent {
 pub(super) struct Sink {
     pub(super) count: Arc<AtomicU64>,
     pub(super) lat: Arc<Mutex<Vec<u32>>>,
+    /// An inbox subscription's handler: commits one row per message.
+    pub(super) inbox: bool,
 }
 
 impl Actor for Sink {
@@ -27,6 +29,11 @@ impl Actor for Sink {
 impl Handler<Delivery<BenchEvent>> for Sink {
     type Result = Result<(), HandlerError>;
     fn handle(&mut self, d: Delivery<BenchEvent>, _: &mut Context<Self>) -> Self::Result {
+        if self.inbox {
+            d.commit_state(
+                weirmq::StateBatch::new().put(format!("row/{}", d.message_id()), "handled"),
+            )?;
+        }
         let us = since_us(d.event().sent_ns);
         self.lat.lock().unwrap_or_else(|p| p.into_inner()).push(us);
         self.count.fetch_add(1, Ordering::Relaxed);
@@ -66,6 +73,9 @@ pub(super) struct Run {
     pub(super) payload: usize,
     /// What observes the bus (the overhead of observing it).
     pub(super) observed: Observe,
+    /// The consumer groups are inbox subscriptions whose handler commits a
+    /// row per message (the exactly-once path; compare with the plain ack).
+    pub(super) inbox: bool,
 }
 
 /// What is installed while a run observes the bus.
@@ -168,17 +178,21 @@ pub(super) async fn measure(r: Run) -> Res {
     let mut subs = Vec::new();
     for g in 0..r.groups {
         let (c, l) = (count.clone(), lat.clone());
+        let sub = bus
+            .subscribe::<BenchEvent>(format!("group-{g}"))
+            .max_in_flight(4096)
+            .max_in_flight_per_member(64);
+        let sub = if r.inbox { sub.inbox() } else { sub };
+        let inbox = r.inbox;
         subs.push(
-            bus.subscribe::<BenchEvent>(format!("group-{g}"))
-                .max_in_flight(4096)
-                .max_in_flight_per_member(64)
-                .members(4, move || Sink {
-                    count: c.clone(),
-                    lat: l.clone(),
-                })
-                .start()
-                .await
-                .expect("subscribe"),
+            sub.members(4, move || Sink {
+                count: c.clone(),
+                lat: l.clone(),
+                inbox,
+            })
+            .start()
+            .await
+            .expect("subscribe"),
         );
     }
     let pad = "x".repeat(r.payload.saturating_sub(30));
@@ -257,6 +271,7 @@ pub(super) async fn fixed_load(
         .members(4, move || Sink {
             count: c.clone(),
             lat: l.clone(),
+            inbox: false,
         })
         .start()
         .await

@@ -60,6 +60,13 @@ impl Outbox for EmbeddedBroker {
         self.blocking(move || reader.state_get(&key)).await
     }
 
+    async fn state_get_many(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, Error> {
+        let reader = self.reader()?;
+        let keys = keys.to_vec();
+        self.blocking(move || keys.iter().map(|k| reader.state_get(k)).collect())
+            .await
+    }
+
     async fn state_scan(&self, prefix: &[u8]) -> Result<weirmq_bus::StateEntries, Error> {
         let reader = self.reader()?;
         let prefix = prefix.to_vec();

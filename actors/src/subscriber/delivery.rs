@@ -27,16 +27,18 @@ pub struct Delivery<E> {
 pub(super) struct InboxSlot {
     /// The mark's key (`weirmq_bus::inbox_key`).
     pub(super) key: Vec<u8>,
+    /// The mark's value: when the attempt was handed out (Unix ms, the
+    /// bus's clock; retention removes the mark an age after it).
+    pub(super) at_ms: u64,
     /// The handler's writes so far.
     pub(super) ops: std::sync::Mutex<Vec<weirmq_bus::StateOp>>,
 }
 
 impl InboxSlot {
-    /// The writes to commit: the handler's, then the mark (its value: the
-    /// time it was written, Unix ms).
-    pub(super) fn take(&self, now_ms: u64) -> weirmq_bus::StateBatch {
+    /// The writes to commit: the handler's, then the mark.
+    pub(super) fn take(&self) -> weirmq_bus::StateBatch {
         let ops = std::mem::take(&mut *self.ops.lock().unwrap_or_else(|p| p.into_inner()));
-        weirmq_bus::StateBatch::from(ops).put(self.key.clone(), now_ms.to_be_bytes().to_vec())
+        weirmq_bus::StateBatch::from(ops).put(self.key.clone(), self.at_ms.to_be_bytes().to_vec())
     }
 }
 
@@ -305,10 +307,7 @@ impl<E> Delivery<E> {
     pub fn inbox_batch(&self) -> Result<weirmq_bus::StateBatch, Error> {
         self._witness.touch();
         let slot = self.inbox.as_ref().ok_or_else(not_an_inbox)?;
-        Ok(weirmq_bus::StateBatch::new().put(
-            slot.key.clone(),
-            weirmq_bus::now_ms().to_be_bytes().to_vec(),
-        ))
+        Ok(weirmq_bus::StateBatch::new().put(slot.key.clone(), slot.at_ms.to_be_bytes().to_vec()))
     }
 
     /// The `process <topic>` span of this delivery attempt (disabled when

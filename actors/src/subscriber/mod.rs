@@ -254,6 +254,7 @@ where
         meters: meters::Meters::new(&group, &topic),
         inbox,
         io_pending: 0,
+        inbox_writes: Vec::new(),
         _event: PhantomData,
     };
     let addr = Supervisor::create(move |ctx| {

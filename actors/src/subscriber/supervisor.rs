@@ -99,6 +99,9 @@ pub(super) struct Supervisor<E, A: Actor> {
     /// batch, an attempt's state committed before its ack): a drain waits
     /// for them.
     pub(super) io_pending: usize,
+    /// Inbox attempts that succeeded, waiting for their state to be
+    /// written (one write per mailbox drain).
+    pub(super) inbox_writes: Vec<(InHand, weirmq_bus::StateBatch)>,
     pub(super) _event: PhantomData<fn() -> E>,
 }
 
@@ -225,6 +228,7 @@ where
             let inbox = self.inbox.as_ref().map(|_| {
                 Arc::new(InboxSlot {
                     key: weirmq_bus::inbox_key(d.message.topic(), &self.group, d.message.id()),
+                    at_ms: self.config.clock.now_ms(),
                     ops: Default::default(),
                 })
             });
@@ -416,8 +420,8 @@ where
         match failure {
             Ok(()) => {
                 record_outcome(&h.span, "ack", None);
-                match (h.inbox.clone(), self.inbox.clone()) {
-                    (Some(slot), Some(broker)) => self.commit_inbox(h, &slot, broker, ctx),
+                match h.inbox.clone() {
+                    Some(slot) if self.inbox.is_some() => self.commit_inbox(h, &slot, ctx),
                     _ => self.settle(h.token, Settlement::Ack, (&h.message, h.attempt), ctx),
                 }
             }
@@ -429,18 +433,37 @@ where
     /// in one atomic write, and only then is it acked (a crash in between
     /// leaves the mark, so the redelivery is acked unseen). If the write
     /// fails, the attempt failed.
-    fn commit_inbox(
-        &mut self,
-        h: InHand,
-        slot: &InboxSlot,
-        broker: Arc<dyn Broker>,
-        ctx: &mut Context<Self>,
-    ) {
-        let state = slot.take(self.config.clock.now_ms());
+    fn commit_inbox(&mut self, h: InHand, slot: &InboxSlot, ctx: &mut Context<Self>) {
+        let state = slot.take();
         self.io_pending += 1;
-        // Buffered is enough: the ack reaches the store in a later commit,
+        self.inbox_writes.push((h, state));
+        // Every attempt that succeeds in this mailbox drain goes in one
+        // write (see `flush_inbox`).
+        if !self.flush_queued {
+            self.flush_queued = true;
+            ctx.notify(FlushSettlements);
+        }
+    }
+
+    /// Writes the states and marks of the inbox attempts that succeeded
+    /// since the last flush in **one** atomic write, then acks them all (if
+    /// it fails, each attempt failed).
+    pub(super) fn flush_inbox(&mut self, ctx: &mut Context<Self>) {
+        if self.inbox_writes.is_empty() {
+            return;
+        }
+        let Some(broker) = self.inbox.clone() else {
+            return;
+        };
+        let (done, states): (Vec<InHand>, Vec<weirmq_bus::StateBatch>) =
+            std::mem::take(&mut self.inbox_writes).into_iter().unzip();
+        let state = states.into_iter().fold(
+            weirmq_bus::StateBatch::new(),
+            weirmq_bus::StateBatch::extend,
+        );
+        // Buffered is enough: the acks reach the store in a later commit,
         // and the store recovers a prefix of its writes, so no crash keeps
-        // the ack without the mark.
+        // an ack without its mark.
         let write = async move {
             match broker.outbox() {
                 Some(o) => o.write_state(state, Durability::Buffered).await,
@@ -448,14 +471,16 @@ where
             }
         };
         ctx.spawn(write.into_actor(self).map(move |r, act, ctx| {
-            act.io_pending -= 1;
-            match r {
-                Ok(()) => act.settle(h.token, Settlement::Ack, (&h.message, h.attempt), ctx),
-                Err(e) => act.failed(
-                    h,
-                    format!("inbox: committing the handler's state failed: {e}"),
-                    ctx,
-                ),
+            act.io_pending -= done.len();
+            for h in done {
+                match &r {
+                    Ok(()) => act.settle(h.token, Settlement::Ack, (&h.message, h.attempt), ctx),
+                    Err(e) => act.failed(
+                        h,
+                        format!("inbox: committing the handler's state failed: {e}"),
+                        ctx,
+                    ),
+                }
             }
             act.maybe_finish(ctx);
         }));
@@ -474,14 +499,19 @@ where
             .map(|d| weirmq_bus::inbox_key(d.message.topic(), &self.group, d.message.id()))
             .collect();
         self.io_pending += 1;
+        let n = keys.len();
         let read = async move {
-            let Some(o) = broker.outbox() else {
-                return keys.iter().map(|_| Err(Error::Closed)).collect::<Vec<_>>();
-            };
-            futures::future::join_all(keys.iter().map(|k| o.state_get(k))).await
+            match broker.outbox() {
+                Some(o) => o.state_get_many(&keys).await,
+                None => Err(Error::Closed),
+            }
         };
         ctx.spawn(read.into_actor(self).map(move |marks, act, ctx| {
             act.io_pending -= 1;
+            let marks: Vec<Result<Option<Vec<u8>>, String>> = match marks {
+                Ok(m) => m.into_iter().map(Ok).collect(),
+                Err(e) => (0..n).map(|_| Err(e.to_string())).collect(),
+            };
             for (d, mark) in batch.into_iter().zip(marks) {
                 match mark {
                     Ok(Some(_)) => {
@@ -596,7 +626,8 @@ where
 {
     type Result = ();
 
-    fn handle(&mut self, _: FlushSettlements, _: &mut Context<Self>) {
+    fn handle(&mut self, _: FlushSettlements, ctx: &mut Context<Self>) {
+        self.flush_inbox(ctx);
         self.flush();
     }
 }

@@ -51,6 +51,21 @@ pub trait Outbox: Send + Sync {
     /// A storage error.
     async fn state_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error>;
 
+    /// Reads several keys of the application's state, in order (one read
+    /// of the store where the backend can; the inbox looks up a delivery
+    /// batch's marks with it).
+    ///
+    /// # Errors
+    ///
+    /// A storage error.
+    async fn state_get_many(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, Error> {
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            out.push(self.state_get(k).await?);
+        }
+        Ok(out)
+    }
+
     /// The application's state under `prefix`, in key order.
     ///
     /// # Errors

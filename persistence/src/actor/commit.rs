@@ -125,13 +125,33 @@ impl Pending {
         let now = store.clock().now_ms();
         let mut records = RecordBuilder::default();
         let mut nrecords = 0;
+        // State writes without a message (`write_state`, an inbox's marks):
+        // consecutive ones go in one batch of the state tree (atomic by
+        // itself: no transaction needed), written before anything that
+        // comes after them.
+        let mut state = crate::kv::Batch::default();
+        let mut state_ops = 0;
         for a in &self.appends {
             if a.state.is_empty() {
                 for m in &a.messages {
                     records.push(a.key, m.offset(), m);
                     records.push_dedupe(a.key, m);
                 }
+            } else if a.messages.is_empty() {
+                for op in &a.state {
+                    match op {
+                        weirmq_bus::StateOp::Put { key, value } => {
+                            state.insert(&key[..], &value[..]);
+                        }
+                        weirmq_bus::StateOp::Delete { key } => state.remove(&key[..]),
+                    }
+                }
+                state_ops += a.state.len();
             } else {
+                if state_ops > 0 {
+                    store.write_state(std::mem::take(&mut state))?;
+                    state_ops = 0;
+                }
                 // The local outbox: what came before it first, then its
                 // messages and the application's writes in one sled
                 // transaction (both or neither survive a crash).
@@ -158,6 +178,9 @@ impl Pending {
                     event: TraceEvent::at_ms(now, TraceKind::Published, None, 0, None),
                 }));
             }
+        }
+        if state_ops > 0 {
+            store.write_state(state)?;
         }
         let records = records.finish();
         nrecords += records.closed.len();

@@ -80,6 +80,12 @@ impl PersistenceActor {
             Ok(n) => debug!(keys = n, "closed dedupe windows removed"),
             Err(e) => warn!(error = %e, "removing closed dedupe keys failed; retried next pass"),
         }
+        // Inbox marks of messages retention removed.
+        match store.purge_inbox_marks(now) {
+            Ok(0) => {}
+            Ok(n) => debug!(marks = n, "inbox marks of expired messages removed"),
+            Err(e) => warn!(error = %e, "removing inbox marks failed; retried next pass"),
+        }
         let todo = store
             .retention_plan()
             .into_iter()
