@@ -118,6 +118,11 @@ pub struct ActixDocDoctests;
 #[doc = include_str!("../docs/message-types.md")]
 pub struct MessageTypesDocDoctests;
 
+/// The Rust examples of `docs/exactly-once.md`, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/exactly-once.md")]
+pub struct ExactlyOnceDocDoctests;
+
 /// The Rust examples of `docs/retention-query-trace.md`, compiled as doc tests.
 #[cfg(doctest)]
 #[doc = include_str!("../docs/retention-query-trace.md")]
