@@ -79,14 +79,14 @@ pub use weirmq_bus::{
     QueuePosition, RetryPolicy, SendReceipt, StartFrom, StorageError, TopicConfig, TryPublishError,
     MAX_FILTER_BYTES, MAX_NESTING,
 };
+pub use weirmq_bus::{
+    CancelOutcome, HalfMessage, MessageTrace, Ordering, Retention, RetentionReport, StateBatch,
+    StateEntries, StateOp, TraceEvent, TraceKind, TransactionChecker, TransactionConfig,
+    TransactionOutcome, HALF_TOPIC, SCHEDULE_TOPIC,
+};
 pub use weirmq_bus::{Clock, Sleep};
 pub use weirmq_bus::{DeadLetter, Resend, ResendOutcome, ResendReport, ResetTo, DLQ_PROPERTIES};
 pub use weirmq_bus::{GroupTopic, QueueStats, TopicStats};
-pub use weirmq_bus::{
-    HalfMessage, MessageTrace, Ordering, Retention, RetentionReport, StateBatch, StateEntries,
-    StateOp, TraceEvent, TraceKind, TransactionChecker, TransactionConfig, TransactionOutcome,
-    HALF_TOPIC, SCHEDULE_TOPIC,
-};
 pub use weirmq_bus::{
     SpanId, TraceContext, TraceContextError, TraceId, TraceSampling, TRACEPARENT, TRACESTATE,
 };

@@ -10,7 +10,7 @@
 #[macro_use]
 mod support;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -41,8 +41,10 @@ on_every_backend!(
     the_trace_context_follows_a_message_through_retry_delay_transaction_and_resend,
     a_dedupe_key_stores_one_message_within_its_window,
     a_dedupe_window_closes_once_however_often_the_key_is_resent,
-    an_inbox_commits_state_once_per_message_and_skips_what_it_processed;
+    an_inbox_commits_state_once_per_message_and_skips_what_it_processed,
+    a_cancelled_delayed_message_is_never_delivered_and_a_delivered_one_never_cancelled;
     durable: offsets_survive_a_restart,
+    a_cancel_survives_a_restart,
     a_dedupe_key_is_remembered_across_a_restart,
 );
 
@@ -1231,6 +1233,128 @@ async fn an_inbox_commits_state_once_per_message_and_skips_what_it_processed(b: 
         .unwrap();
     delivered(&plain, 20).await;
     assert_eq!(*refused.lock().unwrap(), Some(true));
+    sub.drain().await.unwrap();
+    bus.shutdown().await.unwrap();
+}
+
+/// Recall racing delivery (real time): 200 delayed messages due over
+/// 400 ms, each cancelled at a moment spread over the same span, so many
+/// cancels land at their message's due instant. Each message is either
+/// cancelled or delivered, never both, never neither.
+async fn a_cancelled_delayed_message_is_never_delivered_and_a_delivered_one_never_cancelled(
+    b: Backend,
+) {
+    let bus = b.open().await;
+    let log = Log::default();
+    let sub = bus
+        .subscribe::<Num>("recall")
+        .members(2, recorders(&log, ack_all()))
+        .start()
+        .await
+        .unwrap();
+    let mut receipts = Vec::new();
+    for n in 0..200u64 {
+        let r = bus
+            .publish_with(
+                &Num { n },
+                Publish::new().delay(Duration::from_millis(100 + 2 * n)),
+            )
+            .await
+            .unwrap();
+        receipts.push((n, r));
+    }
+    if b.is_nats() {
+        let r = bus.cancel_delayed(&receipts[0].1).await;
+        assert!(matches!(&r, Err(Error::Unsupported { .. })), "{r:?}");
+        delivered(&log, 200).await;
+        sub.drain().await.unwrap();
+        bus.shutdown().await.unwrap();
+        return;
+    }
+    let started = Instant::now();
+    let mut cancelled = BTreeSet::new();
+    let mut too_late = BTreeSet::new();
+    // Cancels in a scrambled order, paced over ~the span the messages fall due in.
+    let mut order: Vec<usize> = (0..200).collect();
+    order.sort_by_key(|i| (i * 7919) % 200);
+    for (k, i) in order.into_iter().enumerate() {
+        let at = Duration::from_millis(100 + 2 * k as u64);
+        if let Some(wait) = at.checked_sub(started.elapsed()) {
+            actix::clock::sleep(wait).await;
+        }
+        let (n, r) = &receipts[i];
+        match bus.cancel_delayed(r).await.unwrap() {
+            weirmq::CancelOutcome::Cancelled => cancelled.insert(*n),
+            weirmq::CancelOutcome::AlreadyDelivered => too_late.insert(*n),
+        };
+    }
+    delivered(&log, too_late.len()).await;
+    caught_up(&bus, "recall", Num::TOPIC).await;
+    // Anything cancelled wrongly would have been due by now.
+    let positions = bus.positions("recall", Num::TOPIC).await.unwrap();
+    let stored: u64 = positions.iter().map(|p| p.max).sum();
+    let got: BTreeSet<u64> = ns(&log).into_iter().collect();
+    assert_eq!(
+        got,
+        too_late,
+        "{}: delivered = the ones too late to cancel",
+        b.name()
+    );
+    assert_eq!(
+        stored as usize,
+        too_late.len(),
+        "nothing cancelled reached the topic"
+    );
+    assert_eq!(cancelled.len() + too_late.len(), 200);
+    assert!(!cancelled.is_empty(), "no cancel came in time");
+    sub.drain().await.unwrap();
+    bus.shutdown().await.unwrap();
+}
+
+async fn a_cancel_survives_a_restart(b: Backend) {
+    let bus = b.open().await;
+    let r = bus
+        .publish_with(
+            &Num { n: 1 },
+            Publish::new().delay(Duration::from_millis(300)),
+        )
+        .await
+        .unwrap();
+    let cancelled = bus.cancel_delayed(&r).await;
+    if b.is_nats() {
+        assert!(
+            matches!(&cancelled, Err(Error::Unsupported { .. })),
+            "{cancelled:?}"
+        );
+        bus.shutdown().await.unwrap();
+        return;
+    }
+    assert_eq!(cancelled.unwrap(), weirmq::CancelOutcome::Cancelled);
+    bus.shutdown().await.unwrap();
+    let bus = b.open().await;
+    let log = Log::default();
+    let sub = bus
+        .subscribe::<Num>("recall")
+        .start_from(StartFrom::Earliest)
+        .members(1, recorders(&log, ack_all()))
+        .start()
+        .await
+        .unwrap();
+    // Its time comes and goes: a marker due after it (delayed messages
+    // fall due in due order) arrives alone.
+    bus.publish_with(
+        &Num { n: 2 },
+        Publish::new().delay(Duration::from_millis(400)),
+    )
+    .await
+    .unwrap();
+    delivered(&log, 1).await;
+    caught_up(&bus, "recall", Num::TOPIC).await;
+    assert_eq!(ns(&log), vec![2]);
+    assert_eq!(
+        bus.cancel_delayed(&r).await.unwrap(),
+        weirmq::CancelOutcome::AlreadyDelivered
+    );
     sub.drain().await.unwrap();
     bus.shutdown().await.unwrap();
 }

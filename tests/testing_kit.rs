@@ -491,3 +491,59 @@ async fn inbox_marks_are_removed_with_their_messages() {
     assert_eq!(marks().await, 1, "the first message's mark is gone");
     assert_eq!(bus.state_scan(b"ledger/").await.unwrap().len(), 2);
 }
+
+/// Recalling a delayed message, at its edges: one ms before it is due it
+/// is cancelled and never delivered; at its due time it is delivered and a
+/// cancel is too late; a second cancel is too late; a plain message has
+/// nothing to cancel.
+#[actix::test]
+async fn a_delayed_message_is_recalled_until_it_falls_due() {
+    let bus = TestBus::start().await.unwrap();
+    let _sub = bus
+        .subscribe::<Charge>("billing")
+        .members(1, || Ok_)
+        .start()
+        .await
+        .unwrap();
+    let delayed = |order| {
+        let bus = &bus;
+        async move {
+            bus.publish_with(
+                &Charge { order },
+                Publish::new().delay(Duration::from_secs(1800)),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let recalled = delayed(1).await;
+    bus.advance(Duration::from_secs(1800) - Duration::from_millis(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        bus.cancel_delayed(&recalled).await.unwrap(),
+        weirmq::CancelOutcome::Cancelled
+    );
+    assert_eq!(
+        bus.cancel_delayed(&recalled).await.unwrap(),
+        weirmq::CancelOutcome::AlreadyDelivered,
+        "a second cancel"
+    );
+    let kept = delayed(2).await;
+    bus.advance(Duration::from_secs(1800)).await.unwrap();
+    assert_eq!(
+        bus.cancel_delayed(&kept).await.unwrap(),
+        weirmq::CancelOutcome::AlreadyDelivered
+    );
+    let handled = bus.handled("billing").await.unwrap();
+    assert_eq!(handled.len(), 1, "{handled:?}");
+    assert_eq!(
+        handled[0].at,
+        Duration::from_secs(1800) * 2 - Duration::from_millis(1)
+    );
+    let plain = bus.publish(&Charge { order: 3 }).await.unwrap();
+    assert!(matches!(
+        bus.cancel_delayed(&plain).await,
+        Err(weirmq::Error::InvalidConfig { .. })
+    ));
+}

@@ -32,16 +32,16 @@ mod trace_context;
 mod trace_sampling;
 
 pub use broker::{
-    dlq_topic, inbox_key, pending_publishes, Admin, Admission, AdmissionPermit, Broker,
-    BrokerSubscription, Capabilities, DeadLetter, DeadLetterCopy, DeadLetters, DeliveryBatch,
-    GroupStats, GroupTopic, HalfMessage, History, MessageTrace, Ordering, Outbox, Publisher,
-    QueuePosition, QueueStats, RawDelivery, Resend, ResendOutcome, ResendPlan, ResendReport,
-    ResetTo, RetentionReport, SettleToken, Settlement, Settler, StartFrom, StateBatch,
-    StateEntries, StateOp, SubscriptionSpec, Subscriptions, TopicStats, TraceEvent, TraceKind,
-    TransactionChecker, TransactionCheckers, TransactionConfig, TransactionOutcome, Transactions,
-    DLQ_ATTEMPTS, DLQ_DEAD_LETTERED_AT_MS, DLQ_FIRST_FAILED_AT_MS, DLQ_ORIGIN_MSG_ID,
-    DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_QUEUE, DLQ_ORIGIN_TOPIC, DLQ_PROPERTIES, DLQ_REASON,
-    DLQ_TOPIC_PREFIX, INBOX_PREFIX,
+    delayed_receipt, dlq_topic, inbox_key, pending_publishes, Admin, Admission, AdmissionPermit,
+    Broker, BrokerSubscription, CancelOutcome, Capabilities, DeadLetter, DeadLetterCopy,
+    DeadLetters, DeliveryBatch, GroupStats, GroupTopic, HalfMessage, History, MessageTrace,
+    Ordering, Outbox, Publisher, QueuePosition, QueueStats, RawDelivery, Resend, ResendOutcome,
+    ResendPlan, ResendReport, ResetTo, RetentionReport, SettleToken, Settlement, Settler,
+    StartFrom, StateBatch, StateEntries, StateOp, SubscriptionSpec, Subscriptions, TopicStats,
+    TraceEvent, TraceKind, TransactionChecker, TransactionCheckers, TransactionConfig,
+    TransactionOutcome, Transactions, DLQ_ATTEMPTS, DLQ_DEAD_LETTERED_AT_MS,
+    DLQ_FIRST_FAILED_AT_MS, DLQ_ORIGIN_MSG_ID, DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_QUEUE,
+    DLQ_ORIGIN_TOPIC, DLQ_PROPERTIES, DLQ_REASON, DLQ_TOPIC_PREFIX, INBOX_PREFIX,
 };
 pub use clock::{Clock, Sleep};
 pub use error::{

@@ -285,6 +285,22 @@ impl Publisher for NatsBroker {
     ) -> Result<Vec<SendReceipt>, Error> {
         self.run(|i| i.publish(messages, false)).await
     }
+
+    /// Not on JetStream yet: deleting the staged copy races the forwarder
+    /// (or the server's schedule) at the due instant, so "cancelled" could
+    /// be answered for a message that was delivered — a typed refusal
+    /// instead (docs/message-types.md, docs/scaling.md).
+    async fn cancel_delayed(
+        &self,
+        receipt: &SendReceipt,
+    ) -> Result<weirmq_bus::CancelOutcome, Error> {
+        weirmq_bus::delayed_receipt(receipt)?;
+        Err(Error::Unsupported {
+            feature: "recalling a delayed message (cancel_delayed) on NATS JetStream: \
+                      see docs/scaling.md"
+                .into(),
+        })
+    }
 }
 
 /// A JetStream publish error as the bus's: no answer in time or a broken

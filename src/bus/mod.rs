@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use weirmq_actors::{EmbeddedBroker, EmbeddedConfig};
-use weirmq_bus::{validate_group_name, Clock, HalfMessage, StateBatch};
+use weirmq_bus::{validate_group_name, CancelOutcome, Clock, HalfMessage, StateBatch};
 use weirmq_bus::{
     Broker, Capabilities, DeadLetter, Durability, Error, Event, GroupStats, GroupTopic, History,
     Limits, Message, MessageId, MessageTrace, Outbox, OutgoingMessage, Publish, PublishError,

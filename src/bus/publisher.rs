@@ -250,4 +250,42 @@ impl Bus {
             }),
         }
     }
+
+    /// Recalls a delayed message before it is due, by the receipt its
+    /// publish returned: [`CancelOutcome::Cancelled`] once it is sure never
+    /// to be delivered (the removal is stored), or
+    /// [`CancelOutcome::AlreadyDelivered`] if it fell due (it is in its
+    /// topic) or was cancelled before — never both. RocketMQ 5 added this
+    /// as "recall".
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use weirmq::prelude::*;
+    /// # use std::time::Duration;
+    /// use weirmq::CancelOutcome;
+    /// # #[derive(Serialize, Deserialize, Debug)] struct PaymentTimeout { order: u64 }
+    /// # impl Event for PaymentTimeout { const TOPIC: &'static str = "payment-timeout"; }
+    /// # #[actix::main]
+    /// # async fn main() -> Result<(), weirmq::Error> {
+    /// # let bus = Bus::builder().in_memory().open().await?;
+    /// // Cancel the order in 30 minutes unless it is paid...
+    /// let timeout = bus
+    ///     .publish_with(&PaymentTimeout { order: 42 }, Publish::new().delay(Duration::from_secs(1800)))
+    ///     .await?;
+    /// // ...and it was paid: recall the timeout.
+    /// assert_eq!(bus.cancel_delayed(&timeout).await?, CancelOutcome::Cancelled);
+    /// assert_eq!(bus.cancel_delayed(&timeout).await?, CancelOutcome::AlreadyDelivered);
+    /// # bus.shutdown().await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] for a receipt of a message that was not
+    /// delayed; [`Error::Unsupported`] on NATS JetStream (docs/scaling.md);
+    /// [`Error::Closed`]; a storage error.
+    pub async fn cancel_delayed(&self, receipt: &SendReceipt) -> Result<CancelOutcome, Error> {
+        self.inner.broker.cancel_delayed(receipt).await
+    }
 }

@@ -300,6 +300,33 @@ impl Publisher for EmbeddedBroker {
     ) -> Result<Vec<SendReceipt>, Error> {
         self.publish_messages(messages, durability, false).await
     }
+
+    async fn cancel_delayed(
+        &self,
+        receipt: &SendReceipt,
+    ) -> Result<weirmq_bus::CancelOutcome, Error> {
+        let at = weirmq_bus::delayed_receipt(receipt)?;
+        self.check_open()?;
+        // No schedule yet: nothing was ever delayed here.
+        let Ok(schedule) = self.known_topic(SCHEDULE_TOPIC) else {
+            return Ok(weirmq_bus::CancelOutcome::AlreadyDelivered);
+        };
+        let scheduler = self
+            .inner
+            .scheduler
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(Error::Closed)?;
+        scheduler
+            .send(scheduler::CancelDelayed {
+                receipt: *receipt,
+                due_ms: weirmq_bus::unix_ms_ceil(at),
+                schedule_topic_id: schedule.id,
+            })
+            .await
+            .map_err(|_| Error::Closed)?
+    }
 }
 
 /// Idempotency keys claimed by a publish: freed (waiters told to publish

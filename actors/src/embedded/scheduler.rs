@@ -23,8 +23,8 @@ use actix::prelude::*;
 use futures::future::BoxFuture;
 use tracing::{debug, error, info, warn};
 use weirmq_bus::{
-    Error, HalfMessage, Message as BusMessage, SendReceipt, StorageError, TransactionCheckers,
-    TransactionOutcome, HALF_TOPIC, SCHEDULE_TOPIC,
+    CancelOutcome, Error, HalfMessage, Message as BusMessage, SendReceipt, StorageError,
+    TransactionCheckers, TransactionOutcome, HALF_TOPIC, SCHEDULE_TOPIC,
 };
 use weirmq_persistence::{
     PersistenceActor, QueueKey, ScheduleEntry, Scheduled, StoreReader, UpdateRetries,
@@ -71,6 +71,9 @@ pub(crate) struct Scheduler {
     /// Half messages ended while their check was in flight: the check's
     /// answer is ignored.
     ended: HashSet<u64>,
+    /// Delayed messages being copied to their topic right now (a cancel
+    /// finds them too late).
+    moving: HashSet<u64>,
     /// Entries resolved (moved, committed, rolled back) whose removal from
     /// the store is not confirmed yet: a second `end_transaction`, or a
     /// reload of the window, must not see them as open.
@@ -111,6 +114,7 @@ impl Scheduler {
             halves: HashMap::new(),
             checking: HashSet::new(),
             ended: HashSet::new(),
+            moving: HashSet::new(),
             resolving: Arc::default(),
             loaded_to: None,
             load_failed: false,
@@ -345,10 +349,19 @@ impl Scheduler {
         }
         for (topic, (messages, entries)) in by_topic {
             debug!(%topic, n = messages.len(), "delayed messages due");
+            self.moving.extend(entries.iter().map(|e| e.seq));
             let fut = (self.sink)(topic.clone(), messages);
             ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| match res {
-                Ok(_) => act.unschedule(entries),
+                Ok(_) => {
+                    for e in &entries {
+                        act.moving.remove(&e.seq);
+                    }
+                    act.unschedule(entries);
+                }
                 Err(e) => {
+                    for e in &entries {
+                        act.moving.remove(&e.seq);
+                    }
                     warn!(%topic, error = %e, "moving due delayed messages failed; trying again in 1 s");
                     let again = act.clock.now_ms() + RETRY_MOVE.as_millis() as u64;
                     for entry in entries {
@@ -378,6 +391,15 @@ impl Scheduler {
     }
 
     fn unschedule(&self, entries: Vec<ScheduleEntry>) {
+        self.unschedule_then(entries, |_| {});
+    }
+
+    /// As `unschedule`; `then` gets the outcome of the store's removal.
+    fn unschedule_then(
+        &self,
+        entries: Vec<ScheduleEntry>,
+        then: impl FnOnce(Result<(), StorageError>) + Send + 'static,
+    ) {
         let seqs: Vec<u64> = entries.iter().map(|e| e.seq).collect();
         self.resolving
             .lock()
@@ -391,13 +413,16 @@ impl Scheduler {
             unschedule: entries,
             reschedule: Vec::new(),
             done: Box::new(move |r| {
-                if let Err(e) = r {
+                if let Err(e) = &r {
                     warn!(error = %e, "removing delayed-message entries failed (they will be delivered again after a restart)");
                 }
-                let mut resolving = resolving.lock().unwrap_or_else(|p| p.into_inner());
-                for s in seqs {
-                    resolving.remove(&s);
+                {
+                    let mut resolving = resolving.lock().unwrap_or_else(|p| p.into_inner());
+                    for s in seqs {
+                        resolving.remove(&s);
+                    }
                 }
+                then(r);
             }),
         });
     }
@@ -508,5 +533,58 @@ impl Handler<EndTransaction> for Scheduler {
                 Box::pin(async { Ok(None) })
             }
         }
+    }
+}
+
+/// Recalls a delayed message (from its publisher's receipt).
+#[derive(Message)]
+#[rtype(result = "Result<CancelOutcome, Error>")]
+pub(crate) struct CancelDelayed {
+    pub(crate) receipt: SendReceipt,
+    pub(crate) due_ms: u64,
+    pub(crate) schedule_topic_id: u32,
+}
+
+impl Handler<CancelDelayed> for Scheduler {
+    type Result = ResponseFuture<Result<CancelOutcome, Error>>;
+
+    fn handle(&mut self, msg: CancelDelayed, _: &mut Context<Self>) -> Self::Result {
+        let seq = ScheduleEntry::seq_of(msg.schedule_topic_id, msg.receipt.offset);
+        let too_late = || Box::pin(async { Ok(CancelOutcome::AlreadyDelivered) });
+        if self.moving.contains(&seq)
+            || self
+                .resolving
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&seq)
+        {
+            return too_late();
+        }
+        let probe = ScheduleEntry {
+            due_ms: msg.due_ms,
+            seq,
+            topic_id: msg.schedule_topic_id,
+            queue: msg.receipt.queue,
+            offset: msg.receipt.offset,
+            checks: None,
+        };
+        let entry = match self.reader.schedule_entry(&probe) {
+            // A half message's entry is not a delayed message's.
+            Ok(Some(e)) if e.checks.is_none() => e,
+            Ok(_) => return too_late(),
+            Err(e) => return Box::pin(async move { Err(Error::from(e)) }),
+        };
+        self.due.remove(entry.due_ms, entry.seq);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        // From here it is `resolving`: never moved, and a second cancel
+        // is too late; answered once the removal is stored.
+        self.unschedule_then(vec![entry], move |r| {
+            let _ = tx.send(r);
+        });
+        debug!(msg_id = %msg.receipt.message_id, "delayed message cancelled");
+        Box::pin(async move {
+            rx.await.map_err(|_| Error::Closed)?.map_err(Error::from)?;
+            Ok(CancelOutcome::Cancelled)
+        })
     }
 }

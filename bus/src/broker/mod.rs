@@ -61,7 +61,9 @@ pub use dead_letters::{
 };
 pub use history::{History, MessageTrace, RetentionReport, TraceEvent, TraceKind};
 pub use outbox::{inbox_key, Outbox, StateBatch, StateEntries, StateOp, INBOX_PREFIX};
-pub use publisher::{pending_publishes, Admission, AdmissionPermit, Publisher};
+pub use publisher::{
+    delayed_receipt, pending_publishes, Admission, AdmissionPermit, CancelOutcome, Publisher,
+};
 pub use subscriptions::{
     BrokerSubscription, DeliveryBatch, Ordering, RawDelivery, SettleToken, Settlement, Settler,
     StartFrom, SubscriptionSpec, Subscriptions,

@@ -14,6 +14,10 @@
 //!   message is checked against the [`Limits`], then room is taken in the
 //!   backend's bounded pipeline ([`Admission`]); `publish` waits for room,
 //!   [`Publisher::try_publish`] answers [`Error::Busy`] at once.
+//! * [`Publisher::cancel_delayed`] of a delayed message not yet due makes
+//!   sure it is never delivered ([`CancelOutcome::Cancelled`], answered once
+//!   that is stored); one that fell due (or was cancelled before) is left
+//!   as it is ([`CancelOutcome::AlreadyDelivered`]). Never both.
 
 use std::sync::{Arc, Mutex, Weak};
 
@@ -52,6 +56,42 @@ pub trait Publisher: Send + Sync {
         messages: Vec<OutgoingMessage>,
         durability: Durability,
     ) -> Result<Vec<SendReceipt>, Error>;
+
+    /// Recalls the delayed message `receipt` names, if it is not due yet.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] for a receipt that is not a delayed
+    /// message's ([`delayed_receipt`]), [`Error::Closed`], or a storage
+    /// error.
+    async fn cancel_delayed(&self, receipt: &SendReceipt) -> Result<CancelOutcome, Error>;
+}
+
+/// What [`Publisher::cancel_delayed`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// It was not due yet: it is removed and will never be delivered.
+    Cancelled,
+    /// Too late: it fell due and is in its topic (delivered, or about to
+    /// be), or it was cancelled before. Nothing changed.
+    AlreadyDelivered,
+}
+
+/// The delivery time of the delayed message `receipt` names.
+///
+/// # Errors
+///
+/// [`Error::InvalidConfig`] if it is not a delayed message's receipt (one
+/// without `deliver_at`: a plain message, or a delay that had come by the
+/// time it was published).
+pub fn delayed_receipt(receipt: &SendReceipt) -> Result<std::time::SystemTime, Error> {
+    receipt.deliver_at.ok_or_else(|| Error::InvalidConfig {
+        reason: format!(
+            "message {} was not published as a delayed message (its receipt has no \
+             deliver_at): there is nothing to cancel",
+            receipt.message_id
+        ),
+    })
 }
 
 /// Publish admission, the same on every backend: the limits check, and a
