@@ -344,3 +344,50 @@ impl Drop for Claims {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keyed(key: &str, body: &str) -> OutgoingMessage {
+        OutgoingMessage::new("orders", body.as_bytes().to_vec()).dedupe_key(key)
+    }
+
+    /// One batch mixing keys: a key twice in the batch is stored once (the
+    /// second waits for the first's receipt), a plain message and another
+    /// key are stored, and a later batch finds the keys stored.
+    #[actix::test]
+    async fn a_batch_with_repeated_keys_stores_each_key_once() {
+        let broker = EmbeddedBroker::open(EmbeddedConfig::default())
+            .await
+            .unwrap();
+        let r = broker
+            .publish(
+                vec![
+                    keyed("a", "1"),
+                    keyed("a", "1 again"),
+                    OutgoingMessage::new("orders", b"plain".to_vec()),
+                    keyed("b", "2"),
+                ],
+                Durability::Buffered,
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.len(), 4);
+        assert_eq!(r[0], r[1]);
+        let ids: std::collections::HashSet<MessageId> =
+            [r[0], r[2], r[3]].iter().map(|r| r.message_id).collect();
+        assert_eq!(ids.len(), 3);
+        let again = broker
+            .publish(vec![keyed("b", "x"), keyed("a", "y")], Durability::Buffered)
+            .await
+            .unwrap();
+        assert_eq!(again, vec![r[3], r[0]]);
+        let mut stored = 0;
+        for q in 0..weirmq_bus::DEFAULT_QUEUES {
+            stored += broker.read_queue("orders", q, 0, 100).await.unwrap().len();
+        }
+        assert_eq!(stored, 3, "the repeated key and the resends stored nothing");
+        broker.shutdown().await.unwrap();
+    }
+}
