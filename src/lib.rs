@@ -73,6 +73,7 @@ pub use weirmq_bus::metrics;
 pub use weirmq_bus::{
     inbox_key, DEFAULT_DEDUPE_WINDOW, INBOX_PREFIX, MAX_DEDUPE_KEY_BYTES, MAX_DEDUPE_WINDOW,
 };
+pub use weirmq_bus::{priority_queue, queue_priority, MAX_PRIORITY, PRIORITY_LANES};
 pub use weirmq_bus::{
     Backoff, Broker, Capabilities, Codec, CodecError, Durability, Error, Event, Filter, GroupStats,
     Json, Limits, Message, MessageId, NameKind, OutgoingMessage, Publish, PublishError,

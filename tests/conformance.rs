@@ -42,10 +42,12 @@ on_every_backend!(
     a_dedupe_key_stores_one_message_within_its_window,
     a_dedupe_window_closes_once_however_often_the_key_is_resent,
     an_inbox_commits_state_once_per_message_and_skips_what_it_processed,
-    a_cancelled_delayed_message_is_never_delivered_and_a_delivered_one_never_cancelled;
+    a_cancelled_delayed_message_is_never_delivered_and_a_delivered_one_never_cancelled,
+    a_backlog_is_delivered_highest_priority_first;
     durable: offsets_survive_a_restart,
     a_cancel_survives_a_restart,
     a_dedupe_key_is_remembered_across_a_restart,
+    priority_lanes_survive_a_restart,
 );
 
 async fn publish(bus: &Bus, range: std::ops::Range<u64>) {
@@ -1356,5 +1358,163 @@ async fn a_cancel_survives_a_restart(b: Backend) {
         weirmq::CancelOutcome::AlreadyDelivered
     );
     sub.drain().await.unwrap();
+    bus.shutdown().await.unwrap();
+}
+
+/// The priority of message n in the priority tests: 9, 4 or 0 in turn.
+fn priority_of(n: u64) -> u8 {
+    [9, 0, 4, 0][(n % 4) as usize]
+}
+
+/// Publishes n in `range`, each with `priority_of(n)`, one at a time (in
+/// publish order); on NATS checks the refusal instead and returns false.
+async fn publish_prioritised(bus: &Bus, b: &Backend, range: std::ops::Range<u64>) -> bool {
+    let too_high = bus
+        .publish_with(&Num { n: 0 }, Publish::new().priority(10))
+        .await;
+    assert!(
+        matches!(&too_high, Err(Error::InvalidConfig { reason }) if reason.contains("0 (the default, lowest) to 9")),
+        "{}: {too_high:?}",
+        b.name()
+    );
+    for n in range {
+        let r = bus
+            .publish_with(&Num { n }, Publish::new().priority(priority_of(n)))
+            .await;
+        if b.is_nats() && priority_of(n) > 0 {
+            assert!(
+                matches!(&r, Err(Error::Unsupported { feature }) if feature.contains("priority")),
+                "{r:?}"
+            );
+            return false;
+        }
+        r.unwrap();
+    }
+    true
+}
+
+/// Subscribes one member with a window of one to a backlog, records each
+/// delivery's priority, and returns the priorities in delivery order
+/// (checked against what each was published with).
+async fn drain_one_at_a_time(bus: &Bus, group: &str, n: usize) -> Vec<(u8, u64)> {
+    let log = Log::default();
+    let wrong = Arc::new(AtomicU32::new(0));
+    let w = wrong.clone();
+    let check: Behaviour = Arc::new(move |d| {
+        if d.priority() != priority_of(d.event().n) {
+            w.fetch_add(1, AtomicOrdering::SeqCst);
+        }
+        Ok(())
+    });
+    let sub = bus
+        .subscribe::<Num>(group)
+        .start_from(StartFrom::Earliest)
+        .max_in_flight(1)
+        .members(1, recorders(&log, check))
+        .start()
+        .await
+        .unwrap();
+    delivered(&log, n).await;
+    caught_up(bus, group, Num::TOPIC).await;
+    sub.drain().await.unwrap();
+    assert_eq!(
+        wrong.load(AtomicOrdering::SeqCst),
+        0,
+        "a delivery lost its priority"
+    );
+    log.entries()
+        .iter()
+        .map(|e| (priority_of(e.1), e.1))
+        .collect()
+}
+
+/// The order a backlog of mixed priorities must come in: priorities
+/// falling, publish order within each lane (priority 0 is spread over the
+/// topic's queues, so only its set is fixed).
+fn assert_priority_order(got: &[(u8, u64)], n: u64, backend: &str) {
+    let levels: Vec<u8> = got.iter().map(|e| e.0).collect();
+    assert!(
+        levels.windows(2).all(|w| w[0] >= w[1]),
+        "{backend}: priorities not falling: {levels:?}"
+    );
+    for p in [9, 4] {
+        let lane: Vec<u64> = got.iter().filter(|e| e.0 == p).map(|e| e.1).collect();
+        let want: Vec<u64> = (0..n).filter(|&m| priority_of(m) == p).collect();
+        assert_eq!(lane, want, "{backend}: priority {p} in publish order");
+    }
+    let mut all: Vec<u64> = got.iter().map(|e| e.1).collect();
+    all.sort_unstable();
+    assert_eq!(all, (0..n).collect::<Vec<_>>(), "{backend}: each once");
+}
+
+/// A backlog of priorities 9, 4 and 0 published interleaved is delivered
+/// 9s first, then 4s, then 0s; each delivery carries its priority; the
+/// lanes show in the topic's stats and positions. NATS refuses priorities
+/// (Unsupported); every backend refuses a priority above 9.
+async fn a_backlog_is_delivered_highest_priority_first(b: Backend) {
+    const N: u64 = 120;
+    let bus = b.open().await;
+    if !publish_prioritised(&bus, &b, 0..N).await {
+        bus.shutdown().await.unwrap();
+        return;
+    }
+    let got = drain_one_at_a_time(&bus, "ranked", N as usize).await;
+    assert_priority_order(&got, N, b.name());
+    // The topic's 4 queues, then the two lanes used (4: queue 7; 9: queue 12).
+    let stats = bus.topic_stats(Num::TOPIC).await.unwrap();
+    let queues: Vec<(u32, u64)> = stats.queues.iter().map(|q| (q.queue, q.end)).collect();
+    assert_eq!(queues.len(), 6, "{queues:?}");
+    assert_eq!(&queues[4..], &[(7, N / 4), (12, N / 4)]);
+    assert_eq!(weirmq::priority_queue(4, 9), Some(12));
+    let positions = bus.positions("ranked", Num::TOPIC).await.unwrap();
+    assert_eq!(positions.len(), 6);
+    assert!(positions.iter().all(|p| p.lag == 0), "{positions:?}");
+    // A FIFO subscription ignores priority: a message group keeps its
+    // publish order whatever the priorities.
+    let log = Log::default();
+    let fifo = bus
+        .subscribe::<Num>("fifo-ranked")
+        .ordering(Ordering::Fifo)
+        .members(2, recorders(&log, ack_all()))
+        .start()
+        .await
+        .unwrap();
+    for n in 1000..1020 {
+        bus.publish_with(
+            &Num { n },
+            Publish::new().message_group("one").priority(priority_of(n)),
+        )
+        .await
+        .unwrap();
+    }
+    delivered(&log, 20).await;
+    let order: Vec<u64> = log.entries().iter().map(|e| e.1).collect();
+    assert_eq!(order, (1000..1020).collect::<Vec<_>>());
+    fifo.drain().await.unwrap();
+    bus.shutdown().await.unwrap();
+}
+
+/// Priority lanes are queues of the store: their messages and ends come
+/// back after a restart, and so do a group's positions in them.
+async fn priority_lanes_survive_a_restart(b: Backend) {
+    const N: u64 = 40;
+    let bus = b.open().await;
+    if !publish_prioritised(&bus, &b, 0..N).await {
+        bus.shutdown().await.unwrap();
+        return;
+    }
+    bus.shutdown().await.unwrap();
+    let bus = b.open().await;
+    let got = drain_one_at_a_time(&bus, "ranked", N as usize).await;
+    assert_priority_order(&got, N, b.name());
+    bus.shutdown().await.unwrap();
+    let bus = b.open().await;
+    let positions = bus.positions("ranked", Num::TOPIC).await.unwrap();
+    let lanes: Vec<(u32, u64, u64)> = positions
+        .iter()
+        .filter(|p| p.queue >= 4)
+        .map(|p| (p.queue, p.committed, p.lag))
+        .collect();
+    assert_eq!(lanes, [(7, N / 4, 0), (12, N / 4, 0)], "{positions:?}");
     bus.shutdown().await.unwrap();
 }

@@ -547,3 +547,140 @@ async fn a_delayed_message_is_recalled_until_it_falls_due() {
         Err(weirmq::Error::InvalidConfig { .. })
     ));
 }
+
+/// Fails the first attempt of orders 1 and 2; records (order, attempt,
+/// priority) of every attempt.
+struct FailFirst(Arc<std::sync::Mutex<Vec<(u64, u32, u8)>>>);
+impl Actor for FailFirst {
+    type Context = Context<Self>;
+}
+impl Handler<Delivery<Charge>> for FailFirst {
+    type Result = Result<(), HandlerError>;
+    fn handle(&mut self, d: Delivery<Charge>, _: &mut Context<Self>) -> Self::Result {
+        let order = d.event().order;
+        self.0
+            .lock()
+            .unwrap()
+            .push((order, d.attempt(), d.priority()));
+        if d.attempt() == 1 && (order == 1 || order == 2) {
+            return Err(HandlerError::retry("first attempt fails"));
+        }
+        Ok(())
+    }
+}
+
+/// A retry keeps its priority: a priority-0 retry due at 1.5 s waits
+/// until no priority-9 message is left (4 s), while a priority-9 retry due
+/// at 2 s goes at once, before the rest of the priority-9 backlog. One
+/// delivery per 500 ms (rate limit, window of one), retries after 1 s.
+/// Order 1 (priority 0) is published first and handed out at once: with
+/// no backlog, priority changes nothing.
+#[actix::test]
+async fn a_retry_keeps_its_priority_under_a_backlog() {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let bus = TestBus::start().await.unwrap();
+    let s = seen.clone();
+    let _sub = bus
+        .subscribe::<Charge>("ranked")
+        .members(1, move || FailFirst(s.clone()))
+        .max_in_flight(1)
+        .rate_limit(2)
+        .retry(RetryPolicy::fixed(Duration::from_secs(1), 3))
+        .start()
+        .await
+        .unwrap();
+    let mut ids = std::collections::HashMap::new();
+    for (order, priority) in [(1, 0), (2, 9)] {
+        let r = bus
+            .publish_with(&Charge { order }, Publish::new().priority(priority))
+            .await
+            .unwrap();
+        ids.insert(r.message_id, order);
+    }
+    bus.advance(Duration::from_millis(600)).await.unwrap();
+    for order in 10..14 {
+        let r = bus
+            .publish_with(&Charge { order }, Publish::new().priority(9))
+            .await
+            .unwrap();
+        ids.insert(r.message_id, order);
+    }
+    bus.advance(Duration::from_secs(10)).await.unwrap();
+    let got: Vec<(u64, u32, u128)> = bus
+        .handled("ranked")
+        .await
+        .unwrap()
+        .iter()
+        .map(|h| (ids[&h.id], h.attempt, h.at.as_millis()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (1, 1, 500),
+            (2, 1, 1000),
+            (10, 1, 1500),
+            (11, 1, 2000),
+            (2, 2, 2500),
+            (12, 1, 3000),
+            (13, 1, 3500),
+            (1, 2, 4000),
+        ]
+    );
+    let priorities: Vec<(u64, u32, u8)> = seen.lock().unwrap().clone();
+    assert!(priorities.contains(&(2, 2, 9)), "{priorities:?}");
+    assert!(priorities.contains(&(1, 2, 0)), "{priorities:?}");
+}
+
+/// A delayed message keeps its priority: it falls due at 1 s and takes the
+/// next free slot, ahead of the priority-0 backlog published before it.
+#[actix::test]
+async fn a_delayed_message_keeps_its_priority_when_it_falls_due() {
+    let bus = TestBus::start().await.unwrap();
+    let _sub = bus
+        .subscribe::<Charge>("ranked")
+        .members(1, || Ok_)
+        .max_in_flight(1)
+        .rate_limit(2)
+        .start()
+        .await
+        .unwrap();
+    let mut ids = std::collections::HashMap::new();
+    let r = bus
+        .publish_with(
+            &Charge { order: 99 },
+            Publish::new().priority(9).delay(Duration::from_secs(1)),
+        )
+        .await
+        .unwrap();
+    ids.insert(r.message_id, 99);
+    for order in 0..6 {
+        ids.insert(
+            bus.publish(&Charge { order }).await.unwrap().message_id,
+            order,
+        );
+    }
+    bus.advance(Duration::from_secs(10)).await.unwrap();
+    let got: Vec<(u64, u128)> = bus
+        .handled("ranked")
+        .await
+        .unwrap()
+        .iter()
+        .map(|h| (ids[&h.id], h.at.as_millis()))
+        .collect();
+    // 99 falls due at 1 s, when the slot freed by 1 has just been given to
+    // 3 (the move to the topic comes after that hand-out at the same
+    // instant): the next slot is 99's, before the priority-0 backlog (2,
+    // 4, 5) published long before it.
+    assert_eq!(
+        got,
+        [
+            (0, 500),
+            (1, 1000),
+            (3, 1500),
+            (99, 2000),
+            (2, 2500),
+            (4, 3000),
+            (5, 3500)
+        ]
+    );
+}

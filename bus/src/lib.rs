@@ -57,9 +57,11 @@ pub use retry::{Backoff, RetryPolicy};
 pub use sql::{SqlExpr, MAX_FILTER_BYTES, MAX_NESTING};
 pub use time::{from_unix_ms, now_ms, unix_ms, unix_ms_ceil};
 pub use topic::{
-    queue_for_message_group, validate_group_name, validate_topic_name, Limits, Retention,
-    TopicConfig, DEFAULT_DEDUPE_WINDOW, DEFAULT_QUEUES, MAX_DEDUPE_KEY_BYTES, MAX_DEDUPE_WINDOW,
-    MAX_GROUP_NAME_LEN, MAX_QUEUES, MAX_TOPIC_NAME_LEN, SYSTEM_TOPIC_PREFIX,
+    priority_queue, queue_for_message_group, queue_priority, queues_with_lanes,
+    validate_group_name, validate_topic_name, Limits, Retention, TopicConfig,
+    DEFAULT_DEDUPE_WINDOW, DEFAULT_QUEUES, MAX_DEDUPE_KEY_BYTES, MAX_DEDUPE_WINDOW,
+    MAX_GROUP_NAME_LEN, MAX_PRIORITY, MAX_QUEUES, MAX_TOPIC_NAME_LEN, PRIORITY_LANES,
+    SYSTEM_TOPIC_PREFIX,
 };
 pub use trace_context::{
     explicit_parent, link_process, span_context, stamp_publish, SpanId, TraceContext,

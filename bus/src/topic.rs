@@ -27,6 +27,49 @@ pub const DEFAULT_DEDUPE_WINDOW: Duration = Duration::from_secs(120);
 pub const MAX_DEDUPE_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The longest idempotency key ([`Publish::dedupe_key`](crate::Publish::dedupe_key)), in bytes.
 pub const MAX_DEDUPE_KEY_BYTES: usize = 256;
+/// The highest message priority ([`Publish::priority`](crate::Publish::priority));
+/// 0 is the default and the lowest.
+pub const MAX_PRIORITY: u8 = 9;
+/// The priority lanes every topic has besides its queues: one queue per
+/// priority above 0.
+pub const PRIORITY_LANES: u32 = MAX_PRIORITY as u32;
+
+/// The queue of a topic of `queues` queues that holds its messages of
+/// `priority` (1 to [`MAX_PRIORITY`]): its priority lane, `queues +
+/// priority - 1`, after the topic's own queues. `None` for priority 0
+/// (spread over the topic's queues) and for priorities out of range.
+///
+/// # Examples
+///
+/// ```
+/// use weirmq_bus::{priority_queue, queue_priority};
+/// assert_eq!(priority_queue(4, 0), None);
+/// assert_eq!(priority_queue(4, 1), Some(4));
+/// assert_eq!(priority_queue(4, 9), Some(12));
+/// assert_eq!(queue_priority(4, 12), 9);
+/// assert_eq!(queue_priority(4, 3), 0);
+/// ```
+pub fn priority_queue(queues: u32, priority: u8) -> Option<u32> {
+    (1..=MAX_PRIORITY)
+        .contains(&priority)
+        .then(|| queues + u32::from(priority) - 1)
+}
+
+/// The priority whose messages queue `queue` of a topic of `queues` queues
+/// holds: 0 for the topic's own queues, `p` for its priority lane `p`.
+pub fn queue_priority(queues: u32, queue: u32) -> u8 {
+    if queue < queues {
+        0
+    } else {
+        (queue - queues + 1).min(u32::from(MAX_PRIORITY)) as u8
+    }
+}
+
+/// How many queues a topic of `queues` queues keeps in an embedded store:
+/// its own and its [`PRIORITY_LANES`].
+pub fn queues_with_lanes(queues: u32) -> u32 {
+    queues + PRIORITY_LANES
+}
 
 /// How long a topic keeps its messages (RocketMQ's `fileReservedTime`).
 ///
@@ -456,6 +499,15 @@ impl Limits {
                     reason: format!("a message group is 1 to {} bytes", self.max_name_bytes),
                 });
             }
+        }
+        if m.priority > MAX_PRIORITY {
+            return Err(Error::InvalidConfig {
+                reason: format!(
+                    "message priority {} is out of range: priorities are 0 (the default, \
+                     lowest) to {MAX_PRIORITY} (highest)",
+                    m.priority
+                ),
+            });
         }
         if let Some(k) = &m.dedupe_key {
             if k.is_empty() || k.len() > MAX_DEDUPE_KEY_BYTES {

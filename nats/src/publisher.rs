@@ -167,6 +167,7 @@ impl Inner {
     ) -> Result<Vec<SendReceipt>, Error> {
         let mut messages = messages;
         self.admission.check(&mut messages)?;
+        refuse_priority(&messages)?;
         if messages.is_empty() {
             return Ok(Vec::new());
         }
@@ -322,6 +323,21 @@ pub(crate) fn publish_err(context: &str, e: async_nats::jetstream::context::Publ
 /// (`Publish::dedupe_key`): the key, in a namespace no message id is in (an
 /// id is 32 hex digits), so the stream's duplicate window deduplicates by
 /// it.
+/// Priority messages are refused on JetStream: a consumer there fetches
+/// each queue's subject on its own, so no fetch could prefer a higher
+/// priority's backlog (docs/scaling.md).
+pub(crate) fn refuse_priority(messages: &[OutgoingMessage]) -> Result<(), Error> {
+    match messages.iter().find(|m| m.priority > 0) {
+        Some(m) => Err(Error::Unsupported {
+            feature: format!(
+                "message priority ({}) on NATS JetStream: see docs/scaling.md",
+                m.priority
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
 pub(crate) fn dedupe_msg_id(key: &str) -> String {
     format!("wq-key:{key}")
 }

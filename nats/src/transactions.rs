@@ -14,6 +14,7 @@ impl Transactions for NatsBroker {
         _durability: Durability,
     ) -> Result<HalfMessage, Error> {
         self.inner.admission.limits().check(&message)?;
+        crate::publisher::refuse_priority(std::slice::from_ref(&message))?;
         if message.deliver_at.is_some() {
             return Err(Error::Unsupported {
                 feature: "a delayed transactional message".into(),

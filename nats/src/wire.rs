@@ -169,6 +169,8 @@ pub(crate) fn decode(
             deliver_at_ms: number(H_DELIVER_AT)?.filter(|ms| *ms > 0),
             destination: text(H_DESTINATION)?,
             half: get(H_HALF) == Some("1"),
+            // Refused at publish on this backend (`Publish::priority`).
+            priority: 0,
             body: payload.to_vec(),
         },
     ))

@@ -1,6 +1,9 @@
 //! The admin role on the embedded store (contract: `weirmq_bus::Admin`):
 //! topics, positions (from the running group actor, else the store),
-//! resets, stats and reads.
+//! resets, stats and reads. A topic's priority lanes (the queues after its
+//! own, `weirmq_bus::priority_queue`) are positions, stats and resets like
+//! any queue; a lane that never held a message is left out of what an
+//! operator sees.
 
 use super::*;
 
@@ -14,15 +17,16 @@ impl Admin for EmbeddedBroker {
 
     async fn positions(&self, group: &str, topic: &str) -> Result<Vec<QueuePosition>, Error> {
         let running = self.running_group(group, topic);
+        let h = self.known_topic(topic)?;
         if let Some(addr) = running {
             if let Ok((p, _)) = addr.send(Inspect).await {
-                return Ok(p);
+                return Ok(shown(&h, p));
             }
         }
-        let h = self.known_topic(topic)?;
         let reader = self.reader()?;
         let stored = reader.load_offsets(group, h.id)?;
-        (0..h.queues)
+        (0..h.all_queues())
+            .filter(|&q| h.shown(q, h.ends[q as usize].load(Ordering::Acquire)))
             .map(|q| {
                 let max = h.ends[q as usize].load(Ordering::Acquire);
                 let mut s = stored.get(&q).cloned().unwrap_or_default();
@@ -87,14 +91,17 @@ impl Admin for EmbeddedBroker {
     async fn topic_stats(&self, topic: &str) -> Result<TopicStats, Error> {
         let h = self.known_topic(topic)?;
         let reader = self.reader()?;
-        let ends: Vec<u64> = h.ends.iter().map(|e| e.load(Ordering::Acquire)).collect();
+        let ends: Vec<(usize, u64)> = (h.ends.iter().map(|e| e.load(Ordering::Acquire)))
+            .enumerate()
+            .filter(|&(q, end)| h.shown(q as u32, end))
+            .collect();
         let id = h.id;
         self.blocking(move || {
             let mut stats = TopicStats {
                 queues: Vec::with_capacity(ends.len()),
                 bytes: 0,
             };
-            for (q, end) in ends.into_iter().enumerate() {
+            for (q, end) in ends {
                 let key = QueueKey {
                     topic_id: id,
                     queue: q as u32,
@@ -122,9 +129,16 @@ impl Admin for EmbeddedBroker {
         max: usize,
     ) -> Result<Vec<Arc<BusMessage>>, Error> {
         let h = self.known_topic(topic)?;
-        if queue >= h.queues {
+        if queue >= h.all_queues() {
             return Err(Error::InvalidConfig {
-                reason: format!("topic `{topic}` has {} queues, not {}", h.queues, queue + 1),
+                reason: format!(
+                    "topic `{topic}` has {} queues and {} priority lanes (queues {} to {}), \
+                     not a queue {queue}",
+                    h.queues,
+                    weirmq_bus::PRIORITY_LANES,
+                    h.queues,
+                    h.all_queues() - 1
+                ),
             });
         }
         let reader = self.reader()?;
@@ -148,8 +162,8 @@ impl Admin for EmbeddedBroker {
         self.check_open()?;
         let h = self.known_topic(topic)?;
         let reader = self.reader()?;
-        let mut targets = Vec::with_capacity(h.queues as usize);
-        for q in 0..h.queues {
+        let mut targets = Vec::with_capacity(h.all_queues() as usize);
+        for q in 0..h.all_queues() {
             let key = QueueKey {
                 topic_id: h.id,
                 queue: q,
@@ -169,7 +183,7 @@ impl Admin for EmbeddedBroker {
                 .await
                 .map_err(|_| Error::Closed)?;
             info!(group, topic, ?to, ?targets, "positions reset");
-            return Ok(positions);
+            return Ok(shown(&h, positions));
         }
         let entries = targets
             .iter()
@@ -199,4 +213,11 @@ impl Admin for EmbeddedBroker {
         info!(group, topic, ?to, ?targets, "positions reset");
         self.positions(group, topic).await
     }
+}
+
+/// The positions an operator sees: the topic's queues, and the priority
+/// lanes that have held a message.
+fn shown(h: &Topic, mut positions: Vec<QueuePosition>) -> Vec<QueuePosition> {
+    positions.retain(|p| h.shown(p.queue, p.max));
+    positions
 }

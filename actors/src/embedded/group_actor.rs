@@ -35,6 +35,19 @@
 //! message holds its queue's committed offset, so the others of that queue
 //! can run at most the span ahead of it.
 //!
+//! # Priority
+//!
+//! A topic's queues are followed by its priority lanes (queue `n + p - 1`
+//! holds priority `p`, see `weirmq_bus::priority_queue`). When there is room
+//! in the window, a concurrent subscription fills it level by level from 9
+//! down to 0: first the due retries of that level (a retry's level is its
+//! queue's), then that level's queue(s) — so under a backlog a higher
+//! priority never waits behind a lower one, and a retried message keeps
+//! its priority. Within a level: retries by due time, then queue order
+//! (level 0's queues fairly, round robin). A FIFO subscription reads every
+//! queue and lane fairly, without precedence (messages with a message group
+//! are never in a lane).
+//!
 //! Positions are written to the store at most every 50 ms (riding in append
 //! commits), and at stop.
 //!
@@ -181,6 +194,9 @@ pub(crate) struct GroupSetup {
     pub(crate) group: String,
     pub(crate) topic: Arc<str>,
     pub(crate) topic_id: u32,
+    /// The topic's own queue count; the queues after them are its
+    /// priority lanes.
+    pub(crate) base_queues: u32,
     pub(crate) starts: Vec<OffsetState>,
     /// Each queue's end (next offset to be written), advanced by the commit
     /// callback before any publisher hears of its receipt.
@@ -215,7 +231,10 @@ pub(crate) struct GroupActor {
     group: String,
     topic: Arc<str>,
     topic_id: u32,
+    /// The topic's queues, then its priority lanes.
     queues: Vec<QueueState>,
+    /// How many of `queues` are the topic's own (priority 0).
+    base: u32,
     ends: Vec<Arc<AtomicU64>>,
     max_in_flight: usize,
     max_span: u64,
@@ -231,6 +250,9 @@ pub(crate) struct GroupActor {
     read_failed: bool,
     /// Retries waiting for their due time, by (due ms, seq).
     scheduled: DueQueue<RetryEntry>,
+    /// Due retries waiting for room, by priority (index = level), each in
+    /// due order.
+    ready: Vec<VecDeque<RetryEntry>>,
     /// Retries being delivered, by seq.
     retrying: HashMap<u64, RetryFlight>,
     filter: Filter,
@@ -263,6 +285,7 @@ impl GroupActor {
                 .zip(&s.ends)
                 .map(|(start, end)| QueueState::from_stored(start, end.load(Ordering::Acquire)))
                 .collect(),
+            base: s.base_queues,
             ends: s.ends,
             max_in_flight: s.max_in_flight.max(1),
             max_span: (s.max_in_flight.max(1) as u64 * SPAN_FACTOR).max(1024),
@@ -283,6 +306,9 @@ impl GroupActor {
                 }
                 q
             },
+            ready: (0..=weirmq_bus::MAX_PRIORITY)
+                .map(|_| VecDeque::new())
+                .collect(),
             retrying: HashMap::new(),
             filter: s.filter,
             trace: s.trace,
@@ -393,12 +419,32 @@ impl GroupActor {
         });
     }
 
-    /// Fills the in-flight window — due retries first, then the queues,
-    /// fairly — sends what is ready as one batch, and arms the retry timer.
+    /// Fills the in-flight window — level by level from the highest
+    /// priority, each level's due retries before its queues (see the
+    /// module docs) — sends what is ready as one batch, and arms the retry
+    /// timer.
     fn pump(&mut self, ctx: &mut Context<Self>) {
         self.clock.touch();
         self.take_due_retries();
-        self.pump_queues();
+        self.refresh_ends();
+        if self.fifo {
+            // No precedence: every ready retry, then every queue and lane.
+            for level in 0..self.ready.len() {
+                self.deliver_ready(level);
+            }
+            self.pump_queues(0..self.queues.len());
+        } else {
+            for level in (0..self.ready.len()).rev() {
+                if self.in_flight >= self.max_in_flight {
+                    break;
+                }
+                self.deliver_ready(level);
+                match weirmq_bus::priority_queue(self.base, level as u8) {
+                    Some(lane) => self.pump_queues(lane as usize..lane as usize + 1),
+                    None => self.pump_queues(0..self.base as usize),
+                }
+            }
+        }
         self.flush_outbox();
         if !self.traces.is_empty() {
             self.persistence
@@ -434,14 +480,15 @@ impl GroupActor {
         }
     }
 
-    fn pump_queues(&mut self) {
-        self.refresh_ends();
-        let n = self.queues.len();
+    /// Hands out first deliveries from `queues` (indexes into
+    /// `self.queues`), fairly, while there is room.
+    fn pump_queues(&mut self, queues: std::ops::Range<usize>) {
+        let n = queues.len();
         let mut progress = true;
-        while progress && self.in_flight < self.max_in_flight && !self.read_failed {
+        while progress && n > 0 && self.in_flight < self.max_in_flight && !self.read_failed {
             progress = false;
             for i in 0..n {
-                let qi = (self.rotate + i) % n;
+                let qi = queues.start + (self.rotate + i) % n;
                 let room = self.max_in_flight.saturating_sub(self.in_flight);
                 if room == 0 {
                     break;

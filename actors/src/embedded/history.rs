@@ -12,7 +12,7 @@ impl History for EmbeddedBroker {
             .inner
             .topics
             .iter()
-            .map(|h| (h.name.clone(), h.id, h.queues))
+            .map(|h| (h.name.clone(), h.id, h.all_queues()))
             .collect();
         // User topics first; dead letters are copies with ids of their own.
         topics.sort_by_key(|(n, _, _)| (n.starts_with(SYSTEM_TOPIC_PREFIX), n.clone()));
@@ -30,7 +30,7 @@ impl History for EmbeddedBroker {
         let h = self.known_topic(topic)?;
         let reader = self.reader()?;
         let key = key.to_string();
-        self.blocking(move || reader.find_key(&h.name, h.id, h.queues, &key, max))
+        self.blocking(move || reader.find_key(&h.name, h.id, h.all_queues(), &key, max))
             .await
     }
 

@@ -224,6 +224,7 @@ impl EmbeddedBroker {
                 &persistence,
                 &t.name,
                 t.id,
+                t.queues,
                 t.ends,
                 t.settings,
             );

@@ -54,8 +54,8 @@ impl Subscriptions for EmbeddedBroker {
         let reader = self.reader()?;
         let stored = reader.load_offsets(&spec.group, h.id)?;
         let retries = reader.load_retries(&spec.group, h.id)?;
-        let mut starts = Vec::with_capacity(h.queues as usize);
-        for q in 0..h.queues {
+        let mut starts = Vec::with_capacity(h.all_queues() as usize);
+        for q in 0..h.all_queues() {
             let s = match stored.get(&q) {
                 Some(s) => s.clone(),
                 None => OffsetState {
@@ -76,6 +76,7 @@ impl Subscriptions for EmbeddedBroker {
             group: spec.group.clone(),
             topic: h.name.clone(),
             topic_id: h.id,
+            base_queues: h.queues,
             starts,
             ends: h.ends.clone(),
             max_in_flight: spec.max_in_flight,

@@ -1,7 +1,7 @@
 //! `TopicActor`: the publish path from the publishers to the queues.
 //!
-//! A [`TopicActor`] picks a queue per message (round-robin, or by message
-//! group) and hands each queue its share of a publish as one
+//! A [`TopicActor`] picks a queue per message (round-robin, by message
+//! group, or its priority lane) and hands each queue its share of a publish as one
 //! [`QueueAppend`]. The [`QueueActor`](super::queue_actor::QueueActor) owns its
 //! queue's offset counter: it places messages at consecutive offsets, hands
 //! them to the persistence actor as one [`Append`], and once the commit is
@@ -97,16 +97,28 @@ pub(crate) struct TopicPublish {
     pub(crate) parts: Vec<PublishPart>,
 }
 
-/// Picks queues for a topic's messages: round robin, or by message group
-/// for ordered messages.
+/// Picks queues for a topic's messages: by message group for ordered
+/// messages, the priority lane for a priority above 0, else round robin.
 pub(crate) struct TopicActor {
+    /// The topic's queues, then its priority lanes.
     queues: Vec<Addr<QueueActor>>,
+    /// How many of them are the topic's own (the rest are lanes).
+    base: u32,
+    /// Whether priorities pick lanes: not in system topics, whose staged
+    /// messages are found by their place in queue 0 (the schedule, half
+    /// messages) or kept in order of death (dead letters).
+    lanes: bool,
     next: usize,
 }
 
 impl TopicActor {
-    pub(crate) fn new(queues: Vec<Addr<QueueActor>>) -> Self {
-        TopicActor { queues, next: 0 }
+    pub(crate) fn new(queues: Vec<Addr<QueueActor>>, base: u32, lanes: bool) -> Self {
+        TopicActor {
+            queues,
+            base,
+            lanes,
+            next: 0,
+        }
     }
 }
 
@@ -118,16 +130,22 @@ impl Handler<TopicPublish> for TopicActor {
     type Result = ();
 
     fn handle(&mut self, msg: TopicPublish, _: &mut Context<Self>) {
-        let n = self.queues.len();
+        let (n, base) = (self.queues.len(), self.base as usize);
         let mut per_queue: Vec<Vec<PublishPart>> = (0..n).map(|_| Vec::new()).collect();
         for mut part in msg.parts {
             let mut split: Vec<Vec<(usize, BusMessage)>> = (0..n).map(|_| Vec::new()).collect();
             for m in part.messages {
-                // Ordered messages: one queue per message group, stably.
-                let q = match m.1.message_group() {
-                    Some(g) => weirmq_bus::queue_for_message_group(g, n as u32) as usize,
-                    None => {
-                        let q = self.next % n;
+                // Ordered messages: one queue per message group, stably,
+                // whatever their priority.
+                let lane = match self.lanes {
+                    true => weirmq_bus::priority_queue(self.base, m.1.priority()),
+                    false => None,
+                };
+                let q = match (m.1.message_group(), lane) {
+                    (Some(g), _) => weirmq_bus::queue_for_message_group(g, self.base) as usize,
+                    (None, Some(lane)) => lane as usize,
+                    (None, None) => {
+                        let q = self.next % base;
                         self.next = self.next.wrapping_add(1);
                         q
                     }

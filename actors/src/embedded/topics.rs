@@ -9,9 +9,12 @@ use super::*;
 pub(super) struct Topic {
     pub(super) name: Arc<str>,
     pub(super) id: u32,
+    /// Its queue count as configured (without the priority lanes).
     pub(super) queues: u32,
     pub(super) addr: Addr<TopicActor>,
+    /// Its queues, then its priority lanes (`weirmq_bus::priority_queue`).
     pub(super) queue_addrs: Vec<Addr<QueueActor>>,
+    /// The next offset of each queue and lane.
     pub(super) ends: Vec<Arc<AtomicU64>>,
     /// Publishes waiting to be sent to the topic actor in one message.
     pub(super) outbox: Mutex<Vec<PublishPart>>,
@@ -26,6 +29,17 @@ pub(super) struct Topic {
 pub(super) type TopicHandle = Arc<Topic>;
 
 impl Topic {
+    /// How many queues it keeps: its own and its priority lanes.
+    pub(super) fn all_queues(&self) -> u32 {
+        self.ends.len() as u32
+    }
+
+    /// Whether queue `q` is worth showing an operator: one of the topic's
+    /// own queues, or a priority lane that has held a message.
+    pub(super) fn shown(&self, q: u32, end: u64) -> bool {
+        q < self.queues || end > 0
+    }
+
     /// The topic's configuration, as last set.
     pub(super) fn config(&self) -> TopicConfig {
         let s = self
@@ -72,9 +86,11 @@ pub(super) fn spawn_topic(
     persistence: &Addr<PersistenceActor>,
     name: &str,
     id: u32,
+    queues: u32,
     ends: Vec<u64>,
     settings: TopicSettings,
 ) -> TopicHandle {
+    debug_assert_eq!(ends.len() as u32, weirmq_bus::queues_with_lanes(queues));
     let trace = Arc::new(AtomicBool::new(settings.trace));
     let ends: Vec<Arc<AtomicU64>> = ends
         .into_iter()
@@ -95,11 +111,12 @@ pub(super) fn spawn_topic(
         })
         .collect();
     let qa = queue_addrs.clone();
-    let addr = TopicActor::start_in_arbiter(arbiter, move |_| TopicActor::new(qa));
+    let lanes = !name.starts_with(SYSTEM_TOPIC_PREFIX);
+    let addr = TopicActor::start_in_arbiter(arbiter, move |_| TopicActor::new(qa, queues, lanes));
     Arc::new(Topic {
         name: Arc::from(name),
         id,
-        queues: ends.len() as u32,
+        queues,
         addr,
         queue_addrs,
         ends,
@@ -161,7 +178,8 @@ impl EmbeddedBroker {
             &self.inner.persistence,
             config.name(),
             id,
-            vec![0; config.queue_count() as usize],
+            config.queue_count(),
+            vec![0; weirmq_bus::queues_with_lanes(config.queue_count()) as usize],
             settings,
         );
         info!(

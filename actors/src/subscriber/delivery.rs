@@ -247,6 +247,12 @@ impl<E> Delivery<E> {
         self._witness.touch();
         self.message.properties()
     }
+    /// The priority it was published with: 0 (the default) to 9
+    /// (`Publish::priority`); a retry keeps it.
+    pub fn priority(&self) -> u8 {
+        self._witness.touch();
+        self.message.priority()
+    }
     /// The queue of the topic the message is in.
     pub fn queue(&self) -> u32 {
         self._witness.touch();

@@ -136,6 +136,7 @@ impl DeadLetter {
         out.tag = m.tag().map(str::to_string);
         out.keys = m.keys().to_vec();
         out.properties = m.properties().clone();
+        out.priority = m.priority();
         for p in DLQ_PROPERTIES {
             out.properties.remove(p);
         }
@@ -237,6 +238,7 @@ impl DeadLetterCopy {
         out.tag = original.tag().map(str::to_string);
         out.keys = original.keys().to_vec();
         out.properties = original.properties().clone();
+        out.priority = original.priority();
         self.stamp(out)
     }
 

@@ -2,7 +2,8 @@
 //! store (and a NATS payload). Version 1 holds id, birth time, tag, keys,
 //! properties and body; version 2, written only when one of its fields is
 //! set, adds the message group, the destination of a staged message, the
-//! due time and the half flag. Topic, queue and offset are not in it: they
+//! due time and a flags byte (bit 0: the half flag; bits 4-7: the
+//! priority). Topic, queue and offset are not in it: they
 //! are the record's key.
 
 use super::*;
@@ -97,7 +98,8 @@ impl Message {
         let v2 = self.message_group.is_some()
             || self.deliver_at_ms.is_some()
             || self.destination.is_some()
-            || self.half;
+            || self.half
+            || self.priority > 0;
         out.push(if v2 { ENVELOPE_V2 } else { ENVELOPE_V1 });
         out.extend_from_slice(&self.id.0.to_be_bytes());
         out.extend_from_slice(&self.born_at_ms.to_be_bytes());
@@ -123,7 +125,8 @@ impl Message {
                 }
             }
             out.extend_from_slice(&self.deliver_at_ms.unwrap_or(0).to_be_bytes());
-            out.push(self.half as u8);
+            // Flags: bit 0 the half flag, bits 4-7 the priority.
+            out.push(self.half as u8 | (self.priority << 4));
         }
     }
 
@@ -165,12 +168,21 @@ impl Message {
         }
         let body = r.bytes()?.to_vec();
         let (mut message_group, mut destination, mut deliver_at_ms) = (None, None, None);
-        let mut half = false;
+        let (mut half, mut priority) = (false, 0);
         if version == ENVELOPE_V2 {
             message_group = r.opt_string()?;
             destination = r.opt_string()?;
             deliver_at_ms = Some(u64::from_be_bytes(r.array::<8>()?)).filter(|ms| *ms > 0);
-            half = r.u8()? == 1;
+            let flags = r.u8()?;
+            half = flags & 1 == 1;
+            priority = flags >> 4;
+            if flags & 0x0E != 0 || priority > crate::MAX_PRIORITY {
+                return Err(StorageError::msg(format!(
+                    "message envelope has unknown flags {flags:#04x} (this build knows bit 0, \
+                     the half flag, and bits 4-7, a priority of at most {})",
+                    crate::MAX_PRIORITY
+                )));
+            }
         }
         Ok((
             Message {
@@ -186,6 +198,7 @@ impl Message {
                 deliver_at_ms,
                 destination,
                 half,
+                priority,
                 body,
                 dedupe: None,
             },

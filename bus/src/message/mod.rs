@@ -132,6 +132,12 @@ pub struct OutgoingMessage {
     /// same topic within the topic's dedupe window stores nothing and
     /// returns the first publish's receipt (see [`Publish::dedupe_key`]).
     pub dedupe_key: Option<String>,
+    /// The priority, 0 (the default, lowest) to [`MAX_PRIORITY`] (highest):
+    /// under a backlog a topic's higher priorities are delivered first (see
+    /// [`Publish::priority`]).
+    ///
+    /// [`MAX_PRIORITY`]: crate::MAX_PRIORITY
+    pub priority: u8,
 }
 
 impl OutgoingMessage {
@@ -148,6 +154,7 @@ impl OutgoingMessage {
             body: body.into(),
             id: None,
             dedupe_key: None,
+            priority: 0,
         }
     }
 
@@ -198,6 +205,12 @@ impl OutgoingMessage {
         self
     }
 
+    /// Sets the priority (see [`Publish::priority`]).
+    pub fn priority(mut self, priority: u8) -> Self {
+        self.priority = priority;
+        self
+    }
+
     /// Adds a key.
     pub fn key(mut self, key: impl Into<String>) -> Self {
         self.keys.push(key.into());
@@ -235,6 +248,7 @@ pub struct Publish {
     deliver_after: Option<Duration>,
     message_id: Option<MessageId>,
     dedupe_key: Option<String>,
+    priority: u8,
 }
 
 impl Publish {
@@ -375,6 +389,44 @@ impl Publish {
         self
     }
 
+    /// Sets the message's priority: 0 (the default, lowest) to
+    /// [`MAX_PRIORITY`] = 9 (highest), as in RocketMQ 5. When a consumer
+    /// group falls behind, the topic's messages of a higher priority are
+    /// delivered before those of a lower one, whatever their publish order;
+    /// within one priority, publish order. When the group keeps up,
+    /// priority changes nothing: every message is delivered at once.
+    ///
+    /// A retried message keeps its priority (its retry is handed out with
+    /// the retries and messages of its level), and so do delayed and
+    /// transactional messages once they are visible. A dead letter carries
+    /// it (a resend publishes the original with it), but `%DLQ%<group>`
+    /// delivers in order of death. FIFO subscriptions ignore it: a message with a
+    /// message group goes to its group's queue, in publish order, whatever
+    /// its priority. A priority above 9 is refused at publish
+    /// ([`Error::InvalidConfig`](crate::Error::InvalidConfig)); the NATS
+    /// backend refuses priorities above 0
+    /// ([`Error::Unsupported`](crate::Error::Unsupported)).
+    ///
+    /// How: a topic of `n` queues keeps priority `p > 0` in queue
+    /// `n + p - 1` (its *priority lane*, see [`priority_queue`]); a group
+    /// reads the lanes highest first. See docs/message-types.md.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use weirmq_bus::Publish;
+    /// // A payment timeout outranks the newsletter backlog.
+    /// let urgent = Publish::new().priority(9);
+    /// # let _ = urgent;
+    /// ```
+    ///
+    /// [`MAX_PRIORITY`]: crate::MAX_PRIORITY
+    /// [`priority_queue`]: crate::priority_queue
+    pub fn priority(mut self, priority: u8) -> Self {
+        self.priority = priority;
+        self
+    }
+
     /// Builds the raw message for `topic` and `body` with these options.
     pub fn into_message(self, topic: impl Into<String>, body: Vec<u8>) -> OutgoingMessage {
         OutgoingMessage {
@@ -388,6 +440,7 @@ impl Publish {
             body,
             id: self.message_id,
             dedupe_key: self.dedupe_key,
+            priority: self.priority,
         }
     }
 }
@@ -440,6 +493,8 @@ pub struct MessageParts {
     pub destination: Option<String>,
     /// Whether it is a transaction's half message.
     pub half: bool,
+    /// The priority (0 to [`MAX_PRIORITY`](crate::MAX_PRIORITY)).
+    pub priority: u8,
     /// The payload: the event's encoded bytes.
     pub body: Vec<u8>,
 }
@@ -459,6 +514,7 @@ pub struct Message {
     deliver_at_ms: Option<u64>,
     destination: Option<String>,
     half: bool,
+    priority: u8,
     body: Vec<u8>,
     /// The idempotency key and the end of its window (Unix ms): what a
     /// store records beside the message so a later publish with the key
@@ -480,6 +536,7 @@ impl fmt::Debug for Message {
             .field("deliver_at_ms", &self.deliver_at_ms)
             .field("destination", &self.destination)
             .field("half", &self.half)
+            .field("priority", &self.priority)
             .field("body_len", &self.body.len())
             .finish()
     }
@@ -510,6 +567,7 @@ impl Message {
             deliver_at_ms: out.deliver_at.map(unix_ms_ceil),
             destination: None,
             half: false,
+            priority: out.priority,
             body: out.body,
             dedupe: out.dedupe_key.map(|k| (Arc::from(k), unix_ms(now))),
         }
@@ -531,6 +589,7 @@ impl Message {
             deliver_at_ms: parts.deliver_at_ms,
             destination: parts.destination,
             half: parts.half,
+            priority: parts.priority,
             body: parts.body,
             dedupe: None,
         }
@@ -608,6 +667,12 @@ impl Message {
     /// The topic a staged message (in a system topic) is for.
     pub fn destination(&self) -> Option<&str> {
         self.destination.as_deref()
+    }
+
+    /// The priority: 0 (the default, lowest) to
+    /// [`MAX_PRIORITY`](crate::MAX_PRIORITY) (see [`Publish::priority`]).
+    pub fn priority(&self) -> u8 {
+        self.priority
     }
 
     /// Places the message at `offset` of `queue` (done once, by the broker).
@@ -711,6 +776,7 @@ mod tests {
             message_group in proptest::option::of(".{1,12}"),
             deliver_in_ms in proptest::option::of(0u64..100_000),
             destination in proptest::option::of("[a-z]{1,8}"),
+            priority in 0u8..=9,
         ) {
             let out = OutgoingMessage {
                 topic: "t".into(),
@@ -723,6 +789,7 @@ mod tests {
                 body,
                 id: None,
                 dedupe_key: None,
+                priority,
             };
             let mut m = Message::prepare(out, Arc::from("t")).with_position(1, 9);
             if let Some(d) = destination {

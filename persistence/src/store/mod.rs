@@ -336,7 +336,8 @@ impl Store {
         self.topics
             .iter()
             .flat_map(|(&topic_id, &(queues, _))| {
-                (0..queues).map(move |queue| QueueKey { topic_id, queue })
+                (0..weirmq_bus::queues_with_lanes(queues))
+                    .map(move |queue| QueueKey { topic_id, queue })
             })
             .collect()
     }

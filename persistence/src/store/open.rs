@@ -24,9 +24,10 @@ pub struct RecoveredTopic {
     pub name: String,
     /// Its id in this store.
     pub id: u32,
-    /// Its queue count.
+    /// Its queue count (as configured: without its priority lanes).
     pub queues: u32,
-    /// For each queue, the next offset to write.
+    /// For each queue and then each priority lane
+    /// ([`weirmq_bus::queues_with_lanes`]), the next offset to write.
     pub ends: Vec<u64>,
     /// Its retention and trace settings.
     pub settings: TopicSettings,
@@ -237,8 +238,9 @@ impl Store {
             let name = String::from_utf8(k[TOPIC_PREFIX.len()..].to_vec())
                 .map_err(|_| StorageError::msg("topic name in metadata is not UTF-8"))?;
             let (id, queues, settings) = decode_topic(&name, &v)?;
-            let mut ends = Vec::with_capacity(queues as usize);
-            for queue in 0..queues {
+            let all = weirmq_bus::queues_with_lanes(queues);
+            let mut ends = Vec::with_capacity(all as usize);
+            for queue in 0..all {
                 let key = QueueKey {
                     topic_id: id,
                     queue,
@@ -288,7 +290,7 @@ impl Store {
         };
         let mut ends = BTreeMap::new();
         for (&topic_id, &(queues, _)) in &self.topics {
-            for queue in 0..queues {
+            for queue in 0..weirmq_bus::queues_with_lanes(queues) {
                 let key = QueueKey { topic_id, queue };
                 let end = self.queue_end(key)?.max(start_of(&self.meta, key)?);
                 ends.insert((topic_id, queue), end);

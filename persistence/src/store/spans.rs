@@ -116,7 +116,7 @@ impl Store {
 
 impl StoreReader {
     /// Finds the message with `id` in the given queues (`(topic name, key,
-    /// queue count)`): reads record summaries and decodes only the records
+    /// how many queues to look in — priority lanes included)`): reads record summaries and decodes only the records
     /// whose filter matches.
     ///
     /// # Errors
@@ -150,7 +150,8 @@ impl StoreReader {
         })
     }
 
-    /// Up to `max` messages of a topic's queues carrying `key`, oldest first.
+    /// Up to `max` messages of a topic's first `queues` queues (priority
+    /// lanes included when counted in) carrying `key`, oldest first.
     ///
     /// # Errors
     ///

@@ -142,7 +142,10 @@ impl Store {
             if r.age().is_none() && r.bytes().is_none() {
                 continue;
             }
-            out.extend((0..*queues).map(|queue| (QueueKey { topic_id, queue }, r)));
+            out.extend(
+                (0..weirmq_bus::queues_with_lanes(*queues))
+                    .map(|queue| (QueueKey { topic_id, queue }, r)),
+            );
         }
         out
     }

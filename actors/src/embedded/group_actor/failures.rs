@@ -5,10 +5,20 @@
 use super::*;
 
 impl GroupActor {
+    /// Moves the retries that are due from the schedule to `ready`, by
+    /// their priority (their queue's).
     pub(super) fn take_due_retries(&mut self) {
         let now = self.clock.now_ms();
+        while let Some(entry) = self.scheduled.pop_due(now) {
+            let level = weirmq_bus::queue_priority(self.base, entry.queue) as usize;
+            self.ready[level].push_back(entry);
+        }
+    }
+
+    /// Hands out the ready retries of priority `level` while there is room.
+    pub(super) fn deliver_ready(&mut self, level: usize) {
         while self.in_flight < self.max_in_flight {
-            let Some(entry) = self.scheduled.pop_due(now) else {
+            let Some(entry) = self.ready[level].pop_front() else {
                 break;
             };
             let key = self.key(entry.queue);
@@ -43,7 +53,8 @@ impl GroupActor {
                         "reading a due retry failed; trying again in 1 s");
                     // (Its stored key keeps its due time; only the wake-up moves.)
                     let seq = entry.key.seq;
-                    self.scheduled.insert(now + 1000, seq, entry);
+                    self.scheduled
+                        .insert(self.clock.now_ms() + 1000, seq, entry);
                     break;
                 }
             }

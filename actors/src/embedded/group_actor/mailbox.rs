@@ -221,7 +221,8 @@ impl Handler<Inspect> for GroupActor {
         let positions = self.positions();
         let mut stats = self.stats;
         stats.in_flight = self.in_flight as u64;
-        stats.scheduled_retries = self.scheduled.len() as u64;
+        stats.scheduled_retries =
+            (self.scheduled.len() + self.ready.iter().map(VecDeque::len).sum::<usize>()) as u64;
         MessageResult((positions, stats))
     }
 }
