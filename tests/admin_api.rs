@@ -175,7 +175,8 @@ async fn every_endpoint_answers_on_a_bus_with_a_dead_letter(b: Backend) {
     let (s, _, _) = call!(
         &app,
         get(&format!(
-            "/admin/api/topics/{}/queues/9/messages",
+            // 4 queues and 9 priority lanes: queues 0 to 12.
+            "/admin/api/topics/{}/queues/13/messages",
             Num::TOPIC
         )),
     )

@@ -117,7 +117,10 @@ proptest! {
             store.sync().unwrap();
         }
         let (store, recovery) = Store::open(cfg).unwrap();
-        prop_assert_eq!(&recovery.topics[0].ends, &ends.to_vec());
+        // The topic's queues, then its priority lanes (empty here).
+        let mut want = ends.to_vec();
+        want.resize(weirmq_bus::queues_with_lanes(ends.len() as u32) as usize, 0);
+        prop_assert_eq!(&recovery.topics[0].ends, &want);
         let r = store.reader();
         for (q, from, end, max) in reads {
             let key = QueueKey { topic_id: 0, queue: q };
@@ -170,7 +173,8 @@ fn missing_index_summaries_are_rebuilt_at_open() {
         store.sync().unwrap();
     }
     let (store, recovery) = Store::open(cfg).unwrap();
-    assert_eq!(recovery.topics[0].ends, vec![3000]);
+    // Queue 0, then the nine empty priority lanes.
+    assert_eq!(recovery.topics[0].ends, [vec![3000], vec![0; 9]].concat());
     let r = store.reader();
     let t: Arc<str> = Arc::from("t");
     // Two full spans written at open, the rest is the open span's tail.
