@@ -321,6 +321,17 @@ impl EmbeddedBroker {
         }
     }
 
+    /// The scheduler (delayed messages, transactions), or `Closed` once the
+    /// broker shut down.
+    fn scheduler(&self) -> Result<Addr<Scheduler>, Error> {
+        self.inner
+            .scheduler
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(Error::Closed)
+    }
+
     fn reader(&self) -> Result<StoreReader, Error> {
         self.inner
             .reader

@@ -311,14 +311,7 @@ impl Publisher for EmbeddedBroker {
         let Ok(schedule) = self.known_topic(SCHEDULE_TOPIC) else {
             return Ok(weirmq_bus::CancelOutcome::AlreadyDelivered);
         };
-        let scheduler = self
-            .inner
-            .scheduler
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or(Error::Closed)?;
-        scheduler
+        self.scheduler()?
             .send(scheduler::CancelDelayed {
                 receipt: *receipt,
                 due_ms: weirmq_bus::unix_ms_ceil(at),

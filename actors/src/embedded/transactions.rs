@@ -51,14 +51,7 @@ impl Transactions for EmbeddedBroker {
     ) -> Result<Option<SendReceipt>, Error> {
         self.check_open()?;
         let half_topic = self.known_topic(HALF_TOPIC)?;
-        let scheduler = self
-            .inner
-            .scheduler
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or(Error::Closed)?;
-        scheduler
+        self.scheduler()?
             .send(EndTransaction {
                 half: half.clone(),
                 half_topic_id: half_topic.id,
