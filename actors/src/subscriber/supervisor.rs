@@ -315,7 +315,11 @@ where
     ) {
         let (j, generation) = (h.member, h.generation);
         self.in_flight -= 1;
-        if self.members[j].generation == generation {
+        // An inbox attempt that succeeded keeps its member's slot until its
+        // state is committed (`flush_inbox`): the member's next delivery
+        // then reads what this one wrote.
+        let committing = self.inbox.is_some() && h.inbox.is_some() && matches!(res, Ok(Ok(())));
+        if !committing && self.members[j].generation == generation {
             self.members[j].in_flight = self.members[j].in_flight.saturating_sub(1);
         }
         if matches!(res, Err(MailboxError::Closed)) {
@@ -473,6 +477,11 @@ where
         ctx.spawn(write.into_actor(self).map(move |r, act, ctx| {
             act.io_pending -= done.len();
             for h in done {
+                // The member's slot, held since the attempt returned.
+                let m = &mut act.members[h.member];
+                if m.generation == h.generation {
+                    m.in_flight = m.in_flight.saturating_sub(1);
+                }
                 match &r {
                     Ok(()) => act.settle(h.token, Settlement::Ack, (&h.message, h.attempt), ctx),
                     Err(e) => act.failed(
@@ -482,6 +491,7 @@ where
                     ),
                 }
             }
+            act.dispatch(ctx);
             act.maybe_finish(ctx);
         }));
     }
