@@ -287,7 +287,12 @@ impl<E: Event, A> SubscribeBuilder<E, A> {
     /// A message whose mark is stored is acked without reaching a handler
     /// again — after a crash between the commit and the ack, a redelivery,
     /// or a replay — so its writes happen exactly once per message per
-    /// group. A failed attempt writes nothing. See docs/exactly-once.md.
+    /// group. A failed attempt writes nothing. A member's slot stays taken
+    /// until its attempt's writes are committed, so a handler that reads
+    /// state and writes it back, run one at a time (one member,
+    /// [`max_in_flight_per_member(1)`](Self::max_in_flight_per_member)),
+    /// reads what the attempt before it committed. See
+    /// docs/exactly-once.md.
     ///
     /// The embedded store only (its outbox role keeps the application's
     /// state): on NATS, [`start`](Self::start) answers
