@@ -433,6 +433,10 @@ impl GroupActor {
                 self.deliver_ready(level);
             }
             self.pump_queues(0..self.queues.len());
+        } else if self.lanes_idle() {
+            // The common case: nothing above priority 0 waits.
+            self.deliver_ready(0);
+            self.pump_queues(0..self.base as usize);
         } else {
             for level in (0..self.ready.len()).rev() {
                 if self.in_flight >= self.max_in_flight {
@@ -478,6 +482,15 @@ impl GroupActor {
                 }
             }
         }
+    }
+
+    /// Whether no priority lane has a message to hand out and no retry
+    /// above priority 0 is ready.
+    fn lanes_idle(&self) -> bool {
+        self.queues[self.base as usize..]
+            .iter()
+            .all(|q| q.next >= q.end)
+            && self.ready[1..].iter().all(VecDeque::is_empty)
     }
 
     /// Hands out first deliveries from `queues` (indexes into
