@@ -91,7 +91,10 @@ impl Admin for EmbeddedBroker {
     async fn topic_stats(&self, topic: &str) -> Result<TopicStats, Error> {
         let h = self.known_topic(topic)?;
         let reader = self.reader()?;
-        let ends: Vec<(usize, u64)> = (h.ends.iter().map(|e| e.load(Ordering::Acquire)))
+        let ends: Vec<(usize, u64)> = h
+            .ends
+            .iter()
+            .map(|e| e.load(Ordering::Acquire))
             .enumerate()
             .filter(|&(q, end)| h.shown(q as u32, end))
             .collect();

@@ -141,13 +141,17 @@ impl Scheduler {
         }
     }
 
-    fn add(&mut self, e: ScheduleEntry) {
-        if self
-            .resolving
+    /// Whether the entry `seq` is being resolved (committed, rolled back or
+    /// cancelled): never to be moved again.
+    fn is_resolving(&self, seq: u64) -> bool {
+        self.resolving
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains(&e.seq)
-        {
+            .contains(&seq)
+    }
+
+    fn add(&mut self, e: ScheduleEntry) {
+        if self.is_resolving(e.seq) {
             return;
         }
         if e.checks.is_some() {
@@ -478,13 +482,7 @@ impl Handler<EndTransaction> for Scheduler {
 
     fn handle(&mut self, msg: EndTransaction, ctx: &mut Context<Self>) -> Self::Result {
         let seq = ScheduleEntry::seq_of(msg.half_topic_id, msg.half.offset);
-        if msg.outcome == TransactionOutcome::Unknown
-            || self
-                .resolving
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(&seq)
-        {
+        if msg.outcome == TransactionOutcome::Unknown || self.is_resolving(seq) {
             return Box::pin(async { Ok(None) });
         }
         // The entry as it is now: known here, or still as first written.
@@ -551,13 +549,7 @@ impl Handler<CancelDelayed> for Scheduler {
     fn handle(&mut self, msg: CancelDelayed, _: &mut Context<Self>) -> Self::Result {
         let seq = ScheduleEntry::seq_of(msg.schedule_topic_id, msg.receipt.offset);
         let too_late = || Box::pin(async { Ok(CancelOutcome::AlreadyDelivered) });
-        if self.moving.contains(&seq)
-            || self
-                .resolving
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(&seq)
-        {
+        if self.moving.contains(&seq) || self.is_resolving(seq) {
             return too_late();
         }
         let probe = ScheduleEntry {
