@@ -19,6 +19,7 @@ use clap::Parser;
 use serde::Serialize;
 use weirmq::prelude::*;
 
+mod alloc;
 mod baselines;
 mod drive;
 mod lifecycle;
@@ -42,6 +43,11 @@ use raw_append::*;
 use redis_peer::*;
 use report::*;
 use weirmq_runs::*;
+
+/// jemalloc, or glibc's malloc with `WEIRMQ_BENCH_ALLOCATOR=system` (see
+/// `alloc.rs` and BENCHMARKS.md, "The allocator").
+#[global_allocator]
+static ALLOCATOR: alloc::Switch = alloc::Switch;
 
 /// Benchmark scenarios for weirmq, with baselines measured in the same run.
 #[derive(Parser, Debug)]

@@ -15,6 +15,9 @@ pub(super) struct Res {
     pub(super) p999_us: Option<f64>,
     pub(super) peak_rss_mb: f64,
     pub(super) baseline: bool,
+    /// The process's allocator: `jemalloc` (the default) or `system`
+    /// (`WEIRMQ_BENCH_ALLOCATOR=system`).
+    pub(super) allocator: &'static str,
     /// Size of the data directory at the end of the scenario (where it
     /// matters: retention).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -45,6 +48,7 @@ impl Res {
             p999_us: None,
             peak_rss_mb: rss_mb(),
             baseline: false,
+            allocator: crate::alloc::name(),
             data_dir_mb: None,
             data_dir_mb_before: None,
             rss_bound_mb: None,

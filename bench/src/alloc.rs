@@ -1,0 +1,94 @@
+//! The harness's allocator: jemalloc, or the system's (glibc malloc) with
+//! `WEIRMQ_BENCH_ALLOCATOR=system`, chosen once at the first allocation
+//! and reported in every result line (`"allocator"`).
+//!
+//! Why it matters (BENCHMARKS.md, "The allocator"): a message bus
+//! allocates on one thread (the publisher's) and frees on another (the
+//! consumer's); glibc's malloc then takes the owning arena's lock on every
+//! such free, and the in-memory end-to-end scenarios spent ~15% of their
+//! samples waking and waiting on those locks. The allocator is the
+//! application's choice (a library cannot set it), so the harness measures
+//! what a service that picks one gets, and either can be measured.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicU8, Ordering};
+
+const UNKNOWN: u8 = 0;
+const JEMALLOC: u8 = 1;
+const SYSTEM: u8 = 2;
+
+static CHOICE: AtomicU8 = AtomicU8::new(UNKNOWN);
+
+/// jemalloc unless `WEIRMQ_BENCH_ALLOCATOR=system`; fixed for the process.
+pub(super) struct Switch;
+
+#[inline]
+fn choice() -> u8 {
+    let c = CHOICE.load(Ordering::Relaxed);
+    if c != UNKNOWN {
+        return c;
+    }
+    // Read without allocating (we are inside the allocator): getenv hands
+    // back a pointer into the environment. Threads racing here read the
+    // same environment and store the same value.
+    let name = c"WEIRMQ_BENCH_ALLOCATOR";
+    // SAFETY: `name` is NUL-terminated; the result is NULL or a
+    // NUL-terminated string in the environment, read before any thread of
+    // the harness changes it (none does).
+    let system = unsafe {
+        let v = libc::getenv(name.as_ptr());
+        !v.is_null() && std::ffi::CStr::from_ptr(v).to_bytes() == b"system"
+    };
+    let c = if system { SYSTEM } else { JEMALLOC };
+    CHOICE.store(c, Ordering::Relaxed);
+    c
+}
+
+/// The allocator this process uses, as reported in the result lines.
+pub(super) fn name() -> &'static str {
+    match choice() {
+        SYSTEM => "system",
+        _ => "jemalloc",
+    }
+}
+
+// SAFETY: every call goes to the allocator chosen at the first call, which
+// never changes afterwards, so each block is freed by the allocator that
+// made it; both delegates uphold `GlobalAlloc`'s contract.
+unsafe impl GlobalAlloc for Switch {
+    #[inline]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if choice() == SYSTEM {
+            unsafe { System.alloc(layout) }
+        } else {
+            unsafe { tikv_jemallocator::Jemalloc.alloc(layout) }
+        }
+    }
+
+    #[inline]
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if choice() == SYSTEM {
+            unsafe { System.alloc_zeroed(layout) }
+        } else {
+            unsafe { tikv_jemallocator::Jemalloc.alloc_zeroed(layout) }
+        }
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if choice() == SYSTEM {
+            unsafe { System.dealloc(ptr, layout) }
+        } else {
+            unsafe { tikv_jemallocator::Jemalloc.dealloc(ptr, layout) }
+        }
+    }
+
+    #[inline]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if choice() == SYSTEM {
+            unsafe { System.realloc(ptr, layout, new_size) }
+        } else {
+            unsafe { tikv_jemallocator::Jemalloc.realloc(ptr, layout, new_size) }
+        }
+    }
+}
