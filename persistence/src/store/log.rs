@@ -84,12 +84,11 @@ impl RecordBuilder {
             }
         }
         let (_, count, buf, summary) = self.open.entry(key).or_insert_with(|| {
-            (
-                offset,
-                0,
-                0u32.to_be_bytes().to_vec(),
-                SummaryBuilder::default(),
-            )
+            // Room for a full record (and the message that closes it) up
+            // front: growing by doubling copied each record ~5 times.
+            let mut buf = Vec::with_capacity(Self::MAX_BYTES + m.size_hint());
+            buf.extend_from_slice(&0u32.to_be_bytes());
+            (offset, 0, buf, SummaryBuilder::default())
         });
         let at = buf.len();
         buf.extend_from_slice(&[0; 4]);
