@@ -58,11 +58,13 @@ impl Meters {
         }
     }
 
-    /// A handler answered after `seconds`, well or not.
-    pub(super) fn processed(&mut self, ok: bool, seconds: f64) {
+    /// A handler answered, well or not, for a delivery handed out at
+    /// `since` (the clock is read only for the deliveries sampled).
+    pub(super) fn processed(&mut self, ok: bool, since: Instant) {
         if !self.sampler.processed() {
             return;
         }
+        let seconds = since.elapsed().as_secs_f64();
         if ok {
             self.process_ok.record(seconds);
         } else {

@@ -167,6 +167,7 @@ where
         // One clock read per pass, not per delivery (the hot path): what is
         // handed out in one pass times out at the same instant.
         let mut expires = None;
+        let handed_at = Instant::now();
         while !self.pending.is_empty() {
             let n = self.members.len();
             let Some(j) = (0..n)
@@ -246,7 +247,7 @@ where
             self.in_hand.insert(
                 id,
                 InHand {
-                    since: Instant::now(),
+                    since: handed_at,
                     expires: *expires.get_or_insert_with(|| {
                         self.config.clock.now() + self.config.consume_timeout
                     }),
@@ -399,8 +400,7 @@ where
         res: Result<Result<(), HandlerError>, MailboxError>,
         ctx: &mut Context<Self>,
     ) {
-        self.meters
-            .processed(matches!(res, Ok(Ok(()))), h.since.elapsed().as_secs_f64());
+        self.meters.processed(matches!(res, Ok(Ok(()))), h.since);
         let failure = match res {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) if e.is_retry() => Err(e.message().to_string()),
