@@ -24,8 +24,8 @@ static CHOICE: AtomicU8 = AtomicU8::new(UNKNOWN);
 /// pages go back to the system after ~1 s instead of 10 s. With the
 /// default, `peak_shaving/drain_rss` peaked at 136-140 MiB against its
 /// 141 MiB bound (the freed write-phase pages were still held); with this,
-/// ~105 MiB, at no measurable cost in throughput (BENCHMARKS.md, "The
-/// allocator").
+/// 102-116 MiB, at 0.94-1.03x the throughput in alternating runs
+/// (BENCHMARKS.md, "The allocator").
 #[repr(transparent)]
 pub(super) struct MallocConf(*const std::ffi::c_char);
 
