@@ -44,7 +44,8 @@ on_every_backend!(
     an_inbox_commits_state_once_per_message_and_skips_what_it_processed,
     an_inbox_handler_one_at_a_time_reads_what_the_one_before_committed,
     a_cancelled_delayed_message_is_never_delivered_and_a_delivered_one_never_cancelled,
-    a_backlog_is_delivered_highest_priority_first;
+    a_backlog_is_delivered_highest_priority_first,
+    a_bus_shut_down_as_it_opens_stops_promptly;
     durable: offsets_survive_a_restart,
     a_cancel_survives_a_restart,
     a_dedupe_key_is_remembered_across_a_restart,
@@ -1148,6 +1149,30 @@ async fn a_dedupe_key_is_remembered_across_a_restart(b: Backend) {
     );
     assert_ne!(publish_keyed(&bus, 2, "order-2").await, first);
     bus.shutdown().await.unwrap();
+}
+
+/// A bus shut down the moment it opened: its own tasks may not have run
+/// yet (on NATS the delay forwarder and the transaction checker, which
+/// once missed the stop signal and ran on, so `shutdown` never returned —
+/// a hang in CI). Every round must end well within its deadline.
+async fn a_bus_shut_down_as_it_opens_stops_promptly(b: Backend) {
+    for round in 0..5 {
+        let bus = b.open().await;
+        let done = actix::clock::timeout(Duration::from_secs(30), bus.shutdown()).await;
+        let Ok(result) = done else {
+            panic!(
+                "{}: round {round}: shutdown did not return within 30 s",
+                b.name()
+            )
+        };
+        result.unwrap();
+        let after = bus.publish(&Num { n: round }).await;
+        assert!(
+            matches!(after, Err(Error::Closed)),
+            "{}: {after:?}",
+            b.name()
+        );
+    }
 }
 
 /// The inbox subscription of `group`: each message commits its row

@@ -395,7 +395,12 @@ impl Broker for NatsBroker {
                         s.stop().await;
                     }
                 }
-                let _ = inner.stop.send(true);
+                // `send_replace`, not `send`: a system loop spawned at
+                // connect may not have run (and subscribed) yet, and
+                // `send` without a receiver leaves the value unchanged —
+                // such a loop would then run on and this would wait for
+                // it forever (seen: a shutdown right after open, in CI).
+                inner.stop.send_replace(true);
                 let tasks = std::mem::take(&mut *inner.system_tasks.lock().unwrap());
                 for t in tasks {
                     let _ = t.await;

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::{self, consumer, AckKind};
 use bytes::Bytes;
+use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use weirmq_bus::{Error, Message, TransactionOutcome, HALF_TOPIC, SCHEDULE_TOPIC};
@@ -84,24 +85,34 @@ impl Watch {
     }
 }
 
+/// Spawns the forwarder, the checker and the watch on the NATS runtime.
+/// Each gets its stop receiver here, before it runs: a shutdown at any
+/// moment after this reaches them.
 pub(crate) fn start(inner: Arc<Inner>) -> Vec<tokio::task::JoinHandle<()>> {
     let h = inner.handle.clone();
+    let stop = || inner.stop.subscribe();
     vec![
         h.spawn(run_loop(
             inner.clone(),
+            stop(),
             SCHEDULE_STREAM,
             "forwarder",
             Kind::Forward,
         )),
-        h.spawn(run_loop(inner.clone(), HALF_STREAM, "checker", Kind::Check)),
-        h.spawn(watch_loop(inner)),
+        h.spawn(run_loop(
+            inner.clone(),
+            stop(),
+            HALF_STREAM,
+            "checker",
+            Kind::Check,
+        )),
+        h.spawn(watch_loop(inner.clone(), stop())),
     ]
 }
 
 /// Forwards, from the stream, the naked delayed messages the server has not
 /// sent back in time (see [`Watch`]).
-async fn watch_loop(inner: Arc<Inner>) {
-    let mut stop = inner.stop.subscribe();
+async fn watch_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
     while !*stop.borrow() {
         let _ = tokio::time::timeout(WATCH_EVERY, stop.changed()).await;
         let late = inner
@@ -156,8 +167,13 @@ enum Kind {
     Check,
 }
 
-async fn run_loop(inner: Arc<Inner>, stream_name: &'static str, durable: &'static str, kind: Kind) {
-    let mut stop = inner.stop.subscribe();
+async fn run_loop(
+    inner: Arc<Inner>,
+    mut stop: watch::Receiver<bool>,
+    stream_name: &'static str,
+    durable: &'static str,
+    kind: Kind,
+) {
     let mut consumer = None;
     while !*stop.borrow() {
         let c = match consumer.take() {

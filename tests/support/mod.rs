@@ -25,14 +25,14 @@ macro_rules! on_every_backend {
                 #[actix::test]
                 async fn $name() {
                     super::init_tracing();
-                    super::$name(super::Backend::embedded()).await
+                    super::within_deadline(stringify!($name), super::$name(super::Backend::embedded())).await
                 }
             )*
             $(
                 #[actix::test]
                 async fn $kept() {
                     super::init_tracing();
-                    super::$kept(super::Backend::embedded()).await
+                    super::within_deadline(stringify!($kept), super::$kept(super::Backend::embedded())).await
                 }
             )*
         }
@@ -41,7 +41,7 @@ macro_rules! on_every_backend {
                 #[actix::test]
                 async fn $name() {
                     super::init_tracing();
-                    super::$name(super::Backend::memory()).await
+                    super::within_deadline(stringify!($name), super::$name(super::Backend::memory())).await
                 }
             )*
         }
@@ -51,7 +51,7 @@ macro_rules! on_every_backend {
                 async fn $name() {
                     super::init_tracing();
                     let Some(b) = super::Backend::nats().await else { return };
-                    super::$name(b).await
+                    super::within_deadline(stringify!($name), super::$name(b)).await
                 }
             )*
             $(
@@ -59,7 +59,7 @@ macro_rules! on_every_backend {
                 async fn $kept() {
                     super::init_tracing();
                     let Some(b) = super::Backend::nats().await else { return };
-                    super::$kept(b).await
+                    super::within_deadline(stringify!($kept), super::$kept(b)).await
                 }
             )*
         }
@@ -118,6 +118,18 @@ pub fn temp_dir() -> tempfile::TempDir {
         .prefix("weirmq-test-")
         .tempdir()
         .expect("temp dir")
+}
+
+/// How long one conformance test may take before it counts as hung.
+pub const TEST_DEADLINE: Duration = Duration::from_secs(240);
+
+/// Runs a test's body, failing it (naming it) if it has not finished
+/// within [`TEST_DEADLINE`]: a hang fails the one test, with its name,
+/// instead of stalling the whole run until CI's own limit.
+pub async fn within_deadline<F: Future<Output = ()>>(name: &str, body: F) {
+    if actix::clock::timeout(TEST_DEADLINE, body).await.is_err() {
+        panic!("{name} did not finish within {TEST_DEADLINE:?}: it hung");
+    }
 }
 
 /// Polls `cond` until it holds or `deadline` passes; panics with `what` then.

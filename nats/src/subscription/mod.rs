@@ -176,7 +176,8 @@ impl SubState {
     /// delivery still unsettled back to the server at once (the next
     /// subscription of the group gets it).
     pub(crate) async fn stop(&self) {
-        let _ = self.stop_tx.send(true);
+        // Set even when no pump holds a receiver (any started later sees it).
+        self.stop_tx.send_replace(true);
         let pumps = std::mem::take(&mut *self.pumps.lock().unwrap());
         for p in pumps {
             let _ = p.await;
