@@ -69,43 +69,38 @@ pub(super) fn name() -> &'static str {
     }
 }
 
+/// The allocator chosen for this process.
+#[inline]
+fn chosen() -> &'static dyn GlobalAlloc {
+    static JE: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+    if choice() == SYSTEM {
+        &System
+    } else {
+        &JE
+    }
+}
+
 // SAFETY: every call goes to the allocator chosen at the first call, which
 // never changes afterwards, so each block is freed by the allocator that
 // made it; both delegates uphold `GlobalAlloc`'s contract.
 unsafe impl GlobalAlloc for Switch {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if choice() == SYSTEM {
-            unsafe { System.alloc(layout) }
-        } else {
-            unsafe { tikv_jemallocator::Jemalloc.alloc(layout) }
-        }
+        unsafe { chosen().alloc(layout) }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if choice() == SYSTEM {
-            unsafe { System.alloc_zeroed(layout) }
-        } else {
-            unsafe { tikv_jemallocator::Jemalloc.alloc_zeroed(layout) }
-        }
+        unsafe { chosen().alloc_zeroed(layout) }
     }
 
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        if choice() == SYSTEM {
-            unsafe { System.dealloc(ptr, layout) }
-        } else {
-            unsafe { tikv_jemallocator::Jemalloc.dealloc(ptr, layout) }
-        }
+        unsafe { chosen().dealloc(ptr, layout) }
     }
 
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if choice() == SYSTEM {
-            unsafe { System.realloc(ptr, layout, new_size) }
-        } else {
-            unsafe { tikv_jemallocator::Jemalloc.realloc(ptr, layout, new_size) }
-        }
+        unsafe { chosen().realloc(ptr, layout, new_size) }
     }
 }
