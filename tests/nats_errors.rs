@@ -18,44 +18,54 @@ fn free_port() -> u16 {
 
 #[actix::test]
 async fn no_server_is_a_storage_error_naming_the_url() {
-    let url = format!("nats://127.0.0.1:{}", free_port());
-    let err = Bus::builder().nats(url.clone()).open().await.unwrap_err();
-    assert!(matches!(err, Error::Storage(_)), "{err:?}");
-    let msg = err.to_string();
-    assert!(
-        msg.contains(&url) && msg.contains("is nats-server running"),
-        "{msg}"
-    );
+    support::within_deadline("no_server_is_a_storage_error_naming_the_url", async {
+        let url = format!("nats://127.0.0.1:{}", free_port());
+        let err = Bus::builder().nats(url.clone()).open().await.unwrap_err();
+        assert!(matches!(err, Error::Storage(_)), "{err:?}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&url) && msg.contains("is nats-server running"),
+            "{msg}"
+        );
+    })
+    .await
 }
 
 #[actix::test]
 async fn a_server_without_jetstream_is_refused_with_the_reason() {
-    // Only the server binary is needed here (not JetStream): reuse the
-    // suite's rule for finding it.
-    let Some(_probe) = support::backend::NatsServer::start() else {
-        return;
-    };
-    let binary = std::env::var("WEIRMQ_NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
-    let port = free_port();
-    let mut child = Command::new(binary)
-        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start nats-server without -js");
-    let end = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < end, "nats-server did not listen");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let err = Bus::builder()
-        .nats(format!("nats://127.0.0.1:{port}"))
-        .open()
-        .await
-        .unwrap_err();
-    let _ = child.kill();
-    let _ = child.wait();
-    let msg = err.to_string();
-    assert!(matches!(err, Error::Storage(_)), "{err:?}");
-    assert!(msg.contains("JetStream enabled"), "{msg}");
+    support::within_deadline(
+        "a_server_without_jetstream_is_refused_with_the_reason",
+        async {
+            // Only the server binary is needed here (not JetStream): reuse the
+            // suite's rule for finding it.
+            let Some(_probe) = support::backend::NatsServer::start() else {
+                return;
+            };
+            let binary =
+                std::env::var("WEIRMQ_NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
+            let port = free_port();
+            let mut child = Command::new(binary)
+                .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start nats-server without -js");
+            let end = Instant::now() + Duration::from_secs(10);
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(Instant::now() < end, "nats-server did not listen");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let err = Bus::builder()
+                .nats(format!("nats://127.0.0.1:{port}"))
+                .open()
+                .await
+                .unwrap_err();
+            let _ = child.kill();
+            let _ = child.wait();
+            let msg = err.to_string();
+            assert!(matches!(err, Error::Storage(_)), "{err:?}");
+            assert!(msg.contains("JetStream enabled"), "{msg}");
+        },
+    )
+    .await
 }

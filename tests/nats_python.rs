@@ -148,103 +148,110 @@ asyncio.run(main())
 
 #[actix::test]
 async fn a_python_service_and_weirmq_exchange_plain_json_events() {
-    let dir = match nats_py() {
-        Ok(d) => d,
-        Err(why) if std::env::var_os("WEIRMQ_REQUIRE_NATS").is_none() => {
-            eprintln!("SKIPPED (Python NATS client): {why}");
-            return;
-        }
-        Err(why) => panic!("{why}; WEIRMQ_REQUIRE_NATS is set, so this is a failure"),
-    };
-    let Some(server) = NatsServer::start() else {
-        return;
-    };
-    let bus = Bus::builder()
-        .nats_config(weirmq::nats::NatsConfig::new(server.url.clone()))
-        .open()
-        .await
-        .unwrap();
-    bus.create_topic(weirmq::TopicConfig::new(PaidOrder::TOPIC))
-        .await
-        .unwrap();
-    let seen: Seen = Arc::default();
-    let s = seen.clone();
-    let sub = bus
-        .subscribe::<PaidOrder>("billing")
-        .members(1, move || Billing(s.clone()))
-        .start()
-        .await
-        .unwrap();
+    support::within_deadline(
+        "a_python_service_and_weirmq_exchange_plain_json_events",
+        async {
+            let dir = match nats_py() {
+                Ok(d) => d,
+                Err(why) if std::env::var_os("WEIRMQ_REQUIRE_NATS").is_none() => {
+                    eprintln!("SKIPPED (Python NATS client): {why}");
+                    return;
+                }
+                Err(why) => panic!("{why}; WEIRMQ_REQUIRE_NATS is set, so this is a failure"),
+            };
+            let Some(server) = NatsServer::start() else {
+                return;
+            };
+            let bus = Bus::builder()
+                .nats_config(weirmq::nats::NatsConfig::new(server.url.clone()))
+                .open()
+                .await
+                .unwrap();
+            bus.create_topic(weirmq::TopicConfig::new(PaidOrder::TOPIC))
+                .await
+                .unwrap();
+            let seen: Seen = Arc::default();
+            let s = seen.clone();
+            let sub = bus
+                .subscribe::<PaidOrder>("billing")
+                .members(1, move || Billing(s.clone()))
+                .start()
+                .await
+                .unwrap();
 
-    // Python → weirmq: a plain JSON event with ordinary NATS headers.
-    let published = python(&dir, PUBLISH, &[&server.url]);
-    assert!(published.contains("\"duplicate\": true"), "{published}");
-    wait_until(
-        "the handler got the Python event",
-        Duration::from_secs(30),
-        || {
-            let n = seen.lock().unwrap().len();
-            async move { n >= 1 }
+            // Python → weirmq: a plain JSON event with ordinary NATS headers.
+            let published = python(&dir, PUBLISH, &[&server.url]);
+            assert!(published.contains("\"duplicate\": true"), "{published}");
+            wait_until(
+                "the handler got the Python event",
+                Duration::from_secs(30),
+                || {
+                    let n = seen.lock().unwrap().len();
+                    async move { n >= 1 }
+                },
+            )
+            .await;
+            let (event, tag, props, id) = seen.lock().unwrap()[0].clone();
+            assert_eq!(
+                event,
+                PaidOrder {
+                    order_id: 42,
+                    customer: "ada".into()
+                }
+            );
+            assert_eq!(tag.as_deref(), Some("paid"), "Wq-Tag honoured");
+            assert!(
+                props.contains(&("Content-Type".into(), "application/json".into())),
+                "its own headers are properties: {props:?}"
+            );
+            assert!(
+                props.iter().all(|(k, _)| !k.starts_with("Nats-")),
+                "{props:?}"
+            );
+            assert_eq!(id.len(), 32, "a weirmq id derived from Nats-Msg-Id: {id}");
+
+            // weirmq → Python: the body is the event's JSON, the metadata headers.
+            let r = bus
+                .publish_with(
+                    &PaidOrder {
+                        order_id: 7,
+                        customer: "grace hopper".into(),
+                    },
+                    Publish::new()
+                        .tag("refund")
+                        .key("order-7")
+                        .property("region", "eu west"),
+                )
+                .await
+                .unwrap();
+            let read = python(&dir, READ, &[&server.url, &r.offset.to_string()]);
+            let v: serde_json::Value =
+                serde_json::from_str(read.trim()).expect("the script's JSON");
+            assert_eq!(
+                v["event"],
+                serde_json::json!({"order_id": 7, "customer": "grace hopper"}),
+                "the body is the event, readable without weirmq: {read}"
+            );
+            let h = &v["headers"];
+            assert_eq!(h["Wq-Id"], r.message_id.to_string(), "{read}");
+            assert_eq!(h["Wq-Tag"], "refund", "{read}");
+            assert_eq!(h["Wq-Keys"], "order-7", "{read}");
+            assert_eq!(h["Wq-Prop-region"], "eu%20west", "{read}");
+            assert_eq!(h["Nats-Msg-Id"], r.message_id.to_string(), "{read}");
+
+            wait_until("both events handled", Duration::from_secs(30), || {
+                let n = seen.lock().unwrap().len();
+                async move { n >= 2 }
+            })
+            .await;
+            assert_eq!(
+                seen.lock().unwrap().len(),
+                2,
+                "the duplicate was stored once"
+            );
+            sub.drain().await.unwrap();
+            bus.shutdown().await.unwrap();
         },
     )
-    .await;
-    let (event, tag, props, id) = seen.lock().unwrap()[0].clone();
-    assert_eq!(
-        event,
-        PaidOrder {
-            order_id: 42,
-            customer: "ada".into()
-        }
-    );
-    assert_eq!(tag.as_deref(), Some("paid"), "Wq-Tag honoured");
-    assert!(
-        props.contains(&("Content-Type".into(), "application/json".into())),
-        "its own headers are properties: {props:?}"
-    );
-    assert!(
-        props.iter().all(|(k, _)| !k.starts_with("Nats-")),
-        "{props:?}"
-    );
-    assert_eq!(id.len(), 32, "a weirmq id derived from Nats-Msg-Id: {id}");
-
-    // weirmq → Python: the body is the event's JSON, the metadata headers.
-    let r = bus
-        .publish_with(
-            &PaidOrder {
-                order_id: 7,
-                customer: "grace hopper".into(),
-            },
-            Publish::new()
-                .tag("refund")
-                .key("order-7")
-                .property("region", "eu west"),
-        )
-        .await
-        .unwrap();
-    let read = python(&dir, READ, &[&server.url, &r.offset.to_string()]);
-    let v: serde_json::Value = serde_json::from_str(read.trim()).expect("the script's JSON");
-    assert_eq!(
-        v["event"],
-        serde_json::json!({"order_id": 7, "customer": "grace hopper"}),
-        "the body is the event, readable without weirmq: {read}"
-    );
-    let h = &v["headers"];
-    assert_eq!(h["Wq-Id"], r.message_id.to_string(), "{read}");
-    assert_eq!(h["Wq-Tag"], "refund", "{read}");
-    assert_eq!(h["Wq-Keys"], "order-7", "{read}");
-    assert_eq!(h["Wq-Prop-region"], "eu%20west", "{read}");
-    assert_eq!(h["Nats-Msg-Id"], r.message_id.to_string(), "{read}");
-
-    wait_until("both events handled", Duration::from_secs(30), || {
-        let n = seen.lock().unwrap().len();
-        async move { n >= 2 }
-    })
-    .await;
-    assert_eq!(
-        seen.lock().unwrap().len(),
-        2,
-        "the duplicate was stored once"
-    );
-    sub.drain().await.unwrap();
-    bus.shutdown().await.unwrap();
+    .await
 }

@@ -142,69 +142,75 @@ fn config(port: u16, password: &str, tls: Option<NatsTls>) -> NatsConfig {
 
 #[actix::test]
 async fn a_secured_server_takes_credentials_and_tls_and_refuses_wrong_ones_with_the_reason() {
-    init_tracing();
-    let dir = support::temp_dir();
-    let (ca, cert, key) = certificates(dir.path());
-    let Some((_server, port)) = secured_server(dir.path(), &cert, &key) else {
-        return;
-    };
+    support::within_deadline(
+        "a_secured_server_takes_credentials_and_tls_and_refuses_wrong_ones_with_the_reason",
+        async {
+            init_tracing();
+            let dir = support::temp_dir();
+            let (ca, cert, key) = certificates(dir.path());
+            let Some((_server, port)) = secured_server(dir.path(), &cert, &key) else {
+                return;
+            };
 
-    // The right password, TLS verified against the private CA: works.
-    let bus = Bus::builder()
-        .nats_config(config(port, "s3cret pass", Some(NatsTls::with_ca(&ca))))
-        .open()
-        .await
-        .expect("a secured connection");
-    let log = Log::default();
-    let sub = bus
-        .subscribe::<Num>("billing")
-        .start_from(StartFrom::Earliest)
-        .members(1, support::recorders(&log, support::ack_all()))
-        .start()
-        .await
-        .unwrap();
-    bus.publish(&Num { n: 7 }).await.unwrap();
-    wait_until(
-        "the message is handled",
-        Duration::from_secs(20),
-        || async { log.len() == 1 },
+            // The right password, TLS verified against the private CA: works.
+            let bus = Bus::builder()
+                .nats_config(config(port, "s3cret pass", Some(NatsTls::with_ca(&ca))))
+                .open()
+                .await
+                .expect("a secured connection");
+            let log = Log::default();
+            let sub = bus
+                .subscribe::<Num>("billing")
+                .start_from(StartFrom::Earliest)
+                .members(1, support::recorders(&log, support::ack_all()))
+                .start()
+                .await
+                .unwrap();
+            bus.publish(&Num { n: 7 }).await.unwrap();
+            wait_until(
+                "the message is handled",
+                Duration::from_secs(20),
+                || async { log.len() == 1 },
+            )
+            .await;
+            sub.drain().await.unwrap();
+            bus.shutdown().await.unwrap();
+
+            // A wrong password: refused, and the error says to check the auth.
+            let err = Bus::builder()
+                .nats_config(config(port, "wrong", Some(NatsTls::with_ca(&ca))))
+                .open()
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains("refused the credentials"), "{err}");
+
+            // No CA for the private certificate: the TLS handshake fails, and the
+            // error says so.
+            let err = Bus::builder()
+                .nats_config(config(port, "s3cret pass", None))
+                .open()
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains("TLS"), "{err}");
+
+            // A CA file that does not exist: a configuration error naming it.
+            let missing = dir.path().join("no-such-ca.pem");
+            let err = Bus::builder()
+                .nats_config(config(
+                    port,
+                    "s3cret pass",
+                    Some(NatsTls::with_ca(&missing)),
+                ))
+                .open()
+                .await
+                .unwrap_err();
+            assert!(matches!(err, Error::InvalidConfig { .. }), "{err:?}");
+            assert!(err.to_string().contains("no-such-ca.pem"), "{err}");
+
+            // Debug output never shows the password.
+            let shown = format!("{:?}", config(port, "s3cret pass", None));
+            assert!(!shown.contains("s3cret"), "{shown}");
+        },
     )
-    .await;
-    sub.drain().await.unwrap();
-    bus.shutdown().await.unwrap();
-
-    // A wrong password: refused, and the error says to check the auth.
-    let err = Bus::builder()
-        .nats_config(config(port, "wrong", Some(NatsTls::with_ca(&ca))))
-        .open()
-        .await
-        .unwrap_err();
-    assert!(err.to_string().contains("refused the credentials"), "{err}");
-
-    // No CA for the private certificate: the TLS handshake fails, and the
-    // error says so.
-    let err = Bus::builder()
-        .nats_config(config(port, "s3cret pass", None))
-        .open()
-        .await
-        .unwrap_err();
-    assert!(err.to_string().contains("TLS"), "{err}");
-
-    // A CA file that does not exist: a configuration error naming it.
-    let missing = dir.path().join("no-such-ca.pem");
-    let err = Bus::builder()
-        .nats_config(config(
-            port,
-            "s3cret pass",
-            Some(NatsTls::with_ca(&missing)),
-        ))
-        .open()
-        .await
-        .unwrap_err();
-    assert!(matches!(err, Error::InvalidConfig { .. }), "{err:?}");
-    assert!(err.to_string().contains("no-such-ca.pem"), "{err}");
-
-    // Debug output never shows the password.
-    let shown = format!("{:?}", config(port, "s3cret pass", None));
-    assert!(!shown.contains("s3cret"), "{shown}");
+    .await
 }

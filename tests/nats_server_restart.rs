@@ -39,46 +39,49 @@ async fn publish_until_stored(bus: &Bus, n: u64) {
 
 #[actix::test]
 async fn a_server_crash_loses_no_acknowledged_message() {
-    init_tracing();
-    let Some(mut server) = NatsServer::start() else {
-        return;
-    };
-    let mut config = weirmq::nats::NatsConfig::new(server.url.clone());
-    config.ack_wait = Duration::from_secs(2);
-    let bus = Bus::builder().nats_config(config).open().await.unwrap();
-    let log = Log::default();
-    let sub = bus
-        .subscribe::<Num>("billing")
-        .start_from(StartFrom::Earliest)
-        .members(2, recorders(&log, ack_all()))
-        .start()
-        .await
-        .unwrap();
-    for n in 0..500 {
-        publish_until_stored(&bus, n).await;
-    }
-    delivered(&log, 100).await;
-    if !server.crash_and_restart() {
-        eprintln!("SKIPPED: a shared server (NATS_URL) cannot be restarted by the test");
-        return;
-    }
-    for n in 500..1000 {
-        publish_until_stored(&bus, n).await;
-    }
-    wait_until(
-        "every stored message was delivered",
-        Duration::from_secs(90),
-        || {
-            let seen: BTreeSet<u64> = log.entries().iter().map(|e| e.1).collect();
-            async move { seen.len() == 1000 }
-        },
-    )
-    .await;
-    let seen: BTreeSet<u64> = log.entries().iter().map(|e| e.1).collect();
-    assert_eq!(seen, (0..1000).collect::<BTreeSet<_>>());
-    caught_up(&bus, "billing", Num::TOPIC).await;
-    sub.drain().await.unwrap();
-    bus.shutdown().await.unwrap();
+    support::within_deadline("a_server_crash_loses_no_acknowledged_message", async {
+        init_tracing();
+        let Some(mut server) = NatsServer::start() else {
+            return;
+        };
+        let mut config = weirmq::nats::NatsConfig::new(server.url.clone());
+        config.ack_wait = Duration::from_secs(2);
+        let bus = Bus::builder().nats_config(config).open().await.unwrap();
+        let log = Log::default();
+        let sub = bus
+            .subscribe::<Num>("billing")
+            .start_from(StartFrom::Earliest)
+            .members(2, recorders(&log, ack_all()))
+            .start()
+            .await
+            .unwrap();
+        for n in 0..500 {
+            publish_until_stored(&bus, n).await;
+        }
+        delivered(&log, 100).await;
+        if !server.crash_and_restart() {
+            eprintln!("SKIPPED: a shared server (NATS_URL) cannot be restarted by the test");
+            return;
+        }
+        for n in 500..1000 {
+            publish_until_stored(&bus, n).await;
+        }
+        wait_until(
+            "every stored message was delivered",
+            Duration::from_secs(90),
+            || {
+                let seen: BTreeSet<u64> = log.entries().iter().map(|e| e.1).collect();
+                async move { seen.len() == 1000 }
+            },
+        )
+        .await;
+        let seen: BTreeSet<u64> = log.entries().iter().map(|e| e.1).collect();
+        assert_eq!(seen, (0..1000).collect::<BTreeSet<_>>());
+        caught_up(&bus, "billing", Num::TOPIC).await;
+        sub.drain().await.unwrap();
+        bus.shutdown().await.unwrap();
+    })
+    .await
 }
 
 /// What a handler saw: (n, message id) per delivery.
@@ -135,83 +138,91 @@ async fn publish_once(bus: &Bus, n: u64, unknown: &AtomicU64) {
 
 #[actix::test]
 async fn publishes_retried_with_their_ids_through_a_crash_are_stored_and_delivered_once() {
-    init_tracing();
-    let Some(mut server) = NatsServer::start() else {
-        return;
-    };
-    let bus = Bus::builder()
-        .nats(server.url.clone())
-        .open()
-        .await
-        .unwrap();
-    bus.create_topic(TopicConfig::new(Num::TOPIC).queues(4))
-        .await
-        .unwrap();
-    let stored = Arc::new(AtomicU64::new(0));
-    let unknown = Arc::new(AtomicU64::new(0));
-    let mut producers = Vec::new();
-    for p in 0..PRODUCERS {
-        let (bus, stored, unknown) = (bus.clone(), stored.clone(), unknown.clone());
-        producers.push(actix::spawn(async move {
-            for n in (p..MESSAGES).step_by(PRODUCERS as usize) {
-                publish_once(&bus, n, &unknown).await;
-                stored.fetch_add(1, Ordering::Relaxed);
+    support::within_deadline(
+        "publishes_retried_with_their_ids_through_a_crash_are_stored_and_delivered_once",
+        async {
+            init_tracing();
+            let Some(mut server) = NatsServer::start() else {
+                return;
+            };
+            let bus = Bus::builder()
+                .nats(server.url.clone())
+                .open()
+                .await
+                .unwrap();
+            bus.create_topic(TopicConfig::new(Num::TOPIC).queues(4))
+                .await
+                .unwrap();
+            let stored = Arc::new(AtomicU64::new(0));
+            let unknown = Arc::new(AtomicU64::new(0));
+            let mut producers = Vec::new();
+            for p in 0..PRODUCERS {
+                let (bus, stored, unknown) = (bus.clone(), stored.clone(), unknown.clone());
+                producers.push(actix::spawn(async move {
+                    for n in (p..MESSAGES).step_by(PRODUCERS as usize) {
+                        publish_once(&bus, n, &unknown).await;
+                        stored.fetch_add(1, Ordering::Relaxed);
+                    }
+                }));
             }
-        }));
-    }
-    wait_until("100 messages stored", Duration::from_secs(30), || async {
-        stored.load(Ordering::Relaxed) >= 100
-    })
-    .await;
-    // The crash, with the producers mid-stream; the server stays down
-    // until a publish has been left unconfirmed (its ack timed out).
-    assert!(server.crash(), "the test's own server can be crashed");
-    wait_until(
-        "a publish with an unknown outcome",
-        Duration::from_secs(30),
-        || async { unknown.load(Ordering::Relaxed) > 0 },
+            wait_until("100 messages stored", Duration::from_secs(30), || async {
+                stored.load(Ordering::Relaxed) >= 100
+            })
+            .await;
+            // The crash, with the producers mid-stream; the server stays down
+            // until a publish has been left unconfirmed (its ack timed out).
+            assert!(server.crash(), "the test's own server can be crashed");
+            wait_until(
+                "a publish with an unknown outcome",
+                Duration::from_secs(30),
+                || async { unknown.load(Ordering::Relaxed) > 0 },
+            )
+            .await;
+            server.restart();
+            for p in producers {
+                p.await.unwrap();
+            }
+            let unknown = unknown.load(Ordering::Relaxed);
+            assert!(unknown > 0, "the crash left publishes unconfirmed");
+            // Stored once each: read every queue back.
+            let mut copies: BTreeMap<u64, usize> = BTreeMap::new();
+            for q in 0..4 {
+                for m in bus.read_queue(Num::TOPIC, q, 0, 10_000).await.unwrap() {
+                    let n: Num = serde_json::from_slice(m.body()).unwrap();
+                    *copies.entry(n.n).or_default() += 1;
+                }
+            }
+            assert_eq!(copies.len() as u64, MESSAGES, "every message stored");
+            let twice: Vec<_> = copies.iter().filter(|(_, c)| **c > 1).collect();
+            assert!(twice.is_empty(), "stored more than once: {twice:?}");
+            // Delivered once each (the group starts after the crash, so no ack of
+            // its can be lost in it).
+            let seen = Seen::default();
+            let s = seen.clone();
+            let sub = bus
+                .subscribe::<Num>("billing")
+                .start_from(StartFrom::Earliest)
+                .members(2, move || ById(s.clone()))
+                .start()
+                .await
+                .unwrap();
+            wait_until(
+                "every message delivered",
+                Duration::from_secs(60),
+                || async { seen.lock().unwrap().len() as u64 >= MESSAGES },
+            )
+            .await;
+            caught_up(&bus, "billing", Num::TOPIC).await;
+            let seen = seen.lock().unwrap().clone();
+            let ns: BTreeSet<u64> = seen.iter().map(|(n, _)| *n).collect();
+            assert_eq!(ns.len() as u64, MESSAGES);
+            assert_eq!(seen.len() as u64, MESSAGES, "each delivered exactly once");
+            println!(
+                "{unknown} publishes had an unknown outcome; each retried with its id, stored once"
+            );
+            sub.drain().await.unwrap();
+            bus.shutdown().await.unwrap();
+        },
     )
-    .await;
-    server.restart();
-    for p in producers {
-        p.await.unwrap();
-    }
-    let unknown = unknown.load(Ordering::Relaxed);
-    assert!(unknown > 0, "the crash left publishes unconfirmed");
-    // Stored once each: read every queue back.
-    let mut copies: BTreeMap<u64, usize> = BTreeMap::new();
-    for q in 0..4 {
-        for m in bus.read_queue(Num::TOPIC, q, 0, 10_000).await.unwrap() {
-            let n: Num = serde_json::from_slice(m.body()).unwrap();
-            *copies.entry(n.n).or_default() += 1;
-        }
-    }
-    assert_eq!(copies.len() as u64, MESSAGES, "every message stored");
-    let twice: Vec<_> = copies.iter().filter(|(_, c)| **c > 1).collect();
-    assert!(twice.is_empty(), "stored more than once: {twice:?}");
-    // Delivered once each (the group starts after the crash, so no ack of
-    // its can be lost in it).
-    let seen = Seen::default();
-    let s = seen.clone();
-    let sub = bus
-        .subscribe::<Num>("billing")
-        .start_from(StartFrom::Earliest)
-        .members(2, move || ById(s.clone()))
-        .start()
-        .await
-        .unwrap();
-    wait_until(
-        "every message delivered",
-        Duration::from_secs(60),
-        || async { seen.lock().unwrap().len() as u64 >= MESSAGES },
-    )
-    .await;
-    caught_up(&bus, "billing", Num::TOPIC).await;
-    let seen = seen.lock().unwrap().clone();
-    let ns: BTreeSet<u64> = seen.iter().map(|(n, _)| *n).collect();
-    assert_eq!(ns.len() as u64, MESSAGES);
-    assert_eq!(seen.len() as u64, MESSAGES, "each delivered exactly once");
-    println!("{unknown} publishes had an unknown outcome; each retried with its id, stored once");
-    sub.drain().await.unwrap();
-    bus.shutdown().await.unwrap();
+    .await
 }

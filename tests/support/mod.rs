@@ -120,7 +120,9 @@ pub fn temp_dir() -> tempfile::TempDir {
         .expect("temp dir")
 }
 
-/// How long one conformance test may take before it counts as hung.
+/// How long one test may take before it counts as hung (the
+/// conformance suite and the NATS test files wrap every test in
+/// [`within_deadline`]; each takes well under a minute today).
 pub const TEST_DEADLINE: Duration = Duration::from_secs(240);
 
 /// Runs a test's body, failing it (naming it) if it has not finished
