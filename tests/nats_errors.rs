@@ -4,7 +4,7 @@
 mod support;
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use weirmq::prelude::*;
 use weirmq::Error;
@@ -50,11 +50,12 @@ async fn a_server_without_jetstream_is_refused_with_the_reason() {
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("start nats-server without -js");
-            let end = Instant::now() + Duration::from_secs(10);
-            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-                assert!(Instant::now() < end, "nats-server did not listen");
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            support::wait_until(
+                "nats-server listens",
+                Duration::from_secs(10),
+                || async move { std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() },
+            )
+            .await;
             let err = Bus::builder()
                 .nats(format!("nats://127.0.0.1:{port}"))
                 .open()
