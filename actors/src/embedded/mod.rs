@@ -9,13 +9,15 @@
 //! # Threads
 //!
 //! * the **persistence arbiter** runs the `PersistenceActor` (the store's
-//!   only writer, group commit);
+//!   only writer, group commit) — with a data directory; in memory the
+//!   writer runs on the broker arbiter (its commit has nothing to wait for);
 //! * the **broker arbiter** runs every topic, queue and group actor, and the
 //!   scheduler;
 //! * the publisher's own thread validates and stamps messages and puts them
 //!   in the topic's outbox; the first publisher to find it empty yields once
-//!   and sends everything gathered to the topic actor as one message; each
-//!   publish is answered once from the persistence thread.
+//!   and sends everything gathered to the topic actor as one message (in
+//!   memory at most 16 publishes a message); each publish is answered once
+//!   from the writer's thread.
 //!
 //! # Backpressure
 //!
@@ -28,8 +30,8 @@
 //!
 //! [`Broker::shutdown`] stops every group (writing its positions), then the
 //! persistence actor commits what is pending, syncs and closes the store, and
-//! both arbiters are stopped and joined, so the data directory can be opened
-//! again at once.
+//! the broker's arbiters (two on disk, one in memory) are stopped and
+//! joined, so the data directory can be opened again at once.
 
 // The roles (one file each; contracts in weirmq_bus::broker).
 mod admin;
@@ -210,6 +212,13 @@ impl EmbeddedBroker {
         let guard = store.disk_guard();
         let (persistence_arbiter, broker_arbiter, own_arbiters) = if config.current_arbiter {
             (Arbiter::current(), Arbiter::current(), Vec::new())
+        } else if !durable {
+            // In memory a commit is a few map inserts with nothing to wait
+            // for: the store's writer shares the broker's thread, so an
+            // append and its commit cost no thread hop (see ARCHITECTURE.md,
+            // "Threads and actors").
+            let b = Arbiter::new();
+            (b.handle(), b.handle(), vec![b])
         } else {
             let (p, b) = (Arbiter::new(), Arbiter::new());
             (p.handle(), b.handle(), vec![b, p])
