@@ -76,9 +76,10 @@ impl BusBuilder {
     /// tests, and for events that need not survive the process.
     ///
     /// The embedded broker then stores into ordered maps in the process
-    /// instead of sled (no files, no sled threads); everything else — group
-    /// commit, offsets, retries, delays, transactions, retention, query and
-    /// trace — is the same code. What the store holds is in RAM (measured:
+    /// instead of sled (no files, no sled threads), and the store's writer
+    /// shares the broker's thread (one thread for the bus, not two);
+    /// everything else — group commit, offsets, retries, delays,
+    /// transactions, retention, query and trace — is the same code. What the store holds is in RAM (measured:
     /// ~275 bytes per 256-byte message), within
     /// [`memory_budget`](Self::memory_budget) (default 1 GiB); see
     /// docs/delivery.md, "Memory". `Durability` makes no difference. Use a
