@@ -158,18 +158,14 @@ impl EmbeddedBroker {
         }
         let _room = self.inner.admission.admit(n, wait).await?;
         if messages.iter().all(|m| route(m) == route(&messages[0])) {
-            let first = route(&messages[0]).to_string();
-            let system = first == SCHEDULE_TOPIC;
-            let r = self
-                .publish_to_at(
-                    &first,
-                    messages.into_iter().enumerate().collect(),
-                    durability,
-                    system,
-                    now,
-                )
+            // The hot path: one topic, receipts in the messages' order.
+            self.check_open()?;
+            let first = route(&messages[0]);
+            let h = self
+                .existing_or_default(first, first == SCHEDULE_TOPIC)
                 .await?;
-            return Ok(r.into_iter().map(|(_, r)| r).collect());
+            let stamped = self.stamp(&h, messages.into_iter().enumerate(), now);
+            return self.commit_part(&h, stamped, durability, Vec::new()).await;
         }
         let mut by_topic: BTreeMap<String, Vec<(usize, OutgoingMessage)>> = BTreeMap::new();
         for (i, m) in messages.into_iter().enumerate() {
@@ -215,29 +211,38 @@ impl EmbeddedBroker {
     ) -> Result<Vec<(usize, SendReceipt)>, Error> {
         self.check_open()?;
         let h = self.existing_or_default(topic, system).await?;
-        let window = messages
-            .iter()
-            .any(|(_, m)| m.dedupe_key.is_some())
-            .then(|| h.dedupe_window());
-        let stamped: Vec<(usize, BusMessage)> = messages
-            .into_iter()
-            .map(|(i, m)| {
-                // Staged in a system topic (a delayed message): say for which.
-                let destination = (*m.topic != *h.name).then(|| m.topic.clone());
-                let mut msg = BusMessage::prepare_at(m, h.name.clone(), now);
-                if let Some(w) = window {
-                    msg = msg.with_dedupe_window(w);
-                }
-                (
-                    i,
-                    match destination {
-                        Some(d) => msg.with_destination(d),
-                        None => msg,
-                    },
-                )
-            })
-            .collect();
+        let stamped = self.stamp(&h, messages.into_iter(), now);
         self.publish_stamped(&h, stamped, durability).await
+    }
+
+    /// Stamps messages for topic `h` (id, birth time, the topic a staged
+    /// message is for, the dedupe window of one with a key), keeping each
+    /// one's index.
+    fn stamp(
+        &self,
+        h: &Topic,
+        messages: impl ExactSizeIterator<Item = (usize, OutgoingMessage)>,
+        now: std::time::SystemTime,
+    ) -> Vec<(usize, BusMessage)> {
+        let mut window = None;
+        let mut stamped = Vec::with_capacity(messages.len());
+        for (i, m) in messages {
+            // Staged in a system topic (a delayed message): say for which.
+            let destination = (*m.topic != *h.name).then(|| m.topic.clone());
+            let keyed = m.dedupe_key.is_some();
+            let mut msg = BusMessage::prepare_at(m, h.name.clone(), now);
+            if keyed {
+                msg = msg.with_dedupe_window(*window.get_or_insert_with(|| h.dedupe_window()));
+            }
+            stamped.push((
+                i,
+                match destination {
+                    Some(d) => msg.with_destination(d),
+                    None => msg,
+                },
+            ));
+        }
+        stamped
     }
 
     /// Stores messages already stamped (id, birth time) in topic `h`;
@@ -261,13 +266,27 @@ impl EmbeddedBroker {
         durability: Durability,
         state: Vec<weirmq_bus::StateOp>,
     ) -> Result<Vec<(usize, SendReceipt)>, Error> {
-        let n = messages.len();
         let idx: Vec<usize> = messages.iter().map(|(i, _)| *i).collect();
         let stamped: Vec<(usize, BusMessage)> = messages
             .into_iter()
             .enumerate()
             .map(|(j, (_, m))| (j, m))
             .collect();
+        let receipts = self.commit_part(h, stamped, durability, state).await?;
+        Ok(idx.into_iter().zip(receipts).collect())
+    }
+
+    /// Puts one publish's messages (numbered `0..n` in order) in the
+    /// topic's outbox and waits for their receipts, in that order.
+    async fn commit_part(
+        &self,
+        h: &Topic,
+        stamped: Vec<(usize, BusMessage)>,
+        durability: Durability,
+        state: Vec<weirmq_bus::StateOp>,
+    ) -> Result<Vec<SendReceipt>, Error> {
+        debug_assert!(stamped.iter().enumerate().all(|(j, (i, _))| *i == j));
+        let n = stamped.len();
         let (tx, rx) = oneshot::channel();
         let part = PublishPart {
             state,
@@ -293,8 +312,7 @@ impl EmbeddedBroker {
             let _send = OutboxSender(h);
             tokio::task::yield_now().await;
         }
-        let receipts = rx.await.map_err(|_| Error::Closed)??;
-        Ok(idx.into_iter().zip(receipts).collect())
+        rx.await.map_err(|_| Error::Closed)?
     }
 }
 
