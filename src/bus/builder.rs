@@ -79,8 +79,9 @@ impl BusBuilder {
     /// instead of sled (no files, no sled threads), and the store's writer
     /// shares the broker's thread (one thread for the bus, not two);
     /// everything else — group commit, offsets, retries, delays,
-    /// transactions, retention, query and trace — is the same code. What the store holds is in RAM (measured:
-    /// ~275 bytes per 256-byte message), within
+    /// transactions, retention, query and trace — is the same code. What
+    /// the store holds is in RAM (measured: ~275 bytes per 256-byte
+    /// message), within
     /// [`memory_budget`](Self::memory_budget) (default 1 GiB); see
     /// docs/delivery.md, "Memory". `Durability` makes no difference. Use a
     /// data directory for backlogs larger than memory.
