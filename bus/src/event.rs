@@ -248,6 +248,23 @@ mod tests {
     }
 
     #[test]
+    fn a_body_does_not_keep_the_room_a_larger_one_needed() {
+        let big = "x".repeat(100_000);
+        assert_eq!(Json::encode(&big).unwrap().len(), 100_002);
+        let small = Json::encode(&"y").unwrap();
+        assert_eq!(small, br#""y""#);
+        assert!(
+            small.capacity() <= 2 * small.len() + 64,
+            "{}",
+            small.capacity()
+        );
+        // The next body of about the same size is allocated once, at about
+        // its size.
+        let again = Json::encode(&"z".repeat(300)).unwrap();
+        assert!(again.capacity() >= again.len() && again.capacity() <= 2 * again.len() + 64);
+    }
+
+    #[test]
     fn serde_json_raw_values_are_encoded_as_serde_json_does() {
         #[derive(Serialize)]
         struct WithRaw {
@@ -255,7 +272,10 @@ mod tests {
             payload: Box<serde_json::value::RawValue>,
         }
         let raw = serde_json::value::RawValue::from_string(r#"{"a": [1, 2]}"#.into()).unwrap();
-        let v = WithRaw { id: 7, payload: raw };
+        let v = WithRaw {
+            id: 7,
+            payload: raw,
+        };
         let bytes = Json::encode(&v).unwrap();
         assert_eq!(bytes, br#"{"id":7,"payload":{"a": [1, 2]}}"#);
         // A string that happens to hold the token is plain text either way.
