@@ -14,6 +14,11 @@ pub(super) struct Res {
     pub(super) p99_us: Option<f64>,
     pub(super) p999_us: Option<f64>,
     pub(super) peak_rss_mb: f64,
+    /// CPU time (user + system, every thread) this process used since its
+    /// previous result line or its start, per message, in µs: the work a
+    /// message cost, steadier than the rate on a shared machine (it leaves
+    /// out a peer server's own process).
+    pub(super) cpu_us_per_msg: f64,
     pub(super) baseline: bool,
     /// The process's allocator: `jemalloc` (the default) or `system`
     /// (`WEIRMQ_BENCH_ALLOCATOR=system`).
@@ -47,6 +52,10 @@ impl Res {
             p99_us: None,
             p999_us: None,
             peak_rss_mb: rss_mb(),
+            cpu_us_per_msg: (cpu_since_last_result().as_secs_f64() * 1e6 / messages.max(1) as f64
+                * 100.0)
+                .round()
+                / 100.0,
             baseline: false,
             allocator: crate::alloc::name(),
             data_dir_mb: None,
@@ -86,6 +95,25 @@ pub(super) fn rss_mb() -> f64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|kb| kb.parse::<f64>().ok())
         .map_or(0.0, |kb| (kb / 1024.0 * 10.0).round() / 10.0)
+}
+
+/// The CPU time (user + system) of this process since the last call, or
+/// since it started.
+fn cpu_since_last_result() -> Duration {
+    static LAST: Mutex<Duration> = Mutex::new(Duration::ZERO);
+    // SAFETY: getrusage only writes the struct it is given.
+    let used = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_SELF, &mut u) != 0 {
+            return Duration::ZERO;
+        }
+        let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+        tv(u.ru_utime) + tv(u.ru_stime)
+    };
+    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    let d = used.saturating_sub(*last);
+    *last = used;
+    d
 }
 
 /// Nanoseconds since the harness started: the send time travels in events.
