@@ -2,7 +2,7 @@
 //!
 //! Runs named scenarios and prints one JSON object per line per result:
 //! `{"scenario", "messages", "payload_bytes", "msgs_per_sec", "p50_us",
-//! "p99_us", "p999_us", "peak_rss_mb", "baseline"}`. Baselines (raw sled,
+//! "p99_us", "p999_us", "peak_rss_mb", "cpu_us_per_msg", "baseline"}`. Baselines (raw sled,
 //! raw actix mailbox, raw file append + fdatasync) and peers (NATS
 //! JetStream, Redis Streams, a RabbitMQ quorum queue) are measured in the
 //! same run, so figures can be quoted as ratios on a noisy machine.
