@@ -29,7 +29,8 @@ pub trait Codec {
     fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError>;
 }
 
-/// The JSON codec (serde_json), the default for events.
+/// The JSON codec, the default for events: serde_json's format (encoded
+/// with sonic-rs to the same bytes, decoded with serde_json).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Json;
 
