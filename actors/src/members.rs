@@ -30,6 +30,9 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
+/// actix's default mailbox capacity (`actix::dev::DEFAULT_CAPACITY`).
+const DEFAULT_MAILBOX: usize = 16;
+
 /// Makes a handler actor; shared by every member of a placement.
 type Factory<A> = Arc<dyn Fn() -> A + Send + Sync>;
 
@@ -144,16 +147,32 @@ where
 
     /// Starts the threads this placement owns; answers what starts member
     /// `j` (again, after a panic) and those threads.
-    pub(crate) fn into_spawner(self) -> Spawner<A> {
+    ///
+    /// Each member's mailbox holds at least `in_hand` messages (the most
+    /// deliveries the supervisor gives one member at once): with actix's
+    /// default of 16, a supervisor handing out more found the mailbox full
+    /// and every further delivery took actix's slow path (the request
+    /// parked, a cloned sender, a second send when the member woke it). A
+    /// handler that sets its own capacity in `started` keeps it.
+    pub(crate) fn into_spawner(self, in_hand: usize) -> Spawner<A> {
+        let capacity = in_hand.max(DEFAULT_MAILBOX);
         match self.placement {
             Placement::Local(f) => Spawner {
-                spawn: Box::new(move |_| f().start()),
+                spawn: Box::new(move |_| {
+                    A::create(|ctx| {
+                        ctx.set_mailbox_capacity(capacity);
+                        f()
+                    })
+                }),
                 owned: Vec::new(),
             },
             Placement::On(arbiter, f) => Spawner {
                 spawn: Box::new(move |_| {
                     let f = f.clone();
-                    A::start_in_arbiter(&arbiter, move |_| f())
+                    A::start_in_arbiter(&arbiter, move |ctx| {
+                        ctx.set_mailbox_capacity(capacity);
+                        f()
+                    })
                 }),
                 owned: Vec::new(),
             },
@@ -163,7 +182,10 @@ where
                 Spawner {
                     spawn: Box::new(move |j| {
                         let f = f.clone();
-                        A::start_in_arbiter(&handles[j % handles.len()], move |_| f())
+                        A::start_in_arbiter(&handles[j % handles.len()], move |ctx| {
+                            ctx.set_mailbox_capacity(capacity);
+                            f()
+                        })
                     }),
                     owned,
                 }

@@ -218,7 +218,7 @@ where
     let sub = broker.subscribe(spec).await?;
     let rx = sub.deliveries;
     let count = members.count();
-    let spawner = members.into_spawner();
+    let spawner = members.into_spawner(config.max_in_flight_per_member);
     let members: Vec<Member<A>> = (0..count)
         .map(|j| Member {
             addr: (spawner.spawn)(j),
