@@ -235,6 +235,7 @@ where
         pending: VecDeque::new(),
         settlements: Vec::new(),
         flush_queued: false,
+        dispatch_queued: false,
         in_flight: 0,
         bucket: config
             .rate_limit

@@ -70,6 +70,8 @@ pub(super) struct Supervisor<E, A: Actor> {
     pub(super) pending: VecDeque<RawDelivery>,
     pub(super) settlements: Vec<(SettleToken, Settlement)>,
     pub(super) flush_queued: bool,
+    /// A `DispatchPending` is queued.
+    pub(super) dispatch_queued: bool,
     pub(super) in_flight: usize,
     pub(super) bucket: Option<TokenBucket>,
     pub(super) wake_queued: bool,
@@ -128,6 +130,11 @@ pub(super) struct InHand {
 #[rtype(result = "()")]
 pub(super) struct FlushSettlements;
 
+/// Hands out pending deliveries (see `Supervisor::dispatch_soon`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct DispatchPending;
+
 impl<E, A> Supervisor<E, A>
 where
     E: Event,
@@ -164,10 +171,11 @@ where
             return;
         }
         let max = self.config.max_in_flight_per_member.max(1);
-        // One clock read per pass, not per delivery (the hot path): what is
-        // handed out in one pass times out at the same instant.
+        // One clock read per pass that hands something out, not per
+        // delivery (the hot path): what is handed out in one pass times out
+        // at the same instant.
         let mut expires = None;
-        let handed_at = Instant::now();
+        let mut handed_at = None;
         while !self.pending.is_empty() {
             let n = self.members.len();
             let Some(j) = (0..n)
@@ -247,7 +255,7 @@ where
             self.in_hand.insert(
                 id,
                 InHand {
-                    since: handed_at,
+                    since: *handed_at.get_or_insert_with(Instant::now),
                     expires: *expires.get_or_insert_with(|| {
                         self.config.clock.now() + self.config.consume_timeout
                     }),
@@ -349,8 +357,18 @@ where
         if self.casualties.contains_key(&(j, generation)) {
             self.resolve_casualties(j, generation, ctx);
         }
-        self.dispatch(ctx);
+        self.dispatch_soon(ctx);
         self.maybe_finish(ctx);
+    }
+
+    /// Hands out what the members have room for once the answers that are
+    /// in have been taken: one pass (one pair of clock reads, members
+    /// filled in turn) per wake-up of the supervisor, not one per answer.
+    fn dispatch_soon(&mut self, ctx: &mut Context<Self>) {
+        if !self.dispatch_queued && !self.pending.is_empty() {
+            self.dispatch_queued = true;
+            ctx.notify(DispatchPending);
+        }
     }
 
     /// Settles the deliveries a dead member held without replying, once
@@ -639,6 +657,20 @@ where
     fn handle(&mut self, _: FlushSettlements, ctx: &mut Context<Self>) {
         self.flush_inbox(ctx);
         self.flush();
+    }
+}
+
+impl<E, A> Handler<DispatchPending> for Supervisor<E, A>
+where
+    E: Event,
+    A: Actor<Context = Context<A>> + Handler<Delivery<E>>,
+{
+    type Result = ();
+
+    fn handle(&mut self, _: DispatchPending, ctx: &mut Context<Self>) {
+        self.dispatch_queued = false;
+        self.dispatch(ctx);
+        self.maybe_finish(ctx);
     }
 }
 
