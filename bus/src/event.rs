@@ -48,13 +48,9 @@ impl Codec for Json {
     /// sonic-rs refuses are encoded by serde_json, so the bytes — and an
     /// error's message — are serde_json's in every case.
     fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
-        let mut bytes = Vec::with_capacity(capacity_hint());
-        match sonic_rs::to_writer(&mut bytes, value) {
-            Ok(()) if !has_serde_json_token(&bytes) => {
-                note_encoded(&mut bytes);
-                Ok(bytes)
-            }
-            _ => serde_json::to_vec(value).map_err(|e| CodecError {
+        match encode_sonic(value) {
+            Some(bytes) => Ok(bytes),
+            None => serde_json::to_vec(value).map_err(|e| CodecError {
                 codec: Self::NAME,
                 detail: e.to_string(),
             }),
@@ -70,28 +66,38 @@ impl Codec for Json {
 }
 
 thread_local! {
-    /// The length of the last body this thread encoded: a thread publishing
-    /// one kind of event mostly encodes bodies of one size, so the next
-    /// buffer is allocated once at about that size instead of growing by
-    /// doubling (two reallocations and copies for a 300-byte body).
-    static LAST_ENCODED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// The buffer this thread encodes into, kept between bodies: sonic-rs
+    /// reserves room for the worst case of every string it writes (six
+    /// bytes per byte, for escapes), so a fresh body buffer grew to several
+    /// times its body's size and was shrunk again — two reallocations and
+    /// copies per body. A body is copied out of this buffer at its size.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// A body buffer's first capacity: a little over the last body's length,
-/// at most 16 KiB (a larger body grows as it is written).
-fn capacity_hint() -> usize {
-    let last = LAST_ENCODED.with(|l| l.get());
-    (last + last / 8 + 16).clamp(64, 16 * 1024)
-}
+/// The most room [`SCRATCH`] keeps after a body (a larger body's room is
+/// given back once it is copied out).
+const SCRATCH_KEEP: usize = 256 * 1024;
 
-/// Remembers a body's length for the next hint, and gives back what a
-/// hint left over from a much larger body reserved (the body is kept as
-/// long as its message is).
-fn note_encoded(bytes: &mut Vec<u8>) {
-    LAST_ENCODED.with(|l| l.set(bytes.len()));
-    if bytes.capacity() > 2 * bytes.len() + 64 {
-        bytes.shrink_to_fit();
-    }
+/// `value` encoded by sonic-rs, or `None` when serde_json must encode it
+/// (it holds one of serde_json's private tokens, or sonic-rs refused it).
+fn encode_sonic<T: Serialize + ?Sized>(value: &T) -> Option<Vec<u8>> {
+    let encode = |buf: &mut Vec<u8>| match sonic_rs::to_writer(&mut *buf, value) {
+        Ok(()) if !has_serde_json_token(buf) => Some(buf.to_vec()),
+        _ => None,
+    };
+    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut buf) => {
+            buf.clear();
+            let out = encode(&mut buf);
+            if buf.capacity() > SCRATCH_KEEP {
+                *buf = Vec::new();
+            }
+            out
+        }
+        // A `Serialize` impl that encodes another value with this codec
+        // while it is being encoded: that one gets a buffer of its own.
+        Err(_) => encode(&mut Vec::new()),
+    })
 }
 
 /// Whether encoded JSON holds one of serde_json's private struct tokens
@@ -249,20 +255,38 @@ mod tests {
     }
 
     #[test]
-    fn a_body_does_not_keep_the_room_a_larger_one_needed() {
+    fn a_body_is_allocated_at_its_size() {
         let big = "x".repeat(100_000);
-        assert_eq!(Json::encode(&big).unwrap().len(), 100_002);
+        let bytes = Json::encode(&big).unwrap();
+        assert_eq!(bytes.len(), 100_002);
         let small = Json::encode(&"y").unwrap();
         assert_eq!(small, br#""y""#);
-        assert!(
-            small.capacity() <= 2 * small.len() + 64,
-            "{}",
-            small.capacity()
-        );
-        // The next body of about the same size is allocated once, at about
-        // its size.
-        let again = Json::encode(&"z".repeat(300)).unwrap();
-        assert!(again.capacity() >= again.len() && again.capacity() <= 2 * again.len() + 64);
+        // Not the worst-case room sonic-rs reserves for a string's escapes,
+        // nor what the large body before it needed.
+        for body in [&bytes, &small, &Json::encode(&"z".repeat(300)).unwrap()] {
+            assert!(
+                body.capacity() <= body.len() + 64,
+                "{} bytes in {}",
+                body.len(),
+                body.capacity()
+            );
+        }
+        // The scratch buffer gives back the room of a body over its limit.
+        SCRATCH.with(|s| assert!(s.borrow().capacity() <= SCRATCH_KEEP));
+    }
+
+    #[test]
+    fn a_value_that_encodes_another_while_being_encoded_gets_both_right() {
+        struct Nested(u32);
+        impl Serialize for Nested {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                // Encodes an inner value with the codec mid-encoding.
+                let inner = Json::encode(&vec![self.0; 3]).map_err(serde::ser::Error::custom)?;
+                s.serialize_str(std::str::from_utf8(&inner).map_err(serde::ser::Error::custom)?)
+            }
+        }
+        let bytes = Json::encode(&(Nested(7), "after")).unwrap();
+        assert_eq!(bytes, br#"["[7,7,7]","after"]"#);
     }
 
     #[test]
