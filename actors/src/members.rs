@@ -30,7 +30,8 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
-/// actix's default mailbox capacity (`actix::dev::DEFAULT_CAPACITY`).
+/// actix's default mailbox capacity (its `mailbox::DEFAULT_CAPACITY`, not
+/// exported).
 const DEFAULT_MAILBOX: usize = 16;
 
 /// Makes a handler actor; shared by every member of a placement.

@@ -91,9 +91,9 @@ const SAMPLES_PER_SECOND: u64 = 1_000;
 const WINDOW: f64 = 0.05;
 
 /// Chooses which deliveries the histograms record: every `stride`-th, the
-/// stride set every [`WINDOW`] from that window's rate (a whole second,
-/// as before, recorded every delivery of a run's first second: half of a
-/// two-second flood's deliveries read the clock twice more).
+/// stride set every [`WINDOW`] from that window's rate (with a window of
+/// a whole second, every delivery of a subscription's first second was
+/// recorded: two clock reads each).
 struct Sampler {
     since: Instant,
     in_window: u64,
