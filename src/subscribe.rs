@@ -232,8 +232,8 @@ impl<E: Event, A> SubscribeBuilder<E, A> {
     /// The most deliveries in one member's hands at once (default 8; 1 for
     /// [`blocking_members`](Self::blocking_members)). Each member's actix
     /// mailbox is made to hold at least this many messages (actix's default
-    /// is 16), so handing them out never waits on a full mailbox; a handler
-    /// that sets its own capacity in `started` keeps its own.
+    /// is 16), so the deliveries handed out do not fill it; a handler that
+    /// sets its own capacity in `started` keeps its own.
     pub fn max_in_flight_per_member(mut self, n: usize) -> Self {
         self.per_member_set = true;
         self.config.max_in_flight_per_member = n.max(1);

@@ -159,21 +159,13 @@ where
         let capacity = in_hand.max(DEFAULT_MAILBOX);
         match self.placement {
             Placement::Local(f) => Spawner {
-                spawn: Box::new(move |_| {
-                    A::create(|ctx| {
-                        ctx.set_mailbox_capacity(capacity);
-                        f()
-                    })
-                }),
+                spawn: Box::new(move |_| A::create(sized(capacity, &*f))),
                 owned: Vec::new(),
             },
             Placement::On(arbiter, f) => Spawner {
                 spawn: Box::new(move |_| {
                     let f = f.clone();
-                    A::start_in_arbiter(&arbiter, move |ctx| {
-                        ctx.set_mailbox_capacity(capacity);
-                        f()
-                    })
+                    A::start_in_arbiter(&arbiter, sized(capacity, move || f()))
                 }),
                 owned: Vec::new(),
             },
@@ -183,15 +175,27 @@ where
                 Spawner {
                     spawn: Box::new(move |j| {
                         let f = f.clone();
-                        A::start_in_arbiter(&handles[j % handles.len()], move |ctx| {
-                            ctx.set_mailbox_capacity(capacity);
-                            f()
-                        })
+                        A::start_in_arbiter(
+                            &handles[j % handles.len()],
+                            sized(capacity, move || f()),
+                        )
                     }),
                     owned,
                 }
             }
         }
+    }
+}
+
+/// What makes a member in its new context: the mailbox set to hold
+/// `capacity` messages (see `Members::into_spawner`), then the actor.
+fn sized<A: Actor<Context = Context<A>>>(
+    capacity: usize,
+    make: impl FnOnce() -> A,
+) -> impl FnOnce(&mut Context<A>) -> A {
+    move |ctx| {
+        ctx.set_mailbox_capacity(capacity);
+        make()
     }
 }
 
